@@ -1,0 +1,55 @@
+# Every target creates .venv when it is missing: nothing needs to be installed beforehand.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+QUICK  ?=
+
+.PHONY: help venv test lint fmt typecheck pytest demo demo-baseline bench reliability clean
+
+help:
+	@echo "make demo   real Traefik in front of the example server: an upgrade under load"
+	@echo "make test   ruff, mypy (strict) and pytest, from a fresh clone"
+	@echo "make bench  benchmarks against baselines run beside them (QUICK=1 for a short run)"
+	@echo "make lint / fmt / clean"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/coverage erase
+	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage combine --quiet || true
+	$(BIN)/coverage report --fail-under=0 | tail -n 1
+
+test: lint typecheck pytest
+
+demo: $(STAMP)
+	$(BIN)/python -m examples.demo $(DEMO_ARGS)
+
+demo-baseline: $(STAMP)
+	$(BIN)/python -m examples.demo --baseline $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .coverage .coverage.* .demo

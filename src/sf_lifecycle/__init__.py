@@ -1,0 +1,49 @@
+"""sf-lifecycle: upgrade an ASGI service behind a reverse proxy without dropping a request.
+
+The public API is what `__all__` lists; the modules behind it are private.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._errors import (
+    BudgetExceeded,
+    ConfigError,
+    CorruptRecord,
+    DiskWriteError,
+    NotReady,
+    QueueError,
+    SfLifecycleError,
+)
+from .config import Settings
+from .health import HealthApp, health_routes
+from .lifecycle import Lifecycle
+from .middleware import LifecycleMiddleware
+from .runner import EXIT_BUDGET_EXCEEDED, EXIT_FORCED, EXIT_OK, serve
+from .state import Phase, ShutdownState
+
+try:
+    __version__ = version("sf-lifecycle")
+except PackageNotFoundError:  # pragma: no cover - imported from a source tree
+    __version__ = "0+unknown"
+
+__all__ = [
+    "EXIT_BUDGET_EXCEEDED",
+    "EXIT_FORCED",
+    "EXIT_OK",
+    "BudgetExceeded",
+    "ConfigError",
+    "CorruptRecord",
+    "DiskWriteError",
+    "HealthApp",
+    "Lifecycle",
+    "LifecycleMiddleware",
+    "NotReady",
+    "Phase",
+    "QueueError",
+    "Settings",
+    "SfLifecycleError",
+    "ShutdownState",
+    "__version__",
+    "health_routes",
+    "serve",
+]

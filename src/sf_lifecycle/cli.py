@@ -1,0 +1,90 @@
+"""The `sf-lifecycle` command line.
+
+    sf-lifecycle serve MODULE:APP [--host H] [--port P] [--state-dir DIR] ...
+    sf-lifecycle queue status|recover --state-dir DIR
+    sf-lifecycle check-infra PATH...
+
+`serve` turns its flags into `SF_*` variables before importing the app, so the app's own
+`Settings.from_env()` sees them: one source of truth whether a value came from a flag, the
+environment or the container spec. The CLI, not the library, configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from ._errors import ConfigError
+from .config import ENV_VARS, Settings
+
+__all__ = ["main"]
+
+_SERVE_FLAGS = {
+    "host": "--host",
+    "port": "--port",
+    "state_dir": "--state-dir",
+    "grace_ms": "--grace-ms",
+    "drain_delay_ms": "--drain-delay-ms",
+    "drain_after_probes": "--drain-after-probes",
+    "drain_margin_ms": "--drain-margin-ms",
+    "replica_id": "--replica-id",
+}
+
+#: Sub-commands contributed by other modules: name -> (add arguments, run). Filled below.
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("app", help="the ASGI app, as module:attribute (e.g. examples.sf_server:app)")
+    for field, flag in _SERVE_FLAGS.items():
+        p.add_argument(flag, dest=field, default=None, help=f"sets {ENV_VARS[field]}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .runner import serve
+
+    for field in _SERVE_FLAGS:
+        value = getattr(args, field)
+        if value is not None:
+            os.environ[ENV_VARS[field]] = str(value)
+    Settings.from_env()  # fail before importing the app, with the variable's name
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return serve(args.app, log_config=None, access_log=args.access_log)
+
+
+def _commands() -> dict[str, Command]:
+    commands: dict[str, Command] = {"serve": (_serve_args, _serve)}
+    return commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `sf-lifecycle` and `python -m sf_lifecycle`; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="sf-lifecycle", description="Zero-downtime upgrades for ASGI services."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    runners: dict[str, Callable[[argparse.Namespace], int]] = {}
+    for name, (add_args, run) in _commands().items():
+        add_args(sub.add_parser(name))
+        runners[name] = run
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "info").upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return runners[args.command](args)
+    except ConfigError as exc:
+        print(f"sf-lifecycle: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

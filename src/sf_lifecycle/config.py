@@ -1,0 +1,208 @@
+"""Every setting in one frozen dataclass.
+
+Explicit arguments win; `Settings.from_env()` fills the rest from `SF_*` variables. The environment
+is injectable (`environ=`) so tests never touch `os.environ`. A bad value raises `ConfigError` at
+start-up, naming the variable, the value and what is allowed: a typo must not surface as a dropped
+write ten minutes into an upgrade.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import ConfigError
+
+__all__ = ["ENV_VARS", "Settings"]
+
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The library's settings. Units are in the names (`_ms`, `_bytes`).
+
+    Attributes:
+        grace_ms: Budget for the whole shutdown, counted from SIGTERM: drain delay, in-flight
+            requests and shutdown hooks (the feedback-queue drain). Keep the orchestrator's kill
+            timeout (`stop_grace_period`, `terminationGracePeriodSeconds`) above it.
+        drain_delay_ms: How long the replica keeps serving after SIGTERM while answering 503 on
+            its health check, so the proxy notices and stops routing to it.
+        drain_after_probes: End the drain delay early, `drain_margin_ms` after this many health
+            probes were answered 503 (right for Traefik). `None` always waits the full delay.
+        drain_margin_ms: Slack after the N-th 503 probe for the proxy to apply its new pool.
+        state_dir: Directory of the durable queue and session event logs (a volume that
+            survives the container).
+        version: Reported by `/api/version`; defaults to the package version.
+        git_sha: Commit reported by `/api/version`.
+        replica_id: Identifies this replica in `X-SF-Replica` and `/api/version`.
+        host: Interface the runner binds.
+        port: TCP port the runner binds.
+        drain_interval_ms: Period of the background drainer that moves queued writes to the sink.
+        drain_batch_records: Records handed to the sink per call.
+        feedback_max_bytes: Largest accepted feedback body; enforced while reading.
+        sse_max_streams: Open SSE streams per process; more are answered 503 with Retry-After.
+        sse_ping_ms: Keep-alive comment period on idle SSE streams.
+        sse_retry_ms: `retry:` hint sent to clients when a stream is closed for shutdown.
+        sse_retention_events: Events kept per session for `Last-Event-ID` resume.
+        sse_retention_ms: Age after which session events may be discarded.
+    """
+
+    grace_ms: int = 600_000
+    drain_delay_ms: int = 5_000
+    drain_after_probes: int | None = None
+    drain_margin_ms: int = 500
+    state_dir: Path | None = None
+    version: str | None = None
+    git_sha: str | None = None
+    replica_id: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 4000
+    drain_interval_ms: int = 200
+    drain_batch_records: int = 1_000
+    feedback_max_bytes: int = 65_536
+    sse_max_streams: int = 1_000
+    sse_ping_ms: int = 15_000
+    sse_retry_ms: int = 1_000
+    sse_retention_events: int = 10_000
+    sse_retention_ms: int = 3_600_000
+    _sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_"):
+                continue
+            _validate(f.name, getattr(self, f.name), self._sources.get(f.name, f.name))
+        if self.drain_margin_ms > self.drain_delay_ms and self.drain_after_probes is not None:
+            raise ConfigError(
+                self._sources.get("drain_margin_ms", "drain_margin_ms"),
+                self.drain_margin_ms,
+                f"must not exceed the drain delay ({self.drain_delay_ms} ms)",
+            )
+        if self.drain_delay_ms > self.grace_ms:
+            raise ConfigError(
+                self._sources.get("drain_delay_ms", "drain_delay_ms"),
+                self.drain_delay_ms,
+                f"must not exceed the grace budget ({self.grace_ms} ms)",
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from `SF_*` variables; keyword arguments that are not None win.
+
+        Args:
+            environ: The environment to read; `os.environ` when None.
+            **overrides: Field values that take precedence over the environment.
+
+        Raises:
+            ConfigError: a variable or argument is invalid.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for name, var in ENV_VARS.items():
+            if overrides.get(name) is not None:
+                continue
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            values[name] = _parse(name, var, raw.strip())
+            sources[name] = var
+        unknown = set(overrides) - set(ENV_VARS)
+        if unknown:
+            raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("state_dir"), str):
+            values["state_dir"] = Path(values["state_dir"])
+        return cls(**values, _sources=sources)
+
+    def require_state_dir(self) -> Path:
+        """The state directory, or a `ConfigError` naming `SF_STATE_DIR` when it is unset."""
+        if self.state_dir is None:
+            raise ConfigError(
+                "SF_STATE_DIR", None, "set it (or --state-dir) to a writable directory"
+            )
+        return self.state_dir
+
+
+#: Field name -> environment variable. The README's configuration table follows this order.
+ENV_VARS: dict[str, str] = {
+    "grace_ms": "SF_RPC_SHUTDOWN_GRACE_MS",
+    "drain_delay_ms": "SF_DRAIN_DELAY_MS",
+    "drain_after_probes": "SF_DRAIN_AFTER_PROBES",
+    "drain_margin_ms": "SF_DRAIN_MARGIN_MS",
+    "state_dir": "SF_STATE_DIR",
+    "version": "SF_VERSION",
+    "git_sha": "SF_GIT_SHA",
+    "replica_id": "SF_REPLICA_ID",
+    "host": "SF_HOST",
+    "port": "SF_PORT",
+    "drain_interval_ms": "SF_DRAIN_INTERVAL_MS",
+    "drain_batch_records": "SF_DRAIN_BATCH_RECORDS",
+    "feedback_max_bytes": "SF_FEEDBACK_MAX_BYTES",
+    "sse_max_streams": "SF_SSE_MAX_STREAMS",
+    "sse_ping_ms": "SF_SSE_PING_MS",
+    "sse_retry_ms": "SF_SSE_RETRY_MS",
+    "sse_retention_events": "SF_SSE_RETENTION_EVENTS",
+    "sse_retention_ms": "SF_SSE_RETENTION_MS",
+}
+
+# (minimum, maximum) for integer settings; None means unbounded above.
+_INT_RANGES: dict[str, tuple[int, int | None]] = {
+    "grace_ms": (0, 24 * 3_600_000),
+    "drain_delay_ms": (0, 3_600_000),
+    "drain_after_probes": (1, 1_000),
+    "drain_margin_ms": (0, 600_000),
+    "port": (0, 65_535),
+    "drain_interval_ms": (1, 3_600_000),
+    "drain_batch_records": (1, 1_000_000),
+    "feedback_max_bytes": (2, 64 * 1024 * 1024),
+    "sse_max_streams": (1, 1_000_000),
+    "sse_ping_ms": (100, 3_600_000),
+    "sse_retry_ms": (0, 3_600_000),
+    "sse_retention_events": (1, 100_000_000),
+    "sse_retention_ms": (1_000, 365 * 24 * 3_600_000),
+}
+_ID_FIELDS = ("version", "git_sha", "replica_id")
+
+
+def _parse(name: str, var: str, raw: str) -> object:
+    if name in _INT_RANGES:
+        try:
+            return int(raw, 10)
+        except ValueError:
+            raise ConfigError(var, raw, _describe_range(name)) from None
+    return raw
+
+
+def _describe_range(name: str) -> str:
+    low, high = _INT_RANGES[name]
+    return f"an integer from {low}" + (f" to {high}" if high is not None else " upwards")
+
+
+def _validate(name: str, value: object, source: str) -> None:
+    if name in _INT_RANGES:
+        if value is None and name == "drain_after_probes":
+            return
+        low, high = _INT_RANGES[name]
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            raise ConfigError(source, value, _describe_range(name))
+    elif name in _ID_FIELDS:
+        if value is not None and (
+            not isinstance(value, str) or not value or len(value) > 128 or set(value) - _ID_CHARS
+        ):
+            raise ConfigError(source, value, "1-128 characters from A-Z a-z 0-9 . _ -")
+    elif name == "host":
+        if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+            raise ConfigError(source, value, "a host name or IP address")
+    elif name == "state_dir" and value is not None and not isinstance(value, Path):
+        raise ConfigError(source, value, "a filesystem path")

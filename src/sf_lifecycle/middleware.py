@@ -1,0 +1,80 @@
+"""In-flight middleware: counts requests being served and steers keep-alive traffic away.
+
+Pure ASGI, so it costs one closure and two integer updates per request (measured in
+`benchmarks/bench_middleware.py`). It never rejects a request because the replica is draining: the
+proxy decides where traffic goes, and a request that still arrives is served.
+
+While draining it adds `Connection: close` to each response, so the proxy's pooled keep-alive
+connections to this replica end after their current response instead of being reused later, when
+the listener is gone. With a replica id configured every response carries `X-SF-Replica`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .health import HEALTH_PATHS
+from .lifecycle import Lifecycle
+from .state import Phase
+
+__all__ = ["DEFAULT_STREAM_PATHS", "LifecycleMiddleware"]
+
+#: Long-lived streams: reported by the SSE layer, not counted as in flight.
+DEFAULT_STREAM_PATHS = frozenset({"/api/session/events"})
+
+_CONNECTION_CLOSE = (b"connection", b"close")
+
+
+class LifecycleMiddleware:
+    """Count in-flight HTTP requests; add `Connection: close` while draining.
+
+    Args:
+        app: The application to wrap.
+        lifecycle: The process lifecycle whose state is read and counted into.
+        exclude_paths: Paths not counted as in flight (health probes, event streams).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        lifecycle: Lifecycle,
+        exclude_paths: Iterable[str] = HEALTH_PATHS | DEFAULT_STREAM_PATHS,
+    ) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+        self._state = lifecycle.state
+        self._exclude = frozenset(exclude_paths)
+        replica = lifecycle.settings.replica_id
+        self._replica = (b"x-sf-replica", replica.encode("latin-1")) if replica else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        state = self._state
+        replica = self._replica
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                draining = state._phase >= Phase.DRAINING
+                if draining or replica is not None:
+                    headers = list(message.get("headers", ()))
+                    if replica is not None:
+                        headers.append(replica)
+                    if draining:
+                        headers = [h for h in headers if h[0].lower() != b"connection"]
+                        headers.append(_CONNECTION_CLOSE)
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        if scope["path"] in self._exclude:
+            await self.app(scope, receive, send_wrapper)
+            return
+        state.in_flight += 1
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            state.in_flight -= 1

@@ -1,0 +1,234 @@
+"""Run an ASGI app under uvicorn with a drain-aware SIGTERM.
+
+Plain uvicorn closes its listening socket within about 0.1 s of SIGTERM, while the proxy keeps
+routing to it until its next health probe: every request in that window fails with 502. This
+runner changes the order:
+
+1. SIGTERM: the phase becomes `draining`, so `/api/healthz` answers 503 at once.
+2. The server keeps accepting and serving for the drain delay (`SF_DRAIN_DELAY_MS`), or until
+   `SF_DRAIN_MARGIN_MS` after the N-th 503 probe (`SF_DRAIN_AFTER_PROBES`).
+3. Listeners close, open streams are told to end, in-flight requests finish, and the lifespan
+   shutdown runs the shutdown hooks (the queue drain), all within `SF_RPC_SHUTDOWN_GRACE_MS` of
+   the signal.
+4. Exit 0, or `EXIT_BUDGET_EXCEEDED` when the budget ran out (what was undone is logged).
+
+SIGINT does the same without the drain delay (a person at a terminal wants it gone); a second
+SIGINT exits at once with `EXIT_FORCED`. A repeated SIGTERM is logged and ignored: orchestrators
+resend it, and restarting the drain would only delay the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import socket
+import threading
+import time
+from collections.abc import Generator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from .config import Settings
+from .lifecycle import Lifecycle
+from .state import Phase
+
+__all__ = ["EXIT_BUDGET_EXCEEDED", "EXIT_FORCED", "EXIT_OK", "LifecycleServer", "serve"]
+
+logger = logging.getLogger("sf_lifecycle.runner")
+
+EXIT_OK = 0
+#: The grace budget ran out before in-flight requests or shutdown hooks finished.
+EXIT_BUDGET_EXCEEDED = 4
+#: A second SIGINT cut the shutdown short (128 + SIGINT, as shells report it).
+EXIT_FORCED = 130
+
+
+class LifecycleServer(uvicorn.Server):
+    """A `uvicorn.Server` whose signal handling drains before it closes the listeners."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.exit_code = EXIT_OK
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._signal_at: float | None = None
+        self._skip_delay = False
+        self._interrupts = 0
+
+    # -- signals ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._loop = asyncio.get_running_loop()
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+        # Unlike uvicorn, the captured signal is not raised again on the way out: the process
+        # exits with a code that says how the shutdown went.
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs between two bytecodes of the main thread, possibly while the loop holds a lock:
+        # take none here, only hand the signal to the loop.
+        if self._loop is None:
+            self.should_exit = True
+            return
+        self._loop.call_soon_threadsafe(self._on_signal, signal.Signals(sig))
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        now = time.monotonic()
+        if sig == signal.SIGINT:
+            self._interrupts += 1
+        if self._signal_at is not None:
+            if sig == signal.SIGINT and self._interrupts >= 2:
+                logger.warning("second SIGINT: exiting now; in-flight work and hooks are abandoned")
+                self.exit_code = EXIT_FORCED
+                self.force_exit = True
+                self.should_exit = True
+            elif sig == signal.SIGINT:
+                logger.info("SIGINT during drain: skipping the rest of the drain delay")
+                self._skip_delay = True
+            else:
+                logger.info("%s again: ignored, shutdown already under way", sig.name)
+            return
+        self._signal_at = now
+        self._skip_delay = sig == signal.SIGINT
+        settings = self.lifecycle.settings
+        self.lifecycle.deadline = now + settings.grace_ms / 1000
+        self.lifecycle.state.begin_draining()
+        if self._skip_delay:
+            logger.info("received SIGINT: draining without delay (grace %d ms)", settings.grace_ms)
+        else:
+            logger.info(
+                "received %s: draining; healthz answers 503, serving for up to %d ms%s "
+                "(grace %d ms)",
+                sig.name,
+                settings.drain_delay_ms,
+                f" or {settings.drain_margin_ms} ms after probe {settings.drain_after_probes}"
+                if settings.drain_after_probes
+                else "",
+                settings.grace_ms,
+            )
+
+    # -- main loop -------------------------------------------------------------------------
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # An app that did not enter the lifecycle's lifespan (a bare ASGI app, wrapped by the
+        # CLI) is made ready here, once the listeners are up.
+        if self.started:
+            await self.lifecycle.startup()
+
+    async def on_tick(self, counter: int) -> bool:
+        if await super().on_tick(counter):
+            return True
+        return self._signal_at is not None and self._drain_delay_over()
+
+    def _drain_delay_over(self) -> bool:
+        assert self._signal_at is not None
+        if self._skip_delay:
+            return True
+        settings = self.lifecycle.settings
+        now = time.monotonic()
+        if now - self._signal_at >= settings.drain_delay_ms / 1000:
+            return True
+        n = settings.drain_after_probes
+        probes = self.lifecycle.state.probe_503_times
+        return (
+            n is not None
+            and len(probes) >= n
+            and now >= probes[n - 1] + settings.drain_margin_ms / 1000
+        )
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = self.lifecycle.state
+        now = time.monotonic()
+        if self.lifecycle.deadline is None:
+            self.lifecycle.deadline = now + self.lifecycle.settings.grace_ms / 1000
+        if self._signal_at is not None:
+            logger.info(
+                "drain delay over after %.0f ms (%d probe(s) answered 503); closing listeners, "
+                "%d request(s) in flight",
+                (now - self._signal_at) * 1000,
+                state.probes_503,
+                state.in_flight,
+            )
+        state.begin_draining()
+        state.begin_closing()
+        # uvicorn takes whole seconds; round up so a request is not cut before the deadline.
+        self.config.timeout_graceful_shutdown = max(0, math.ceil(self.lifecycle.deadline - now))
+        await super().shutdown(sockets)
+        if state.phase is not Phase.STOPPED and not self.force_exit:
+            await self.lifecycle.shutdown()
+        state.mark_stopped()
+        if self.exit_code == EXIT_OK and (
+            self.lifecycle.unfinished or time.monotonic() > self.lifecycle.deadline
+        ):
+            self.exit_code = EXIT_BUDGET_EXCEEDED
+            logger.error(
+                "grace budget of %d ms exceeded; unfinished: %s (left on disk for the next start)",
+                self.lifecycle.settings.grace_ms,
+                ", ".join(self.lifecycle.unfinished) or "in-flight requests",
+            )
+        logger.info(
+            "exit %d, %.0f ms after the signal",
+            self.exit_code,
+            (time.monotonic() - (self._signal_at or now)) * 1000,
+        )
+
+
+def serve(
+    app: Any,
+    *,
+    lifecycle: Lifecycle | None = None,
+    settings: Settings | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    sock: socket.socket | None = None,
+    **uvicorn_options: Any,
+) -> int:
+    """Serve `app` until SIGTERM or SIGINT, drain, and return the process exit code.
+
+    Args:
+        app: An ASGI app, or a `"module:attribute"` string.
+        lifecycle: The app's lifecycle; found from the app (`Lifecycle.of`) when None. An app
+            without one is wrapped with the health routes and the middleware.
+        settings: Used to build a lifecycle when the app has none.
+        host: Interface to bind; the settings' `host` when None.
+        port: Port to bind; the settings' `port` when None.
+        sock: An already bound socket to serve on instead of host and port.
+        **uvicorn_options: Passed to `uvicorn.Config` (e.g. `log_config`, `access_log`).
+    """
+    if isinstance(app, str):
+        from uvicorn.importer import import_from_string
+
+        app = import_from_string(app)
+    lifecycle = lifecycle or Lifecycle.of(app)
+    # An app built with a lifecycle must start cleanly; a bare app may not speak lifespan.
+    uvicorn_options.setdefault("lifespan", "on" if lifecycle is not None else "auto")
+    if lifecycle is None:
+        from .health import HealthApp
+        from .middleware import LifecycleMiddleware
+
+        lifecycle = Lifecycle(settings)
+        app = LifecycleMiddleware(HealthApp(lifecycle, app), lifecycle)
+    s = lifecycle.settings
+    config = uvicorn.Config(
+        app,
+        host=host if host is not None else s.host,
+        port=port if port is not None else s.port,
+        timeout_graceful_shutdown=math.ceil(s.grace_ms / 1000),
+        **uvicorn_options,
+    )
+    server = LifecycleServer(config, lifecycle)
+    server.run(sockets=[sock] if sock is not None else None)
+    return server.exit_code
