@@ -1,0 +1,241 @@
+"""The runner against real processes and real signals on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sf_lifecycle import EXIT_BUDGET_EXCEEDED, EXIT_FORCED
+from sf_lifecycle.testing import ServerProcess
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def server_factory() -> Iterator[type[ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    class Tracked(ServerProcess):
+        def start(self) -> ServerProcess:
+            started.append(self)
+            return super().start()
+
+    try:
+        yield Tracked
+    finally:
+        for s in started:
+            s.close()
+
+
+class Background:
+    """An HTTP request on its own thread, so a test can signal the server meanwhile."""
+
+    def __init__(self, server: ServerProcess, path: str) -> None:
+        self.result: tuple[int, dict[str, str], bytes] | BaseException | None = None
+        self._t = threading.Thread(target=self._run, args=(server, path), daemon=True)
+        self._t.start()
+
+    def _run(self, server: ServerProcess, path: str) -> None:
+        try:
+            self.result = server.get(path, timeout=30)
+        except BaseException as exc:
+            self.result = exc
+
+    def join(self, timeout: float) -> tuple[int, dict[str, str], bytes]:
+        self._t.join(timeout)
+        assert not self._t.is_alive(), "request did not finish"
+        assert isinstance(self.result, tuple), self.result
+        return self.result
+
+
+def wait_in_flight(server: ServerProcess, n: int, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if json.loads(server.get("/api/healthz")[2])["in_flight"] >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"never saw {n} request(s) in flight")
+
+
+def test_sigterm_drains_serves_and_finishes_in_flight(server_factory: type[ServerProcess]) -> None:
+    """Steps:
+    1. start the example under `sf-lifecycle serve` with a 2 s drain delay;
+    2. hold `/api/slow?seconds=3` in flight, then send SIGTERM;
+    3. healthz turns 503 within 0.5 s, and says so in its body;
+    4. a new request during the drain delay still gets 200 (with Connection: close);
+    5. the slow request completes with 200; the process exits 0.
+    """
+    server = server_factory(env={"SF_DRAIN_DELAY_MS": "2000"}).start()
+    server.wait_ready()
+    slow = Background(server, "/api/slow?seconds=3")
+    wait_in_flight(server, 1)
+
+    server.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    while True:
+        status, _, body = server.get("/api/healthz")
+        if status == 503:
+            break
+        assert time.monotonic() - sent < 0.5, "healthz still 200 0.5 s after SIGTERM"
+        time.sleep(0.01)
+    assert time.monotonic() - sent < 0.5
+    health = json.loads(body)
+    assert health["phase"] == "draining"
+    assert health["in_flight"] == 1
+    assert server.get("/api/ready")[0] == 503
+
+    status, headers, body = server.get("/api/hello")
+    assert status == 200
+    assert json.loads(body) == {"hello": "sf"}
+    assert headers["connection"] == "close"
+
+    status, _, body = slow.join(10)
+    assert status == 200
+    assert json.loads(body) == {"slept_s": 3.0}
+    assert server.wait(10) == 0
+    logs = server.logs()
+    assert "received SIGTERM: draining" in logs
+    assert "first 503 health probe served" in logs
+    assert "exit 0" in logs
+
+
+def test_idle_sigint_exits_within_one_second(server_factory: type[ServerProcess]) -> None:
+    """Steps: start idle (default 5 s drain delay); SIGINT; exit 0 within 1 s (no delay)."""
+    server = server_factory().start()
+    server.wait_ready()
+    server.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    assert server.wait(5) == 0
+    assert time.monotonic() - sent < 1.0
+
+
+def test_idle_sigterm_exits_right_after_the_drain_delay(
+    server_factory: type[ServerProcess],
+) -> None:
+    """Steps: start idle with a 1.5 s delay and the default 10-minute budget; SIGTERM; a second
+    SIGTERM is ignored; exit 0 after the delay and within delay + 1 s, not after the budget."""
+    server = server_factory(env={"SF_DRAIN_DELAY_MS": "1500"}).start()
+    server.wait_ready()
+    server.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    time.sleep(0.3)
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(10) == 0
+    elapsed = time.monotonic() - sent
+    assert 1.5 <= elapsed < 2.5
+    assert "SIGTERM again: ignored" in server.logs()
+
+
+def test_drain_ends_after_the_nth_503_probe(server_factory: type[ServerProcess]) -> None:
+    """Steps:
+    1. start with a 20 s drain delay, `SF_DRAIN_AFTER_PROBES=1`, margin 500 ms;
+    2. a prober polls healthz every 2 s, as Traefik does;
+    3. SIGTERM at a random point of the probe cycle;
+    4. exit 0 within interval + margin + 1 s, long before the 20 s delay.
+    """
+    server = server_factory(
+        env={
+            "SF_DRAIN_DELAY_MS": "20000",
+            "SF_DRAIN_AFTER_PROBES": "1",
+            "SF_DRAIN_MARGIN_MS": "500",
+        }
+    ).start()
+    server.wait_ready()
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def prober() -> None:
+        while not stop.is_set():
+            try:
+                statuses.append(server.get("/api/healthz", timeout=1)[0])
+            except OSError:
+                statuses.append(0)
+            stop.wait(2.0)
+
+    t = threading.Thread(target=prober, daemon=True)
+    t.start()
+    try:
+        time.sleep(0.7)
+        server.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        assert server.wait(10) == 0
+        elapsed = time.monotonic() - sent
+    finally:
+        stop.set()
+        t.join(5)
+    assert elapsed < 2.0 + 0.5 + 1.0
+    assert 503 in statuses
+    assert "1 probe(s) answered 503" in server.logs()
+
+
+def test_budget_exceeded_exits_with_its_code(server_factory: type[ServerProcess]) -> None:
+    """Steps: grace 1.5 s, no drain delay; a 10 s request in flight; SIGTERM; the process gives
+    up at the budget and exits with EXIT_BUDGET_EXCEEDED, logging what was left undone."""
+    server = server_factory(
+        env={"SF_DRAIN_DELAY_MS": "0", "SF_RPC_SHUTDOWN_GRACE_MS": "1500"}
+    ).start()
+    server.wait_ready()
+    slow = Background(server, "/api/slow?seconds=10")
+    wait_in_flight(server, 1)
+    server.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    assert server.wait(10) == EXIT_BUDGET_EXCEEDED
+    assert time.monotonic() - sent < 4
+    assert "grace budget of 1500 ms exceeded" in server.logs()
+    slow._t.join(5)
+    # The request was cut at the budget, not answered with success.
+    assert not (isinstance(slow.result, tuple) and slow.result[0] == 200), slow.result
+
+
+def test_second_sigint_forces_exit(server_factory: type[ServerProcess]) -> None:
+    """Steps: a 10 s request in flight; SIGINT starts a drain that waits for it; a second
+    SIGINT exits at once with EXIT_FORCED."""
+    server = server_factory().start()
+    server.wait_ready()
+    Background(server, "/api/slow?seconds=10")
+    wait_in_flight(server, 1)
+    server.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert server.proc is not None
+    assert server.proc.poll() is None
+    server.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    assert server.wait(5) == EXIT_FORCED
+    assert time.monotonic() - sent < 1.5
+
+
+def test_invalid_configuration_fails_at_start_naming_the_variable() -> None:
+    """Steps: run `serve` with a bad variable; it exits 2 before listening, naming it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sf_lifecycle", "serve", "examples.sf_server:app"],
+        cwd=ROOT,
+        env={"SF_DRAIN_DELAY_MS": "soon", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "SF_DRAIN_DELAY_MS" in proc.stderr
+    assert "'soon'" in proc.stderr
+
+
+def test_bare_asgi_app_gets_health_routes(server_factory: type[ServerProcess]) -> None:
+    """Steps: serve an app with no sf-lifecycle wiring; healthz/ready answer, its own route
+    still answers, SIGTERM drains it like any other and it exits 0."""
+    server = server_factory(
+        "tests.integration.bare_app:app", env={"SF_DRAIN_DELAY_MS": "300"}
+    ).start()
+    server.wait_ready()
+    assert server.get("/api/healthz")[0] == 200
+    assert server.get("/anything")[2] == b"bare"
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(10) == 0

@@ -1,0 +1,233 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from sf_lifecycle import HealthApp, Lifecycle, NotReady, Settings
+
+
+def make(settings: Settings | None = None) -> tuple[Lifecycle, Starlette]:
+    lc = Lifecycle(settings or Settings.from_env({}))
+
+    async def home(request: object) -> PlainTextResponse:
+        return PlainTextResponse("home")
+
+    app = lc.install(Starlette(routes=[Route("/", home)]))
+    return lc, app
+
+
+@pytest.fixture
+async def client_and_lc() -> AsyncIterator[tuple[httpx.AsyncClient, Lifecycle]]:
+    lc, app = make()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        yield c, lc
+
+
+async def test_healthz_is_503_while_starting(
+    client_and_lc: tuple[httpx.AsyncClient, Lifecycle],
+) -> None:
+    c, _ = client_and_lc
+    r = await c.get("/api/healthz")
+    assert r.status_code == 503
+    assert r.json()["phase"] == "starting"
+
+
+async def test_healthz_ready_draining_stopped(
+    client_and_lc: tuple[httpx.AsyncClient, Lifecycle],
+) -> None:
+    c, lc = client_and_lc
+    await lc.startup()
+    r = await c.get("/api/healthz")
+    assert r.status_code == 200
+    assert r.headers["cache-control"] == "no-store"
+    assert r.json() == {"status": "ok", "phase": "ready", "in_flight": 0, "streams": 0}
+
+    lc.state.begin_draining()
+    r = await c.get("/api/healthz")
+    assert r.status_code == 503
+    body = r.json()
+    assert body["status"] == "unavailable"
+    assert body["phase"] == "draining"
+    assert body["draining_for_s"] >= 0
+    assert body["probes_503"] == 1
+    assert lc.state.probes_503 == 1
+
+    lc.state.mark_stopped()
+    r = await c.get("/api/healthz")
+    assert r.status_code == 503
+    assert r.json()["phase"] == "stopped"
+
+
+async def test_head_answers_status_without_body(
+    client_and_lc: tuple[httpx.AsyncClient, Lifecycle],
+) -> None:
+    c, lc = client_and_lc
+    await lc.startup()
+    for path in ("/api/healthz", "/api/ready", "/api/version"):
+        r = await c.head(path)
+        assert r.status_code == 200, path
+        assert r.content == b""
+    lc.state.begin_draining()
+    assert (await c.head("/api/healthz")).status_code == 503
+    assert (await c.head("/api/ready")).status_code == 503
+
+
+async def test_post_to_healthz_is_405(client_and_lc: tuple[httpx.AsyncClient, Lifecycle]) -> None:
+    c, _ = client_and_lc
+    assert (await c.post("/api/healthz")).status_code == 405
+
+
+async def test_ready_follows_phase_with_reason(
+    client_and_lc: tuple[httpx.AsyncClient, Lifecycle],
+) -> None:
+    c, lc = client_and_lc
+    r = await c.get("/api/ready")
+    assert r.status_code == 503
+    assert r.json()["reason"] == "replica is starting"
+    await lc.startup()
+    r = await c.get("/api/ready")
+    assert r.status_code == 200
+    assert r.json() == {"phase": "ready", "status": "ready"}
+    lc.state.begin_draining()
+    r = await c.get("/api/ready")
+    assert r.status_code == 503
+    assert r.json()["reason"] == "replica is draining"
+
+
+async def test_readiness_checks_pass_fail_and_time_out() -> None:
+    lc, app = make()
+    outcome: dict[str, object] = {"db": True}
+
+    async def db() -> dict[str, object] | bool:
+        result = outcome["db"]
+        if isinstance(result, Exception):
+            raise result
+        return {"latency_ms": 3} if result is True else False
+
+    async def slow() -> None:
+        await asyncio.sleep(float(str(outcome.get("slow", 0))))
+
+    lc.add_readiness_check("db", db)
+    lc.add_readiness_check("slow", slow, timeout_s=0.05)
+    await lc.startup()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        r = await c.get("/api/ready")
+        assert r.status_code == 200
+        assert r.json()["checks"]["db"] == {"ok": True, "latency_ms": 3}
+
+        outcome["db"] = NotReady("replica lag 9 s")
+        r = await c.get("/api/ready")
+        assert r.status_code == 503
+        assert r.json()["checks"]["db"] == {"ok": False, "reason": "replica lag 9 s"}
+        assert r.json()["reason"] == "failing checks: db"
+
+        outcome["db"] = False
+        assert (await c.get("/api/ready")).json()["checks"]["db"]["ok"] is False
+
+        outcome["db"] = RuntimeError("boom")
+        assert "RuntimeError: boom" in (await c.get("/api/ready")).json()["checks"]["db"]["reason"]
+
+        outcome["db"] = True
+        outcome["slow"] = 1.0
+        r = await c.get("/api/ready")
+        assert r.status_code == 503
+        assert r.json()["checks"]["slow"]["reason"] == "timed out after 0.05 s"
+        # healthz is unaffected by readiness: the proxy keeps routing here.
+        assert (await c.get("/api/healthz")).status_code == 200
+
+
+def test_readiness_check_timeout_must_be_positive() -> None:
+    lc, _ = make()
+
+    async def ok() -> None:
+        return None
+
+    with pytest.raises(ValueError, match="timeout_s"):
+        lc.add_readiness_check("x", ok, timeout_s=0)
+
+
+async def test_ready_waits_for_startup_tasks_and_reports_failures() -> None:
+    lc, app = make()
+    release = asyncio.Event()
+
+    async def recover() -> None:
+        await release.wait()
+
+    async def broken() -> None:
+        raise OSError("state dir is read-only")
+
+    lc.on_startup("recovery", recover)
+    await lc.startup()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        r = await c.get("/api/ready")
+        assert r.status_code == 503
+        assert r.json()["reason"] == "recovery running"
+        assert (await c.get("/api/healthz")).status_code == 200
+        release.set()
+        for _ in range(100):
+            if (await c.get("/api/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.01)
+        assert (await c.get("/api/ready")).status_code == 200
+
+    lc2, app2 = make()
+    lc2.on_startup("scan", broken)
+    await lc2.startup()
+    await asyncio.sleep(0.01)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app2), base_url="http://t") as c:
+        r = await c.get("/api/ready")
+        assert r.status_code == 503
+        assert r.json()["reason"] == "scan failed: OSError: state dir is read-only"
+
+
+async def test_version_reports_settings_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECRET_TOKEN", "hunter2")
+    _lc, app = make(Settings(version="2.0.1", git_sha="deadbeef", replica_id="green"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        r = await c.get("/api/version")
+    body = r.json()
+    assert r.status_code == 200
+    assert set(body) == {"version", "commit", "replica", "started_at", "uptime_s"}
+    assert (body["version"], body["commit"], body["replica"]) == ("2.0.1", "deadbeef", "green")
+    assert body["uptime_s"] >= 0
+    assert "hunter2" not in r.text
+
+
+async def test_version_defaults_to_package_version() -> None:
+    import sf_lifecycle
+
+    _, app = make()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        body = (await c.get("/api/version")).json()
+    assert body["version"] == sf_lifecycle.__version__
+    assert body["commit"] is None
+
+
+async def test_health_app_wraps_any_asgi_app() -> None:
+    lc = Lifecycle(Settings())
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        await PlainTextResponse("inner")(scope, receive, send)
+
+    app = HealthApp(lc, inner)
+    await lc.startup()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        assert (await c.get("/api/healthz")).status_code == 200
+        assert (await c.get("/other")).text == "inner"
+    alone = HealthApp(lc)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(alone), base_url="http://t") as c:
+        assert (await c.get("/other")).status_code == 404
+        assert (await c.get("/api/ready")).status_code == 200
+
+
+def test_lifecycle_is_found_from_the_app() -> None:
+    lc, app = make()
+    assert Lifecycle.of(app) is lc
+    assert Lifecycle.of(object()) is None
