@@ -57,6 +57,8 @@ class ServerProcess:
         port: Port to bind; a free one when None.
         cwd: Working directory (the app's module must be importable from it).
         args: Extra `serve` arguments.
+        plain_uvicorn: Run the app under plain `uvicorn` instead of `sf-lifecycle serve`, as
+            a baseline (no drain delay on SIGTERM).
 
     Use as a context manager: on exit the process gets SIGTERM, then SIGKILL after `reap_s`.
     """
@@ -71,7 +73,9 @@ class ServerProcess:
         cwd: Path | None = None,
         args: Sequence[str] = (),
         reap_s: float = 10.0,
+        plain_uvicorn: bool = False,
     ) -> None:
+        self.plain_uvicorn = plain_uvicorn
         self.app = app
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -99,7 +103,10 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         env.setdefault("SF_STATE_DIR", str(self.state_dir))
-        cmd = [sys.executable, "-m", "sf_lifecycle", "serve", self.app]
+        if self.plain_uvicorn:
+            cmd = [sys.executable, "-m", "uvicorn", self.app, "--log-level", "warning"]
+        else:
+            cmd = [sys.executable, "-m", "sf_lifecycle", "serve", self.app]
         cmd += ["--host", self.host, "--port", str(self.port), *self.args]
         self.proc = subprocess.Popen(
             cmd, cwd=self.cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT

@@ -1,0 +1,442 @@
+"""Example 3: a zero-downtime upgrade through real Traefik, under load (`make demo`).
+
+It follows the runbook in `infra/README.md` on this machine, with Traefik's file provider standing
+in for Docker's label discovery:
+
+1. Traefik on 127.0.0.1 in front of `sf` (the example server, replica `sf-v1`).
+2. A bounded mixed load: reads, slow reads held across the signal, feedback writes, and SSE
+   session streams (half of the clients keep the sticky cookie `sf-aff`).
+3. The upgrade: bring up `sf-candidate` and wait for `/api/ready`; add it to the pool; SIGTERM
+   `sf`; start the new `sf` (`sf-v2`) on the same port and state volume; retire the candidate
+   with SIGTERM.
+4. A summary: requests sent and failed by status, feedback acknowledged vs delivered to the sink,
+   SSE events published vs received (gaps, duplicates), and for each SIGTERM the time until the
+   replica left Traefik's pool and until it exited.
+
+`--baseline` runs the same flow with plain uvicorn replicas, for comparison. Everything started is
+stopped at the end, also on Ctrl-C. The integration tests call `run()` with smaller figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import signal
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from httpx_sse import connect_sse
+
+from sf_lifecycle.testing import ServerProcess, free_port
+from sf_lifecycle.testing.traefik import TraefikProxy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Options:
+    """What the demo does; the defaults are what `make demo` runs."""
+
+    baseline: bool = False
+    rate: float = 100.0  # requests per second across the HTTP workers, before SSE
+    workers: int = 4
+    sse_clients: int = 4
+    warmup_s: float = 3.0
+    cooldown_s: float = 3.0
+    drain_after_probes: int = 1
+    state_dir: Path | None = None
+    quiet: bool = False
+
+
+@dataclass
+class Stop:
+    """One SIGTERM to a replica: when it left Traefik's pool and when it exited."""
+
+    replica: str
+    to_pool_exit_s: float | None = None
+    to_exit_s: float | None = None
+    exit_code: int | None = None
+
+
+@dataclass
+class Summary:
+    sent: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    feedback_acked: set[str] = field(default_factory=set)
+    feedback_delivered: list[str] = field(default_factory=list)
+    events_published: dict[str, list[str]] = field(default_factory=dict)
+    events_received: dict[str, list[str]] = field(default_factory=dict)
+    stops: list[Stop] = field(default_factory=list)
+    replicas_seen: Counter[str] = field(default_factory=Counter)
+    sticky_repinned: int = 0
+    leftover_pids: list[int] = field(default_factory=list)
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
+
+    def feedback_lost(self) -> set[str]:
+        return self.feedback_acked - set(self.feedback_delivered)
+
+    def feedback_duplicated(self) -> int:
+        return len(self.feedback_delivered) - len(set(self.feedback_delivered))
+
+    def sse_gaps_and_duplicates(self) -> tuple[int, int]:
+        gaps = dups = 0
+        for client, received in self.events_received.items():
+            session = client.split("#", 1)[0]
+            published = self.events_published.get(session, [])
+            got = Counter(received)
+            gaps += sum(1 for e in published if got[e] == 0)
+            dups += sum(n - 1 for n in got.values() if n > 1)
+        return gaps, dups
+
+
+class _Say:
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.t0:6.2f}s] {message}", flush=True)
+
+
+class Load:
+    """Bounded client traffic through the proxy, on threads, recording every outcome."""
+
+    def __init__(self, base_url: str, opts: Options, summary: Summary) -> None:
+        self.base_url = base_url
+        self.opts = opts
+        self.summary = summary
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        self.sessions = [f"demo-{i}" for i in range(max(1, opts.sse_clients // 2))]
+
+    def start(self) -> None:
+        for i in range(self.opts.workers):
+            self._spawn(self._worker, i, f"http-{i}")
+        for i in range(self.opts.sse_clients):
+            self._spawn(self._sse_client, i, f"sse-{i}")
+        if self.opts.sse_clients:
+            self._spawn(self._publisher, 0, "publisher")
+
+    def _spawn(self, fn: Callable[[int], None], i: int, name: str) -> None:
+        t = threading.Thread(target=fn, args=(i,), name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _record(self, status: int | str, replica: str | None = None) -> None:
+        with self.lock:
+            self.summary.sent += 1
+            if not (isinstance(status, int) and 200 <= status < 300):
+                self.summary.failed[str(status)] += 1
+            if replica:
+                self.summary.replicas_seen[replica] += 1
+
+    def _worker(self, i: int) -> None:
+        rng = random.Random(i)
+        sticky = i % 2 == 0
+        period = self.opts.workers / self.opts.rate
+        pinned: str | None = None
+        with httpx.Client(base_url=self.base_url, timeout=30) as client:
+            n = 0
+            while not self.stop.is_set():
+                began = time.monotonic()
+                if not sticky:
+                    client.cookies.clear()
+                roll = rng.random()
+                try:
+                    if roll < 0.2:
+                        body = {"worker": i, "n": n, "text": "demo feedback " + "x" * 200}
+                        r = client.post("/api/feedback", json=body)
+                        if r.status_code == 202:
+                            with self.lock:
+                                self.summary.feedback_acked.add(r.json()["id"])
+                    elif roll < 0.3:
+                        r = client.get("/api/slow", params={"seconds": "0.3"})
+                    else:
+                        r = client.get("/api/hello")
+                    replica = r.headers.get("x-sf-replica")
+                    self._record(r.status_code, replica)
+                    if sticky and replica and r.status_code < 300:
+                        if pinned is not None and replica != pinned:
+                            with self.lock:
+                                self.summary.sticky_repinned += 1
+                        pinned = replica
+                except httpx.HTTPError as exc:
+                    self._record(type(exc).__name__)
+                n += 1
+                self.stop.wait(max(0.0, period - (time.monotonic() - began)))
+
+    def _publisher(self, _: int) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=30) as client:
+            n = 0
+            while not self.stop.is_set():
+                session = self.sessions[n % len(self.sessions)]
+                try:
+                    r = client.post(
+                        "/api/session/events", params={"session": session}, json={"n": n}
+                    )
+                    self._record(r.status_code, r.headers.get("x-sf-replica"))
+                    if r.status_code < 300:
+                        with self.lock:
+                            self.summary.events_published.setdefault(session, []).append(
+                                str(r.json()["id"])
+                            )
+                except httpx.HTTPError as exc:
+                    self._record(type(exc).__name__)
+                n += 1
+                self.stop.wait(0.1)
+
+    def _sse_client(self, i: int) -> None:
+        session = self.sessions[i % len(self.sessions)]
+        key = f"{session}#{i}"
+        received = self.summary.events_received.setdefault(key, [])
+        last_id: str | None = None
+        sticky = i % 2 == 0
+        with httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(30, read=60)) as client:
+            while not self.stop.is_set():
+                if not sticky:
+                    client.cookies.clear()
+                headers = {"Last-Event-ID": last_id} if last_id else {}
+                try:
+                    with connect_sse(
+                        client,
+                        "GET",
+                        "/api/session/events",
+                        params={"session": session},
+                        headers=headers,
+                    ) as source:
+                        if source.response.status_code != 200:
+                            self._record(source.response.status_code)
+                            self.stop.wait(0.2)
+                            continue
+                        self._record(200, source.response.headers.get("x-sf-replica"))
+                        for event in source.iter_sse():
+                            if event.id and event.event != "lost":
+                                received.append(event.id)
+                                last_id = event.id
+                            if self.stop.is_set():
+                                break
+                except httpx.HTTPError as exc:
+                    if self.stop.is_set():
+                        break
+                    self._record(type(exc).__name__)
+                    self.stop.wait(0.2)
+
+    def caught_up(self) -> bool:
+        """Every SSE client has received the last event published to its session."""
+        with self.lock:
+            for key, received in self.summary.events_received.items():
+                published = self.summary.events_published.get(key.split("#", 1)[0])
+                if published and (not received or received[-1] != published[-1]):
+                    return False
+        return True
+
+    def finish(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.caught_up():
+            time.sleep(0.1)
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=max(0.1, deadline + 35 - time.monotonic()))
+
+
+def _watch_stop(
+    proxy: TraefikProxy, server: ServerProcess, name: str, summary: Summary, say: _Say
+) -> Stop:
+    """SIGTERM `server`; time until Traefik marks it DOWN and until the process exits."""
+    stop = Stop(name)
+    summary.stops.append(stop)
+    url = server.url
+    server.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    say(f"SIGTERM -> {name}")
+    while server.proc is not None and server.proc.poll() is None:
+        if stop.to_pool_exit_s is None:
+            with contextlib.suppress(OSError, RuntimeError):
+                if proxy.server_status().get(url) == "DOWN":
+                    stop.to_pool_exit_s = time.monotonic() - sent
+                    say(f"Traefik took {name} out of the pool")
+        time.sleep(0.02)
+    stop.to_exit_s = time.monotonic() - sent
+    stop.exit_code = server.proc.returncode if server.proc is not None else None
+    say(f"{name} exited with {stop.exit_code} after {stop.to_exit_s:.2f} s")
+    return stop
+
+
+def _delivered_ids(state_dir: Path) -> list[str]:
+    """Every record id the default SQLite sink holds (one row per delivery)."""
+    db = state_dir / "feedback.sqlite3"
+    if not db.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [row[0] for row in conn.execute("SELECT id FROM feedback")]
+
+
+@contextlib.contextmanager
+def _replicas(opts: Options) -> Iterator[Callable[[str, int], ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def start(replica: str, port: int) -> ServerProcess:
+        assert opts.state_dir is not None
+        env = {
+            "SF_REPLICA_ID": replica,
+            "SF_DRAIN_AFTER_PROBES": str(opts.drain_after_probes),
+            "SF_DRAIN_DELAY_MS": "5000",
+        }
+        server = ServerProcess(
+            "examples.sf_server:app",
+            state_dir=opts.state_dir,
+            env=env,
+            port=port,
+            cwd=ROOT,
+            plain_uvicorn=opts.baseline,
+        )
+        started.append(server)
+        server.start()
+        server.wait_ready(timeout=30)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.close()
+
+
+def run(opts: Options) -> Summary:
+    """Run the whole upgrade flow and return what happened."""
+    say = _Say(opts.quiet)
+    summary = Summary()
+    with contextlib.ExitStack() as stack:
+        if opts.state_dir is None:
+            opts.state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory("-sf-demo")))
+        start = stack.enter_context(_replicas(opts))
+        sf_port, candidate_port = free_port(), free_port()
+        kind = "plain uvicorn" if opts.baseline else "sf-lifecycle serve"
+        say(f"starting sf (sf-v1, {kind}) on :{sf_port}, state dir {opts.state_dir}")
+        sf = start("sf-v1", sf_port)
+        proxy = stack.enter_context(TraefikProxy([sf.url]))
+        say(f"Traefik {proxy.url} -> sf; health check every {proxy.routing.health_interval}")
+
+        load = Load(proxy.url, opts, summary)
+        stack.callback(load.stop.set)
+        load.start()
+        say(f"load: {opts.workers} HTTP workers at ~{opts.rate:g} req/s, {opts.sse_clients} SSE")
+        time.sleep(opts.warmup_s)
+
+        say("bringing up sf-candidate")
+        candidate = start("sf-candidate", candidate_port)
+        proxy.set_backends([sf.url, candidate.url])
+        proxy.wait_status({candidate.url: "UP"})
+        say("sf-candidate ready and UP in the pool")
+
+        _watch_stop(proxy, sf, "sf-v1", summary, say)
+        proxy.set_backends([candidate.url])  # a stopped container leaves Docker's discovery
+        say("starting the new sf (sf-v2) on the same port and state volume")
+        sf2 = start("sf-v2", sf_port)
+        proxy.set_backends([sf2.url, candidate.url])
+        proxy.wait_status({sf2.url: "UP"})
+        say("sf-v2 ready and UP; retiring sf-candidate")
+        _watch_stop(proxy, candidate, "sf-candidate", summary, say)
+        proxy.set_backends([sf2.url])
+
+        time.sleep(opts.cooldown_s)
+        say("stopping the load; waiting for SSE clients to catch up")
+        load.finish()
+        say("stopping sf-v2 (its queue drains on the way out)")
+        _watch_stop(proxy, sf2, "sf-v2", summary, say)
+        summary.feedback_delivered = _delivered_ids(opts.state_dir)
+        for server in (sf, candidate, sf2):
+            if server.proc is not None and server.proc.poll() is None:
+                summary.leftover_pids.append(server.pid)
+    return summary
+
+
+def render(summary: Summary, opts: Options) -> str:
+    gaps, dups = summary.sse_gaps_and_duplicates()
+    published = sum(len(v) for v in summary.events_published.values())
+    received = sum(len(v) for v in summary.events_received.values())
+    rows = [
+        ("runner", "plain uvicorn (baseline)" if opts.baseline else "sf-lifecycle serve"),
+        ("requests sent", str(summary.sent)),
+        (
+            "requests failed",
+            f"{summary.failed_total}"
+            + (
+                f"  ({', '.join(f'{k}: {v}' for k, v in sorted(summary.failed.items()))})"
+                if summary.failed
+                else ""
+            ),
+        ),
+        ("feedback acknowledged", str(len(summary.feedback_acked))),
+        (
+            "feedback delivered",
+            f"{len(set(summary.feedback_delivered))}  (lost {len(summary.feedback_lost())}, "
+            f"duplicated {summary.feedback_duplicated()})",
+        ),
+        ("SSE events published", str(published)),
+        ("SSE events received", f"{received}  (gaps {gaps}, duplicates {dups})"),
+        ("sticky clients re-pinned", str(summary.sticky_repinned)),
+        ("answered by", ", ".join(f"{k}: {v}" for k, v in sorted(summary.replicas_seen.items()))),
+    ]
+    for stop in summary.stops:
+        pool = "never" if stop.to_pool_exit_s is None else f"{stop.to_pool_exit_s:.2f} s"
+        rows.append(
+            (
+                f"SIGTERM {stop.replica}",
+                f"out of pool {pool}, exited {stop.to_exit_s or 0:.2f} s (code {stop.exit_code})",
+            )
+        )
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 60)
+    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--baseline", action="store_true", help="plain uvicorn replicas instead")
+    p.add_argument("--rate", type=float, default=100.0, help="HTTP requests/s (default 100)")
+    p.add_argument("--sse-clients", type=int, default=4)
+    p.add_argument("--state-dir", type=Path, default=None, help="keep the state here")
+    args = p.parse_args(argv)
+    opts = Options(
+        baseline=args.baseline,
+        rate=args.rate,
+        sse_clients=args.sse_clients,
+        state_dir=args.state_dir,
+    )
+    try:
+        summary = run(opts)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every process the demo started has been stopped", file=sys.stderr)
+        return 130
+    print(render(summary, opts))
+    ok = (
+        summary.failed_total == 0
+        and not summary.feedback_lost()
+        and summary.feedback_duplicated() == 0
+        and summary.sse_gaps_and_duplicates() == (0, 0)
+    )
+    if opts.baseline:
+        print("baseline run: failures above are what a plain uvicorn upgrade costs")
+        return 0
+    print("zero-downtime upgrade: " + ("OK" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
