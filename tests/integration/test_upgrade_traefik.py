@@ -1,0 +1,67 @@
+"""The runbook's upgrade through real Traefik, under mixed load (the demo's flow, smaller)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from examples.demo import Options, Summary, run
+
+pytestmark = pytest.mark.integration
+
+DRAIN_DELAY_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def upgrade() -> Summary:
+    return run(
+        Options(rate=40, workers=3, sse_clients=2, warmup_s=2.0, cooldown_s=2.0, quiet=True)
+    )
+
+
+def test_no_request_failed(upgrade: Summary) -> None:
+    """Steps: Traefik -> sf; load; candidate up; SIGTERM sf; new sf; retire candidate.
+    Every request sent during all of it got a 2xx."""
+    assert upgrade.sent > 100
+    assert upgrade.failed_total == 0, upgrade.failed
+
+
+def test_every_acknowledged_write_delivered_exactly_once(upgrade: Summary) -> None:
+    assert len(upgrade.feedback_acked) > 10
+    assert upgrade.feedback_lost() == set()
+    assert upgrade.feedback_duplicated() == 0
+    assert set(upgrade.feedback_delivered) == upgrade.feedback_acked
+
+
+def test_every_sse_client_received_every_event_once(upgrade: Summary) -> None:
+    published = sum(len(v) for v in upgrade.events_published.values())
+    assert published > 10
+    assert upgrade.events_received
+    assert upgrade.sse_gaps_and_duplicates() == (0, 0)
+    for client, received in upgrade.events_received.items():
+        session = client.split("#", 1)[0]
+        assert received == upgrade.events_published[session], client
+
+
+def test_sticky_clients_were_repinned_to_live_replicas(upgrade: Summary) -> None:
+    # sf-v1 -> sf-candidate -> sf-v2: every sticky worker moved twice, and all three answered.
+    assert upgrade.sticky_repinned >= 2
+    assert set(upgrade.replicas_seen) == {"sf-v1", "sf-candidate", "sf-v2"}
+
+
+def test_old_replicas_left_the_pool_and_exited_in_time(upgrade: Summary) -> None:
+    assert [s.replica for s in upgrade.stops] == ["sf-v1", "sf-candidate", "sf-v2"]
+    for stop in upgrade.stops:
+        assert stop.exit_code == 0, stop
+        assert stop.to_pool_exit_s is not None, f"{stop.replica} never left Traefik's pool"
+        assert stop.to_exit_s is not None
+        assert stop.to_pool_exit_s < stop.to_exit_s
+        assert stop.to_exit_s < DRAIN_DELAY_S + 1.0, stop
+
+
+def test_no_process_left_behind(upgrade: Summary) -> None:
+    assert upgrade.leftover_pids == []
+    for pid in upgrade.leftover_pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
