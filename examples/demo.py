@@ -79,6 +79,8 @@ class Summary:
     replicas_seen: Counter[str] = field(default_factory=Counter)
     sticky_repinned: int = 0
     leftover_pids: list[int] = field(default_factory=list)
+    #: Every process the run started (replicas and Traefik), to check none is left behind.
+    pids: list[int] = field(default_factory=list)
 
     @property
     def failed_total(self) -> int:
@@ -286,7 +288,7 @@ def _delivered_ids(state_dir: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _replicas(opts: Options) -> Iterator[Callable[[str, int], ServerProcess]]:
+def _replicas(opts: Options, summary: Summary) -> Iterator[Callable[[str, int], ServerProcess]]:
     started: list[ServerProcess] = []
 
     def start(replica: str, port: int) -> ServerProcess:
@@ -306,6 +308,7 @@ def _replicas(opts: Options) -> Iterator[Callable[[str, int], ServerProcess]]:
         )
         started.append(server)
         server.start()
+        summary.pids.append(server.pid)
         server.wait_ready(timeout=30)
         return server
 
@@ -323,12 +326,13 @@ def run(opts: Options) -> Summary:
     with contextlib.ExitStack() as stack:
         if opts.state_dir is None:
             opts.state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory("-sf-demo")))
-        start = stack.enter_context(_replicas(opts))
+        start = stack.enter_context(_replicas(opts, summary))
         sf_port, candidate_port = free_port(), free_port()
         kind = "plain uvicorn" if opts.baseline else "sf-lifecycle serve"
         say(f"starting sf (sf-v1, {kind}) on :{sf_port}, state dir {opts.state_dir}")
         sf = start("sf-v1", sf_port)
         proxy = stack.enter_context(TraefikProxy([sf.url]))
+        summary.pids.append(proxy.pid)
         say(f"Traefik {proxy.url} -> sf; health check every {proxy.routing.health_interval}")
 
         load = Load(proxy.url, opts, summary)

@@ -15,9 +15,7 @@ DRAIN_DELAY_S = 5.0
 
 @pytest.fixture(scope="module")
 def upgrade() -> Summary:
-    return run(
-        Options(rate=40, workers=3, sse_clients=2, warmup_s=2.0, cooldown_s=2.0, quiet=True)
-    )
+    return run(Options(rate=40, workers=3, sse_clients=2, warmup_s=2.0, cooldown_s=2.0, quiet=True))
 
 
 def test_no_request_failed(upgrade: Summary) -> None:
@@ -62,6 +60,7 @@ def test_old_replicas_left_the_pool_and_exited_in_time(upgrade: Summary) -> None
 
 def test_no_process_left_behind(upgrade: Summary) -> None:
     assert upgrade.leftover_pids == []
-    for pid in upgrade.leftover_pids:
+    assert len(upgrade.pids) == 4  # sf-v1, Traefik, sf-candidate, sf-v2
+    for pid in upgrade.pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
