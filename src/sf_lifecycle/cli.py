@@ -59,7 +59,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _commands() -> dict[str, Command]:
-    commands: dict[str, Command] = {"serve": (_serve_args, _serve)}
+    from .infra_check import COMMAND as check_infra
+
+    commands: dict[str, Command] = {"serve": (_serve_args, _serve), "check-infra": check_infra}
     return commands
 
 

@@ -5,5 +5,13 @@ it. The library's own integration tests, the demo and the benchmarks use it.
 """
 
 from .process import ServerProcess, free_port, http_get
+from .traefik import TraefikProxy, TraefikRouting, find_traefik
 
-__all__ = ["ServerProcess", "free_port", "http_get"]
+__all__ = [
+    "ServerProcess",
+    "TraefikProxy",
+    "TraefikRouting",
+    "find_traefik",
+    "free_port",
+    "http_get",
+]

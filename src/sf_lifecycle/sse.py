@@ -1,0 +1,278 @@
+"""Session event streams over SSE: replay from `Last-Event-ID`, then live, until closing.
+
+`session_event_routes(lifecycle, log)` gives two Starlette routes on `/api/session/events`:
+
+* `GET ?session=ID` streams the session's events (`text/event-stream`). The position comes from
+  the `Last-Event-ID` header (what browsers send on reconnect) or, failing that, the
+  `last_event_id` query parameter (for clients that cannot set headers on a first connect).
+* `POST ?session=ID` with a JSON body appends an event and answers `{"id": ...}`.
+
+Deliberate choices:
+
+* **Streams end at `begin_closing()`, not at SIGTERM.** During the drain delay the proxy still
+  routes sticky clients here, so streams keep flowing. When the delay is over the runner closes
+  the listeners and calls `state.begin_closing()`: each stream then sends `retry: <ms>` and ends,
+  so uvicorn has no open response to wait for, and the client reconnects (to the new replica,
+  since the proxy dropped this one) with its `Last-Event-ID`.
+* **sse-starlette's own shutdown detection is switched off.** It patches uvicorn at import and
+  polls the SIGTERM handler's `should_exit`, which would cut streams at the start of the drain
+  (or race our farewell). `_LifecycleEventSourceResponse` replaces that watcher with
+  `state.wait_closing()`, after which the stream has `close_grace_s` to send its `retry:` before
+  it is cancelled.
+* **Streams are counted in `state.streams`, not `in_flight`** (the middleware skips this path),
+  so an open stream never holds the in-flight wait; `/api/healthz` shows the count. Over
+  `sse_max_streams` a new stream gets 503 with `Retry-After`.
+* **The publish body is checked while it is read**: the size limit applies to the bytes received,
+  not to a `Content-Length` the client may not send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from ._errors import DiskWriteError
+from .events import LOST, EventLog, InvalidEventId, InvalidSessionId, parse_event_id
+from .events import validate_session_id as _validate_session
+from .lifecycle import Lifecycle
+from .state import ShutdownState
+
+__all__ = ["EVENTS_PATH", "session_event_routes"]
+
+logger = logging.getLogger("sf_lifecycle.sse")
+
+EVENTS_PATH = "/api/session/events"
+_NO_STORE = {"cache-control": "no-store"}
+
+
+class _LifecycleEventSourceResponse(EventSourceResponse):
+    """`EventSourceResponse` whose shutdown comes from our `ShutdownState`, and that counts."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[ServerSentEvent],
+        *,
+        state: ShutdownState,
+        close_grace_s: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._sf_state = state
+        self._close_grace_s = close_grace_s
+
+    async def _listen_for_exit_signal_with_grace(self) -> None:
+        # Replaces sse-starlette's AppStatus / uvicorn-introspection watcher (see module doc).
+        await self._sf_state.wait_closing()
+        # The stream's generator sees the same signal and ends with `retry:`, which cancels
+        # this task; if it has not managed within the grace (a client that stopped reading),
+        # returning here cancels the response.
+        await asyncio.sleep(self._close_grace_s)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._sf_state.streams -= 1
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status, headers={**_NO_STORE, **(headers or {})})
+
+
+class _BodyError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _read_json(request: Request, max_bytes: int) -> Any:
+    """The request's JSON body, or `_BodyError` with the status that says why not."""
+    ctype = request.headers.get("content-type", "")
+    media, _, params = ctype.partition(";")
+    media = media.strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise _BodyError(415, f"content-type must be application/json, got {ctype or 'none'!r}")
+    charset = params.strip().lower()
+    if charset and charset.replace(" ", "") not in ("charset=utf-8", 'charset="utf-8"'):
+        raise _BodyError(415, f"only UTF-8 JSON is accepted, got {ctype!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _BodyError(413, f"body of {declared} bytes exceeds the limit of {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _BodyError(413, f"body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BodyError(400, f"body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(
+            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+        )
+    except ValueError as exc:
+        raise _BodyError(400, f"body is not valid JSON: {exc}") from None
+
+
+class _Endpoints:
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        log: EventLog,
+        max_body_bytes: int,
+        send_timeout_s: float | None,
+        close_grace_s: float,
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.state = lifecycle.state
+        self.log = log
+        self.max_body_bytes = max_body_bytes
+        self.send_timeout_s = send_timeout_s
+        self.close_grace_s = close_grace_s
+
+    def _retry_after(self) -> dict[str, str]:
+        return {"retry-after": str(max(1, math.ceil(self.lifecycle.settings.sse_retry_ms / 1000)))}
+
+    async def stream(self, request: Request) -> Response:
+        settings = self.lifecycle.settings
+        session = request.query_params.get("session", "")
+        try:
+            _validate_session(session)
+        except InvalidSessionId as exc:
+            return _error(400, str(exc))
+        last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        if last_id is not None:
+            last_id = last_id.strip() or None
+        if last_id is not None:
+            try:
+                parse_event_id(last_id)
+            except InvalidEventId as exc:
+                return _error(400, str(exc))
+        state = self.state
+        if state.closing:
+            return _error(503, "replica is shutting down; reconnect", self._retry_after())
+        if state.streams >= settings.sse_max_streams:
+            logger.warning("stream limit reached (%d open); answering 503", state.streams)
+            return _error(
+                503,
+                f"too many open streams on this replica (limit {settings.sse_max_streams})",
+                self._retry_after(),
+            )
+        # Counted here, with no await since the check; the response's __call__ uncounts it.
+        state.streams += 1
+        return _LifecycleEventSourceResponse(
+            self._events(session, last_id),
+            state=state,
+            close_grace_s=self.close_grace_s,
+            ping=settings.sse_ping_ms / 1000,
+            send_timeout=self.send_timeout_s,
+            headers=_NO_STORE,
+        )
+
+    async def _events(self, session: str, cursor: str | None) -> AsyncIterator[ServerSentEvent]:
+        state = self.state
+        log = self.log
+        closing = asyncio.ensure_future(state.wait_closing())
+        try:
+            while not state.closing:
+                batch = await log.read_after(session, cursor)
+                for event in batch:
+                    if state.closing:
+                        break
+                    yield ServerSentEvent(
+                        data=event.data_json,
+                        id=event.id,
+                        event=LOST if event.kind == LOST else None,
+                    )
+                    cursor = event.id
+                if batch or state.closing:
+                    continue
+                waiter = asyncio.ensure_future(log.wait(session, cursor, 5.0))
+                try:
+                    await asyncio.wait((waiter, closing), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+            # Closing: tell the client how soon to come back, then end the response cleanly.
+            yield ServerSentEvent(
+                comment="replica closing; reconnect with Last-Event-ID",
+                retry=self.lifecycle.settings.sse_retry_ms,
+            )
+        finally:
+            closing.cancel()
+
+    async def publish(self, request: Request) -> Response:
+        session = request.query_params.get("session", "")
+        try:
+            _validate_session(session)
+        except InvalidSessionId as exc:
+            return _error(400, str(exc))
+        try:
+            data = await _read_json(request, self.max_body_bytes)
+        except _BodyError as exc:
+            return _error(exc.status, exc.message)
+        except ClientDisconnect:
+            return _error(400, "client disconnected before the body was complete")
+        try:
+            event_id = await self.log.append(session, data)
+        except DiskWriteError as exc:
+            logger.error("session %s: event not stored: %s", session, exc)
+            return _error(503, "event not stored (disk error); retry later", self._retry_after())
+        return JSONResponse({"id": event_id, "session": session}, 201, headers=_NO_STORE)
+
+
+def session_event_routes(
+    lifecycle: Lifecycle,
+    log: EventLog,
+    *,
+    path: str = EVENTS_PATH,
+    max_body_bytes: int | None = None,
+    send_timeout_s: float | None = 30.0,
+    close_grace_s: float = 1.0,
+) -> list[BaseRoute]:
+    """Routes for `GET` (stream) and `POST` (publish) on `path`.
+
+    Args:
+        lifecycle: Supplies the settings (`sse_*`, `feedback_max_bytes`) and the shutdown state.
+        log: Where events are stored; `FileEventLog` or any `EventLog`.
+        path: Keep the default unless you also pass it to the middleware's `exclude_paths`:
+            a stream counted as in flight would hold the shutdown until the grace budget ends.
+        max_body_bytes: Largest publish body; `settings.feedback_max_bytes` when None.
+        send_timeout_s: A client that takes longer to accept one event is disconnected.
+        close_grace_s: After closing begins, how long a stream may take to send its `retry:`.
+    """
+    limit = lifecycle.settings.feedback_max_bytes if max_body_bytes is None else max_body_bytes
+    ep = _Endpoints(lifecycle, log, limit, send_timeout_s, close_grace_s)
+    return [
+        Route(path, ep.stream, methods=["GET"]),
+        Route(path, ep.publish, methods=["POST"]),
+    ]

@@ -1,0 +1,544 @@
+"""The reference infra: valid against real schemas, consistent, and `check-infra` catches drift."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.resources
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema  # type: ignore[import-untyped]  # no stubs; the test extra has no types-jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from sf_lifecycle.config import Settings
+from sf_lifecycle.infra_check import (
+    COMMAND,
+    Finding,
+    check_documents,
+    check_paths,
+    interpolate,
+    parse_duration_ms,
+)
+from sf_lifecycle.testing import TraefikRouting
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+COMPOSE = INFRA / "docker-compose.yaml"
+DYNAMIC = INFRA / "traefik" / "dynamic" / "sf.yaml"
+STATIC = INFRA / "traefik" / "traefik.yaml"
+K8S = [INFRA / "k8s" / "deployment.yaml", INFRA / "k8s" / "service.yaml"]
+#: The Compose specification's schema, as vendored by check-jsonschema.
+COMPOSE_SCHEMA = importlib.resources.files("check_jsonschema").joinpath(
+    "builtin_schemas/vendor/compose-spec.json"
+)
+K8S_VERSION = "1.30"
+
+
+def load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def run_check(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    add_arguments, run = COMMAND
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    code = run(parser.parse_args(argv))
+    return code, capsys.readouterr().out
+
+
+def errors(findings: list[Finding]) -> list[str]:
+    return [f.message for f in findings if f.severity == "error"]
+
+
+# -- schema validation ------------------------------------------------------------------------
+def compose_errors(doc: Any) -> list[str]:
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    return [e.message for e in validator.iter_errors(doc)]
+
+
+def test_compose_file_validates_against_the_compose_spec() -> None:
+    assert compose_errors(load(COMPOSE)) == []
+
+
+def test_compose_validator_rejects_an_invalid_file() -> None:
+    doc = load(COMPOSE)
+    doc["services"]["sf"]["stop_grace_period"] = ["610s"]
+    doc["services"]["sf"]["restart_policy"] = "always"
+    found = compose_errors(doc)
+    assert any("not of type 'string'" in m for m in found), found
+    assert any("restart_policy" in m for m in found), found
+
+
+@pytest.mark.parametrize("path", K8S, ids=lambda p: p.name)
+def test_kubernetes_manifests_validate_strictly(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs
+    for doc in docs:
+        assert kubernetes_validate.validate(doc, K8S_VERSION, strict=True) == K8S_VERSION
+
+
+def test_kubernetes_validator_rejects_an_invalid_manifest() -> None:
+    doc = load(K8S[0])
+    doc["spec"]["template"]["spec"]["terminationGracePeriodSecond"] = 610
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    doc = load(K8S[0])
+    doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "610"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+# -- the reference files agree with each other and with the library --------------------------
+def test_check_infra_finds_nothing_in_the_reference_infra(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert check_paths([INFRA]) == []
+    code, out = run_check([str(INFRA), "--strict"], capsys)
+    assert code == 0, out
+    assert "0 error(s), 0 warning(s)" in out
+
+
+def test_file_provider_config_is_what_the_harness_renders() -> None:
+    servers = [s["url"] for s in load(DYNAMIC)["http"]["services"]["sf"]["loadBalancer"]["servers"]]
+    assert servers == ["http://127.0.0.1:4000", "http://127.0.0.1:4001"]
+    assert load(DYNAMIC) == TraefikRouting().dynamic_config(servers)
+    assert TraefikRouting.from_file(DYNAMIC) == TraefikRouting()
+
+
+def test_compose_labels_carry_the_harness_routing() -> None:
+    r = TraefikRouting()
+    doc = load(COMPOSE)
+    sf, candidate = doc["services"]["sf"], doc["services"]["sf-candidate"]
+    assert sf["labels"] == candidate["labels"]
+    lb = "traefik.http.services.sf.loadbalancer"
+    assert sf["labels"][f"{lb}.healthcheck.path"] == r.health_path == "/api/healthz"
+    assert sf["labels"][f"{lb}.healthcheck.interval"] == r.health_interval == "2s"
+    assert sf["labels"][f"{lb}.healthcheck.timeout"] == r.health_timeout == "1s"
+    assert sf["labels"][f"{lb}.sticky.cookie.name"] == r.cookie_name == "sf-aff"
+    assert sf["labels"][f"{lb}.sticky.cookie.httponly"] == "true"
+    assert sf["labels"][f"{lb}.sticky.cookie.samesite"] == r.cookie_same_site == "lax"
+    assert sf["labels"][f"{lb}.server.port"] == sf["environment"]["SF_PORT"] == "4000"
+
+
+def test_compose_timings_match_the_library_defaults() -> None:
+    defaults = Settings()
+    doc = load(COMPOSE)
+    for name in ("sf", "sf-candidate"):
+        svc = doc["services"][name]
+        env = {k: interpolate(v, {}) for k, v in svc["environment"].items()}
+        assert int(env["SF_RPC_SHUTDOWN_GRACE_MS"]) == defaults.grace_ms == 600_000
+        assert int(env["SF_DRAIN_DELAY_MS"]) == defaults.drain_delay_ms
+        assert svc["stop_grace_period"] == "610s"
+        assert svc["stop_signal"] == "SIGTERM"
+        assert env["SF_STATE_DIR"] == "/var/lib/sf/state"
+        assert "sf-state:/var/lib/sf/state" in svc["volumes"]
+        assert "${SF_WORKSPACE_DIR:-./workspace}:/workspace" in svc["volumes"]
+        assert "SF_DRAIN_AFTER_PROBES" not in env  # Docker's healthcheck would count as a probe
+    assert doc["services"]["sf-candidate"]["profiles"] == ["candidate"]
+    assert "profiles" not in doc["services"]["sf"]
+
+
+def test_compose_variables_have_the_documented_defaults() -> None:
+    text = COMPOSE.read_text()
+    readme = (INFRA / "README.md").read_text()
+    expected = {
+        "SF_IMAGE": "registry.example.com/sf-lifecycle/sf-server:latest",
+        "SF_CANDIDATE_IMAGE": "registry.example.com/sf-lifecycle/sf-server:candidate",
+        "SF_HOSTNAME": "sf.localhost",
+        "SF_WORKSPACE_DIR": "./workspace",
+        "SF_TRAEFIK_HTTP_PORT": "80",
+        "SF_TRAEFIK_HTTPS_PORT": "443",
+        "SF_RPC_SHUTDOWN_GRACE_MS": "600000",
+    }
+    for var, default in expected.items():
+        assert f"${{{var}:-{default}}}" in text, var
+        assert re.search(rf"\| `{var}` \| `{re.escape(default)}` \|", readme), var
+
+
+def test_traefik_never_phones_home_and_keeps_its_api_on_loopback() -> None:
+    command = load(COMPOSE)["services"]["traefik"]["command"]
+    assert "--global.checkNewVersion=false" in command
+    assert "--global.sendAnonymousUsage=false" in command
+    static = load(STATIC)
+    assert static["global"] == {"checkNewVersion": False, "sendAnonymousUsage": False}
+    for entrypoint in static["entryPoints"].values():
+        assert entrypoint["address"].startswith("127.0.0.1:")
+    assert static["ping"]["entryPoint"] == "traefik"
+    watched = ROOT / static["providers"]["file"]["directory"]
+    assert watched == DYNAMIC.parent
+    assert static["providers"]["file"]["watch"] is True
+
+
+def test_dockerfile_lets_the_server_drain() -> None:
+    text = (INFRA / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.replace("\\\n", " ").splitlines() if ln.strip()]
+    instr = [ln for ln in lines if not ln.startswith("#")]
+    assert instr[0] == "FROM python:3.11-slim"
+    assert "STOPSIGNAL SIGTERM" in instr
+    entry = [ln for ln in instr if ln.startswith("ENTRYPOINT")]
+    assert len(entry) == 1
+    assert json.loads(entry[0].removeprefix("ENTRYPOINT")) == [
+        "sf-lifecycle",
+        "serve",
+        "examples.sf_server:app",
+    ]
+    user = [ln for ln in instr if ln.startswith("USER ")]
+    assert user
+    assert user[-1].split()[1].split(":")[0] not in ("root", "0")
+    health = [ln for ln in instr if ln.startswith("HEALTHCHECK")]
+    assert len(health) == 1
+    assert "/api/healthz" in health[0]
+    assert "curl" not in health[0]
+    interval = re.search(r"--interval=(\S+)", health[0])
+    timeout = re.search(r"--timeout=(\S+)", health[0])
+    assert interval
+    assert timeout
+    assert (
+        parse_duration_ms(interval.group(1)) + parse_duration_ms(timeout.group(1))
+        <= Settings().drain_delay_ms
+    )
+
+
+def test_kubernetes_manifests_cover_grace_and_drain() -> None:
+    deployment = load(K8S[0])
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= 605
+    probe = pod["containers"][0]["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/api/healthz"
+    assert probe["periodSeconds"] == 2
+    service = next(d for d in yaml.safe_load_all(K8S[1].read_text()) if d["kind"] == "Service")
+    assert service["spec"]["sessionAffinity"] == "ClientIP"
+    assert "preStop" in K8S[0].read_text()  # the consideration is written down
+
+
+# -- check-infra reports unsafe changes -------------------------------------------------------
+Mutation = Callable[[dict[str, Any]], None]
+
+
+def _short_grace(d: dict[str, Any]) -> None:
+    d["services"]["sf"]["stop_grace_period"] = "30s"
+
+
+def _long_interval(d: dict[str, Any]) -> None:
+    for name in ("sf", "sf-candidate"):
+        d["services"][name]["labels"][
+            "traefik.http.services.sf.loadbalancer.healthcheck.interval"
+        ] = "10s"
+
+
+def _no_healthcheck(d: dict[str, Any]) -> None:
+    for name in ("sf", "sf-candidate"):
+        labels = d["services"][name]["labels"]
+        for key in [k for k in labels if ".healthcheck." in k]:
+            del labels[key]
+
+
+def _candidate_labels_differ(d: dict[str, Any]) -> None:
+    labels = d["services"]["sf-candidate"]["labels"]
+    labels["traefik.http.services.sf.loadbalancer.sticky.cookie.name"] = "sf-other"
+
+
+def _candidate_other_pool(d: dict[str, Any]) -> None:
+    labels = d["services"]["sf-candidate"]["labels"]
+    d["services"]["sf-candidate"]["labels"] = {
+        k.replace("services.sf.", "services.sf-candidate."): v for k, v in labels.items()
+    }
+
+
+def _grace_raised_in_env(d: dict[str, Any]) -> None:
+    d["services"]["sf"]["environment"]["SF_RPC_SHUTDOWN_GRACE_MS"] = "900000"
+
+
+def _no_grace_period(d: dict[str, Any]) -> None:
+    del d["services"]["sf"]["stop_grace_period"]
+
+
+def _sigint(d: dict[str, Any]) -> None:
+    d["services"]["sf"]["stop_signal"] = "SIGINT"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (_short_grace, "service sf: stop_grace_period 30s is shorter than"),
+        (_no_grace_period, "stop_grace_period absent (Docker's default 10 s)"),
+        (_grace_raised_in_env, "SF_RPC_SHUTDOWN_GRACE_MS (900000 ms)"),
+        (_long_interval, "health check interval (10 s + 1 s) does not fit inside the drain"),
+        (_no_healthcheck, "no health check"),
+        (_candidate_labels_differ, "label traefik.http.services.sf.loadbalancer.sticky.cookie"),
+        (_candidate_other_pool, "stopping sf would not move its traffic to the candidate"),
+        (_sigint, "stop_signal SIGINT"),
+    ],
+    ids=lambda v: getattr(v, "__name__", "")[:30],
+)
+def test_check_infra_reports_unsafe_compose(
+    mutate: Mutation, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = copy.deepcopy(load(COMPOSE))
+    # Anchored mappings are shared objects once loaded; give each service its own copy.
+    for svc in doc["services"].values():
+        for key in ("labels", "environment"):
+            if key in svc:
+                svc[key] = dict(svc[key])
+    mutate(doc)
+    path = tmp_path / "docker-compose.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    code, out = run_check([str(path)], capsys)
+    assert code == 1, out
+    assert expected in out, out
+    assert "UNSAFE" in out
+
+
+def test_check_infra_reports_file_provider_drift(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dynamic = load(DYNAMIC)
+    dynamic["http"]["services"]["sf"]["loadBalancer"]["healthCheck"]["timeout"] = "2s"
+    dynamic["http"]["services"]["sf"]["loadBalancer"]["sticky"]["cookie"]["sameSite"] = "strict"
+    (tmp_path / "sf.yaml").write_text(yaml.safe_dump(dynamic))
+    code, out = run_check([str(COMPOSE), str(tmp_path)], capsys)
+    assert code == 1, out
+    assert "health check timeout is '2 s' here but '1 s' in the labels of service sf" in out
+    assert "sticky cookie sameSite is 'strict' here but 'lax'" in out
+
+
+def test_check_infra_resolves_variables_from_env_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_check([str(COMPOSE), "--env", "SF_DRAIN_DELAY_MS=2000"], capsys)
+    assert code == 1, out
+    assert "does not fit inside the drain delay (SF_DRAIN_DELAY_MS = 2000 ms)" in out
+    code, out = run_check([str(COMPOSE), "--env", "SF_RPC_SHUTDOWN_GRACE_MS=60000"], capsys)
+    assert code == 0, out
+
+
+def k8s_docs() -> list[tuple[str, Any]]:
+    return [(p.name, d) for p in K8S for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def _container(docs: list[tuple[str, Any]]) -> dict[str, Any]:
+    c: dict[str, Any] = docs[0][1]["spec"]["template"]["spec"]["containers"][0]
+    return c
+
+
+def test_check_infra_reports_unsafe_kubernetes() -> None:
+    assert check_documents(k8s_docs()) == []
+
+    docs = k8s_docs()
+    del docs[0][1]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert any(
+        "terminationGracePeriodSeconds 30 is shorter" in m for m in errors(check_documents(docs))
+    )
+
+    docs = k8s_docs()
+    _container(docs)["lifecycle"] = {"preStop": {"sleep": {"seconds": 10}}}
+    found = errors(check_documents(docs))
+    assert any("+ preStop sleep (10 s)" in m and "Set it to 620" in m for m in found), found
+
+    docs = k8s_docs()
+    del _container(docs)["readinessProbe"]
+    assert any("no readinessProbe" in m for m in errors(check_documents(docs)))
+
+    docs = k8s_docs()
+    _container(docs)["readinessProbe"]["periodSeconds"] = 10
+    assert any("does not fit inside the drain" in m for m in errors(check_documents(docs)))
+
+    docs = k8s_docs()
+    docs[1][1]["spec"]["selector"] = {"app.kubernetes.io/name": "other"}
+    assert any("matches no pod template" in m for m in errors(check_documents(docs)))
+
+
+def test_check_infra_warnings_fail_only_with_strict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    service = next(d for d in yaml.safe_load_all(K8S[1].read_text()) if d["kind"] == "Service")
+    del service["spec"]["sessionAffinity"]
+    path = tmp_path / "service.yaml"
+    path.write_text(yaml.safe_dump(service))
+    code, out = run_check([str(path)], capsys)
+    assert code == 0, out
+    assert "WARNING" in out
+    assert "sessionAffinity is not ClientIP" in out
+    code, out = run_check([str(path), "--strict"], capsys)
+    assert code == 1, out
+
+
+def test_check_infra_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = run_check([str(tmp_path / "missing.yaml")], capsys)
+    assert code == 2
+    code, _ = run_check([str(COMPOSE), "--env", "NOEQUALS"], capsys)
+    assert code == 2
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("services: [unclosed\n")
+    code, out = run_check([str(broken)], capsys)
+    assert code == 1
+    assert "cannot read" in out
+
+
+def _compose_docs(mutate: Mutation) -> list[tuple[str, Any]]:
+    doc = copy.deepcopy(load(COMPOSE))
+    for svc in doc["services"].values():
+        for key in ("labels", "environment"):
+            if key in svc:
+                svc[key] = dict(svc[key])
+    mutate(doc)
+    return [("docker-compose.yaml", doc)]
+
+
+def _set(service: str, key: str, value: object) -> Mutation:
+    def mutate(d: dict[str, Any]) -> None:
+        d["services"][service][key] = value
+
+    mutate.__name__ = f"{service}.{key}={value}"
+    return mutate
+
+
+def _env(service: str, var: str, value: str) -> Mutation:
+    def mutate(d: dict[str, Any]) -> None:
+        d["services"][service]["environment"][var] = value
+
+    mutate.__name__ = f"{service}.env.{var}={value}"
+    return mutate
+
+
+def _label(name: str, value: str | None) -> Mutation:
+    def mutate(d: dict[str, Any]) -> None:
+        for svc in ("sf", "sf-candidate"):
+            labels = d["services"][svc]["labels"]
+            key = f"traefik.http.services.sf.loadbalancer.{name}"
+            if value is None:
+                labels.pop(key)
+            else:
+                labels[key] = value
+
+    mutate.__name__ = f"label {name}={value}"
+    return mutate
+
+
+def _only_enable(d: dict[str, Any]) -> None:
+    for svc in ("sf", "sf-candidate"):
+        d["services"][svc]["labels"] = ["traefik.enable=true"]
+
+
+def _no_sticky(d: dict[str, Any]) -> None:
+    for svc in ("sf", "sf-candidate"):
+        labels = d["services"][svc]["labels"]
+        d["services"][svc]["labels"] = {k: v for k, v in labels.items() if ".sticky." not in k}
+
+
+def _no_labels(d: dict[str, Any]) -> None:
+    for svc in ("sf", "sf-candidate"):
+        del d["services"][svc]["labels"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "severity", "expected"),
+    [
+        (_env("sf", "SF_DRAIN_DELAY_MS", "soon"), "error", "SF_DRAIN_DELAY_MS='soon' is not an"),
+        (_set("sf", "stop_grace_period", "ten minutes"), "error", "not a duration"),
+        (_env("sf", "SF_DRAIN_AFTER_PROBES", "1"), "warning", "also Docker's own healthcheck"),
+        (_label("healthcheck.path", "/ping"), "warning", "polls /ping, not /api/healthz"),
+        (_label("healthcheck.interval", "soon"), "error", "not a duration"),
+        (_no_sticky, "warning", "no sticky cookie"),
+        (_label("sticky.cookie.httponly", None), "warning", "is not httpOnly"),
+        (_label("sticky.cookie.samesite", None), "warning", "has no sameSite"),
+        (_only_enable, "error", "without traefik.http.services.<name>.loadbalancer"),
+        (_no_labels, "warning", "has SF_* settings but no Traefik labels"),
+    ],
+    ids=lambda v: getattr(v, "__name__", "")[:40],
+)
+def test_check_infra_reports_compose_details(
+    mutate: Mutation, severity: str, expected: str
+) -> None:
+    found = check_documents(_compose_docs(mutate))
+    assert any(f.severity == severity and expected in f.message for f in found), found
+
+
+def test_check_infra_kubernetes_warnings() -> None:
+    docs = k8s_docs()
+    container = _container(docs)
+    container["readinessProbe"]["failureThreshold"] = 3
+    container["livenessProbe"]["httpGet"]["path"] = "/api/healthz"
+    container["env"].append({"name": "SF_DRAIN_DELAY_MS", "value": "later"})
+    found = check_documents(docs)
+    messages = [f"{f.severity}: {f.message}" for f in found]
+    assert any("warning" in m and "failureThreshold x periodSeconds" in m for m in messages)
+    assert any("warning" in m and "livenessProbe on /api/healthz" in m for m in messages)
+    assert any("error" in m and "'later' is not an integer" in m for m in messages)
+
+    docs = k8s_docs()
+    _container(docs)["readinessProbe"] = {
+        "tcpSocket": {"port": 4000},
+        "periodSeconds": 2,
+        "failureThreshold": 1,
+    }
+    found = check_documents(docs)
+    assert [f.severity for f in found] == ["warning"], found
+    assert "not an httpGet of /api/healthz" in found[0].message
+
+
+def test_check_infra_traefik_static_and_unknown_files(tmp_path: Path) -> None:
+    static = load(STATIC)
+    static["global"]["sendAnonymousUsage"] = True
+    (tmp_path / "traefik.yaml").write_text(yaml.safe_dump(static))
+    (tmp_path / "other.yaml").write_text("just: data\n")
+    found = check_paths([tmp_path])  # a directory: unrelated YAML is skipped silently
+    assert [(f.severity, Path(f.file).name) for f in found] == [("warning", "traefik.yaml")]
+    assert "sendanonymoususage is not false" in found[0].message
+    found = check_paths([tmp_path / "other.yaml"])  # named explicitly: say it was not checked
+    assert [f.severity for f in found] == ["warning"]
+    assert "not a compose file" in found[0].message
+
+
+def test_check_infra_file_provider_alone_uses_the_default_drain_delay() -> None:
+    dynamic = load(DYNAMIC)
+    assert check_documents([("sf.yaml", dynamic)]) == []
+    found = check_documents([("sf.yaml", dynamic)], drain_delay_ms=2500)
+    assert any("does not fit inside the drain delay" in m for m in errors(found)), found
+    del dynamic["http"]["services"]["sf"]["loadBalancer"]["healthCheck"]
+    assert any("no health check" in m for m in errors(check_documents([("sf.yaml", dynamic)])))
+
+
+# -- small parsers ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "ms"),
+    [
+        ("610s", 610_000),
+        ("1m30s", 90_000),
+        ("500ms", 500),
+        ("1.5s", 1_500),
+        ("2", 2_000),
+        (3, 3_000),
+    ],
+)
+def test_parse_duration(text: object, ms: float) -> None:
+    assert parse_duration_ms(text) == ms
+
+
+@pytest.mark.parametrize("text", ["", "10x", "s", "1s2", "abc"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration_ms(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "out"),
+    [
+        ("${A:-x}", {}, "x"),
+        ("${A:-x}", {"A": ""}, "x"),
+        ("${A-x}", {"A": ""}, ""),
+        ("${A:-x}", {"A": "y"}, "y"),
+        ("${A}", {"A": "y"}, "y"),
+        ("$A/b", {"A": "y"}, "y/b"),
+        ("$$A", {"A": "y"}, "$A"),
+        ("${A:+set}", {"A": "y"}, "set"),
+        ("Host(`${H:-sf.localhost}`)", {}, "Host(`sf.localhost`)"),
+    ],
+)
+def test_interpolate(text: str, env: dict[str, str], out: str) -> None:
+    assert interpolate(text, env) == out

@@ -1,0 +1,272 @@
+"""SSE routes against a real uvicorn on a free port, in this process (streaming end to end)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from httpx_sse import ServerSentEvent, aconnect_sse
+from starlette.applications import Starlette
+
+from sf_lifecycle import Lifecycle, Settings
+from sf_lifecycle.events import FileEventLog, parse_event_id
+from sf_lifecycle.sse import EVENTS_PATH, session_event_routes
+from sf_lifecycle.testing.process import free_port
+
+URL = EVENTS_PATH
+
+
+class Server:
+    def __init__(self, lifecycle: Lifecycle, log: FileEventLog, base: str) -> None:
+        self.lifecycle = lifecycle
+        self.log = log
+        self.base = base
+
+    async def healthz(self, client: httpx.AsyncClient) -> dict[str, Any]:
+        body: dict[str, Any] = (await client.get("/api/healthz")).json()
+        return body
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, **settings: Any) -> AsyncIterator[Server]:
+    """uvicorn serving an app with the event routes, stopped (and awaited) on exit."""
+    s = Settings(state_dir=tmp_path, **{"sse_ping_ms": 60_000, **settings})
+    lifecycle = Lifecycle(s)
+    log = FileEventLog.from_settings(s)
+    app = lifecycle.install(Starlette(routes=session_event_routes(lifecycle, log)))
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not task.done(), "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        yield Server(lifecycle, log, f"http://127.0.0.1:{port}")
+    finally:
+        lifecycle.state.begin_closing()
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        await log.aclose()
+
+
+def client(srv: Server) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=srv.base, timeout=10)
+
+
+async def publish(c: httpx.AsyncClient, session: str, data: Any) -> str:
+    r = await c.post(URL, params={"session": session}, json=data)
+    assert r.status_code == 201, r.text
+    event_id: str = r.json()["id"]
+    return event_id
+
+
+async def collect(
+    events: AsyncIterator[ServerSentEvent], n: int, within_s: float = 5
+) -> list[ServerSentEvent]:
+    """The next `n` real events (ping echoes with empty data are skipped)."""
+    out: list[ServerSentEvent] = []
+
+    async def run() -> None:
+        async for sse in events:
+            if sse.data or sse.retry is not None:
+                out.append(sse)
+                if len(out) == n:
+                    return
+
+    await asyncio.wait_for(run(), within_s)
+    return out
+
+
+async def test_publish_then_stream_replays_and_goes_live(tmp_path: Path) -> None:
+    async with running(tmp_path) as srv, client(srv) as c:
+        first = [await publish(c, "s1", {"n": i}) for i in range(3)]
+        async with aconnect_sse(c, "GET", URL, params={"session": "s1"}) as source:
+            assert source.response.status_code == 200
+            assert source.response.headers["cache-control"] == "no-store"
+            events = source.aiter_sse()
+            got = await collect(events, 3)
+            assert [e.id for e in got] == first
+            assert [json.loads(e.data) for e in got] == [{"n": 0}, {"n": 1}, {"n": 2}]
+            # Counted as a stream, not as in flight.
+            health = await srv.healthz(c)
+            assert (health["streams"], health["in_flight"]) == (1, 0)
+            live = await publish(c, "s1", ["live"])
+            (event,) = await collect(events, 1)
+            assert (event.id, json.loads(event.data)) == (live, ["live"])
+        await asyncio.sleep(0.2)
+        assert (await srv.healthz(c))["streams"] == 0
+
+
+@pytest.mark.parametrize("how", ["header", "query"])
+async def test_resume_from_last_event_id(tmp_path: Path, how: str) -> None:
+    async with running(tmp_path) as srv, client(srv) as c:
+        ids = [await publish(c, "s", i) for i in range(5)]
+        kw: dict[str, Any] = (
+            {"headers": {"Last-Event-ID": ids[1]}}
+            if how == "header"
+            else {"params": {"session": "s", "last_event_id": ids[1]}}
+        )
+        kw.setdefault("params", {"session": "s"})
+        async with aconnect_sse(c, "GET", URL, **kw) as source:
+            got = await collect(source.aiter_sse(), 3)
+        assert [e.id for e in got] == ids[2:]
+
+
+async def test_expired_resume_gets_a_lost_event(tmp_path: Path) -> None:
+    async with running(tmp_path, sse_retention_events=2) as srv, client(srv) as c:
+        ids = [await publish(c, "s", i) for i in range(6)]
+        headers = {"Last-Event-ID": ids[0]}
+        async with aconnect_sse(c, "GET", URL, params={"session": "s"}, headers=headers) as src:
+            got = await collect(src.aiter_sse(), 3)
+        assert got[0].event == "lost"
+        assert json.loads(got[0].data)["lost"] == 3
+        assert parse_event_id(got[0].id) == parse_event_id(ids[3])
+        assert [e.id for e in got[1:]] == ids[4:]
+
+
+async def test_stream_flows_while_draining_then_closing_sends_retry_and_ends(
+    tmp_path: Path,
+) -> None:
+    async with running(tmp_path, sse_retry_ms=1234) as srv, client(srv) as c:
+        state = srv.lifecycle.state
+        async with aconnect_sse(c, "GET", URL, params={"session": "s"}) as source:
+            events = source.aiter_sse()
+            state.begin_draining()
+            during = await publish(c, "s", "during drain")
+            (got,) = await collect(events, 1)
+            assert got.id == during
+            state.begin_closing()
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            (final,) = await collect(events, 1, within_s=2)
+            assert final.retry == 1234
+            assert final.data == ""
+            rest = [e async for e in events]  # the response ends: no more events, no hang
+            assert loop.time() - began < 1.0
+            assert all(not e.data for e in rest)
+        # Closing: no new streams here; the client is told when to retry.
+        r = await c.get(URL, params={"session": "s"})
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "2"
+        assert state.streams == 0
+
+
+async def test_max_streams_answers_503_with_retry_after(tmp_path: Path) -> None:
+    async with running(tmp_path, sse_max_streams=2) as srv, client(srv) as c:
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(2):
+                src = await stack.enter_async_context(
+                    aconnect_sse(c, "GET", URL, params={"session": "s"})
+                )
+                assert src.response.status_code == 200
+            r = await c.get(URL, params={"session": "s"})
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "1"
+            assert "limit 2" in r.json()["error"]
+        await asyncio.sleep(0.2)
+        async with aconnect_sse(c, "GET", URL, params={"session": "s"}) as src:
+            assert src.response.status_code == 200
+
+
+async def test_pings_keep_an_idle_stream_alive(tmp_path: Path) -> None:
+    async with running(tmp_path, sse_ping_ms=150) as srv, client(srv) as c:
+        async with c.stream("GET", URL, params={"session": "idle"}) as r:
+            lines: list[str] = []
+
+            async def read() -> None:
+                async for line in r.aiter_lines():
+                    lines.append(line)
+                    if line.startswith(": ping"):
+                        return
+
+            await asyncio.wait_for(read(), 2)
+        assert any(line.startswith(": ping") for line in lines)
+
+
+async def chunked(body: bytes, size: int = 1000) -> AsyncIterator[bytes]:
+    for i in range(0, len(body), size):
+        yield body[i : i + size]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "words"),
+    [
+        ("text/plain", b'{"a":1}', 415, "content-type"),
+        (None, b'{"a":1}', 415, "content-type"),
+        ("application/json; charset=latin-1", b'{"a":1}', 415, "UTF-8"),
+        ("application/json", b'{"a":', 400, "not valid JSON"),
+        ("application/json", b"", 400, "not valid JSON"),
+        ("application/json", b'{"a": NaN}', 400, "NaN"),
+        ("application/json", b"[Infinity]", 400, "Infinity"),
+        ("application/json", b'{"a":1,"a":2}', 400, "duplicate key"),
+        ("application/json", b'{"a":"\xff"}', 400, "UTF-8"),
+        ("application/json", b'{"a":"' + b"x" * 300 + b'"}', 413, "limit of 256"),
+    ],
+)
+async def test_bad_publish_input_gets_a_clear_4xx(
+    tmp_path: Path, content_type: str | None, body: bytes, status: int, words: str
+) -> None:
+    async with running(tmp_path, feedback_max_bytes=256) as srv, client(srv) as c:
+        headers = {"content-type": content_type} if content_type else {}
+        r = await c.post(URL, params={"session": "s"}, content=body, headers=headers)
+        assert r.status_code == status, r.text
+        assert words in r.json()["error"]
+        assert await srv.log.read_after("s", None) == []
+
+
+async def test_size_limit_is_enforced_while_reading_a_chunked_body(tmp_path: Path) -> None:
+    async with running(tmp_path, feedback_max_bytes=256) as srv, client(srv) as c:
+        body = b'{"a":"' + b"x" * 5000 + b'"}'
+        r = await c.post(
+            URL,
+            params={"session": "s"},
+            content=chunked(body),
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 413
+        assert "content-length" not in r.request.headers
+        ok = await c.post(
+            URL,
+            params={"session": "s"},
+            content=chunked(b'{"small":true}', 3),
+            headers={"content-type": "application/vnd.x+json; charset=utf-8"},
+        )
+        assert ok.status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "headers", "words"),
+    [
+        ("GET", {}, {}, "invalid session id"),
+        ("GET", {"session": "../x"}, {}, "invalid session id"),
+        ("POST", {"session": "a/b"}, {"content-type": "application/json"}, "invalid session"),
+        ("GET", {"session": "s"}, {"Last-Event-ID": "seven"}, "invalid event id"),
+        ("GET", {"session": "s", "last_event_id": "1-"}, {}, "invalid event id"),
+    ],
+)
+async def test_bad_session_or_position_is_400(
+    tmp_path: Path, method: str, params: dict[str, str], headers: dict[str, str], words: str
+) -> None:
+    async with running(tmp_path) as srv, client(srv) as c:
+        r = await c.request(method, URL, params=params, headers=headers, content=b"{}")
+        assert r.status_code == 400
+        assert words in r.json()["error"]
+
+
+async def test_disk_error_on_publish_is_503(tmp_path: Path) -> None:
+    async with running(tmp_path) as srv, client(srv) as c:
+        await publish(c, "s", 1)
+        (tmp_path / "sessions" / "s.log").unlink()
+        (tmp_path / "sessions" / "s.log").mkdir()  # appending to a directory fails
+        r = await c.post(URL, params={"session": "s"}, json=2)
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert "disk" in r.json()["error"]
