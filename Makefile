@@ -49,6 +49,8 @@ demo-baseline: $(STAMP)
 	$(BIN)/python -m examples.demo --baseline $(DEMO_ARGS)
 
 bench: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1 \
+		|| echo "wrk could not be installed: the benchmarks use their Python load generator"
 	$(BIN)/python -m benchmarks $(if $(QUICK),--quick,)
 
 clean:

@@ -98,6 +98,17 @@ class _Endpoints:
         }
         return _json(200, body, request.method == "HEAD")
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Plain ASGI for the three paths, so the middleware answers them without a router."""
+        handler = {HEALTHZ: self.healthz, READY: self.ready, VERSION: self.version}[scope["path"]]
+        if scope["method"] not in ("GET", "HEAD"):
+            body = {"error": f"method {scope['method']} not allowed; use GET or HEAD"}
+            response = _json(405, body, head=False)
+            response.headers["allow"] = "GET, HEAD"
+        else:
+            response = await handler(Request(scope, receive))
+        await response(scope, receive, send)
+
 
 def health_routes(lifecycle: Lifecycle) -> list[BaseRoute]:
     """Starlette routes for the three health endpoints, to put in your app's route list."""
@@ -114,14 +125,14 @@ class HealthApp:
     """Plain ASGI: answers the health paths, hands everything else to `app` (or 404s)."""
 
     def __init__(self, lifecycle: Lifecycle, app: ASGIApp | None = None) -> None:
-        from starlette.routing import Router
-
         self.lifecycle = lifecycle
         self.app = app
-        self._router = Router(routes=health_routes(lifecycle))
+        self._endpoints = _Endpoints(lifecycle)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["path"] in HEALTH_PATHS) or self.app is None:
-            await self._router(scope, receive, send)
-        else:
+        if scope["type"] == "http" and scope["path"] in HEALTH_PATHS:
+            await self._endpoints(scope, receive, send)
+        elif self.app is not None:
             await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            await _json(404, {"error": "not found"}, head=False)(scope, receive, send)

@@ -233,14 +233,12 @@ class Lifecycle:
     def install(self, app: Starlette) -> Starlette:
         """Wire this lifecycle into a Starlette (or FastAPI) app and return it.
 
-        Adds the health routes at `/api/healthz`, `/api/ready`, `/api/version`, the in-flight
-        middleware, and wraps the app's lifespan so hooks run on shutdown. The runner finds the
-        lifecycle again through `app.state.sf_lifecycle`.
+        Adds the in-flight middleware, which also answers `/api/healthz`, `/api/ready` and
+        `/api/version`, and wraps the app's lifespan so hooks run on shutdown. The runner finds
+        the lifecycle again through `app.state.sf_lifecycle`.
         """
-        from .health import health_routes
         from .middleware import LifecycleMiddleware
 
-        app.router.routes[0:0] = health_routes(self)
         app.add_middleware(LifecycleMiddleware, lifecycle=self)
         inner = app.router.lifespan_context
 

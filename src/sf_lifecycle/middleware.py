@@ -7,6 +7,10 @@ proxy decides where traffic goes, and a request that still arrives is served.
 While draining it adds `Connection: close` to each response, so the proxy's pooled keep-alive
 connections to this replica end after their current response instead of being reused later, when
 the listener is gone. With a replica id configured every response carries `X-SF-Replica`.
+
+It also answers the health paths itself (`serve_health=True`, the default), before the wrapped
+app's router: a route list with the health routes in front costs every application request
+about 1.3 us of failed route matching, a set lookup here costs nothing measurable.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .health import HEALTH_PATHS
+from .health import HEALTH_PATHS, HealthApp
 from .lifecycle import Lifecycle
 from .state import Phase
 
@@ -25,6 +29,8 @@ __all__ = ["DEFAULT_STREAM_PATHS", "LifecycleMiddleware"]
 DEFAULT_STREAM_PATHS = frozenset({"/api/session/events"})
 
 _CONNECTION_CLOSE = (b"connection", b"close")
+# Looking up an enum member on its class costs ~55 ns on CPython 3.11; a module global ~10 ns.
+_DRAINING = Phase.DRAINING
 
 
 class LifecycleMiddleware:
@@ -34,6 +40,8 @@ class LifecycleMiddleware:
         app: The application to wrap.
         lifecycle: The process lifecycle whose state is read and counted into.
         exclude_paths: Paths not counted as in flight (health probes, event streams).
+        serve_health: Answer `/api/healthz`, `/api/ready` and `/api/version` here rather than
+            in the wrapped app.
     """
 
     def __init__(
@@ -41,11 +49,13 @@ class LifecycleMiddleware:
         app: ASGIApp,
         lifecycle: Lifecycle,
         exclude_paths: Iterable[str] = HEALTH_PATHS | DEFAULT_STREAM_PATHS,
+        serve_health: bool = True,
     ) -> None:
         self.app = app
         self.lifecycle = lifecycle
         self._state = lifecycle.state
         self._exclude = frozenset(exclude_paths)
+        self._health = HealthApp(lifecycle) if serve_health else None
         replica = lifecycle.settings.replica_id
         self._replica = (b"x-sf-replica", replica.encode("latin-1")) if replica else None
 
@@ -59,19 +69,25 @@ class LifecycleMiddleware:
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                draining = state._phase >= Phase.DRAINING
-                if draining or replica is not None:
-                    headers = list(message.get("headers", ()))
+                # Copies, never in-place edits: the app may reuse its message and header list.
+                if state._phase >= _DRAINING:
+                    headers = [
+                        h for h in message.get("headers", ()) if h[0].lower() != b"connection"
+                    ]
                     if replica is not None:
                         headers.append(replica)
-                    if draining:
-                        headers = [h for h in headers if h[0].lower() != b"connection"]
-                        headers.append(_CONNECTION_CLOSE)
+                    headers.append(_CONNECTION_CLOSE)
                     message = {**message, "headers": headers}
+                elif replica is not None:
+                    message = {**message, "headers": [*message.get("headers", ()), replica]}
             await send(message)
 
-        if scope["path"] in self._exclude:
-            await self.app(scope, receive, send_wrapper)
+        path = scope["path"]
+        if path in self._exclude:
+            if self._health is not None and path in HEALTH_PATHS:
+                await self._health(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
             return
         state.in_flight += 1
         try:

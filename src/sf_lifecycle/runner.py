@@ -216,11 +216,10 @@ def serve(
     # An app built with a lifecycle must start cleanly; a bare app may not speak lifespan.
     uvicorn_options.setdefault("lifespan", "on" if lifecycle is not None else "auto")
     if lifecycle is None:
-        from .health import HealthApp
         from .middleware import LifecycleMiddleware
 
         lifecycle = Lifecycle(settings)
-        app = LifecycleMiddleware(HealthApp(lifecycle, app), lifecycle)
+        app = LifecycleMiddleware(app, lifecycle)
     s = lifecycle.settings
     config = uvicorn.Config(
         app,

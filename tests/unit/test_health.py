@@ -81,7 +81,10 @@ async def test_head_answers_status_without_body(
 
 async def test_post_to_healthz_is_405(client_and_lc: tuple[httpx.AsyncClient, Lifecycle]) -> None:
     c, _ = client_and_lc
-    assert (await c.post("/api/healthz")).status_code == 405
+    r = await c.post("/api/healthz")
+    assert r.status_code == 405
+    assert r.headers["allow"] == "GET, HEAD"
+    assert "POST" in r.json()["error"]
 
 
 async def test_ready_follows_phase_with_reason(
