@@ -4,20 +4,42 @@ Run it the way production does:
 
     sf-lifecycle serve examples.sf_server:app --port 4000 --state-dir ./state
 
-It mounts the health routes and adds `GET /api/slow?seconds=S` so a request can be held in flight
-across a SIGTERM (the demo and the integration tests use it).
+Routes:
+
+- `/api/healthz`, `/api/ready`, `/api/version`: from `Lifecycle.install`.
+- `POST /api/feedback`: a JSON object into the durable queue; 202 with its id once fsynced; drained
+  to `<state_dir>/feedback.sqlite3` in the background and on shutdown.
+- `GET /api/session/events?session=ID` streams a session's events (SSE, resumable with
+  `Last-Event-ID`); `POST` to the same path publishes one.
+- `GET /api/slow?seconds=S` holds a request in flight (the demo and the tests use it across a
+  SIGTERM); `GET /api/hello` is a cheap read.
+
+Test-only switch: `SF_EXAMPLE_SINK_DELAY_MS=N` makes every sink batch take N ms longer, so tests
+can catch a drain in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sf_lifecycle import Lifecycle, Settings
+from sf_lifecycle import (
+    FeedbackQueue,
+    FileEventLog,
+    Lifecycle,
+    Settings,
+    Sink,
+    SqliteSink,
+    feedback_routes,
+    session_event_routes,
+)
 
 #: Longest `/api/slow` hold, so a typo cannot pin a worker for an hour.
 MAX_SLOW_S = 30.0
@@ -39,10 +61,33 @@ async def hello(request: Request) -> Response:
     return JSONResponse({"hello": "sf"})
 
 
+def _delayed(sink: Sink, delay_ms: int) -> Sink:
+    async def delayed(records: Sequence[Mapping[str, Any]]) -> None:
+        await asyncio.sleep(delay_ms / 1000)
+        await sink(records)
+
+    return delayed
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the example app with its own lifecycle (settings from `SF_*` when None)."""
     lifecycle = Lifecycle(settings)
-    app = Starlette(routes=[Route("/api/slow", slow), Route("/api/hello", hello)])
+    state_dir = lifecycle.settings.require_state_dir()
+
+    queue = FeedbackQueue(state_dir, settings=lifecycle.settings)
+    sink: Sink = SqliteSink(state_dir / "feedback.sqlite3")
+    delay_ms = int(os.environ.get("SF_EXAMPLE_SINK_DELAY_MS", "0") or 0)
+    queue.install(lifecycle, _delayed(sink, delay_ms) if delay_ms > 0 else sink)
+    events = FileEventLog.from_settings(lifecycle.settings)
+
+    app = Starlette(
+        routes=[
+            Route("/api/slow", slow),
+            Route("/api/hello", hello),
+            *feedback_routes(queue, lifecycle),
+            *session_event_routes(lifecycle, events),
+        ]
+    )
     return lifecycle.install(app)
 
 

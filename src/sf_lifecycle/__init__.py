@@ -15,10 +15,15 @@ from ._errors import (
     SfLifecycleError,
 )
 from .config import Settings
+from .events import EventLog, FileEventLog
+from .feedback import feedback_routes
 from .health import HealthApp, health_routes
 from .lifecycle import Lifecycle
 from .middleware import LifecycleMiddleware
+from .queue import FeedbackQueue
 from .runner import EXIT_BUDGET_EXCEEDED, EXIT_FORCED, EXIT_OK, serve
+from .sink import Sink, SqliteSink
+from .sse import session_event_routes
 from .state import Phase, ShutdownState
 
 try:
@@ -34,6 +39,9 @@ __all__ = [
     "ConfigError",
     "CorruptRecord",
     "DiskWriteError",
+    "EventLog",
+    "FeedbackQueue",
+    "FileEventLog",
     "HealthApp",
     "Lifecycle",
     "LifecycleMiddleware",
@@ -43,7 +51,11 @@ __all__ = [
     "Settings",
     "SfLifecycleError",
     "ShutdownState",
+    "Sink",
+    "SqliteSink",
     "__version__",
+    "feedback_routes",
     "health_routes",
     "serve",
+    "session_event_routes",
 ]

@@ -60,9 +60,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _commands() -> dict[str, Command]:
     from .infra_check import COMMAND as check_infra
+    from .queue_cli import COMMAND as queue
 
-    commands: dict[str, Command] = {"serve": (_serve_args, _serve), "check-infra": check_infra}
-    return commands
+    return {"serve": (_serve_args, _serve), "queue": queue, "check-infra": check_infra}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

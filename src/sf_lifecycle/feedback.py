@@ -1,0 +1,337 @@
+"""`POST /api/feedback`: accept a JSON object, answer 202 only once it is durable.
+
+Status codes, each with a JSON body naming the problem::
+
+    202  {"id": ...}          stored durably (fsynced); a retry with the same Idempotency-Key
+                              gets the same id and header `Idempotent-Replayed: true`
+    400  invalid JSON (NaN/Infinity and duplicate keys too), invalid UTF-8, not an object,
+         malformed Idempotency-Key
+    409  the same Idempotency-Key is still being stored by an earlier request
+    413  body over `feedback_max_bytes` (checked against Content-Length, then while reading)
+    415  not `application/json` (or `application/*+json`), or a charset other than UTF-8
+    422  the same Idempotency-Key came with a different body
+    503  the disk refused the write (ENOSPC, EIO...), the queue is closed, or the key cannot be
+         checked yet (start-up recovery still running); nothing was acknowledged
+
+Idempotency keys live in three places: in memory while this process holds the record, inside
+the record itself (so a crash cannot separate them), and in `<state_dir>/feedback/
+idempotency.sqlite3`, written by the drain after the sink committed the record and before its
+segment is removed. A retry after a restart therefore finds the key either in a segment that
+recovery is re-delivering (keyed requests get 503 until recovery ends) or in the index. Across
+two live replicas the index catches a retry once the first record was drained (within
+`drain_interval_ms`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from ._errors import DiskWriteError, QueueError
+from .config import Settings
+from .lifecycle import Lifecycle
+from .queue import FeedbackQueue
+
+__all__ = ["IdempotencyIndex", "feedback_routes"]
+
+logger = logging.getLogger("sf_lifecycle.feedback")
+
+_KEY_RE = re.compile(r"[A-Za-z0-9._:~+/=-]{1,128}\Z")
+_JSON_TYPE = re.compile(r"application/(?:[a-z0-9.+-]+\+)?json\Z")
+#: How long a delivered idempotency key is remembered.
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+class _BadJSON(ValueError):
+    pass
+
+
+def _no_constants(name: str) -> Any:
+    raise _BadJSON(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _BadJSON(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _error(status: int, error: str, detail: str, **extra: Any) -> JSONResponse:
+    headers = {"cache-control": "no-store"}
+    if status == 503:
+        headers["retry-after"] = "1"
+    return JSONResponse({"error": error, "detail": detail, **extra}, status, headers=headers)
+
+
+@dataclass(slots=True)
+class _Entry:
+    sha: str
+    id: str | None  # None while the first request is still being stored
+
+
+class IdempotencyIndex:
+    """Idempotency key -> (record id, body hash), durable in a small SQLite file.
+
+    Args:
+        path: Database file.
+        ttl_s: Keys older than this are forgotten (pruned when the index opens).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, ttl_s: float = IDEMPOTENCY_TTL_S):
+        self.path = Path(path)
+        self.ttl_s = ttl_s
+        self._memory: dict[str, _Entry] = {}
+        self._conn: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sf-idempotency")
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            deadline = time.monotonic() + 30
+            while True:
+                conn = sqlite3.connect(
+                    self.path, timeout=10, isolation_level=None, check_same_thread=False
+                )
+                try:
+                    conn.execute("PRAGMA busy_timeout=10000")
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute("PRAGMA synchronous=FULL")
+                    conn.execute(
+                        "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, "
+                        "id TEXT NOT NULL, sha TEXT NOT NULL, ts_ms INTEGER NOT NULL) "
+                        "WITHOUT ROWID"
+                    )
+                    conn.execute(
+                        "DELETE FROM idempotency WHERE ts_ms < ?",
+                        (int((time.time() - self.ttl_s) * 1000),),
+                    )
+                except sqlite3.OperationalError as exc:
+                    conn.close()
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+                    continue
+                self._conn = conn
+                break
+        return self._conn
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def lookup(self, key: str) -> _Entry | None:
+        entry = self._memory.get(key)
+        if entry is not None:
+            return entry
+
+        def read() -> tuple[str, str] | None:
+            row = (
+                self._connect()
+                .execute("SELECT id, sha FROM idempotency WHERE key = ?", (key,))
+                .fetchone()
+            )
+            return None if row is None else (row[0], row[1])
+
+        found = await self._run(read)
+        return None if found is None else _Entry(found[1], found[0])
+
+    async def record_delivered(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Queue delivery listener: persist the keys of a committed batch."""
+        rows = [(r["key"], r["id"], r["sha"], r.get("ts", 0)) for r in records if r.get("key")]
+        if not rows:
+            return
+
+        def write() -> None:
+            conn = self._connect()
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(
+                    "INSERT OR IGNORE INTO idempotency (key, id, sha, ts_ms) VALUES (?,?,?,?)",
+                    rows,
+                )
+
+        await self._run(write)
+        for key, rid, _, _ in rows:
+            entry = self._memory.get(key)
+            if entry is not None and entry.id == rid:
+                del self._memory[key]
+
+    def close(self) -> None:
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        self._thread.submit(shut).result()
+        self._thread.shutdown(wait=True)
+
+
+class _FeedbackEndpoint:
+    def __init__(self, queue: FeedbackQueue, settings: Settings, index: IdempotencyIndex):
+        self.queue = queue
+        self.max_bytes = settings.feedback_max_bytes
+        self.index = index
+
+    async def handle(self, request: Request) -> Response:
+        ctype = request.headers.get("content-type", "")
+        media, _, params = ctype.partition(";")
+        charset = re.search(r"charset\s*=\s*\"?([^\";\s]+)", params, re.IGNORECASE)
+        if not _JSON_TYPE.match(media.strip().lower()) or (
+            charset is not None and charset.group(1).lower() not in ("utf-8", "utf8")
+        ):
+            return _error(
+                415,
+                "unsupported_media_type",
+                f"send Content-Type: application/json (UTF-8), got {ctype!r}",
+            )
+        key = request.headers.get("idempotency-key")
+        if key is not None and not _KEY_RE.match(key):
+            return _error(
+                400,
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1-128 characters from A-Z a-z 0-9 . _ : ~ + / = -",
+            )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return _error(
+                413,
+                "payload_too_large",
+                f"body of {declared} bytes is over the {self.max_bytes}-byte limit",
+                limit=self.max_bytes,
+            )
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_bytes:
+                    return _error(
+                        413,
+                        "payload_too_large",
+                        f"body is over the {self.max_bytes}-byte limit",
+                        limit=self.max_bytes,
+                    )
+                chunks.append(chunk)
+        except ClientDisconnect:
+            return _error(400, "client_disconnected", "the body ended early")
+        raw = b"".join(chunks)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return _error(400, "invalid_utf8", f"body is not valid UTF-8 at byte {exc.start}")
+        try:
+            body = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+        except (_BadJSON, ValueError) as exc:
+            return _error(400, "invalid_json", str(exc))
+        if not isinstance(body, dict):
+            return _error(
+                400, "not_an_object", f"body must be a JSON object, got {type(body).__name__}"
+            )
+        if key is None:
+            return await self._store(body, None)
+        return await self._store_once(key, body)
+
+    async def _store_once(self, key: str, body: dict[str, Any]) -> Response:
+        sha = hashlib.sha256(
+            json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        ).hexdigest()
+        memory = self.index._memory
+        entry = memory.get(key)
+        if entry is None:
+            if self.queue.recovering:
+                return _error(
+                    503, "recovering", "start-up recovery is still running; retry shortly"
+                )
+            entry = await self.index.lookup(key)
+            # The lookup awaited: a concurrent request may have claimed the key meanwhile.
+            entry = memory.get(key, entry)
+        if entry is not None:
+            if entry.sha != sha:
+                return _error(
+                    422,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different body",
+                )
+            if entry.id is None:
+                return _error(
+                    409, "in_flight", "a request with this Idempotency-Key is still being stored"
+                )
+            return JSONResponse({"id": entry.id}, 202, headers={"idempotent-replayed": "true"})
+        mine = _Entry(sha, None)
+        memory[key] = mine
+        try:
+            response = await self._store(body, {"key": key, "sha": sha})
+        except BaseException:
+            memory.pop(key, None)
+            raise
+        if response.status_code == 202:
+            mine.id = json.loads(bytes(response.body))["id"]
+        else:
+            memory.pop(key, None)
+        return response
+
+    async def _store(self, body: dict[str, Any], meta: dict[str, Any] | None) -> Response:
+        try:
+            rid = await self.queue.append(body, meta=meta)
+        except DiskWriteError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            return _error(
+                503,
+                "disk_write_failed",
+                f"the record was not stored: {reason}; retry later",
+                errno=errno_name(exc.errno),
+            )
+        except QueueError as exc:
+            return _error(503, "queue_closed", str(exc))
+        return JSONResponse({"id": rid}, 202)
+
+
+def errno_name(code: int | None) -> str | None:
+    """`ENOSPC` for 28: the symbolic name a client can act on."""
+    return None if code is None else errno.errorcode.get(code, str(code))
+
+
+def feedback_routes(
+    queue: FeedbackQueue,
+    lifecycle_or_settings: Lifecycle | Settings,
+    *,
+    path: str = "/api/feedback",
+    index: IdempotencyIndex | None = None,
+) -> list[BaseRoute]:
+    """The `POST /api/feedback` route, storing into `queue`.
+
+    Args:
+        queue: The durable queue (install it on the lifecycle so it drains).
+        lifecycle_or_settings: Source of `feedback_max_bytes`.
+        path: Where to mount the route.
+        index: Idempotency index; one in `<state_dir>/feedback/idempotency.sqlite3` when None.
+            It is registered as a delivery listener of `queue`.
+    """
+    settings = (
+        lifecycle_or_settings.settings
+        if isinstance(lifecycle_or_settings, Lifecycle)
+        else lifecycle_or_settings
+    )
+    if index is None:
+        index = IdempotencyIndex(queue.dir / "idempotency.sqlite3")
+        queue.add_delivery_listener(index.record_delivered)
+        queue.on_close(index.close)
+    endpoint = _FeedbackEndpoint(queue, settings, index)
+    return [Route(path, endpoint.handle, methods=["POST"])]

@@ -1,0 +1,902 @@
+"""The durable feedback queue: crash-safe appends, bounded drains, orphan recovery.
+
+Each `FeedbackQueue` (one per process) appends framed records (`_framing`) to its own segment file
+under `<state_dir>/feedback/`, named after a random, time-ordered *process token*; a `.lock` file
+of the same token is held with `flock` (filelock) for the queue's lifetime. The kernel releases it
+when the process dies, which is how everyone else learns that the segments of that token are
+orphans: never by PID (PIDs repeat across containers) or file age.
+
+Append (group commit): callers queue their frame and wait; one flush task hands everything pending
+to a single I/O thread that writes it, fsyncs the segment (and the directory when the segment is
+new) and only then resolves the callers' futures. Appends arriving during an fsync ride the next
+one, so N concurrent writers share one fsync; the event loop never blocks on the disk.
+
+Drain: rename the active segment to `.draining` (fsync the directory), later appends go to a new
+segment; the records are handed to the sink in batches; the file is unlinked only after the sink
+committed all of them. Stopped by the deadline, the `.draining` file simply stays for later.
+
+Recovery: for every other token with segment files, try its lock without blocking. Winning the
+lock proves the owner is dead (the owner takes it before creating any segment and keeps it), and
+makes this process the only one delivering those files; losing means a live owner or another
+recoverer has them, so they are skipped, and nobody ever waits.
+
+See ARCHITECTURE.md ("Feedback queue") for the on-disk layout and the guarantees G1-G6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from filelock import FileLock, Timeout
+
+from . import _crashpoints as _cp
+from ._errors import BudgetExceeded, DiskWriteError, QueueError
+from ._framing import encode, scan
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .lifecycle import Lifecycle
+    from .sink import Sink
+
+__all__ = [
+    "DrainResult",
+    "FeedbackQueue",
+    "QueueStats",
+    "inspect_state_dir",
+    "is_record_id",
+    "new_record_id",
+]
+
+logger = logging.getLogger("sf_lifecycle.queue")
+
+Record = dict[str, Any]
+#: Called after the sink committed a batch, before its file may be unlinked.
+DeliveryListener = Callable[[Sequence[Record]], Awaitable[None]]
+
+_SEG_RE = re.compile(r"(?P<token>[0-9a-f]{22})\.(?P<seq>[0-9]{6})\.(?P<kind>log|draining)\Z")
+_LOCK_RE = re.compile(r"(?P<token>[0-9a-f]{22})\.lock\Z")
+_ID_RE = re.compile(r"[0-9a-f]{12}7[0-9a-f]{3}[89ab][0-9a-f]{15}\Z")
+#: A token's lock file with no segments left is litter after this long (never an ownership test).
+_STALE_LOCK_S = 3600.0
+
+_id_lock = threading.Lock()
+_id_last_ms = 0
+_id_seq = 0
+
+
+def new_record_id() -> str:
+    """A UUIDv7 as 32 hex digits: time-ordered (ms, then a per-process counter), 62 random bits."""
+    global _id_last_ms, _id_seq
+    ms = time.time_ns() // 1_000_000
+    with _id_lock:
+        if ms <= _id_last_ms:
+            ms = _id_last_ms
+            _id_seq += 1
+            if _id_seq > 0xFFF:
+                ms += 1
+                _id_seq = 0
+        else:
+            _id_seq = 0
+        _id_last_ms = ms
+        seq = _id_seq
+    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    return f"{(ms << 80) | (7 << 76) | (seq << 64) | (2 << 62) | rand:032x}"
+
+
+def is_record_id(value: object) -> bool:
+    """True for a string in the format `new_record_id` produces."""
+    return isinstance(value, str) and _ID_RE.match(value) is not None
+
+
+def _resolve(
+    loop: asyncio.AbstractEventLoop,
+    futs: list[asyncio.Future[Any]],
+    value: Any,
+    exc: BaseException | None,
+) -> None:
+    """Hand results from the I/O thread to the futures' event loop."""
+
+    def done() -> None:
+        for fut in futs:
+            if fut.done():  # the caller was cancelled; its record may still be stored
+                continue
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
+
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+        loop.call_soon_threadsafe(done)
+
+
+def _resolve_all(
+    group: list[tuple[Any, asyncio.Future[Any], asyncio.AbstractEventLoop]],
+    value: Any,
+    exc: BaseException | None,
+) -> None:
+    loop = group[0][2]
+    if all(g[2] is loop for g in group):
+        _resolve(loop, [g[1] for g in group], value, exc)
+    else:  # pragma: no cover - one queue used from several loops
+        for _, fut, lp in group:
+            _resolve(lp, [fut], value, exc)
+
+
+def _new_token() -> str:
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(5).hex()}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # a regular file never legitimately writes nothing
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[n:]
+
+
+@dataclass(slots=True)
+class DrainResult:
+    """What one `drain()` or `recover()` did.
+
+    Attributes:
+        delivered: Records the sink committed.
+        files_done: Segment files fully delivered and removed (or quarantined).
+        files_left: `.draining` files left on disk (deadline reached or the sink failed).
+        quarantined: Files moved to quarantine because of corruption.
+        complete: True when nothing this call was responsible for was left behind.
+        elapsed_ms: Duration of the call.
+    """
+
+    delivered: int = 0
+    files_done: int = 0
+    files_left: int = 0
+    quarantined: int = 0
+    complete: bool = True
+    elapsed_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Counters for `/api/ready` and the CLI.
+
+    Attributes:
+        queued: Records acknowledged into this process's active segment, not yet draining.
+        draining: This process's `.draining` files waiting for the sink.
+        orphaned: Segment files of dead owners found by the last scan and not yet recovered.
+        quarantined: Files in the quarantine folder (kept for an operator, never deleted).
+        delivered: Records this queue handed to the sink since it started.
+    """
+
+    queued: int
+    draining: int
+    orphaned: int
+    quarantined: int
+    delivered: int
+
+
+@dataclass(slots=True)
+class _Loaded:
+    records: list[Record] = field(default_factory=list)
+    problems: list[tuple[int, str]] = field(default_factory=list)
+    torn_at: int | None = None
+    size: int = 0
+
+
+def _load(path: Path) -> _Loaded:
+    """Read and decode a whole segment (worker thread). Never raises for bad content."""
+    with open(path, "rb") as f:
+        data = f.read()
+    result = scan(data)
+    out = _Loaded(torn_at=result.torn_at, size=result.size)
+    out.problems = [(d.offset, d.reason) for d in result.damage]
+    loads = json.loads
+    valid_id = _ID_RE.match
+    append = out.records.append
+    for offset, payload in result.records:
+        try:
+            record = loads(payload)
+        except ValueError as exc:
+            out.problems.append((offset, f"bad JSON: {exc}"))
+            continue
+        rid = record.get("id") if type(record) is dict else None
+        if type(rid) is not str or valid_id(rid) is None:
+            out.problems.append((offset, "record without a valid id"))
+            continue
+        append(record)
+    out.problems.sort()
+    return out
+
+
+def _segments(directory: Path) -> dict[str, list[tuple[int, str, Path]]]:
+    """token -> [(seq, kind, path)] sorted by seq; lock-only tokens map to []."""
+    out: dict[str, list[tuple[int, str, Path]]] = {}
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        m = _SEG_RE.match(name)
+        if m is not None:
+            out.setdefault(m["token"], []).append((int(m["seq"]), m["kind"], directory / name))
+            continue
+        m = _LOCK_RE.match(name)
+        if m is not None:
+            out.setdefault(m["token"], [])
+    for files in out.values():
+        files.sort()
+    return out
+
+
+def _try_lock(path: Path) -> FileLock | None:
+    """Take `path`'s flock without waiting; None when someone holds it."""
+    lock = FileLock(path, blocking=False, thread_local=False, fallback_to_soft=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        return None
+    return lock
+
+
+class FeedbackQueue:
+    """A durable, multi-process append-only queue of JSON records in `<state_dir>/feedback/`.
+
+    Args:
+        state_dir: The state directory (a volume that survives the container).
+        batch_records: Records per sink call when draining.
+        drain_interval_ms: Period of the background drainer (`start_drainer`).
+        settings: Takes `batch_records` and `drain_interval_ms` from here when given.
+
+    Create it before the event loop runs or inside it; use it from one event loop.
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        *,
+        batch_records: int = 1_000,
+        drain_interval_ms: int = 200,
+        settings: Settings | None = None,
+    ) -> None:
+        if settings is not None:
+            batch_records = settings.drain_batch_records
+            drain_interval_ms = settings.drain_interval_ms
+        if batch_records < 1 or drain_interval_ms < 1:
+            raise ValueError("batch_records and drain_interval_ms must be positive")
+        self.state_dir = Path(state_dir)
+        self.dir = self.state_dir / "feedback"
+        self.quarantine_dir = self.dir / "quarantine"
+        self.batch_records = batch_records
+        self.drain_interval_s = drain_interval_ms / 1000
+        self.token = _new_token()
+        self.sink: Sink | None = None
+        for d in (self.state_dir, self.dir, self.quarantine_dir):
+            os.makedirs(d, exist_ok=True)  # exist_ok: a peer may create it at the same instant
+        # Our lock before any segment of ours exists: a recoverer that sees a segment of this
+        # token and fails to take this lock knows we are alive.
+        lock = _try_lock(self.dir / f"{self.token}.lock")
+        if lock is None:  # pragma: no cover - a fresh random token cannot be locked by anyone
+            raise QueueError(f"process token {self.token} already locked")
+        self._lock = lock
+        self._fd: int | None = None
+        self._seq = 0
+        self._seg_path: Path | None = None
+        self._seg_size = 0
+        self._seg_new = False
+        self._queued = 0
+        self._delivered = 0
+        self._orphaned = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: list[tuple[bytes | Callable[[], Any], asyncio.Future[Any], Any]] = []
+        self._batch: list[tuple[bytes | Callable[[], Any], asyncio.Future[Any], Any]] = []
+        self._kick_scheduled = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._writer, name="sf-queue-io", daemon=True)
+        self._thread.start()
+        self._drain_lock: asyncio.Lock | None = None
+        self._listeners: list[DeliveryListener] = []
+        self._close_callbacks: list[Callable[[], None]] = []
+        self._drainer: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
+        self._closed = False
+        self._released = False
+        #: Progress of start-up recovery, shown in the ready body.
+        self.recovery: dict[str, Any] = {"state": "not started"}
+
+    # -- append ----------------------------------------------------------------------------
+    async def append(
+        self, record: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None
+    ) -> str:
+        """Store `record` durably and return its id.
+
+        Returns only after the record and (for a new segment) its directory entry are fsynced.
+
+        Args:
+            record: A JSON-serialisable mapping (no NaN or infinities).
+            meta: Extra envelope fields stored beside the record (the idempotency key).
+
+        Raises:
+            DiskWriteError: the disk refused the write; the record was not acknowledged.
+            QueueError: the queue is closed.
+            ValueError: the record is not JSON-serialisable.
+        """
+        if self._closed:
+            raise QueueError("the feedback queue is closed; no more appends are accepted")
+        rid = new_record_id()
+        envelope: dict[str, Any] = {"id": rid, "ts": time.time_ns() // 1_000_000}
+        if meta:
+            envelope.update(meta)
+        envelope["data"] = record
+        payload = json.dumps(envelope, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((encode(payload.encode()), fut, loop))
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+        await fut
+        return rid
+
+    def _kick(self) -> None:
+        """Hand the appends of this loop iteration to the I/O thread, in one go.
+
+        Deferred by one `call_soon` so that writers woken together (by the previous group's
+        fsync) all join the next group instead of the I/O thread grabbing the first alone.
+        """
+        self._kick_scheduled = False
+        batch, self._batch = self._batch, []
+        if self._released:  # closed meanwhile: the I/O thread is gone
+            for _, fut, _ in batch:
+                if not fut.done():
+                    fut.set_exception(QueueError("the feedback queue closed before this write"))
+            return
+        with self._cond:
+            self._pending.extend(batch)
+            self._cond.notify()
+
+    async def _call_io(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the I/O thread, in order with the appends queued before it."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((fn, fut, loop))  # after the appends already waiting: order kept
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+        return await fut
+
+    def _writer(self) -> None:
+        """The I/O thread: group-commits the frames queued since the last fsync.
+
+        Every frame queued while an fsync runs goes into the next write + fsync, so N waiting
+        writers cost one fsync. Callers are resolved only after the fsync covering their frame
+        returned; a control call (rotation) runs alone, between two groups.
+        """
+        cond = self._cond
+        while True:
+            with cond:
+                while not self._pending:
+                    if self._stopping:
+                        return
+                    cond.wait()
+                batch, self._pending = self._pending, []
+            i, n = 0, len(batch)
+            while i < n:
+                item, fut, loop = batch[i]
+                if not isinstance(item, bytes):
+                    try:
+                        value = item()
+                    except BaseException as exc:
+                        _resolve(loop, [fut], None, exc)
+                    else:
+                        _resolve(loop, [fut], value, None)
+                    i += 1
+                    continue
+                j = i + 1
+                while j < n and isinstance(batch[j][0], bytes):
+                    j += 1
+                group = batch[i:j]
+                data = item if j == i + 1 else b"".join([g[0] for g in group])  # type: ignore[misc]
+                try:
+                    self._commit(data, j - i)
+                except Exception as exc:
+                    logger.error("append of %d record(s) failed: %s", j - i, exc)
+                    err: Exception = exc
+                    if isinstance(exc, OSError):
+                        err = DiskWriteError(
+                            exc.errno, f"feedback queue write failed: {exc.strerror or exc}"
+                        )
+                    _resolve_all(group, None, err)
+                else:
+                    _resolve_all(group, None, None)
+                i = j
+
+    def _commit(self, data: bytes, count: int) -> None:
+        """Write + fsync one group (I/O thread). Raises OSError; then nothing is acknowledged."""
+        if self._fd is None:
+            self._open_segment()
+        fd = self._fd
+        assert fd is not None
+        try:
+            if _cp.ARMED:
+                _cp.hit("append.before_write")
+            _write_all(fd, data)
+            if _cp.ARMED:
+                _cp.hit("append.after_write")
+            os.fsync(fd)
+            if self._seg_new:
+                # The file's name must survive a crash too, or its fsynced data is unreachable.
+                _fsync_dir(self.dir)
+                self._seg_new = False
+        except OSError:
+            self._abandon_segment()
+            raise
+        if _cp.ARMED:
+            _cp.hit("append.after_fsync")
+        self._seg_size += len(data)
+        self._queued += count
+
+    def _open_segment(self) -> None:
+        self._seq += 1
+        path = self.dir / f"{self.token}.{self._seq:06d}.log"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        self._fd = os.open(path, flags, 0o644)
+        self._seg_path, self._seg_size, self._seg_new = path, 0, True
+
+    def _abandon_segment(self) -> None:
+        """After a failed write or fsync: cut the unacknowledged tail, never write here again.
+
+        A failed fsync may have dropped dirty pages while clearing the error, so a later fsync of
+        the same file proves nothing: the segment is closed and the next append starts a new one.
+        Its acknowledged records are drained like any other segment.
+        """
+        fd, path, size = self._fd, self._seg_path, self._seg_size
+        self._fd, self._seg_path = None, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        if size == 0 and path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    # -- drain -----------------------------------------------------------------------------
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` when the queue closes (to close what was opened for it)."""
+        self._close_callbacks.append(callback)
+
+    def add_delivery_listener(self, listener: DeliveryListener) -> None:
+        """Call `listener(batch)` after each sink commit, before the file can be removed."""
+        self._listeners.append(listener)
+
+    def _rotate(self) -> list[Path]:
+        """Rename the active segment and any stray own `.log` to `.draining` (I/O thread)."""
+        if self._fd is not None and self._seg_path is not None and self._seg_size > 0:
+            os.close(self._fd)
+            self._fd, self._seg_path, self._queued = None, None, 0
+        files = _segments(self.dir).get(self.token, [])
+        out = []
+        renamed = False
+        for _, kind, path in files:
+            if kind == "log":
+                if path == self._seg_path:
+                    continue  # active but empty
+                target = path.with_suffix(".draining")
+                os.rename(path, target)
+                renamed = True
+                path = target
+            out.append(path)
+        if renamed:
+            _fsync_dir(self.dir)
+            if _cp.ARMED:
+                _cp.hit("drain.after_rename")
+        return out
+
+    async def drain(self, sink: Sink, deadline: float | None = None) -> DrainResult:
+        """Deliver everything this process queued so far to `sink`.
+
+        A drain already running finishes first (drains never overlap). Records are delivered in
+        batches; each file is removed only once all its records are committed.
+
+        Args:
+            sink: Receives batches; must be idempotent by record id.
+            deadline: `time.monotonic()` value after which no new batch starts and a running
+                sink call is abandoned; what is left stays on disk as `.draining`.
+        """
+        if self._drain_lock is None:
+            self._drain_lock = asyncio.Lock()
+        async with self._drain_lock:
+            began = time.monotonic()
+            files: list[Path] = await self._call_io(self._rotate)
+            result = DrainResult()
+            i = 0
+            try:
+                for i, path in enumerate(files):
+                    if not await self._deliver(path, sink, deadline, result):
+                        result.complete = False
+                        result.files_left = len(files) - i
+                        break
+            except asyncio.CancelledError:
+                logger.warning(
+                    "drain cancelled after %d record(s); %d file(s) left on disk as .draining",
+                    result.delivered,
+                    len(files) - i,
+                )
+                raise
+            result.elapsed_ms = (time.monotonic() - began) * 1000
+            if result.delivered or not result.complete:
+                logger.info(
+                    "queue drained %d record(s) in %.0f ms%s",
+                    result.delivered,
+                    result.elapsed_ms,
+                    "" if result.complete else f"; {result.files_left} file(s) left on disk",
+                )
+            return result
+
+    async def _deliver(
+        self, path: Path, sink: Sink, deadline: float | None, result: DrainResult
+    ) -> bool:
+        """Deliver one file; True when it is done (removed or quarantined)."""
+        try:
+            loaded = await asyncio.to_thread(_load, path)
+        except FileNotFoundError:
+            return True  # delivered by someone who held the lock before us
+        records = loaded.records
+        step = self.batch_records
+        for start in range(0, len(records), step):
+            batch = records[start : start + step]
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                async with asyncio.timeout(remaining):
+                    await sink(batch)
+                    if _cp.ARMED:
+                        _cp.hit("drain.after_sink_commit")
+                    for listener in self._listeners:
+                        await listener(batch)
+            except TimeoutError:
+                logger.warning("deadline reached while delivering %s; left on disk", path.name)
+                return False
+            except Exception:
+                logger.exception("sink failed on %s; the file stays and is retried", path.name)
+                return False
+            result.delivered += len(batch)
+            self._delivered += len(batch)
+        if loaded.torn_at is not None:
+            logger.info(
+                "%s: dropped a torn tail of %d byte(s) at offset %d (a write cut by a crash, "
+                "never acknowledged)",
+                path.name,
+                loaded.size - loaded.torn_at,
+                loaded.torn_at,
+            )
+        if _cp.ARMED:
+            _cp.hit("drain.before_unlink")
+        if loaded.problems:
+            await asyncio.to_thread(self._quarantine, path, loaded.problems)
+            result.quarantined += 1
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # no directory fsync: a resurrected file is only redelivered
+        if _cp.ARMED:
+            _cp.hit("drain.after_unlink")
+        result.files_done += 1
+        return True
+
+    def _quarantine(self, path: Path, problems: list[tuple[int, str]]) -> None:
+        for offset, reason in problems:
+            logger.warning("corrupt record in %s at offset %d: %s", path, offset, reason)
+        target = self.quarantine_dir / path.name
+        n = 0
+        while target.exists():
+            n += 1
+            target = self.quarantine_dir / f"{path.name}.{n}"
+        os.rename(path, target)
+        _fsync_dir(self.quarantine_dir)
+        _fsync_dir(self.dir)
+        logger.warning(
+            "quarantined %s as %s after delivering its good records (%d problem(s), first at "
+            "offset %d: %s)",
+            path.name,
+            target,
+            len(problems),
+            problems[0][0],
+            problems[0][1],
+        )
+
+    # -- recovery --------------------------------------------------------------------------
+    async def recover(self, sink: Sink, deadline: float | None = None) -> DrainResult:
+        """Re-drain the segments of dead owners found in the directory (start-up, or on demand).
+
+        Safe to run in several processes at once: each dead owner's files are claimed with a
+        non-blocking try-lock, so exactly one process delivers them and none waits.
+        """
+        began = time.monotonic()
+        self.recovery = {"state": "scanning"}
+        result = DrainResult()
+        tokens = await asyncio.to_thread(_segments, self.dir)
+        candidates = {t: f for t, f in tokens.items() if t != self.token and f}
+        self._orphaned = sum(len(f) for f in candidates.values())
+        done_files = 0
+        self.recovery = {"state": "running", "files_total": self._orphaned, "files_done": 0}
+        for token, _ in sorted(candidates.items()):
+            claimed = await asyncio.to_thread(self._claim, token)
+            if claimed is None:
+                self._orphaned -= len(candidates[token])
+                continue  # a live owner, or another recoverer, has it
+            lock, files = claimed
+            try:
+                if files:
+                    logger.warning(
+                        "recovering %d orphaned segment file(s) of dead process %s",
+                        len(files),
+                        token,
+                    )
+                finished = True
+                for path in files:
+                    ok = await self._deliver(path, sink, deadline, result)
+                    if not ok:
+                        finished = False
+                        result.complete = False
+                        result.files_left += 1
+                        break
+                    done_files += 1
+                    self._orphaned = max(0, self._orphaned - 1)
+                    self.recovery.update(files_done=done_files, records_delivered=result.delivered)
+                if finished:
+                    # Data first, then the lock file, then release: a recoverer that takes
+                    # the lock after us finds nothing to deliver.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(lock.lock_file)
+            finally:
+                lock.release()
+            if not result.complete:
+                break
+        await asyncio.to_thread(self._remove_stale_locks, tokens)
+        result.elapsed_ms = (time.monotonic() - began) * 1000
+        self.recovery = {
+            "state": "done" if result.complete else "incomplete",
+            "files_done": done_files,
+            "records_delivered": result.delivered,
+            "elapsed_ms": round(result.elapsed_ms, 3),
+        }
+        if result.files_done or not result.complete:
+            logger.info(
+                "recovery delivered %d record(s) from %d orphaned file(s) in %.0f ms%s",
+                result.delivered,
+                result.files_done,
+                result.elapsed_ms,
+                "" if result.complete else "; the rest is left for the next attempt",
+            )
+        return result
+
+    def _claim(self, token: str) -> tuple[FileLock, list[Path]] | None:
+        lock = _try_lock(self.dir / f"{token}.lock")
+        if lock is None:
+            return None
+        if _cp.ARMED:
+            _cp.hit("recover.after_claim")
+        # Re-list under the lock: a recoverer that held it before us may have finished.
+        files = [p for _, _, p in _segments(self.dir).get(token, [])]
+        return lock, files
+
+    def _remove_stale_locks(self, tokens: dict[str, list[tuple[int, str, Path]]]) -> None:
+        """Remove lock files of dead tokens that own no segment (litter, not ownership)."""
+        now = time.time()
+        for token, files in tokens.items():
+            if files or token == self.token:
+                continue
+            path = self.dir / f"{token}.lock"
+            try:
+                if now - path.stat().st_mtime < _STALE_LOCK_S:
+                    continue
+            except FileNotFoundError:
+                continue
+            lock = _try_lock(path)
+            if lock is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                lock.release()
+
+    # -- stats -----------------------------------------------------------------------------
+    def stats(self) -> QueueStats:
+        """Counters from memory and one directory listing (cheap enough for a probe)."""
+        own = _segments(self.dir).get(self.token, [])
+        try:
+            quarantined = len(os.listdir(self.quarantine_dir))
+        except FileNotFoundError:
+            quarantined = 0
+        return QueueStats(
+            queued=self._queued,
+            draining=sum(1 for _, kind, _ in own if kind == "draining"),
+            orphaned=self._orphaned,
+            quarantined=quarantined,
+            delivered=self._delivered,
+        )
+
+    @property
+    def recovering(self) -> bool:
+        return self.recovery.get("state") in ("scanning", "running")
+
+    # -- running under a Lifecycle ---------------------------------------------------------
+    def start_drainer(self, sink: Sink) -> None:
+        """Deliver queued records every `drain_interval_ms` in the background."""
+        if self._drainer is not None:
+            return
+        self.sink = sink
+        self._stop = asyncio.Event()
+        self._drainer = asyncio.create_task(self._drain_loop(sink), name="sf-queue-drainer")
+
+    async def _drain_loop(self, sink: Sink) -> None:
+        assert self._stop is not None
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.drain_interval_s)
+            if self._stop.is_set():
+                return
+            if self._queued or self._has_own_files():
+                try:
+                    await self.drain(sink)
+                except Exception:
+                    logger.exception(
+                        "background drain failed; retrying in %.0f ms", self.drain_interval_s * 1000
+                    )
+
+    def _has_own_files(self) -> bool:
+        return bool(_segments(self.dir).get(self.token))
+
+    async def stop_drainer(self) -> None:
+        """Stop the background drainer; a drain it has in flight finishes first."""
+        if self._drainer is None or self._stop is None:
+            return
+        self._stop.set()
+        await self._drainer
+        self._drainer = None
+
+    def install(self, lifecycle: Lifecycle, sink: Sink | None = None) -> None:
+        """Register with `lifecycle`: start-up recovery, the background drainer, the final drain.
+
+        Args:
+            lifecycle: The application's lifecycle.
+            sink: Where records go; a `SqliteSink` at `<state_dir>/feedback.sqlite3` when None.
+        """
+        from .sink import SqliteSink
+
+        if sink is None:
+            own = SqliteSink(self.state_dir / "feedback.sqlite3")
+            self.on_close(own.close)
+            sink = own
+        chosen: Sink = sink
+        self.sink = chosen
+
+        async def recover_at_startup() -> None:
+            self.start_drainer(chosen)
+            await self.recover(chosen)
+
+        async def readiness() -> dict[str, Any]:
+            return {"recovery": dict(self.recovery), **asdict(self.stats())}
+
+        async def final_drain(deadline: float) -> None:
+            await self.close(deadline)
+
+        lifecycle.on_startup("feedback-recovery", recover_at_startup)
+        lifecycle.add_readiness_check("feedback-queue", readiness)
+        lifecycle.on_shutdown("feedback-drain", final_drain)
+
+    async def close(self, deadline: float | None = None) -> DrainResult | None:
+        """Stop the drainer, drain what is left within `deadline`, release the files.
+
+        Raises:
+            BudgetExceeded: the deadline came before everything was delivered; the rest stays
+                on disk as `.draining` for the next start (or a live peer) to recover.
+        """
+        if self._closed:
+            return None
+        await self.stop_drainer()
+        self._closed = True
+        result = None
+        try:
+            if self.sink is not None:
+                result = await self.drain(self.sink, deadline)
+                if not result.complete:
+                    raise BudgetExceeded(
+                        f"feedback queue: {result.files_left} file(s) not delivered before the "
+                        "deadline; they stay on disk and are recovered at the next start"
+                    )
+        finally:
+            self._release()
+        return result
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._closed = True
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()  # it finishes every group already handed to it first
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            if self._seg_size == 0 and self._seg_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._seg_path)
+            self._fd = None
+        if not self._has_own_files():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._lock.lock_file)
+        self._lock.release()
+        for callback in self._close_callbacks:
+            try:
+                callback()
+            except Exception:
+                logger.exception("feedback queue close callback %r failed", callback)
+
+
+def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Offline census of a state directory for `sf-lifecycle queue status`.
+
+    Counts records by reading every segment; a token whose lock is free is reported orphaned
+    (the probe takes and drops the lock at once, without waiting).
+    """
+    directory = Path(state_dir) / "feedback"
+    out: dict[str, Any] = {
+        "queued": 0,
+        "draining": 0,
+        "orphaned": 0,
+        "quarantined": 0,
+        "delivered": None,
+        "files": {"live": 0, "orphaned": 0, "quarantined": 0},
+        "damaged": 0,
+    }
+    for token, files in _segments(directory).items():
+        if not files:
+            continue
+        lock = _try_lock(directory / f"{token}.lock")
+        alive = lock is None
+        if lock is not None:
+            lock.release()
+        for _, kind, path in files:
+            try:
+                loaded = _load(path)
+            except FileNotFoundError:
+                continue
+            n = len(loaded.records)
+            out["damaged"] += len(loaded.problems)
+            if not alive:
+                out["orphaned"] += n
+                out["files"]["orphaned"] += 1
+            else:
+                out["queued" if kind == "log" else "draining"] += n
+                out["files"]["live"] += 1
+    with contextlib.suppress(FileNotFoundError):
+        out["quarantined"] = out["files"]["quarantined"] = len(os.listdir(directory / "quarantine"))
+    db = Path(state_dir) / "feedback.sqlite3"
+    if db.exists():
+        from .sink import count_records
+
+        out["delivered"] = count_records(db)
+    return out

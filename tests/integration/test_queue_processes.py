@@ -1,0 +1,310 @@
+"""The feedback queue against real processes: concurrent writers, SIGKILL, the grace budget.
+
+Every process a test starts is reaped in a `finally` (ServerProcess.close, or kill + wait by PID).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sf_lifecycle import EXIT_BUDGET_EXCEEDED
+from sf_lifecycle.testing import ServerProcess
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    try:
+        yield started
+    finally:
+        for s in started:
+            s.close()
+
+
+def start(
+    started: list[ServerProcess], state: Path, env: dict[str, str] | None = None
+) -> ServerProcess:
+    base = {"SF_DRAIN_DELAY_MS": "0", "SF_DRAIN_INTERVAL_MS": "3600000"}
+    server = ServerProcess(state_dir=state, env={**base, **(env or {})}, cwd=ROOT)
+    started.append(server)
+    server.start()
+    return server
+
+
+def post(server: ServerProcess, n: int, tag: str = "r") -> list[str]:
+    ids = []
+    for i in range(n):
+        status, _, body = server.get(
+            "/api/feedback", method="POST", body=json.dumps({tag: i}).encode(), headers=JSON
+        )
+        assert status == 202, body
+        ids.append(json.loads(body)["id"])
+    return ids
+
+
+def delivered(state: Path) -> list[str]:
+    db = state / "feedback.sqlite3"
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(db)
+    try:
+        return [r[0] for r in conn.execute("SELECT id FROM feedback")]
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return []  # the server is creating the table right now
+    finally:
+        conn.close()
+
+
+def segment_files(state: Path, suffix: str) -> list[str]:
+    return sorted(n for n in (state / "feedback").iterdir() if n.name.endswith(suffix))  # type: ignore[misc]
+
+
+def restart_and_check(servers: list[ServerProcess], state: Path, acked: list[str]) -> None:
+    """Start on the same state dir, wait for recovery (ready), stop cleanly, check the sink."""
+    again = start(servers, state)
+    again.wait_ready()
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(15) == 0, again.logs()
+    got = Counter(delivered(state))
+    assert set(acked) <= set(got), "an acknowledged record was lost"
+    assert all(n == 1 for n in got.values())
+    assert segment_files(state, ".draining") == []
+    assert segment_files(state, ".log") == []
+
+
+@pytest.mark.parametrize(
+    ("point", "in_sink"),
+    [
+        ("drain.after_rename", 0),  # renamed, nothing delivered
+        ("drain.after_sink_commit", 4),  # the first batch committed
+        ("drain.before_unlink", 12),  # all delivered, file not yet removed: redelivered later
+    ],
+)
+def test_sigkill_at_a_drain_crash_point_loses_nothing(
+    servers: list[ServerProcess], tmp_path: Path, point: str, in_sink: int
+) -> None:
+    """1. Start with SF_CRASH_AT=point, a slow sink and batches of 4; post 12 records (202 each).
+    2. SIGTERM: the final drain renames the segment and the process SIGKILLs itself at `point`.
+    3. A `.draining` file remains. 4. Restart: recovery delivers every acked id exactly once.
+    """
+    state = tmp_path / "state"
+    env = {"SF_CRASH_AT": point, "SF_EXAMPLE_SINK_DELAY_MS": "50", "SF_DRAIN_BATCH_RECORDS": "4"}
+    first = start(servers, state, env)
+    first.wait_ready()
+    acked = post(first, 12)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(15) == -signal.SIGKILL
+    assert f"sf-crashpoint: SIGKILL at {point}" in first.logs()
+    assert len(segment_files(state, ".draining")) == 1
+    assert len(delivered(state)) == in_sink
+    restart_and_check(servers, state, acked)
+
+
+def test_sigkill_from_outside_mid_drain_then_again_during_recovery(
+    servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """1. Post 20 records; SIGTERM with a sink taking 300 ms per batch of 4.
+    2. Once the sink has committed some records (seen in SQLite), SIGKILL from outside.
+    3. Restart with SF_CRASH_AT=recover.after_claim: the recoverer dies holding the claim.
+    4. Restart again: everything acked is delivered exactly once, nothing left on disk.
+    """
+    state = tmp_path / "state"
+    env = {"SF_EXAMPLE_SINK_DELAY_MS": "300", "SF_DRAIN_BATCH_RECORDS": "4"}
+    first = start(servers, state, env)
+    first.wait_ready()
+    acked = post(first, 20)
+    first.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while not delivered(state) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.kill()
+    assert 0 < len(delivered(state)) < 20
+    assert len(segment_files(state, ".draining")) == 1
+    second = start(servers, state, {"SF_CRASH_AT": "recover.after_claim"})
+    assert second.wait(15) == -signal.SIGKILL
+    assert len(segment_files(state, ".draining")) == 1
+    restart_and_check(servers, state, acked)
+
+
+def test_sigkill_between_write_and_fsync_keeps_every_acked_record(
+    servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """1. SF_CRASH_AT=append.after_write:6: the 6th append dies before its fsync (no 202).
+    2. Restart: the 5 acknowledged records are delivered; at most the unacknowledged one more.
+    """
+    state = tmp_path / "state"
+    first = start(servers, state, {"SF_CRASH_AT": "append.after_write:6"})
+    first.wait_ready()
+    acked = post(first, 5)
+    with pytest.raises(ConnectionError):  # reset by the SIGKILL: never acknowledged
+        post(first, 1)
+    assert first.wait(15) == -signal.SIGKILL
+    restart_and_check(servers, state, acked)
+    assert len(delivered(state)) <= 6
+
+
+def test_grace_budget_exceeded_exits_4_on_time_and_the_rest_is_recovered(
+    servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """1. Grace budget 2 s; the sink takes 400 ms per batch of 5; post 50 records (4 s of drain).
+    2. SIGTERM: the process exits with EXIT_BUDGET_EXCEEDED (4) about 2 s later.
+    3. Restart: the rest is recovered; every acked id delivered exactly once.
+    """
+    state = tmp_path / "state"
+    env = {
+        "SF_RPC_SHUTDOWN_GRACE_MS": "2000",
+        "SF_EXAMPLE_SINK_DELAY_MS": "400",
+        "SF_DRAIN_BATCH_RECORDS": "5",
+    }
+    first = start(servers, state, env)
+    first.wait_ready()
+    acked = post(first, 50)
+    began = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(10) == EXIT_BUDGET_EXCEEDED, first.logs()
+    took = time.monotonic() - began
+    assert 1.8 < took < 3.5, took
+    assert 0 < len(delivered(state)) < 50
+    assert len(segment_files(state, ".draining")) == 1
+    restart_and_check(servers, state, acked)
+
+
+def test_two_servers_start_at_the_same_instant_on_a_fresh_state_dir(
+    servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """1. Two servers start together on a state dir that does not exist yet.
+    2. Both become ready (folders and SQLite created concurrently without failing).
+    3. Both take writes and stop cleanly; every acked id is in the sink once.
+    """
+    state = tmp_path / "fresh"
+    a = start(servers, state, {"SF_DRAIN_INTERVAL_MS": "50"})
+    b = start(servers, state, {"SF_DRAIN_INTERVAL_MS": "50"})
+    a.wait_ready()
+    b.wait_ready()
+    acked = post(a, 10, "a") + post(b, 10, "b")
+    for s in (a, b):
+        s.send_signal(signal.SIGTERM)
+    assert [a.wait(15), b.wait(15)] == [0, 0], a.logs() + b.logs()
+    assert sorted(delivered(state)) == sorted(acked)
+
+
+WRITER = r"""
+import asyncio, json, os, sys
+from sf_lifecycle.queue import FeedbackQueue
+from sf_lifecycle.sink import SqliteSink
+
+state, n, mode, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+
+async def main():
+    q = FeedbackQueue(state, drain_interval_ms=20, batch_records=16)
+    sink = SqliteSink(os.path.join(state, "feedback.sqlite3"))
+    q.start_drainer(sink)
+    acked = []
+    async def writer(k):
+        for i in range(n // 8):
+            acked.append(await q.append({"w": k, "i": i, "pad": "x" * 250}))
+    await asyncio.gather(*(writer(k) for k in range(8)))
+    with open(out, "w") as f:
+        f.write("\n".join(acked))
+    if mode == "die":
+        os._exit(0)  # no final drain, no lock release: the kernel drops the flock
+    sink_ids = None
+    await q.close()
+    sink.close()
+
+asyncio.run(main())
+"""
+
+RECOVERER = r"""
+import asyncio, os, sys
+from sf_lifecycle.queue import FeedbackQueue
+from sf_lifecycle.sink import SqliteSink
+
+state, stop = sys.argv[1], sys.argv[2]
+
+async def main():
+    q = FeedbackQueue(state)
+    sink = SqliteSink(os.path.join(state, "feedback.sqlite3"))
+    while not os.path.exists(stop):
+        await q.recover(sink)
+        await asyncio.sleep(0.02)
+    await q.recover(sink)
+    q.sink = sink
+    await q.close()
+    sink.close()
+    print("recoverer done", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_four_writer_processes_and_a_recoverer_lose_and_duplicate_nothing(
+    tmp_path: Path,
+) -> None:
+    """1. Four processes append 200 records each (8 concurrent writers per process), each with
+       its own background drainer; two exit cleanly, two die without draining.
+    2. Meanwhile a fifth process runs recovery in a loop (it must skip the live writers).
+    3. Afterwards every acked id is in the sink exactly once, and no segment is left.
+    """
+    state = tmp_path / "state"
+    state.mkdir()
+    stop = tmp_path / "stop"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        rec = subprocess.Popen(
+            [sys.executable, "-c", RECOVERER, str(state), str(stop)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+        )
+        procs.append(rec)
+        for k in range(4):
+            mode = "die" if k % 2 else "clean"
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        WRITER,
+                        str(state),
+                        "200",
+                        mode,
+                        str(tmp_path / f"acked{k}"),
+                    ],
+                    cwd=ROOT,
+                )
+            )
+        assert [p.wait(60) for p in procs[1:]] == [0, 0, 0, 0]
+        stop.touch()
+        out, _ = rec.communicate(timeout=60)
+        assert rec.returncode == 0
+        assert b"recoverer done" in out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    acked = [i for k in range(4) for i in (tmp_path / f"acked{k}").read_text().split()]
+    assert len(acked) == 800
+    conn = sqlite3.connect(state / "feedback.sqlite3")
+    rows = conn.execute("SELECT id, body FROM feedback").fetchall()
+    conn.close()
+    assert sorted(r[0] for r in rows) == sorted(acked)
+    assert all(json.loads(r[1])["pad"] == "x" * 250 for r in rows)
+    assert segment_files(state, ".draining") == []
+    assert segment_files(state, ".log") == []

@@ -1,0 +1,250 @@
+"""POST /api/feedback: every status code, and idempotency across a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import threading
+import types
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from sf_lifecycle import queue as queue_mod
+from sf_lifecycle.config import Settings
+from sf_lifecycle.feedback import IdempotencyIndex, feedback_routes
+from sf_lifecycle.queue import FeedbackQueue, is_record_id
+from sf_lifecycle.sink import SqliteSink
+
+JSON = {"content-type": "application/json"}
+
+
+class App:
+    def __init__(self, state: Path, max_bytes: int = 200) -> None:
+        self.queue = FeedbackQueue(state)
+        self.index = IdempotencyIndex(self.queue.dir / "idempotency.sqlite3")
+        self.queue.add_delivery_listener(self.index.record_delivered)
+        settings = Settings(state_dir=state, feedback_max_bytes=max_bytes)
+        self.app = Starlette(routes=feedback_routes(self.queue, settings, index=self.index))
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://t"
+        )
+        self.sink = SqliteSink(state / "feedback.sqlite3")
+
+    async def post(self, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return await self.client.post(
+            "/api/feedback", content=content, headers=JSON if headers is None else headers
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        if not self.queue._closed:
+            self.queue.sink = self.sink
+            await self.queue.close()
+        self.index.close()
+        self.sink.close()
+
+
+@pytest.fixture
+async def app(tmp_path: Path) -> AsyncIterator[App]:
+    a = App(tmp_path)
+    yield a
+    await a.close()
+
+
+async def test_202_with_an_id_once_durable(app: App) -> None:
+    r = await app.post({"text": "good", "n": [1, 2.5, None]})
+    assert r.status_code == 202
+    rid = r.json()["id"]
+    assert is_record_id(rid)
+    await app.queue.drain(app.sink)
+    assert await app.sink.ids() == [rid]
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "detail"),
+    [
+        (b"{not json", "invalid_json", "Expecting property name"),
+        (b'{"x": NaN}', "invalid_json", "NaN is not valid JSON"),
+        (b'{"x": -Infinity}', "invalid_json", "-Infinity is not valid JSON"),
+        (b'{"a": 1, "a": 2}', "invalid_json", "duplicate key 'a'"),
+        (b'{"a": "\xff"}', "invalid_utf8", "not valid UTF-8 at byte 7"),
+        (b"[1, 2]", "not_an_object", "got list"),
+        (b'"text"', "not_an_object", "got str"),
+        (b"", "invalid_json", "Expecting value"),
+    ],
+)
+async def test_400_names_the_problem(app: App, body: bytes, error: str, detail: str) -> None:
+    r = await app.post(body)
+    assert r.status_code == 400
+    assert r.json()["error"] == error
+    assert detail in r.json()["detail"]
+    assert app.queue.stats().queued == 0
+
+
+@pytest.mark.parametrize(
+    "ctype",
+    [None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1"],
+)
+async def test_415_for_non_json_content_types(app: App, ctype: str | None) -> None:
+    headers = {} if ctype is None else {"content-type": ctype}
+    r = await app.post({"a": 1}, headers=headers)
+    assert r.status_code == 415
+    assert r.json()["error"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize(
+    "ctype", ["application/json; charset=UTF-8", "application/merge-patch+json"]
+)
+async def test_json_media_types_accepted(app: App, ctype: str) -> None:
+    assert (await app.post({"a": 1}, headers={"content-type": ctype})).status_code == 202
+
+
+async def test_413_from_content_length(app: App) -> None:
+    r = await app.post({"t": "x" * 300})
+    assert r.status_code == 413
+    assert r.json()["limit"] == 200
+
+
+async def test_413_while_streaming_stops_reading(app: App) -> None:
+    sent = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield b'{"t": "'
+        for _ in range(1000):
+            sent += 1
+            yield b"x" * 50
+        yield b'"}'
+
+    r = await app.client.post("/api/feedback", content=body(), headers=JSON)
+    assert r.status_code == 413
+    assert sent < 10  # rejected after the limit, not after the whole 50 kB
+
+
+async def test_exactly_the_limit_is_accepted(app: App) -> None:
+    body = b'{"t":"' + b"x" * 192 + b'"}'
+    assert len(body) == 200
+    assert (await app.post(body)).status_code == 202
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+async def test_503_when_the_disk_refuses(
+    app: App, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    def write(fd: int, data: bytes) -> int:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(queue_mod, "os", types.SimpleNamespace(**{**vars(os), "write": write}))
+    r = await app.post({"a": 1})
+    assert r.status_code == 503
+    assert r.json()["error"] == "disk_write_failed"
+    assert r.json()["errno"] == errno.errorcode[err]
+    assert r.headers["retry-after"] == "1"
+    monkeypatch.undo()
+    assert (await app.post({"a": 2})).status_code == 202
+    await app.queue.drain(app.sink)
+    assert len(await app.sink.ids()) == 1  # the refused one was never stored
+
+
+async def test_503_when_the_queue_is_closed(app: App) -> None:
+    app.queue.sink = app.sink
+    await app.queue.close()
+    r = await app.post({"a": 1})
+    assert r.status_code == 503
+    assert r.json()["error"] == "queue_closed"
+
+
+async def test_idempotency_key_replays_409_and_422(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = {"idempotency-key": "order-42:retry", **JSON}
+    first = await app.post({"a": 1, "b": 2}, key)
+    assert first.status_code == 202
+    again = await app.post(b'{"b": 2, "a": 1}', key)  # same JSON, other spelling
+    assert again.status_code == 202
+    assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    other = await app.post({"a": 999}, key)
+    assert other.status_code == 422
+    assert other.json()["error"] == "idempotency_key_reused"
+
+    gate = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        gate.wait(5)
+        real_fsync(fd)
+
+    monkeypatch.setattr(queue_mod, "os", types.SimpleNamespace(**{**vars(os), "fsync": slow_fsync}))
+    slow_key = {"idempotency-key": "slow", **JSON}
+    pending = asyncio.ensure_future(app.post({"s": 1}, slow_key))
+    for _ in range(100):
+        await asyncio.sleep(0.005)
+        conflict = await app.post({"s": 1}, slow_key)
+        if conflict.status_code == 409:
+            break
+    assert conflict.status_code == 409
+    assert conflict.json()["error"] == "in_flight"
+    gate.set()
+    assert (await pending).status_code == 202
+    await app.queue.drain(app.sink)
+    assert len(await app.sink.ids()) == 2
+
+
+@pytest.mark.parametrize("bad", [b"", b"x" * 129, b"has space", "ünï".encode(), b"a\tb"])
+async def test_400_for_a_malformed_idempotency_key(app: App, bad: bytes) -> None:
+    r = await app.client.post(
+        "/api/feedback",
+        content=b"{}",
+        headers=[(b"idempotency-key", bad), (b"content-type", b"application/json")],
+    )
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_idempotency_key"
+
+
+async def test_idempotency_survives_a_restart(tmp_path: Path) -> None:
+    first = App(tmp_path)
+    key = {"idempotency-key": "k1", **JSON}
+    rid = (await first.post({"x": 1}, key)).json()["id"]
+    await first.close()  # drains: the sink commits, then the index records the key
+    second = App(tmp_path)
+    try:
+        second.queue.recovery = {"state": "running"}
+        assert (await second.post({"x": 1}, key)).status_code == 503  # cannot check yet
+        second.queue.recovery = {"state": "done"}
+        r = await second.post({"x": 1}, key)
+        assert r.status_code == 202
+        assert r.json()["id"] == rid
+        assert (await second.post({"x": 2}, key)).status_code == 422
+    finally:
+        await second.close()
+    sink = SqliteSink(tmp_path / "feedback.sqlite3")
+    assert await sink.ids() == [rid]
+    sink.close()
+
+
+async def test_idempotency_key_of_a_crashed_process_is_indexed_by_recovery(
+    tmp_path: Path,
+) -> None:
+    first = App(tmp_path)
+    rid = (await first.post({"x": 1}, {"idempotency-key": "k2", **JSON})).json()["id"]
+    first.queue._lock.release()  # the process "dies" before any drain
+    second = App(tmp_path)
+    try:
+        await second.queue.recover(second.sink)
+        r = await second.post({"x": 1}, {"idempotency-key": "k2", **JSON})
+        assert r.json()["id"] == rid
+    finally:
+        await second.close()
+        await first.client.aclose()
+        first.queue._closed = True
+        first.index.close()
+        first.sink.close()

@@ -1,0 +1,480 @@
+"""FeedbackQueue: append, drain, recovery, quarantine, group commit and disk faults."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import tempfile
+import threading
+import time
+import types
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sf_lifecycle import queue as queue_mod
+from sf_lifecycle._errors import BudgetExceeded, DiskWriteError, QueueError
+from sf_lifecycle._framing import encode
+from sf_lifecycle.config import Settings
+from sf_lifecycle.lifecycle import Lifecycle
+from sf_lifecycle.queue import FeedbackQueue, is_record_id, new_record_id
+
+
+class ListSink:
+    """A real in-memory sink: idempotent by id, optionally slow, counts every delivery."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.deliveries: Counter[str] = Counter()
+        self.stored: dict[str, Mapping[str, Any]] = {}
+        self.calls = 0
+
+    async def __call__(self, records: Sequence[Mapping[str, Any]]) -> None:
+        self.calls += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        for r in records:
+            self.deliveries[r["id"]] += 1
+            self.stored[r["id"]] = r
+
+
+def files(q: FeedbackQueue, suffix: str) -> list[str]:
+    return sorted(n for n in os.listdir(q.dir) if n.endswith(suffix))
+
+
+@pytest.fixture
+async def q(tmp_path: Path) -> Any:
+    queue = FeedbackQueue(tmp_path, batch_records=3)
+    yield queue
+    if not queue._closed:
+        queue._release()
+
+
+def die(q: FeedbackQueue) -> None:
+    """What SIGKILL leaves: files as they are, the flock released by the kernel."""
+    if q._fd is not None:
+        os.close(q._fd)
+        q._fd = None
+    with q._cond:
+        q._stopping = True
+        q._cond.notify()
+    q._thread.join()
+    q._closed = True
+    q._lock.release()
+
+
+def test_record_ids_are_uuid7_hex_and_time_ordered() -> None:
+    ids = [new_record_id() for _ in range(5000)]
+    assert all(is_record_id(i) for i in ids)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert not is_record_id("0" * 32)
+    assert not is_record_id(ids[0].upper())
+    assert not is_record_id(1)
+
+
+async def test_append_then_drain_delivers_each_record_once(q: FeedbackQueue) -> None:
+    ids = [await q.append({"n": i, "text": "é"}) for i in range(7)]
+    assert q.stats().queued == 7
+    assert files(q, ".log")
+    assert not files(q, ".draining")
+    sink = ListSink()
+    result = await q.drain(sink)
+    assert result.delivered == 7
+    assert result.complete
+    assert result.files_done == 1
+    assert sink.deliveries == Counter(dict.fromkeys(ids, 1))
+    assert sink.calls == 3  # batches of 3
+    assert sink.stored[ids[1]]["data"] == {"n": 1, "text": "é"}
+    assert files(q, ".log") == []
+    assert files(q, ".draining") == []
+    stats = q.stats()
+    assert (stats.queued, stats.draining, stats.delivered) == (0, 0, 7)
+    # appends after a drain go to a new segment
+    later = await q.append({"n": 99})
+    assert files(q, ".log") == [f"{q.token}.000002.log"]
+    await q.drain(sink)
+    assert sink.deliveries[later] == 1
+
+
+async def test_append_rejects_nan_and_closed_queue(q: FeedbackQueue) -> None:
+    with pytest.raises(ValueError, match="JSON"):
+        await q.append({"x": float("nan")})
+    await q.close()
+    with pytest.raises(QueueError, match="closed"):
+        await q.append({"x": 1})
+
+
+async def test_deadline_stops_the_drain_and_leaves_draining_file(q: FeedbackQueue) -> None:
+    ids = [await q.append({"n": i}) for i in range(9)]
+    slow = ListSink(delay_s=0.15)
+    result = await q.drain(slow, deadline=time.monotonic() + 0.2)
+    assert not result.complete
+    assert result.files_left == 1
+    assert 0 < result.delivered < 9
+    assert len(files(q, ".draining")) == 1  # nothing deleted before the sink had it all
+    result = await q.drain(ListSink(), deadline=time.monotonic() - 1)  # spent budget
+    assert not result.complete
+    assert files(q, ".draining")
+    fast = ListSink()
+    assert (await q.drain(fast)).complete
+    assert set(fast.deliveries) == set(ids)
+    assert files(q, ".draining") == []
+
+
+async def test_failing_sink_keeps_the_file_for_a_retry(q: FeedbackQueue) -> None:
+    rid = await q.append({"a": 1})
+
+    async def broken(records: Sequence[Mapping[str, Any]]) -> None:
+        raise ConnectionError("sink down")
+
+    assert not (await q.drain(broken)).complete
+    assert len(files(q, ".draining")) == 1
+    sink = ListSink()
+    await q.drain(sink)
+    assert list(sink.deliveries) == [rid]
+
+
+async def test_recover_delivers_dead_owner_files_and_never_touches_a_live_one(
+    tmp_path: Path,
+) -> None:
+    dead = FeedbackQueue(tmp_path)
+    dead_ids = [await dead.append({"d": i}) for i in range(4)]
+    await dead._call_io(dead._rotate)  # one .draining file ...
+    dead_ids.append(await dead.append({"d": "log"}))  # ... and one active .log
+    die(dead)
+    live = FeedbackQueue(tmp_path)
+    live_id = await live.append({"live": True})
+    rescuer = FeedbackQueue(tmp_path)
+    sink = ListSink()
+    result = await rescuer.recover(sink)
+    assert result.complete
+    assert result.files_done == 2
+    assert sink.deliveries == Counter(dict.fromkeys(dead_ids, 1))
+    assert rescuer.recovery["state"] == "done"
+    remaining = os.listdir(rescuer.dir)
+    assert not [n for n in remaining if n.startswith(dead.token)]  # data and lock file gone
+    assert [n for n in remaining if n.startswith(live.token)]  # the live owner's untouched
+    await live.drain(sink)
+    assert sink.deliveries[live_id] == 1
+    for queue in (live, rescuer):
+        await queue.close()
+
+
+async def test_two_recoverers_never_deliver_the_same_file(tmp_path: Path) -> None:
+    owners = []
+    ids = []
+    for _ in range(3):
+        owner = FeedbackQueue(tmp_path)
+        ids += [await owner.append({"i": i}) for i in range(5)]
+        die(owner)
+        owners.append(owner)
+    a, b = FeedbackQueue(tmp_path), FeedbackQueue(tmp_path)
+    sink = ListSink(delay_s=0.05)
+    ra, rb = await asyncio.gather(a.recover(sink), b.recover(sink))
+    assert ra.files_done + rb.files_done == 3
+    assert sink.deliveries == Counter(dict.fromkeys(ids, 1))  # no file delivered twice
+    for queue in (a, b):
+        await queue.close()
+
+
+async def test_corrupt_record_is_quarantined_and_neighbours_delivered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    q = FeedbackQueue(tmp_path)
+    token = "0" * 22
+    good = [f'{{"id":"{new_record_id()}","data":{{"n":{i}}}}}'.encode() for i in range(3)]
+    bad = encode(b'{"id":"x"}')  # valid frame, invalid id
+    blob = encode(good[0]) + b"\xffjunk\xff" + encode(good[1]) + bad + encode(good[2])
+    path = q.dir / f"{token}.000001.draining"
+    path.write_bytes(blob)
+    sink = ListSink()
+    with caplog.at_level(logging.WARNING, logger="sf_lifecycle.queue"):
+        result = await q.recover(sink)
+    assert result.quarantined == 1
+    assert result.delivered == 3
+    assert not path.exists()
+    assert (q.quarantine_dir / path.name).read_bytes() == blob  # kept byte for byte
+    text = caplog.text
+    assert f"{path} at offset {len(encode(good[0]))}: bad magic" in text
+    assert "record without a valid id" in text
+    assert q.stats().quarantined == 1
+    await q.close()
+
+
+async def test_torn_tail_is_dropped_not_quarantined(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    q = FeedbackQueue(tmp_path)
+    rid = new_record_id()
+    whole = encode(f'{{"id":"{rid}","data":{{}}}}'.encode())
+    torn = encode(b'{"id":"never-acknowledged"}')[:-5]
+    (q.dir / f"{'1' * 22}.000001.log").write_bytes(whole + torn)
+    sink = ListSink()
+    with caplog.at_level(logging.INFO, logger="sf_lifecycle.queue"):
+        result = await q.recover(sink)
+    assert list(sink.deliveries) == [rid]
+    assert result.quarantined == 0
+    assert os.listdir(q.quarantine_dir) == []
+    assert f"dropped a torn tail of {len(torn)} byte(s) at offset {len(whole)}" in caplog.text
+    await q.close()
+
+
+async def test_group_commit_acknowledges_only_after_the_shared_fsync(
+    q: FeedbackQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await q.append({"warm": 1})  # the new segment's directory fsync is out of the way
+    gate = threading.Event()
+    entered = threading.Event()
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        calls.append(fd)
+        entered.set()
+        gate.wait(5)
+        real_fsync(fd)
+
+    monkeypatch.setattr(queue_mod, "os", types.SimpleNamespace(**{**vars(os), "fsync": slow_fsync}))
+    first = asyncio.ensure_future(q.append({"n": 0}))
+    await asyncio.to_thread(entered.wait, 5)
+    rest = [asyncio.ensure_future(q.append({"n": i})) for i in range(1, 8)]
+    await asyncio.sleep(0.05)
+    assert not first.done()
+    assert not any(t.done() for t in rest)
+    gate.set()
+    await asyncio.gather(first, *rest)
+    assert len(calls) == 2  # the 7 appends queued during the first fsync shared one
+
+
+class FaultyOS(types.SimpleNamespace):
+    """The `os` module as the queue sees it, with one call failing."""
+
+
+def faulty_os(name: str, err: int | None, *, short: bool = False, times: int = 1) -> Any:
+    real = getattr(os, name)
+    state = {"left": times}
+
+    def wrapper(*args: Any) -> Any:
+        if state["left"] > 0:
+            state["left"] -= 1
+            if short:  # write half, report it; the next call gets the error (if any)
+                fd, data = args
+                n = real(fd, bytes(data[: max(1, len(data) // 2)]))
+                if err is not None:
+                    state["left"] = 0
+                    nonlocal_fail.append(err)
+                return n
+            raise OSError(err, os.strerror(err or 0))
+        if nonlocal_fail and name == "write":
+            raise OSError(nonlocal_fail.pop(), "after short write")
+        return real(*args)
+
+    nonlocal_fail: list[int] = []
+    return FaultyOS(**{**vars(os), name: wrapper})
+
+
+FAULTS = [
+    ("write", errno.ENOSPC, False),
+    ("write", errno.EIO, False),
+    ("write", errno.EFBIG, False),
+    ("write", errno.ENOSPC, True),  # short write, then the disk is full
+    ("fsync", errno.EIO, False),
+    ("fsync", errno.ENOSPC, False),
+    ("open", errno.ENOSPC, False),
+]
+
+
+@pytest.mark.parametrize(("call", "err", "short"), FAULTS)
+async def test_disk_fault_is_never_acknowledged_and_queue_stays_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str, err: int, short: bool
+) -> None:
+    q = FeedbackQueue(tmp_path)
+    before = [await q.append({"before": i}) for i in range(3)]
+    if call == "open":
+        await q.drain(ListSink())  # the next append must create a segment
+        before = []
+    monkeypatch.setattr(queue_mod, "os", faulty_os(call, err, short=short))
+    with pytest.raises(DiskWriteError) as info:
+        await q.append({"doomed": True})
+    assert info.value.errno == err
+    monkeypatch.undo()
+    after = await q.append({"after": True})  # usable again, on a fresh segment
+    sink = ListSink()
+    assert (await q.drain(sink)).complete
+    delivered = [r["data"] for r in sink.stored.values()]
+    assert {"doomed": True} not in delivered  # the unacknowledged tail was cut
+    assert set(sink.deliveries) == {*before, after}
+    assert q.stats().quarantined == 0
+    await q.close()
+
+
+async def test_short_write_is_completed_not_failed(
+    q: FeedbackQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue_mod, "os", faulty_os("write", None, short=True))
+    rid = await q.append({"long": "x" * 500})
+    monkeypatch.undo()
+    sink = ListSink()
+    await q.drain(sink)
+    assert sink.stored[rid]["data"] == {"long": "x" * 500}
+
+
+async def test_directory_fsync_failure_on_a_new_segment_is_not_acknowledged(
+    q: FeedbackQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.fsync
+    seen: list[int] = []
+
+    def fsync(fd: int) -> None:
+        seen.append(fd)
+        if len(seen) == 2:  # file fsync passes, directory fsync fails
+            raise OSError(errno.EIO, "dir")
+        real(fd)
+
+    monkeypatch.setattr(queue_mod, "os", types.SimpleNamespace(**{**vars(os), "fsync": fsync}))
+    with pytest.raises(DiskWriteError):
+        await q.append({"x": 1})
+    monkeypatch.undo()
+    rid = await q.append({"x": 2})
+    sink = ListSink()
+    await q.drain(sink)
+    assert list(sink.deliveries) == [rid]
+
+
+async def test_install_recovers_at_startup_and_drains_at_shutdown(tmp_path: Path) -> None:
+    old = FeedbackQueue(tmp_path)
+    orphan = await old.append({"o": 1})
+    die(old)
+    cfg = Settings(state_dir=tmp_path, drain_interval_ms=20)
+    lifecycle = Lifecycle(cfg)
+    q = FeedbackQueue(tmp_path, settings=cfg)
+    sink = ListSink()
+    q.install(lifecycle, sink)
+    await lifecycle.startup()
+    for _ in range(100):
+        ok, body = await lifecycle.readiness()
+        if ok:
+            break
+        await asyncio.sleep(0.01)
+    assert ok, body
+    assert body["checks"]["feedback-queue"]["recovery"]["state"] == "done"
+    assert sink.deliveries[orphan] == 1
+    rid = await q.append({"bg": 1})
+    for _ in range(200):  # the background drainer picks it up
+        if rid in sink.deliveries:
+            break
+        await asyncio.sleep(0.01)
+    assert sink.deliveries[rid] == 1
+    last = await q.append({"last": 1})
+    await lifecycle.shutdown()
+    assert sink.deliveries[last] == 1
+    assert lifecycle.unfinished == []
+    assert os.listdir(q.dir) == ["quarantine"]  # our lock file is gone too
+
+
+async def test_close_past_the_deadline_raises_and_keeps_the_records(tmp_path: Path) -> None:
+    q = FeedbackQueue(tmp_path)
+    q.sink = ListSink()
+    rid = await q.append({"x": 1})
+    with pytest.raises(BudgetExceeded):
+        await q.close(deadline=time.monotonic() - 1)
+    assert len(files(q, ".draining")) == 1
+    nxt = FeedbackQueue(tmp_path)
+    sink = ListSink()
+    await nxt.recover(sink)
+    assert list(sink.deliveries) == [rid]
+    await nxt.close()
+
+
+async def test_queue_cli_status_and_recover(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+    import json as _json
+
+    from sf_lifecycle import queue_cli
+
+    def run(*argv: str) -> int:
+        parser = argparse.ArgumentParser()
+        queue_cli.add_arguments(parser)
+        return queue_cli.run(parser.parse_args(argv))
+
+    dead = FeedbackQueue(tmp_path)
+    ids = [await dead.append({"i": i}) for i in range(5)]
+    die(dead)
+    live = FeedbackQueue(tmp_path)
+    await live.append({"live": 1})
+    (live.quarantine_dir / "old.draining").write_bytes(b"x")
+    assert await asyncio.to_thread(run, "status", "--state-dir", str(tmp_path), "--json") == 0
+    status = _json.loads(capsys.readouterr().out)
+    assert (status["orphaned"], status["queued"], status["quarantined"]) == (5, 1, 1)
+    assert status["delivered"] is None
+    assert await asyncio.to_thread(run, "recover", "--state-dir", str(tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert "recovered 5 record(s) from 1 file(s)" in err
+    assert "recovering [" in err
+    assert await asyncio.to_thread(run, "status", "--state-dir", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "orphaned            0" in out
+    assert "delivered           5" in out
+    from sf_lifecycle.sink import SqliteSink
+
+    sink = SqliteSink(tmp_path / "feedback.sqlite3")
+    assert await sink.ids() == ids
+    sink.close()
+    assert await asyncio.to_thread(run, "status", "--state-dir", str(tmp_path / "nope")) == 2
+    await live.close()
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(1, 6)),
+        st.tuples(st.just("drain"), st.just(0)),
+        st.tuples(st.just("drain_past_deadline"), st.just(0)),
+        st.tuples(st.just("crash"), st.just(0)),
+        st.tuples(st.just("recover"), st.just(0)),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(OPS)
+def test_any_history_of_appends_drains_and_crashes_delivers_every_ack(
+    ops: list[tuple[str, int]],
+) -> None:
+    """Whatever happens, a final recovery leaves every acked id in the sink, nothing extra."""
+
+    async def history(state: Path) -> None:
+        sink = ListSink()
+        acked: list[str] = []
+        q = FeedbackQueue(state, batch_records=2)
+        for op, n in ops:
+            if op == "append":
+                acked += [await q.append({"n": i}) for i in range(n)]
+            elif op == "drain":
+                await q.drain(sink)
+            elif op == "drain_past_deadline":
+                await q.drain(sink, deadline=time.monotonic() - 1)
+            elif op == "crash":
+                die(q)
+                q = FeedbackQueue(state, batch_records=2)
+            else:
+                await q.recover(sink)
+        die(q)
+        final = FeedbackQueue(state)
+        assert (await final.recover(sink)).complete
+        await final.close()
+        assert set(sink.deliveries) == set(acked)
+        assert not [n for n in os.listdir(state / "feedback") if n.endswith((".log", ".draining"))]
+
+    with tempfile.TemporaryDirectory() as d:
+        asyncio.run(history(Path(d)))
