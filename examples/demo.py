@@ -226,9 +226,15 @@ class Load:
                             continue
                         self._record(200, source.response.headers.get("x-sf-replica"))
                         for event in source.iter_sse():
-                            if event.id and event.event != "lost":
-                                received.append(event.id)
+                            # A message with no data (the closing `retry:` hint) is not an
+                            # event (the SSE spec says not to dispatch it); httpx-sse yields it
+                            # anyway, carrying the previous id.
+                            if not event.data:
+                                continue
+                            if event.id:
                                 last_id = event.id
+                                if event.event != "lost":
+                                    received.append(event.id)
                             if self.stop.is_set():
                                 break
                 except httpx.HTTPError as exc:
@@ -247,12 +253,23 @@ class Load:
         return True
 
     def finish(self, timeout: float = 10.0) -> None:
+        """Let SSE clients catch up, then stop the HTTP workers and the publisher.
+
+        SSE clients stop once their stream ends, which the replica's shutdown brings about:
+        call `join_streams()` after stopping it.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.caught_up():
             time.sleep(0.1)
         self.stop.set()
         for t in self.threads:
-            t.join(timeout=max(0.1, deadline + 35 - time.monotonic()))
+            if not t.name.startswith("sse-"):
+                t.join(timeout=35)
+
+    def join_streams(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
 
 
 def _watch_stop(
@@ -362,6 +379,7 @@ def run(opts: Options) -> Summary:
         load.finish()
         say("stopping sf-v2 (its queue drains on the way out)")
         _watch_stop(proxy, sf2, "sf-v2", summary, say)
+        load.join_streams()
         summary.feedback_delivered = _delivered_ids(opts.state_dir)
         for server in (sf, candidate, sf2):
             if server.proc is not None and server.proc.poll() is None:
