@@ -39,11 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ._errors import DiskWriteError, QueueError
+from ._jsonbody import BodyError, check_json_content_type, read_json_body
 from .config import Settings
 from .lifecycle import Lifecycle
 from .queue import FeedbackQueue
@@ -53,26 +54,8 @@ __all__ = ["IdempotencyIndex", "feedback_routes"]
 logger = logging.getLogger("sf_lifecycle.feedback")
 
 _KEY_RE = re.compile(r"[A-Za-z0-9._:~+/=-]{1,128}\Z")
-_JSON_TYPE = re.compile(r"application/(?:[a-z0-9.+-]+\+)?json\Z")
 #: How long a delivered idempotency key is remembered.
 IDEMPOTENCY_TTL_S = 24 * 3600
-
-
-class _BadJSON(ValueError):
-    pass
-
-
-def _no_constants(name: str) -> Any:
-    raise _BadJSON(f"{name} is not valid JSON")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _BadJSON(f"duplicate key {k!r}")
-        out[k] = v
-    return out
 
 
 def _error(status: int, error: str, detail: str, **extra: Any) -> JSONResponse:
@@ -190,17 +173,10 @@ class _FeedbackEndpoint:
         self.index = index
 
     async def handle(self, request: Request) -> Response:
-        ctype = request.headers.get("content-type", "")
-        media, _, params = ctype.partition(";")
-        charset = re.search(r"charset\s*=\s*\"?([^\";\s]+)", params, re.IGNORECASE)
-        if not _JSON_TYPE.match(media.strip().lower()) or (
-            charset is not None and charset.group(1).lower() not in ("utf-8", "utf8")
-        ):
-            return _error(
-                415,
-                "unsupported_media_type",
-                f"send Content-Type: application/json (UTF-8), got {ctype!r}",
-            )
+        try:
+            check_json_content_type(request)
+        except BodyError as exc:
+            return exc.response()
         key = request.headers.get("idempotency-key")
         if key is not None and not _KEY_RE.match(key):
             return _error(
@@ -208,38 +184,10 @@ class _FeedbackEndpoint:
                 "invalid_idempotency_key",
                 "Idempotency-Key must be 1-128 characters from A-Z a-z 0-9 . _ : ~ + / = -",
             )
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return _error(
-                413,
-                "payload_too_large",
-                f"body of {declared} bytes is over the {self.max_bytes}-byte limit",
-                limit=self.max_bytes,
-            )
-        chunks: list[bytes] = []
-        size = 0
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > self.max_bytes:
-                    return _error(
-                        413,
-                        "payload_too_large",
-                        f"body is over the {self.max_bytes}-byte limit",
-                        limit=self.max_bytes,
-                    )
-                chunks.append(chunk)
-        except ClientDisconnect:
-            return _error(400, "client_disconnected", "the body ended early")
-        raw = b"".join(chunks)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return _error(400, "invalid_utf8", f"body is not valid UTF-8 at byte {exc.start}")
-        try:
-            body = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
-        except (_BadJSON, ValueError) as exc:
-            return _error(400, "invalid_json", str(exc))
+            body = await read_json_body(request, self.max_bytes)
+        except BodyError as exc:
+            return exc.response()
         if not isinstance(body, dict):
             return _error(
                 400, "not_an_object", f"body must be a JSON object, got {type(body).__name__}"

@@ -29,7 +29,6 @@ Deliberate choices:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -42,6 +41,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from ._errors import DiskWriteError
+from ._jsonbody import BodyError, read_json_body
 from .events import LOST, EventLog, InvalidEventId, InvalidSessionId, parse_event_id
 from .events import validate_session_id as _validate_session
 from .lifecycle import Lifecycle
@@ -87,61 +87,6 @@ class _LifecycleEventSourceResponse(EventSourceResponse):
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status, headers={**_NO_STORE, **(headers or {})})
-
-
-class _BodyError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def _read_json(request: Request, max_bytes: int) -> Any:
-    """The request's JSON body, or `_BodyError` with the status that says why not."""
-    ctype = request.headers.get("content-type", "")
-    media, _, params = ctype.partition(";")
-    media = media.strip().lower()
-    if media != "application/json" and not (
-        media.startswith("application/") and media.endswith("+json")
-    ):
-        raise _BodyError(415, f"content-type must be application/json, got {ctype or 'none'!r}")
-    charset = params.strip().lower()
-    if charset and charset.replace(" ", "") not in ("charset=utf-8", 'charset="utf-8"'):
-        raise _BodyError(415, f"only UTF-8 JSON is accepted, got {ctype!r}")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _BodyError(413, f"body of {declared} bytes exceeds the limit of {max_bytes}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _BodyError(413, f"body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _BodyError(400, f"body is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        return json.loads(
-            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
-    except ValueError as exc:
-        raise _BodyError(400, f"body is not valid JSON: {exc}") from None
 
 
 class _Endpoints:
@@ -237,9 +182,9 @@ class _Endpoints:
         except InvalidSessionId as exc:
             return _error(400, str(exc))
         try:
-            data = await _read_json(request, self.max_body_bytes)
-        except _BodyError as exc:
-            return _error(exc.status, exc.message)
+            data = await read_json_body(request, self.max_body_bytes)
+        except BodyError as exc:
+            return _error(exc.status, exc.detail)
         except ClientDisconnect:
             return _error(400, "client disconnected before the body was complete")
         try:

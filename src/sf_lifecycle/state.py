@@ -14,6 +14,7 @@ import asyncio
 import enum
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["Phase", "PhaseChange", "ShutdownState"]
@@ -163,19 +164,15 @@ def _wake(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
         if not fut.done():
             fut.set_result(None)
 
-    if loop.is_closed():
-        return
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:
-        resolve()
-    else:
-        loop.call_soon_threadsafe(resolve)
+    _call_on(loop, resolve)
 
 
 def _set_event(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+    _call_on(loop, event.set)
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    """Run `fn` on `loop`: now if we are on it, else at its next turn (thread-safe)."""
     if loop.is_closed():
         return
     try:
@@ -183,6 +180,6 @@ def _set_event(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
     except RuntimeError:
         running = None
     if running is loop:
-        event.set()
+        fn()
     else:
-        loop.call_soon_threadsafe(event.set)
+        loop.call_soon_threadsafe(fn)

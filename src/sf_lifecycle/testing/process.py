@@ -47,6 +47,19 @@ def http_get(
         conn.close()
 
 
+def reap(proc: subprocess.Popen[bytes], grace_s: float) -> int:
+    """SIGTERM `proc`, wait `grace_s`, then SIGKILL; its exit code. Safe on an exited process."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
 class ServerProcess:
     """`sf-lifecycle serve APP` as a child process on 127.0.0.1.
 
@@ -142,17 +155,7 @@ class ServerProcess:
 
     def stop(self) -> int | None:
         """SIGTERM, wait up to `reap_s`, then SIGKILL. Safe to call twice."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(self.reap_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return None if self.proc is None else reap(self.proc, self.reap_s)
 
     def kill(self) -> None:
         """SIGKILL (what `docker kill` does) and reap."""

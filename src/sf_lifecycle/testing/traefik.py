@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from typing import IO, Any
 
 import yaml
 
-from .process import free_port, http_get
+from .process import free_port, http_get, reap
 
 __all__ = ["TraefikProxy", "TraefikRouting", "find_traefik"]
 
@@ -338,17 +337,7 @@ class TraefikProxy:
 
     def stop(self) -> int | None:
         """SIGTERM, wait `reap_s`, then SIGKILL; the exit code. Safe to call twice."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(self.reap_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return None if self.proc is None else reap(self.proc, self.reap_s)
 
     def close(self) -> None:
         """Stop Traefik and remove its temporary configuration directory."""
