@@ -21,159 +21,40 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-from .config import Settings
+from ._infra_common import (
+    COMPOSE_STOP_MS,
+    DEFAULTS,
+    DELAY_VAR,
+    GRACE_VAR,
+    HEALTH_PATH,
+    Finding,
+    Reporter,
+    as_dict,
+    fmt_ms,
+    interpolate,
+    lower_keys,
+    parse_duration_ms,
+    read_budget,
+    scalar,
+)
+from ._infra_k8s import _check_k8s
 
-__all__ = ["COMMAND", "Finding", "check_documents", "check_paths", "parse_duration_ms"]
-
-Severity = Literal["error", "warning"]
-
-_DEFAULTS = Settings()
-GRACE_VAR, DELAY_VAR = "SF_RPC_SHUTDOWN_GRACE_MS", "SF_DRAIN_DELAY_MS"
-HEALTH_PATH = "/api/healthz"
-#: Traefik's defaults when a health check omits them.
-_TRAEFIK_INTERVAL_MS, _TRAEFIK_TIMEOUT_MS = 30_000, 5_000
-#: Docker's default stop timeout when `stop_grace_period` is absent.
-_COMPOSE_STOP_MS = 10_000
-_WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "Pod"}
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """One problem found in one file.
-
-    Attributes:
-        severity: `error` (unsafe: exit non-zero) or `warning`.
-        file: The file, as given on the command line or found in a directory.
-        message: What is wrong and how to fix it.
-    """
-
-    severity: Severity
-    file: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.severity.upper():7} {self.file}: {self.message}"
-
-
-# -- values -----------------------------------------------------------------------------------
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNIT_MS = {"ns": 1e-6, "us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
-
-
-def parse_duration_ms(value: object) -> float:
-    """Milliseconds of a Go/Compose duration (`610s`, `1m30s`, `500ms`); a bare number is seconds.
-
-    Raises:
-        ValueError: not a duration.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")
-    if isinstance(value, int | float):
-        return float(value) * 1000
-    text = str(value).strip()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text) * 1000
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT_MS[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"not a duration: {value!r} (expected e.g. 610s, 1m30s, 500ms)")
-    return total
-
-
-def _fmt_ms(ms: float) -> str:
-    return f"{ms / 1000:g} s"
-
-
-_VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}|([A-Za-z_]\w*))")
-
-
-def interpolate(value: str, env: Mapping[str, str]) -> str:
-    """Resolve Compose-style `${VAR}`, `${VAR:-default}`, `${VAR-default}` and `$VAR` in `value`."""
-
-    def sub(m: re.Match[str]) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name = m.group(1) or m.group(4)
-        op, arg = m.group(2), m.group(3) or ""
-        current = env.get(name)
-        if op in (":-", ":?"):
-            return current if current else (arg if op == ":-" else "")
-        if op in ("-", "?"):
-            return current if current is not None else (arg if op == "-" else "")
-        if op in (":+", "+"):
-            return arg if (current if op == ":+" else current is not None) else ""
-        return current or ""
-
-    return _VAR.sub(sub, value)
-
-
-def _as_dict(value: object, env: Mapping[str, str]) -> dict[str, str]:
-    """Compose `environment`/`labels`, as a mapping or a `KEY=VALUE` list, interpolated."""
-    pairs: list[tuple[object, object]] = []
-    if isinstance(value, Mapping):
-        pairs = list(value.items())
-    elif isinstance(value, list):
-        for item in value:
-            key, _, val = str(item).partition("=")
-            pairs.append((key, val))
-    return {str(k): interpolate("" if v is None else _scalar(v), env) for k, v in pairs}
-
-
-def _scalar(v: object) -> str:
-    return ("true" if v else "false") if isinstance(v, bool) else str(v)
-
-
-def _lower_keys(obj: Any) -> Any:
-    # Traefik reads its configuration case-insensitively (`healthCheck` == `healthcheck`).
-    if isinstance(obj, Mapping):
-        return {str(k).lower(): _lower_keys(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_lower_keys(v) for v in obj]
-    return obj
-
-
-@dataclass
-class _Budget:
-    grace_ms: int
-    delay_ms: int
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def required_ms(self) -> int:
-        return self.grace_ms + self.delay_ms
-
-    def describe(self) -> str:
-        return (
-            f"{GRACE_VAR} ({self.grace_ms} ms) + {DELAY_VAR} ({self.delay_ms} ms) "
-            f"= {_fmt_ms(self.required_ms)}"
-        )
-
-
-def _budget(env: Mapping[str, str]) -> _Budget:
-    values = {GRACE_VAR: _DEFAULTS.grace_ms, DELAY_VAR: _DEFAULTS.drain_delay_ms}
-    problems: list[str] = []
-    for var in values:
-        raw = env.get(var, "").strip()
-        if not raw:
-            continue
-        try:
-            values[var] = int(raw)
-        except ValueError:
-            problems.append(f"{var}={raw!r} is not an integer number of milliseconds")
-    return _Budget(values[GRACE_VAR], values[DELAY_VAR], problems)
+__all__ = [
+    "COMMAND",
+    "Finding",
+    "check_documents",
+    "check_paths",
+    "interpolate",
+    "parse_duration_ms",
+]
 
 
 # -- routing (Traefik) ------------------------------------------------------------------------
@@ -192,8 +73,8 @@ class _Routing:
     def fields(self) -> dict[str, object]:
         return {
             "health check path": self.health_path,
-            "health check interval": _fmt_ms(self.interval_ms),
-            "health check timeout": _fmt_ms(self.timeout_ms),
+            "health check interval": fmt_ms(self.interval_ms),
+            "health check timeout": fmt_ms(self.timeout_ms),
             "sticky cookie name": self.cookie_name,
             "sticky cookie httpOnly": self.cookie_http_only,
             "sticky cookie sameSite": self.cookie_same_site,
@@ -210,9 +91,9 @@ def _routing(hc: Mapping[str, Any] | None, cookie: Mapping[str, Any] | None) -> 
         interval_ms=parse_duration_ms(hc.get("interval", "30s")),
         timeout_ms=parse_duration_ms(hc.get("timeout", "5s")),
         cookie_name=str(cookie.get("name", "")) or ("(generated)" if has_cookie else None),
-        cookie_http_only=_scalar(cookie.get("httponly", False)).lower() == "true",
+        cookie_http_only=scalar(cookie.get("httponly", False)).lower() == "true",
         cookie_same_site=str(cookie["samesite"]).lower() if cookie.get("samesite") else None,
-        cookie_secure=_scalar(cookie.get("secure", False)).lower() == "true",
+        cookie_secure=scalar(cookie.get("secure", False)).lower() == "true",
     )
 
 
@@ -235,7 +116,7 @@ def _label_tree(labels: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _check_routing(
-    r: _Routing, where: str, delay_ms: int, report: _Reporter, delay_source: str
+    r: _Routing, where: str, delay_ms: int, report: Reporter, delay_source: str
 ) -> None:
     if r.health_path is None:
         report.error(
@@ -252,8 +133,8 @@ def _check_routing(
     if r.interval_ms + r.timeout_ms > delay_ms:
         longer = "interval" if r.interval_ms > delay_ms else "interval + timeout"
         report.error(
-            f"{where}: health check {longer} ({_fmt_ms(r.interval_ms)} + "
-            f"{_fmt_ms(r.timeout_ms)}) does not fit inside the drain delay "
+            f"{where}: health check {longer} ({fmt_ms(r.interval_ms)} + "
+            f"{fmt_ms(r.timeout_ms)}) does not fit inside the drain delay "
             f"({delay_source} = {delay_ms} ms): the replica can close its listener before "
             f"Traefik has seen a 503. Use interval 2s, timeout 1s, or raise {DELAY_VAR}."
         )
@@ -267,18 +148,6 @@ def _check_routing(
             report.warning(f"{where}: sticky cookie {r.cookie_name} is not httpOnly")
         if not r.cookie_same_site:
             report.warning(f"{where}: sticky cookie {r.cookie_name} has no sameSite (use lax)")
-
-
-# -- reporting --------------------------------------------------------------------------------
-class _Reporter:
-    def __init__(self, file: str, out: list[Finding]) -> None:
-        self.file, self.out = file, out
-
-    def error(self, message: str) -> None:
-        self.out.append(Finding("error", self.file, message))
-
-    def warning(self, message: str) -> None:
-        self.out.append(Finding("warning", self.file, message))
 
 
 # -- docker compose ---------------------------------------------------------------------------
@@ -304,32 +173,32 @@ class _ComposeService:
 def _check_compose(
     doc: Mapping[str, Any], file: str, env: Mapping[str, str], out: list[Finding]
 ) -> list[_ComposeService]:
-    report = _Reporter(file, out)
+    report = Reporter(file, out)
     services = doc.get("services") or {}
     apps: list[_ComposeService] = []
     for name, svc in services.items():
         if not isinstance(svc, Mapping):
             continue
-        svc_env = _as_dict(svc.get("environment"), env)
-        labels = _as_dict(svc.get("labels"), env)
-        labels.update(_as_dict((svc.get("deploy") or {}).get("labels"), env))
+        svc_env = as_dict(svc.get("environment"), env)
+        labels = as_dict(svc.get("labels"), env)
+        labels.update(as_dict((svc.get("deploy") or {}).get("labels"), env))
         tree = _label_tree(labels)
         # With exposedByDefault=false only `traefik.enable=true` routes; any http label
         # shows the intent too. `traefik.enable=false` always wins.
-        enable = _scalar(tree.get("enable", "")).lower()
+        enable = scalar(tree.get("enable", "")).lower()
         routed = enable != "false" and (enable == "true" or "http" in tree)
         if not routed and not any(k.startswith("SF_") for k in svc_env):
             continue  # not an sf replica (Traefik itself, a database, ...)
         app = _ComposeService(str(name), file, svc_env, labels, tree)
         apps.append(app)
         where = f"service {name}"
-        budget = _budget(svc_env)
+        budget = read_budget(svc_env)
         for problem in budget.problems:
             report.error(f"{where}: {problem}")
         raw_stop = svc.get("stop_grace_period")
         try:
             stop_ms = (
-                _COMPOSE_STOP_MS
+                COMPOSE_STOP_MS
                 if raw_stop is None
                 else parse_duration_ms(interpolate(str(raw_stop), env))
             )
@@ -379,7 +248,7 @@ def _check_compose(
     return apps
 
 
-def _check_pools(apps: Sequence[_ComposeService], report: _Reporter) -> None:
+def _check_pools(apps: Sequence[_ComposeService], report: Reporter) -> None:
     by_name = {a.name: a for a in apps}
     for a in apps:
         base = a.name.removesuffix("-candidate")
@@ -417,8 +286,8 @@ def _check_pools(apps: Sequence[_ComposeService], report: _Reporter) -> None:
 def _file_provider_routing(
     doc: Mapping[str, Any], file: str, delay_ms: int, out: list[Finding]
 ) -> dict[str, _Routing]:
-    report = _Reporter(file, out)
-    lowered = _lower_keys(doc)
+    report = Reporter(file, out)
+    lowered = lower_keys(doc)
     services = (lowered.get("http") or {}).get("services") or {}
     found: dict[str, _Routing] = {}
     for name, svc in services.items():
@@ -436,122 +305,11 @@ def _file_provider_routing(
 
 
 def _check_traefik_static(doc: Mapping[str, Any], file: str, out: list[Finding]) -> None:
-    report = _Reporter(file, out)
-    g = _lower_keys(doc).get("global") or {}
+    report = Reporter(file, out)
+    g = lower_keys(doc).get("global") or {}
     for key in ("checknewversion", "sendanonymoususage"):
-        if _scalar(g.get(key, True)).lower() != "false":
+        if scalar(g.get(key, True)).lower() != "false":
             report.warning(f"global.{key} is not false: Traefik will contact the internet")
-
-
-# -- Kubernetes -------------------------------------------------------------------------------
-def _pod_spec(doc: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    kind = doc.get("kind")
-    spec = doc.get("spec") or {}
-    if kind == "Pod":
-        return spec
-    return ((spec.get("template") or {}).get("spec")) or None
-
-
-def _prestop_sleep_s(container: Mapping[str, Any]) -> int:
-    pre = ((container.get("lifecycle") or {}).get("preStop")) or {}
-    if "sleep" in pre:
-        return int((pre["sleep"] or {}).get("seconds", 0))
-    command = " ".join(str(c) for c in ((pre.get("exec") or {}).get("command") or []))
-    m = re.search(r"\bsleep\s+(\d+)", command)
-    return int(m.group(1)) if m else 0
-
-
-def _check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]) -> None:
-    workload_labels: list[dict[str, str]] = []
-    for file, doc in docs:
-        if doc.get("kind") not in _WORKLOAD_KINDS:
-            continue
-        report = _Reporter(file, out)
-        spec = _pod_spec(doc)
-        if spec is None:
-            continue
-        where = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name', '?')}"
-        template_meta = ((doc.get("spec") or {}).get("template") or {}).get("metadata") or {}
-        workload_labels.append(dict(template_meta.get("labels") or {}))
-        containers = list(spec.get("containers") or [])
-        sf_containers = [
-            c
-            for c in containers
-            if any(str(e.get("name", "")).startswith("SF_") for e in c.get("env") or [])
-        ] or containers
-        period_s = spec.get("terminationGracePeriodSeconds", 30)
-        for c in sf_containers:
-            cw = f"{where}, container {c.get('name')}"
-            env = {str(e["name"]): str(e["value"]) for e in c.get("env") or [] if "value" in e}
-            budget = _budget(env)
-            for problem in budget.problems:
-                report.error(f"{cw}: {problem}")
-            pre_s = _prestop_sleep_s(c)
-            need_ms = budget.required_ms + pre_s * 1000
-            if int(period_s) * 1000 < need_ms:
-                extra = f" + preStop sleep ({pre_s} s)" if pre_s else ""
-                report.error(
-                    f"{cw}: terminationGracePeriodSeconds {period_s} is shorter than "
-                    f"{budget.describe()}{extra}: the kubelet would SIGKILL the pod while it "
-                    f"still drains. Set it to {need_ms // 1000 + 5} or more."
-                )
-            probe = c.get("readinessProbe")
-            if not probe:
-                report.error(
-                    f"{cw}: no readinessProbe, so nothing takes a draining pod out of rotation "
-                    f"except the termination itself. Add httpGet {HEALTH_PATH}, periodSeconds 2, "
-                    f"timeoutSeconds 1, failureThreshold 1."
-                )
-            else:
-                path = (probe.get("httpGet") or {}).get("path")
-                if path != HEALTH_PATH:
-                    report.warning(
-                        f"{cw}: readinessProbe is not an httpGet of {HEALTH_PATH}; it will not "
-                        f"see the 503 a draining pod answers there"
-                    )
-                period = int(probe.get("periodSeconds", 10)) * 1000
-                timeout = int(probe.get("timeoutSeconds", 1)) * 1000
-                failures = int(probe.get("failureThreshold", 3))
-                if period + timeout > budget.delay_ms:
-                    report.error(
-                        f"{cw}: readinessProbe periodSeconds + timeoutSeconds "
-                        f"({_fmt_ms(period)} + {_fmt_ms(timeout)}) does not fit inside the drain "
-                        f"delay ({DELAY_VAR} = {budget.delay_ms} ms). Use periodSeconds 2, "
-                        f"timeoutSeconds 1."
-                    )
-                elif failures * period + timeout > budget.delay_ms:
-                    report.warning(
-                        f"{cw}: readinessProbe needs failureThreshold x periodSeconds + "
-                        f"timeoutSeconds = {_fmt_ms(failures * period + timeout)} to mark the pod "
-                        f"unready, longer than the drain delay ({budget.delay_ms} ms); set "
-                        f"failureThreshold 1"
-                    )
-            live = (c.get("livenessProbe") or {}).get("httpGet") or {}
-            if live.get("path") == HEALTH_PATH:
-                report.warning(
-                    f"{cw}: livenessProbe on {HEALTH_PATH}, which answers 503 while starting and "
-                    f"draining; a restart mid-drain cuts the queue drain short. Use /api/version."
-                )
-    for file, doc in docs:
-        if doc.get("kind") != "Service":
-            continue
-        report = _Reporter(file, out)
-        spec = doc.get("spec") or {}
-        where = f"Service/{(doc.get('metadata') or {}).get('name', '?')}"
-        if spec.get("sessionAffinity") != "ClientIP":
-            report.warning(
-                f"{where}: sessionAffinity is not ClientIP; reconnecting SSE clients may land on "
-                f"another pod (or use cookie affinity in your ingress)"
-            )
-        selector = spec.get("selector") or {}
-        if (
-            workload_labels
-            and selector
-            and not any(
-                all(lbls.get(k) == v for k, v in selector.items()) for lbls in workload_labels
-            )
-        ):
-            report.error(f"{where}: selector {selector} matches no pod template given")
 
 
 # -- entry points -----------------------------------------------------------------------------
@@ -605,8 +363,8 @@ def check_documents(
             _check_traefik_static(doc, file, out)
     _check_k8s(k8s, out)
     if drain_delay_ms is None:
-        delays = [_budget(a.env).delay_ms for a in compose_apps]
-        drain_delay_ms = min(delays) if delays else _DEFAULTS.drain_delay_ms
+        delays = [read_budget(a.env).delay_ms for a in compose_apps]
+        drain_delay_ms = min(delays) if delays else DEFAULTS.drain_delay_ms
     for file, doc in dynamic:
         routings = _file_provider_routing(doc, file, drain_delay_ms, out)
         for pool, r in routings.items():

@@ -1,0 +1,127 @@
+"""`check-infra` for Kubernetes manifests: grace period, readiness probe, preStop, Service."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._infra_common import (
+    DELAY_VAR,
+    HEALTH_PATH,
+    WORKLOAD_KINDS,
+    Finding,
+    Reporter,
+    fmt_ms,
+    read_budget,
+)
+
+
+def _pod_spec(doc: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    kind = doc.get("kind")
+    spec = doc.get("spec") or {}
+    if kind == "Pod":
+        return spec
+    return ((spec.get("template") or {}).get("spec")) or None
+
+
+def _prestop_sleep_s(container: Mapping[str, Any]) -> int:
+    pre = ((container.get("lifecycle") or {}).get("preStop")) or {}
+    if "sleep" in pre:
+        return int((pre["sleep"] or {}).get("seconds", 0))
+    command = " ".join(str(c) for c in ((pre.get("exec") or {}).get("command") or []))
+    m = re.search(r"\bsleep\s+(\d+)", command)
+    return int(m.group(1)) if m else 0
+
+
+def _check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]) -> None:
+    workload_labels: list[dict[str, str]] = []
+    for file, doc in docs:
+        if doc.get("kind") not in WORKLOAD_KINDS:
+            continue
+        report = Reporter(file, out)
+        spec = _pod_spec(doc)
+        if spec is None:
+            continue
+        where = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name', '?')}"
+        template_meta = ((doc.get("spec") or {}).get("template") or {}).get("metadata") or {}
+        workload_labels.append(dict(template_meta.get("labels") or {}))
+        containers = list(spec.get("containers") or [])
+        sf_containers = [
+            c
+            for c in containers
+            if any(str(e.get("name", "")).startswith("SF_") for e in c.get("env") or [])
+        ] or containers
+        period_s = spec.get("terminationGracePeriodSeconds", 30)
+        for c in sf_containers:
+            cw = f"{where}, container {c.get('name')}"
+            env = {str(e["name"]): str(e["value"]) for e in c.get("env") or [] if "value" in e}
+            budget = read_budget(env)
+            for problem in budget.problems:
+                report.error(f"{cw}: {problem}")
+            pre_s = _prestop_sleep_s(c)
+            need_ms = budget.required_ms + pre_s * 1000
+            if int(period_s) * 1000 < need_ms:
+                extra = f" + preStop sleep ({pre_s} s)" if pre_s else ""
+                report.error(
+                    f"{cw}: terminationGracePeriodSeconds {period_s} is shorter than "
+                    f"{budget.describe()}{extra}: the kubelet would SIGKILL the pod while it "
+                    f"still drains. Set it to {need_ms // 1000 + 5} or more."
+                )
+            probe = c.get("readinessProbe")
+            if not probe:
+                report.error(
+                    f"{cw}: no readinessProbe, so nothing takes a draining pod out of rotation "
+                    f"except the termination itself. Add httpGet {HEALTH_PATH}, periodSeconds 2, "
+                    f"timeoutSeconds 1, failureThreshold 1."
+                )
+            else:
+                path = (probe.get("httpGet") or {}).get("path")
+                if path != HEALTH_PATH:
+                    report.warning(
+                        f"{cw}: readinessProbe is not an httpGet of {HEALTH_PATH}; it will not "
+                        f"see the 503 a draining pod answers there"
+                    )
+                period = int(probe.get("periodSeconds", 10)) * 1000
+                timeout = int(probe.get("timeoutSeconds", 1)) * 1000
+                failures = int(probe.get("failureThreshold", 3))
+                if period + timeout > budget.delay_ms:
+                    report.error(
+                        f"{cw}: readinessProbe periodSeconds + timeoutSeconds "
+                        f"({fmt_ms(period)} + {fmt_ms(timeout)}) does not fit inside the drain "
+                        f"delay ({DELAY_VAR} = {budget.delay_ms} ms). Use periodSeconds 2, "
+                        f"timeoutSeconds 1."
+                    )
+                elif failures * period + timeout > budget.delay_ms:
+                    report.warning(
+                        f"{cw}: readinessProbe needs failureThreshold x periodSeconds + "
+                        f"timeoutSeconds = {fmt_ms(failures * period + timeout)} to mark the pod "
+                        f"unready, longer than the drain delay ({budget.delay_ms} ms); set "
+                        f"failureThreshold 1"
+                    )
+            live = (c.get("livenessProbe") or {}).get("httpGet") or {}
+            if live.get("path") == HEALTH_PATH:
+                report.warning(
+                    f"{cw}: livenessProbe on {HEALTH_PATH}, which answers 503 while starting and "
+                    f"draining; a restart mid-drain cuts the queue drain short. Use /api/version."
+                )
+    for file, doc in docs:
+        if doc.get("kind") != "Service":
+            continue
+        report = Reporter(file, out)
+        spec = doc.get("spec") or {}
+        where = f"Service/{(doc.get('metadata') or {}).get('name', '?')}"
+        if spec.get("sessionAffinity") != "ClientIP":
+            report.warning(
+                f"{where}: sessionAffinity is not ClientIP; reconnecting SSE clients may land on "
+                f"another pod (or use cookie affinity in your ingress)"
+            )
+        selector = spec.get("selector") or {}
+        if (
+            workload_labels
+            and selector
+            and not any(
+                all(lbls.get(k) == v for k, v in selector.items()) for lbls in workload_labels
+            )
+        ):
+            report.error(f"{where}: selector {selector} matches no pod template given")
