@@ -11,6 +11,8 @@ help:
 	@echo "make demo   real Traefik in front of the example server: an upgrade under load"
 	@echo "make test   ruff, mypy (strict) and pytest, from a fresh clone"
 	@echo "make bench  benchmarks against baselines run beside them (QUICK=1 for a short run)"
+	@echo "make reliability  the kill, fault and fuzz campaign (ARGS=\"--iterations 300\")"
+	@echo "make demo-baseline  the demo's flow with plain uvicorn replicas, for comparison"
 	@echo "make lint / fmt / clean"
 
 $(BIN)/python:
@@ -52,6 +54,9 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1 \
 		|| echo "wrk could not be installed: the benchmarks use their Python load generator"
 	$(BIN)/python -m benchmarks $(if $(QUICK),--quick,)
+
+reliability: $(STAMP)
+	$(BIN)/python -m tests.reliability $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .coverage .coverage.* .demo

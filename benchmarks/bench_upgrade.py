@@ -26,7 +26,6 @@ def _upgrade(baseline: bool, rate: float) -> demo.Summary:
         demo.Options(
             baseline=baseline,
             rate=rate,
-            workers=4,
             sse_clients=0,
             warmup_s=2.0,
             cooldown_s=1.0,

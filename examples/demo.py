@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import random
 import signal
 import sqlite3
@@ -48,7 +49,8 @@ class Options:
 
     baseline: bool = False
     rate: float = 100.0  # requests per second across the HTTP workers, before SSE
-    workers: int = 4
+    #: HTTP worker threads; None: enough that slow reads (0.3 s, 1 in 10) still leave the rate.
+    workers: int | None = None
     sse_clients: int = 4
     warmup_s: float = 3.0
     cooldown_s: float = 3.0
@@ -70,6 +72,7 @@ class Stop:
 @dataclass
 class Summary:
     sent: int = 0
+    load_s: float = 0.0
     failed: Counter[str] = field(default_factory=Counter)
     feedback_acked: set[str] = field(default_factory=set)
     feedback_delivered: list[str] = field(default_factory=list)
@@ -124,9 +127,13 @@ class Load:
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
         self.sessions = [f"demo-{i}" for i in range(max(1, opts.sse_clients // 2))]
+        # A worker spends ~0.03 s per request on slow reads alone: about 10 req/s each.
+        self.workers = opts.workers or max(4, math.ceil(opts.rate / 10))
+        self.started = time.monotonic()
+        self.elapsed_s = 0.0
 
     def start(self) -> None:
-        for i in range(self.opts.workers):
+        for i in range(self.workers):
             self._spawn(self._worker, i, f"http-{i}")
         for i in range(self.opts.sse_clients):
             self._spawn(self._sse_client, i, f"sse-{i}")
@@ -149,7 +156,7 @@ class Load:
     def _worker(self, i: int) -> None:
         rng = random.Random(i)
         sticky = i % 2 == 0
-        period = self.opts.workers / self.opts.rate
+        period = self.workers / self.opts.rate
         pinned: str | None = None
         with httpx.Client(base_url=self.base_url, timeout=30) as client:
             n = 0
@@ -262,6 +269,7 @@ class Load:
         while time.monotonic() < deadline and not self.caught_up():
             time.sleep(0.1)
         self.stop.set()
+        self.elapsed_s = time.monotonic() - self.started
         for t in self.threads:
             if not t.name.startswith("sse-"):
                 t.join(timeout=35)
@@ -355,7 +363,7 @@ def run(opts: Options) -> Summary:
         load = Load(proxy.url, opts, summary)
         stack.callback(load.stop.set)
         load.start()
-        say(f"load: {opts.workers} HTTP workers at ~{opts.rate:g} req/s, {opts.sse_clients} SSE")
+        say(f"load: {load.workers} HTTP workers at ~{opts.rate:g} req/s, {opts.sse_clients} SSE")
         time.sleep(opts.warmup_s)
 
         say("bringing up sf-candidate")
@@ -377,6 +385,7 @@ def run(opts: Options) -> Summary:
         time.sleep(opts.cooldown_s)
         say("stopping the load; waiting for SSE clients to catch up")
         load.finish()
+        summary.load_s = load.elapsed_s
         say("stopping sf-v2 (its queue drains on the way out)")
         _watch_stop(proxy, sf2, "sf-v2", summary, say)
         load.join_streams()
@@ -393,7 +402,11 @@ def render(summary: Summary, opts: Options) -> str:
     received = sum(len(v) for v in summary.events_received.values())
     rows = [
         ("runner", "plain uvicorn (baseline)" if opts.baseline else "sf-lifecycle serve"),
-        ("requests sent", str(summary.sent)),
+        (
+            "requests sent",
+            f"{summary.sent} in {summary.load_s:.1f} s"
+            + (f" ({summary.sent / summary.load_s:.0f} req/s)" if summary.load_s else ""),
+        ),
         (
             "requests failed",
             f"{summary.failed_total}"

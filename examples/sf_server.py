@@ -75,7 +75,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     state_dir = lifecycle.settings.require_state_dir()
 
     queue = FeedbackQueue(state_dir, settings=lifecycle.settings)
-    sink: Sink = SqliteSink(state_dir / "feedback.sqlite3")
+    cfg = lifecycle.settings
+    sink: Sink = SqliteSink(
+        state_dir / "feedback.sqlite3", file_mode=cfg.file_mode, dir_mode=cfg.dir_mode
+    )
     delay_ms = int(os.environ.get("SF_EXAMPLE_SINK_DELAY_MS", "0") or 0)
     queue.install(lifecycle, _delayed(sink, delay_ms) if delay_ms > 0 else sink)
     events = FileEventLog.from_settings(lifecycle.settings)

@@ -8,11 +8,13 @@ from importlib.metadata import PackageNotFoundError, version
 from ._errors import (
     BudgetExceeded,
     ConfigError,
-    CorruptRecord,
     DiskWriteError,
+    InvalidEventId,
+    InvalidSessionId,
     NotReady,
     QueueError,
     SfLifecycleError,
+    UnsafePath,
 )
 from .config import Settings
 from .events import EventLog, FileEventLog
@@ -37,12 +39,13 @@ __all__ = [
     "EXIT_OK",
     "BudgetExceeded",
     "ConfigError",
-    "CorruptRecord",
     "DiskWriteError",
     "EventLog",
     "FeedbackQueue",
     "FileEventLog",
     "HealthApp",
+    "InvalidEventId",
+    "InvalidSessionId",
     "Lifecycle",
     "LifecycleMiddleware",
     "NotReady",
@@ -53,6 +56,7 @@ __all__ = [
     "ShutdownState",
     "Sink",
     "SqliteSink",
+    "UnsafePath",
     "__version__",
     "feedback_routes",
     "health_routes",

@@ -20,21 +20,25 @@ import os
 import signal
 import sys
 
-__all__ = ["ARMED", "POINTS", "hit"]
+__all__ = ["ARMED", "POINTS", "arm", "hit"]
 
 logger = logging.getLogger("sf_lifecycle.crashpoints")
 
 #: Every crash point the library declares, in the order a record meets them.
 POINTS = frozenset(
     {
+        "append.after_open",
         "append.before_write",
         "append.after_write",
         "append.after_fsync",
+        "drain.before_rename",
         "drain.after_rename",
+        "sink.before_commit",
         "drain.after_sink_commit",
         "drain.before_unlink",
         "drain.after_unlink",
         "recover.after_claim",
+        "recover.before_lock_unlink",
     }
 )
 
@@ -58,6 +62,16 @@ _TARGET = _parse(os.environ.get("SF_CRASH_AT"))
 #: True only when `SF_CRASH_AT` names a point; call sites test it before calling `hit`.
 ARMED = _TARGET is not None
 _hits = 0
+
+
+def arm(spec: str | None) -> None:
+    """Arm `name[:N]` now (as `SF_CRASH_AT` does at import), or disarm with None.
+
+    For test harnesses that arm a running process; raises `ValueError` for an unknown point.
+    """
+    global _TARGET, ARMED, _hits
+    target = _parse(spec)
+    _TARGET, ARMED, _hits = target, target is not None, 0
 
 
 def hit(name: str) -> None:

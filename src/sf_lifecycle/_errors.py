@@ -4,11 +4,15 @@ The tree, so that callers can catch as broadly or narrowly as they need::
 
     SfLifecycleError
     ├── ConfigError(ValueError)         a setting is invalid; names the variable
+    ├── InvalidSessionId(ValueError)    a session id that cannot name a file safely
+    ├── InvalidEventId(ValueError)      a Last-Event-ID this log never handed out
     ├── NotReady                        a readiness check says "not yet"; carries the reason
     ├── BudgetExceeded(TimeoutError)    the shutdown grace budget ran out
+    ├── UnsafePath(OSError)             a link where the state directory keeps a file
     └── QueueError
-        ├── DiskWriteError(OSError)     the disk refused an append; nothing was acknowledged
-        └── CorruptRecord               a queue record failed its length or checksum test
+        └── DiskWriteError(OSError)     the disk refused an append; nothing was acknowledged
+
+Damaged data on disk raises nothing: it is quarantined with a log line (see ARCHITECTURE.md).
 
 Every exception pickles, so it can cross a process boundary (multiprocessing, test harnesses).
 """
@@ -18,8 +22,9 @@ from __future__ import annotations
 __all__ = [
     "BudgetExceeded",
     "ConfigError",
-    "CorruptRecord",
     "DiskWriteError",
+    "InvalidEventId",
+    "InvalidSessionId",
     "NotReady",
     "QueueError",
     "SfLifecycleError",
@@ -72,5 +77,17 @@ class DiskWriteError(QueueError, OSError):
     """
 
 
-class CorruptRecord(QueueError):
-    """A queue record failed its length or checksum test; the file is quarantined, not deleted."""
+class InvalidSessionId(SfLifecycleError, ValueError):
+    """A session id is not 1-128 characters from `A-Z a-z 0-9 _ -` (it names a file)."""
+
+
+class InvalidEventId(SfLifecycleError, ValueError):
+    """A `Last-Event-ID` is not of the form `<epoch>-<seq>` this log hands out."""
+
+
+class UnsafePath(SfLifecycleError, OSError):
+    """A symbolic link (or another non-regular file) where the library keeps its state.
+
+    Refused rather than followed: whoever can write into the state directory must not be able to
+    make the service read, truncate or delete a file elsewhere through a link.
+    """

@@ -17,9 +17,18 @@ from typing import Any
 
 from ._errors import ConfigError
 
-__all__ = ["ENV_VARS", "Settings"]
+__all__ = ["ENV_VARS", "FileMode", "Settings"]
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+class FileMode(int):
+    """A permission mode: an int that prints in octal (`0600`), as operators write it."""
+
+    def __str__(self) -> str:
+        return f"0{self:o}"
+
+    __repr__ = __str__
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +59,9 @@ class Settings:
         sse_retry_ms: `retry:` hint sent to clients when a stream is closed for shutdown.
         sse_retention_events: Events kept per session for `Last-Event-ID` resume.
         sse_retention_ms: Age after which session events may be discarded.
+        file_mode: Permissions of files the library creates in the state directory (octal in
+            `SF_FILE_MODE`; the umask still applies). Owner read and write are required.
+        dir_mode: Permissions of directories it creates there (octal; owner rwx required).
     """
 
     grace_ms: int = 600_000
@@ -70,9 +82,15 @@ class Settings:
     sse_retry_ms: int = 1_000
     sse_retention_events: int = 10_000
     sse_retention_ms: int = 3_600_000
+    file_mode: int = FileMode(0o600)
+    dir_mode: int = FileMode(0o700)
     _sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        for name in _MODE_FIELDS:  # a plain int given in code prints as octal too
+            value = getattr(self, name)
+            if type(value) is int:
+                object.__setattr__(self, name, FileMode(value))
         for f in dataclasses.fields(self):
             if f.name.startswith("_"):
                 continue
@@ -149,6 +167,8 @@ ENV_VARS: dict[str, str] = {
     "sse_retry_ms": "SF_SSE_RETRY_MS",
     "sse_retention_events": "SF_SSE_RETENTION_EVENTS",
     "sse_retention_ms": "SF_SSE_RETENTION_MS",
+    "file_mode": "SF_FILE_MODE",
+    "dir_mode": "SF_DIR_MODE",
 }
 
 # (minimum, maximum) for integer settings; None means unbounded above.
@@ -168,9 +188,16 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "sse_retention_ms": (1_000, 365 * 24 * 3_600_000),
 }
 _ID_FIELDS = ("version", "git_sha", "replica_id")
+#: Mode settings -> the owner bits the library needs to work (the rest is the operator's choice).
+_MODE_FIELDS: dict[str, int] = {"file_mode": 0o600, "dir_mode": 0o700}
 
 
 def _parse(name: str, var: str, raw: str) -> object:
+    if name in _MODE_FIELDS:
+        try:
+            return FileMode(int(raw, 8))
+        except ValueError:
+            raise ConfigError(var, raw, "an octal mode such as 0600") from None
     if name in _INT_RANGES:
         try:
             return int(raw, 10)
@@ -196,6 +223,17 @@ def _validate(name: str, value: object, source: str) -> None:
             or (high is not None and value > high)
         ):
             raise ConfigError(source, value, _describe_range(name))
+    elif name in _MODE_FIELDS:
+        need = _MODE_FIELDS[name]
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not 0 <= value <= 0o777
+            or value & need != need
+        ):
+            raise ConfigError(
+                source, value, f"an octal mode from 0{need:o} to 0777 (owner 0{need:o} required)"
+            )
     elif name in _ID_FIELDS:
         if value is not None and (
             not isinstance(value, str) or not value or len(value) > 128 or set(value) - _ID_CHARS

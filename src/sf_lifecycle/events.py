@@ -53,16 +53,17 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import filelock
 
-from ._errors import DiskWriteError, SfLifecycleError
+from ._errors import DiskWriteError, InvalidEventId, InvalidSessionId
 
 __all__ = [
     "Event",
@@ -82,14 +83,6 @@ _LINE_RE = re.compile(rb'\{"seq":([0-9]{1,18}),"ts":(-?[0-9]{1,18}),"data":')
 _HEADER_KEY = "sf_session_log"
 #: Kind of the synthetic event that reports a gap.
 LOST = "lost"
-
-
-class InvalidSessionId(SfLifecycleError, ValueError):
-    """A session id is not 1-128 characters from `A-Z a-z 0-9 _ -` (it names a file)."""
-
-
-class InvalidEventId(SfLifecycleError, ValueError):
-    """A `Last-Event-ID` is not of the form `<epoch>-<seq>` this log hands out."""
 
 
 def validate_session_id(session: str) -> str:
@@ -192,10 +185,10 @@ _EMPTY = _View(None, 0, [], [])
 
 
 class _Session:
-    def __init__(self, name: str, path: Path, lock_path: Path) -> None:
+    def __init__(self, name: str, path: Path, lock_path: Path, mode: int = 0o600) -> None:
         self.name = name
         self.path = path
-        self.lock = filelock.FileLock(lock_path)
+        self.lock = filelock.FileLock(lock_path, mode=mode)
         self.mutex = threading.Lock()  # in-process: refresh and append of this session
         self.alock = asyncio.Lock()  # one refresh at a time per process
         self.view = _EMPTY
@@ -230,6 +223,8 @@ class FileEventLog:
         poll_ms: How often files with waiting streams are checked for other processes' appends.
         fsync: fsync each append (and compaction) for power-loss durability.
         max_cached_sessions: Sessions kept parsed in memory when nobody streams them.
+        file_mode: Mode of the log and lock files created (no file is opened through a link).
+        dir_mode: Mode of the `sessions` folder when it is created.
     """
 
     def __init__(
@@ -241,11 +236,14 @@ class FileEventLog:
         poll_ms: int = 50,
         fsync: bool = False,
         max_cached_sessions: int = 256,
+        file_mode: int = 0o600,
+        dir_mode: int = 0o700,
     ) -> None:
         if retention_events < 1 or retention_ms < 1 or poll_ms < 1:
             raise ValueError("retention_events, retention_ms and poll_ms must be positive")
         self.dir = Path(state_dir) / "sessions"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+        self.file_mode = file_mode
         self.retention_events = retention_events
         self.retention_ms = retention_ms
         self.poll_s = poll_ms / 1000
@@ -262,7 +260,7 @@ class FileEventLog:
             settings.require_state_dir(),
             settings.sse_retention_events,
             settings.sse_retention_ms,
-            **kwargs,
+            **{"file_mode": settings.file_mode, "dir_mode": settings.dir_mode, **kwargs},
         )
 
     # -- public API ----------------------------------------------------------------------
@@ -375,7 +373,12 @@ class FileEventLog:
         with self._guard:
             s = self._sessions.get(session)
             if s is None:
-                s = _Session(session, self.dir / f"{session}.log", self.dir / f"{session}.lock")
+                s = _Session(
+                    session,
+                    self.dir / f"{session}.log",
+                    self.dir / f"{session}.lock",
+                    self.file_mode,
+                )
                 self._sessions[session] = s
                 if len(self._sessions) > self.max_cached_sessions:
                     for name in list(self._sessions)[: -self.max_cached_sessions]:
@@ -433,7 +436,10 @@ class FileEventLog:
     def _refresh_sync(self, s: _Session) -> None:
         """Bring `s.view` up to date with the file. Caller holds `s.mutex`."""
         try:
-            st = os.stat(s.path)
+            st = os.lstat(s.path)
+            if stat.S_ISLNK(st.st_mode):  # moved aside, never followed
+                self._quarantine(s, "a symbolic link (refused: the state directory holds no links)")
+                return
         except FileNotFoundError:
             s.view, s.consumed, s.sig, s.loaded = _EMPTY, 0, None, True
             return
@@ -459,7 +465,7 @@ class FileEventLog:
             s.sig, s.loaded = sig, True  # do not retry until the file changes
 
     def _read_tail(self, s: _Session, sig: tuple[int, int, int]) -> None:
-        with open(s.path, "rb") as f:
+        with _open_read(s.path) as f:
             f.seek(s.consumed)
             chunk = f.read()
         view = s.view
@@ -468,7 +474,7 @@ class FileEventLog:
         s.sig = sig
 
     def _load(self, s: _Session, sig: tuple[int, int, int]) -> None:
-        with open(s.path, "rb") as f:
+        with _open_read(s.path) as f:
             st = os.fstat(f.fileno())
             raw = f.read()
         nl = raw.find(b"\n")
@@ -531,7 +537,7 @@ class FileEventLog:
                 assert view.epoch is not None
                 seq, ts = view.head + 1, _now_ms()
                 line = f'{{"seq":{seq},"ts":{ts},"data":{data_json}}}\n'.encode()
-                fd = os.open(s.path, os.O_WRONLY | os.O_APPEND)
+                fd = os.open(s.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
                 try:
                     _write_all(fd, line)
                     if self.fsync:
@@ -588,7 +594,9 @@ class FileEventLog:
             parts.append(f'{{"seq":{seq},"ts":{ev.ts_ms},"data":{ev.data_json}}}\n'.encode())
         blob = b"".join(parts)
         tmp = s.path.with_name(f"{s.name}.log.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a crash's leftover, or a planted link: removed, never written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self.file_mode)
         try:
             _write_all(fd, blob)
             if self.fsync:
@@ -598,6 +606,11 @@ class FileEventLog:
         os.replace(tmp, s.path)  # readers holding the old inode notice the new one and reload
         s.view, s.consumed, s.sig = view, len(blob), _sig(os.stat(s.path))
         s.last_epoch = max(s.last_epoch, view.epoch or 0)
+
+
+def _open_read(path: Path) -> BinaryIO:
+    """Open a session log for reading, never through a symbolic link (ELOOP instead)."""
+    return open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
 
 
 def _write_all(fd: int, data: bytes) -> None:

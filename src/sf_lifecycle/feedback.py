@@ -45,6 +45,7 @@ from starlette.routing import BaseRoute, Route
 
 from ._errors import DiskWriteError, QueueError
 from ._jsonbody import BodyError, check_json_content_type, read_json_body
+from ._statefiles import DEFAULT_FILE_MODE, create_private, refuse_link
 from .config import Settings
 from .lifecycle import Lifecycle
 from .queue import FeedbackQueue
@@ -77,10 +78,18 @@ class IdempotencyIndex:
     Args:
         path: Database file.
         ttl_s: Keys older than this are forgotten (pruned when the index opens).
+        file_mode: Mode of the database file when this creates it; a link is refused.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, ttl_s: float = IDEMPOTENCY_TTL_S):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        ttl_s: float = IDEMPOTENCY_TTL_S,
+        file_mode: int = DEFAULT_FILE_MODE,
+    ):
         self.path = Path(path)
+        self.file_mode = file_mode
         self.ttl_s = ttl_s
         self._memory: dict[str, _Entry] = {}
         self._conn: sqlite3.Connection | None = None
@@ -88,6 +97,9 @@ class IdempotencyIndex:
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
+            create_private(self.path, self.file_mode)
+            for suffix in ("-wal", "-shm", "-journal"):
+                refuse_link(self.path.with_name(self.path.name + suffix))
             deadline = time.monotonic() + 30
             while True:
                 conn = sqlite3.connect(
@@ -278,7 +290,7 @@ def feedback_routes(
         else lifecycle_or_settings
     )
     if index is None:
-        index = IdempotencyIndex(queue.dir / "idempotency.sqlite3")
+        index = IdempotencyIndex(queue.dir / "idempotency.sqlite3", file_mode=queue.file_mode)
         queue.add_delivery_listener(index.record_delivered)
         queue.on_close(index.close)
     endpoint = _FeedbackEndpoint(queue, settings, index)

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -44,6 +45,7 @@ from filelock import FileLock, Timeout
 from . import _crashpoints as _cp
 from ._errors import BudgetExceeded, DiskWriteError, QueueError
 from ._framing import encode, scan
+from ._statefiles import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -203,9 +205,32 @@ class _Loaded:
     size: int = 0
 
 
+class _NotASegment(Exception):
+    """A directory entry named like a segment that is not a regular file (refused, never read)."""
+
+
 def _load(path: Path) -> _Loaded:
-    """Read and decode a whole segment (worker thread). Never raises for bad content."""
-    with open(path, "rb") as f:
+    """Read and decode a whole segment (worker thread). Never raises for bad content.
+
+    Opened without following a symbolic link and without blocking (a FIFO), then checked to be a
+    regular file: anything else in the queue directory is someone else's doing, and reading
+    through a link could deliver (then unlink) files outside the state directory.
+
+    Raises:
+        _NotASegment: a symbolic link, directory, FIFO or device under a segment's name.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _NotASegment(
+                "a symbolic link (refused: the state directory holds no links)"
+            ) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _NotASegment("not a regular file")
+    with open(fd, "rb") as f:
         data = f.read()
     result = scan(data)
     out = _Loaded(torn_at=result.torn_at, size=result.size)
@@ -248,9 +273,9 @@ def _segments(directory: Path) -> dict[str, list[tuple[int, str, Path]]]:
     return out
 
 
-def _try_lock(path: Path) -> FileLock | None:
+def _try_lock(path: Path, mode: int = DEFAULT_FILE_MODE) -> FileLock | None:
     """Take `path`'s flock without waiting; None when someone holds it."""
-    lock = FileLock(path, blocking=False, thread_local=False, fallback_to_soft=False)
+    lock = FileLock(path, mode=mode, blocking=False, thread_local=False, fallback_to_soft=False)
     try:
         lock.acquire()
     except Timeout:
@@ -265,7 +290,10 @@ class FeedbackQueue:
         state_dir: The state directory (a volume that survives the container).
         batch_records: Records per sink call when draining.
         drain_interval_ms: Period of the background drainer (`start_drainer`).
-        settings: Takes `batch_records` and `drain_interval_ms` from here when given.
+        settings: Takes `batch_records`, `drain_interval_ms`, `file_mode` and `dir_mode` from
+            here when given.
+        file_mode: Mode of the segment and lock files this queue creates.
+        dir_mode: Mode of the directories this queue creates (state dir, queue, quarantine).
 
     Create it before the event loop runs or inside it; use it from one event loop.
     """
@@ -277,10 +305,14 @@ class FeedbackQueue:
         batch_records: int = 1_000,
         drain_interval_ms: int = 200,
         settings: Settings | None = None,
+        file_mode: int = DEFAULT_FILE_MODE,
+        dir_mode: int = DEFAULT_DIR_MODE,
     ) -> None:
         if settings is not None:
             batch_records = settings.drain_batch_records
             drain_interval_ms = settings.drain_interval_ms
+            file_mode, dir_mode = settings.file_mode, settings.dir_mode
+        self.file_mode, self.dir_mode = file_mode, dir_mode
         if batch_records < 1 or drain_interval_ms < 1:
             raise ValueError("batch_records and drain_interval_ms must be positive")
         self.state_dir = Path(state_dir)
@@ -291,10 +323,11 @@ class FeedbackQueue:
         self.token = _new_token()
         self.sink: Sink | None = None
         for d in (self.state_dir, self.dir, self.quarantine_dir):
-            os.makedirs(d, exist_ok=True)  # exist_ok: a peer may create it at the same instant
+            # exist_ok: a peer may create it at the same instant
+            os.makedirs(d, mode=dir_mode, exist_ok=True)
         # Our lock before any segment of ours exists: a recoverer that sees a segment of this
         # token and fails to take this lock knows we are alive.
-        lock = _try_lock(self.dir / f"{self.token}.lock")
+        lock = _try_lock(self.dir / f"{self.token}.lock", file_mode)
         if lock is None:  # pragma: no cover - a fresh random token cannot be locked by anyone
             raise QueueError(f"process token {self.token} already locked")
         self._lock = lock
@@ -459,8 +492,10 @@ class FeedbackQueue:
         self._seq += 1
         path = self.dir / f"{self.token}.{self._seq:06d}.log"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        self._fd = os.open(path, flags, 0o644)
+        self._fd = os.open(path, flags, self.file_mode)
         self._seg_path, self._seg_size, self._seg_new = path, 0, True
+        if _cp.ARMED:
+            _cp.hit("append.after_open")
 
     def _abandon_segment(self) -> None:
         """After a failed write or fsync: cut the unacknowledged tail, never write here again.
@@ -503,6 +538,8 @@ class FeedbackQueue:
                 if path == self._seg_path:
                     continue  # active but empty
                 target = path.with_suffix(".draining")
+                if _cp.ARMED:
+                    _cp.hit("drain.before_rename")
                 os.rename(path, target)
                 renamed = True
                 path = target
@@ -562,6 +599,15 @@ class FeedbackQueue:
             loaded = await asyncio.to_thread(_load, path)
         except FileNotFoundError:
             return True  # delivered by someone who held the lock before us
+        except _NotASegment as exc:
+            # Moved aside, never followed or deleted: an operator decides what it was.
+            await asyncio.to_thread(self._quarantine, path, [(0, str(exc))])
+            result.quarantined += 1
+            result.files_done += 1
+            return True
+        except OSError as exc:  # EIO reading: leave the file for the next attempt
+            logger.error("cannot read %s (%s); left on disk for the next attempt", path, exc)
+            return False
         records = loaded.records
         step = self.batch_records
         for start in range(0, len(records), step):
@@ -668,6 +714,8 @@ class FeedbackQueue:
                 if finished:
                     # Data first, then the lock file, then release: a recoverer that takes
                     # the lock after us finds nothing to deliver.
+                    if _cp.ARMED:
+                        _cp.hit("recover.before_lock_unlink")
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(lock.lock_file)
             finally:
@@ -785,7 +833,11 @@ class FeedbackQueue:
         from .sink import SqliteSink
 
         if sink is None:
-            own = SqliteSink(self.state_dir / "feedback.sqlite3")
+            own = SqliteSink(
+                self.state_dir / "feedback.sqlite3",
+                file_mode=self.file_mode,
+                dir_mode=self.dir_mode,
+            )
             self.on_close(own.close)
             sink = own
         chosen: Sink = sink
@@ -882,7 +934,7 @@ def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
         for _, kind, path in files:
             try:
                 loaded = _load(path)
-            except FileNotFoundError:
+            except (FileNotFoundError, _NotASegment):
                 continue
             n = len(loaded.records)
             out["damaged"] += len(loaded.problems)

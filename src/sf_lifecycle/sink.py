@@ -27,6 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from . import _crashpoints as _cp
+from ._statefiles import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, create_private, refuse_link
+
 __all__ = ["Sink", "SqliteSink", "count_records"]
 
 logger = logging.getLogger("sf_lifecycle.sink")
@@ -64,6 +67,9 @@ class SqliteSink:
         path: Database file (created with its folder when missing).
         busy_timeout_ms: How long a write waits for another process's transaction.
         open_timeout_s: How long opening retries while a peer creates the database.
+        file_mode: Mode of the database file when this creates it (SQLite gives its `-wal`
+            and `-shm` files the same); a symbolic link in its place is refused (`UnsafePath`).
+        dir_mode: Mode of its folder when this creates it.
     """
 
     def __init__(
@@ -72,8 +78,12 @@ class SqliteSink:
         *,
         busy_timeout_ms: int = 10_000,
         open_timeout_s: float = 30.0,
+        file_mode: int = DEFAULT_FILE_MODE,
+        dir_mode: int = DEFAULT_DIR_MODE,
     ) -> None:
         self.path = Path(path)
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
         self.busy_timeout_ms = busy_timeout_ms
         self.open_timeout_s = open_timeout_s
         self._conn: sqlite3.Connection | None = None
@@ -82,7 +92,10 @@ class SqliteSink:
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None:
             return self._conn
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
+        create_private(self.path, self.file_mode)
+        for suffix in ("-wal", "-shm", "-journal"):
+            refuse_link(self.path.with_name(self.path.name + suffix))
         deadline = time.monotonic() + self.open_timeout_s
         delay = 0.01
         while True:
@@ -129,6 +142,8 @@ class SqliteSink:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        if _cp.ARMED:
+            _cp.hit("sink.before_commit")  # a transaction open, nothing committed
         conn.execute("COMMIT")
 
     async def __call__(self, records: Sequence[Mapping[str, Any]]) -> None:

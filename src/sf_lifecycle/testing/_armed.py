@@ -35,14 +35,11 @@ ARMED_LINE = "sf-testing: armed"
 def _arm(signum: int, frame: FrameType | None) -> None:
     raw = Path(os.environ["SF_TESTING_ARM_FILE"]).read_text().strip()
     try:
-        target = _crashpoints._parse(raw)
+        # Same state `SF_CRASH_AT` would have produced at import; call sites read `ARMED`.
+        _crashpoints.arm(raw)
     except ValueError as exc:
         os.write(2, f"sf-testing: cannot arm: {exc}\n".encode())
         return
-    # Same state `SF_CRASH_AT` would have produced at import; call sites read `ARMED` each time.
-    _crashpoints._hits = 0
-    _crashpoints._TARGET = target
-    _crashpoints.ARMED = target is not None
     os.write(2, f"{ARMED_LINE} {raw}\n".encode())
 
 
