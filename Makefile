@@ -40,7 +40,7 @@ pytest: $(STAMP)
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest
 	$(BIN)/coverage combine --quiet || true
-	$(BIN)/coverage report --fail-under=0 | tail -n 1
+	@echo "branch coverage (servers in subprocesses included): $$($(BIN)/coverage report --format=total)%"
 
 test: lint typecheck pytest
 
