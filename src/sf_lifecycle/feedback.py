@@ -24,7 +24,6 @@ two live replicas the index catches a retry once the first record was drained (w
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import hashlib
 import json
@@ -34,7 +33,6 @@ import re
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,8 @@ from starlette.routing import BaseRoute, Route
 
 from ._errors import DiskWriteError, QueueError
 from ._jsonbody import BodyError, check_json_content_type, read_json_body
-from ._statefiles import DEFAULT_FILE_MODE, create_private, refuse_link
+from ._sqlite import SqliteThread
+from ._statefiles import DEFAULT_FILE_MODE
 from .config import Settings
 from .lifecycle import Lifecycle
 from .queue import FeedbackQueue
@@ -92,59 +91,27 @@ class IdempotencyIndex:
         self.file_mode = file_mode
         self.ttl_s = ttl_s
         self._memory: dict[str, _Entry] = {}
-        self._conn: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sf-idempotency")
+        self._db = SqliteThread(self.path, self._setup, name="sf-idempotency", file_mode=file_mode)
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is None:
-            create_private(self.path, self.file_mode)
-            for suffix in ("-wal", "-shm", "-journal"):
-                refuse_link(self.path.with_name(self.path.name + suffix))
-            deadline = time.monotonic() + 30
-            while True:
-                conn = sqlite3.connect(
-                    self.path, timeout=10, isolation_level=None, check_same_thread=False
-                )
-                try:
-                    conn.execute("PRAGMA busy_timeout=10000")
-                    conn.execute("PRAGMA journal_mode=WAL")
-                    conn.execute("PRAGMA synchronous=FULL")
-                    conn.execute(
-                        "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, "
-                        "id TEXT NOT NULL, sha TEXT NOT NULL, ts_ms INTEGER NOT NULL) "
-                        "WITHOUT ROWID"
-                    )
-                    conn.execute(
-                        "DELETE FROM idempotency WHERE ts_ms < ?",
-                        (int((time.time() - self.ttl_s) * 1000),),
-                    )
-                except sqlite3.OperationalError as exc:
-                    conn.close()
-                    if "locked" not in str(exc) or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-                    continue
-                self._conn = conn
-                break
-        return self._conn
-
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, "
+            "id TEXT NOT NULL, sha TEXT NOT NULL, ts_ms INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        conn.execute(
+            "DELETE FROM idempotency WHERE ts_ms < ?", (int((time.time() - self.ttl_s) * 1000),)
+        )
 
     async def lookup(self, key: str) -> _Entry | None:
         entry = self._memory.get(key)
         if entry is not None:
             return entry
 
-        def read() -> tuple[str, str] | None:
-            row = (
-                self._connect()
-                .execute("SELECT id, sha FROM idempotency WHERE key = ?", (key,))
-                .fetchone()
-            )
+        def read(conn: sqlite3.Connection) -> tuple[str, str] | None:
+            row = conn.execute("SELECT id, sha FROM idempotency WHERE key = ?", (key,)).fetchone()
             return None if row is None else (row[0], row[1])
 
-        found = await self._run(read)
+        found = await self._db.run(read)
         return None if found is None else _Entry(found[1], found[0])
 
     async def record_delivered(self, records: Sequence[Mapping[str, Any]]) -> None:
@@ -153,8 +120,7 @@ class IdempotencyIndex:
         if not rows:
             return
 
-        def write() -> None:
-            conn = self._connect()
+        def write(conn: sqlite3.Connection) -> None:
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany(
@@ -162,20 +128,14 @@ class IdempotencyIndex:
                     rows,
                 )
 
-        await self._run(write)
+        await self._db.run(write)
         for key, rid, _, _ in rows:
             entry = self._memory.get(key)
             if entry is not None and entry.id == rid:
                 del self._memory[key]
 
     def close(self) -> None:
-        def shut() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        self._thread.submit(shut).result()
-        self._thread.shutdown(wait=True)
+        self._db.close()
 
 
 class _FeedbackEndpoint:

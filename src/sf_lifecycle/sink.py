@@ -6,9 +6,7 @@ could not prove was delivered (at-least-once), and the sink turns that into effe
 
 `SqliteSink` stores records in `<state_dir>/feedback.sqlite3`, one transaction per batch, WAL and
 `synchronous=FULL` (a commit is on disk when it returns), `INSERT OR IGNORE` by id. SQLite calls
-run on one dedicated thread so the event loop never waits on the disk. Opening retries on
-"database is locked": two replicas starting at once on a fresh volume both try to create the file
-and switch it to WAL, and the loser must wait, not crash.
+run on one dedicated thread (`_sqlite.SqliteThread`) so the event loop never waits on the disk.
 
 A PostgreSQL sink would be the same shape: `INSERT ... ON CONFLICT (id) DO NOTHING` in one
 transaction per batch.
@@ -16,19 +14,17 @@ transaction per batch.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from . import _crashpoints as _cp
-from ._statefiles import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, create_private, refuse_link
+from ._sqlite import SqliteThread
+from ._statefiles import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE
 
 __all__ = ["Sink", "SqliteSink", "count_records"]
 
@@ -53,11 +49,6 @@ class Sink(Protocol):
     """
 
     async def __call__(self, records: Sequence[Mapping[str, Any]]) -> None: ...
-
-
-def _is_locked(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
 
 
 class SqliteSink:
@@ -86,43 +77,17 @@ class SqliteSink:
         self.dir_mode = dir_mode
         self.busy_timeout_ms = busy_timeout_ms
         self.open_timeout_s = open_timeout_s
-        self._conn: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sf-sqlite-sink")
+        self._db = SqliteThread(
+            self.path,
+            lambda conn: conn.execute(_SCHEMA),
+            name="sf-sqlite-sink",
+            busy_timeout_ms=busy_timeout_ms,
+            open_timeout_s=open_timeout_s,
+            file_mode=file_mode,
+            dir_mode=dir_mode,
+        )
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is not None:
-            return self._conn
-        self.path.parent.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
-        create_private(self.path, self.file_mode)
-        for suffix in ("-wal", "-shm", "-journal"):
-            refuse_link(self.path.with_name(self.path.name + suffix))
-        deadline = time.monotonic() + self.open_timeout_s
-        delay = 0.01
-        while True:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout_ms / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            try:
-                conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute(_SCHEMA)
-            except sqlite3.OperationalError as exc:
-                conn.close()
-                if not _is_locked(exc) or time.monotonic() > deadline:
-                    raise
-                logger.debug("database %s busy while opening; retrying", self.path)
-                time.sleep(delay)
-                delay = min(delay * 2, 0.2)
-                continue
-            self._conn = conn
-            return conn
-
-    def _write(self, records: Sequence[Mapping[str, Any]]) -> None:
-        conn = self._connect()
+    def _write(self, conn: sqlite3.Connection, records: Sequence[Mapping[str, Any]]) -> None:
         dumps = json.dumps
         rows = [
             (
@@ -150,27 +115,18 @@ class SqliteSink:
         """Commit `records` in one transaction (ignoring ids already stored)."""
         if not records:
             return
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._write, records)
+        await self._db.run(lambda conn: self._write(conn, records))
 
     async def ids(self) -> list[str]:
         """Every stored id, in id (time) order; for tests and tools."""
 
-        def read() -> list[str]:
-            cur = self._connect().execute("SELECT id FROM feedback ORDER BY id")
-            return [row[0] for row in cur]
-
-        return await asyncio.get_running_loop().run_in_executor(self._thread, read)
+        return await self._db.run(
+            lambda conn: [row[0] for row in conn.execute("SELECT id FROM feedback ORDER BY id")]
+        )
 
     def close(self) -> None:
         """Close the connection and the thread (pending calls finish first)."""
-
-        def shut() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        self._thread.submit(shut).result()
-        self._thread.shutdown(wait=True)
+        self._db.close()
 
 
 def count_records(path: str | os.PathLike[str]) -> int:

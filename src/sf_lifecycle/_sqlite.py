@@ -1,0 +1,117 @@
+"""One SQLite connection, used from one dedicated thread: what the sink and the idempotency
+index both need.
+
+SQLite calls block on the disk (`synchronous=FULL` fsyncs on commit), so they run on a thread of
+their own and the event loop never waits. Opening retries on "database is locked": two replicas
+starting at once on a fresh volume both try to create the file and switch it to WAL, and the
+loser must wait, not crash. The file is created with a private mode and never through a link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from ._statefiles import DEFAULT_FILE_MODE, create_private, refuse_link
+
+__all__ = ["SqliteThread"]
+
+logger = logging.getLogger("sf_lifecycle.sqlite")
+
+T = TypeVar("T")
+
+
+def _is_locked(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+class SqliteThread:
+    """A lazily opened WAL, `synchronous=FULL` connection and the one thread that uses it.
+
+    Args:
+        path: Database file.
+        setup: Run once on each new connection (create tables, prune); may raise "locked".
+        name: Thread name, for stack dumps.
+        busy_timeout_ms: How long a write waits for another process's transaction.
+        open_timeout_s: How long opening retries while a peer creates the database.
+        file_mode: Mode of the file when this creates it (SQLite gives `-wal`/`-shm` the same).
+        dir_mode: Create the folder with this mode when missing; None: it must exist.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        setup: Callable[[sqlite3.Connection], object],
+        *,
+        name: str,
+        busy_timeout_ms: int = 10_000,
+        open_timeout_s: float = 30.0,
+        file_mode: int = DEFAULT_FILE_MODE,
+        dir_mode: int | None = None,
+    ) -> None:
+        self.dir_mode = dir_mode
+        self.path = path
+        self._setup = setup
+        self.busy_timeout_ms = busy_timeout_ms
+        self.open_timeout_s = open_timeout_s
+        self.file_mode = file_mode
+        self._conn: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    def connection(self) -> sqlite3.Connection:
+        """The connection, opened on first use. Call only from this object's thread."""
+        if self._conn is not None:
+            return self._conn
+        if self.dir_mode is not None:
+            self.path.parent.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
+        create_private(self.path, self.file_mode)
+        for suffix in ("-wal", "-shm", "-journal"):
+            refuse_link(self.path.with_name(self.path.name + suffix))
+        deadline = time.monotonic() + self.open_timeout_s
+        delay = 0.01
+        while True:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            try:
+                conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                self._setup(conn)
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                if not _is_locked(exc) or time.monotonic() > deadline:
+                    raise
+                logger.debug("database %s busy while opening; retrying", self.path)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+                continue
+            self._conn = conn
+            return conn
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` on the thread and return its result."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: fn(self.connection())
+        )
+
+    def close(self) -> None:
+        """Close the connection and the thread (calls already submitted finish first)."""
+
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        self._executor.submit(shut).result()
+        self._executor.shutdown(wait=True)
