@@ -1,9 +1,12 @@
 """sf-lifecycle: upgrade an ASGI service behind a reverse proxy without dropping a request.
 
 The public API is what `__all__` lists; the modules behind it are private.
+
+The queue, the sink and the event streams load on first use (PEP 562), so an app that only wants
+the health routes and the drain does not pay for SQLite, filelock and sse-starlette at import.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     BudgetExceeded,
@@ -17,21 +20,49 @@ from ._errors import (
     UnsafePath,
 )
 from .config import Settings
-from .events import EventLog, FileEventLog
-from .feedback import feedback_routes
 from .health import HealthApp, health_routes
 from .lifecycle import Lifecycle
 from .middleware import LifecycleMiddleware
-from .queue import FeedbackQueue
 from .runner import EXIT_BUDGET_EXCEEDED, EXIT_FORCED, EXIT_OK, serve
-from .sink import Sink, SqliteSink
-from .sse import session_event_routes
 from .state import Phase, ShutdownState
 
-try:
-    __version__ = version("sf-lifecycle")
-except PackageNotFoundError:  # pragma: no cover - imported from a source tree
-    __version__ = "0+unknown"
+if TYPE_CHECKING:
+    from .events import EventLog, FileEventLog
+    from .feedback import feedback_routes
+    from .queue import FeedbackQueue
+    from .sink import Sink, SqliteSink
+    from .sse import session_event_routes
+
+    __version__: str
+
+#: Public name -> the module that defines it, imported on first access.
+_LAZY = {
+    "EventLog": "events",
+    "FileEventLog": "events",
+    "FeedbackQueue": "queue",
+    "Sink": "sink",
+    "SqliteSink": "sink",
+    "feedback_routes": "feedback",
+    "session_event_routes": "sse",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value: Any = version("sf-lifecycle")
+        except PackageNotFoundError:  # pragma: no cover - imported from a source tree
+            value = "0+unknown"
+    elif name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 __all__ = [
     "EXIT_BUDGET_EXCEEDED",
