@@ -4,7 +4,7 @@ Every variant stores ~300-byte JSON records and returns only once each is on dis
 
 * **sf**: `FeedbackQueue.append`, N concurrent asyncio writers (group commit on one I/O thread).
 * **raw log**: one file, `write` + `fsync` per record in a plain loop (no framing, no checksum,
-  no event loop): the floor the issue's goals are stated against. A single writer cannot beat
+  no event loop): the floor the append goals are stated against. A single writer cannot beat
   it; concurrent writers beat it only by sharing fsyncs.
 * **raw log via to_thread**: the same, but from asyncio the way an async app must do it
   (`await asyncio.to_thread(write_and_fsync)`), so the thread hop is paid as in **sf**.

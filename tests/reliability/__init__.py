@@ -1,4 +1,4 @@
-"""The reliability campaign (issue 6): crash points, random SIGKILL, faults, corruption, fuzzing.
+"""The reliability campaign: crash points, random SIGKILL, faults, corruption, fuzzing.
 
 `make reliability` runs the long version (`python -m tests.reliability --help`); `make test`
 runs the bounded subset collected by pytest from this package.

@@ -1,7 +1,7 @@
 """`make reliability`: the long campaign (`python -m tests.reliability --help`).
 
 1. pytest on `tests/reliability` with the counts raised (crash points, faults, corruption, fuzz);
-2. the random-SIGKILL loop for `--iterations` (5,000 by default, as issue 6 asks);
+2. the random-SIGKILL loop for `--iterations` (5,000 by default);
 3. `--demo-runs` runs of the Traefik upgrade demo at `--rate` requests/s (item 7).
 
 Each step prints its figures; the exit code is non-zero when any step failed.

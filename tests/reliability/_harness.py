@@ -1,6 +1,6 @@
 """Shared machinery of the campaign: the oracle, concurrent posters, the random-kill loop.
 
-The oracle (issue 6), on top of the library's `sf_lifecycle.testing.oracle.check_delivery`:
+The oracle, on top of the library's `sf_lifecycle.testing.oracle.check_delivery`:
 every record acknowledged with 2xx is in the sink exactly once, under the id it was acknowledged
 with; no record that was never sent is there; no `.log` / `.draining` file is left after a clean
 stop; quarantine is empty (nothing here damages files on purpose).
