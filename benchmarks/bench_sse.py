@@ -36,13 +36,10 @@ from typing import Any
 
 import httpx
 import uvicorn
-from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from benchmarks._common import Stats, make_result
+from benchmarks._sse_baseline import QueueHub
 from sf_lifecycle import Lifecycle, Settings
 from sf_lifecycle.events import FileEventLog
 from sf_lifecycle.sse import EVENTS_PATH, session_event_routes
@@ -52,43 +49,6 @@ STREAMS = 100
 SAME_P50_GOAL_MS = 10.0
 CROSS_P50_GOAL_MS = 100.0
 FANOUT_GOAL_RATIO = 0.5
-
-
-class _QueueHub:
-    """The baseline: one `asyncio.Queue` per open stream, filled by publish."""
-
-    def __init__(self) -> None:
-        self.queues: set[asyncio.Queue[str]] = set()
-
-    def publish_local(self, data: str) -> None:
-        for q in self.queues:
-            q.put_nowait(data)
-
-    async def publish(self, request: Request) -> Response:
-        data = (await request.body()).decode()
-        self.publish_local(data)
-        return JSONResponse({"ok": True}, 201)
-
-    async def stream(self, request: Request) -> Response:
-        q: asyncio.Queue[str] = asyncio.Queue()
-        self.queues.add(q)
-
-        async def gen() -> AsyncIterator[dict[str, str]]:
-            try:
-                while True:
-                    yield {"data": await q.get()}
-            finally:
-                self.queues.discard(q)
-
-        return EventSourceResponse(gen(), ping=15)
-
-    def app(self) -> Starlette:
-        return Starlette(
-            routes=[
-                Route(EVENTS_PATH, self.stream, methods=["GET"]),
-                Route(EVENTS_PATH, self.publish, methods=["POST"]),
-            ]
-        )
 
 
 @contextlib.asynccontextmanager
@@ -222,16 +182,20 @@ def _pct(samples: list[float], q: float) -> float:
 
 
 def _stats(rounds: list[list[float]], q: float) -> Stats:
-    per_round = [_pct(r, q) for r in rounds]
-    pooled = _pct([x for r in rounds for x in r], q)
-    return Stats(pooled, min(per_round), max(per_round), len(rounds))
+    """The percentile of each round; their median and min-max (so the value is inside its spread).
+
+    A percentile of all rounds pooled is a different sample from the per-round ones: a p99
+    pooled over rounds can fall outside the range of the rounds' p99s, which made a row's value
+    contradict its own spread.
+    """
+    return Stats.of([_pct(r, q) for r in rounds])
 
 
 async def _run(quick: bool) -> list[dict[str, Any]]:
     rounds = 3 if quick else 7
     n_lat = 40 if quick else 150
     n_fan = 30 if quick else 100
-    hub = _QueueHub()
+    hub = QueueHub()
     with tempfile.TemporaryDirectory(prefix="sf-bench-sse-") as tmp:
         a, b = _Sf(Path(tmp)), _Sf(Path(tmp))
         limits = httpx.Limits(max_connections=STREAMS + 20, max_keepalive_connections=STREAMS)
