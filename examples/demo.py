@@ -366,19 +366,21 @@ def run(opts: Options) -> Summary:
         say(f"load: {load.workers} HTTP workers at ~{opts.rate:g} req/s, {opts.sse_clients} SSE")
         time.sleep(opts.warmup_s)
 
-        say("bringing up sf-candidate")
-        candidate = start("sf-candidate", candidate_port)
-        proxy.set_backends([sf.url, candidate.url])
-        proxy.wait_status({candidate.url: "UP"})
-        say("sf-candidate ready and UP in the pool")
+        def join_pool(name: str, port: int, beside: ServerProcess) -> ServerProcess:
+            """Start a replica, wait for /api/ready, add it to the pool, wait until it is UP."""
+            server = start(name, port)
+            proxy.set_backends([server.url, beside.url])
+            proxy.wait_status({server.url: "UP"})
+            say(f"{name} ready and UP in the pool")
+            return server
 
+        say("bringing up sf-candidate")
+        candidate = join_pool("sf-candidate", candidate_port, sf)
         _watch_stop(proxy, sf, "sf-v1", summary, say)
         proxy.set_backends([candidate.url])  # a stopped container leaves Docker's discovery
         say("starting the new sf (sf-v2) on the same port and state volume")
-        sf2 = start("sf-v2", sf_port)
-        proxy.set_backends([sf2.url, candidate.url])
-        proxy.wait_status({sf2.url: "UP"})
-        say("sf-v2 ready and UP; retiring sf-candidate")
+        sf2 = join_pool("sf-v2", sf_port, candidate)
+        say("retiring sf-candidate")
         _watch_stop(proxy, candidate, "sf-candidate", summary, say)
         proxy.set_backends([sf2.url])
 
