@@ -53,6 +53,8 @@ class Settings:
         port: TCP port the runner binds.
         drain_interval_ms: Period of the background drainer that moves queued writes to the sink.
         drain_batch_records: Records handed to the sink per call.
+        orphan_sweep_ms: Period of the sweep that recovers segments of peers that died after this
+            replica started (start-up recovery covers the ones already dead).
         feedback_max_bytes: Largest accepted feedback body; enforced while reading.
         sse_max_streams: Open SSE streams per process; more are answered 503 with Retry-After.
         sse_ping_ms: Keep-alive comment period on idle SSE streams.
@@ -76,6 +78,7 @@ class Settings:
     port: int = 4000
     drain_interval_ms: int = 200
     drain_batch_records: int = 1_000
+    orphan_sweep_ms: int = 30_000
     feedback_max_bytes: int = 65_536
     sse_max_streams: int = 1_000
     sse_ping_ms: int = 15_000
@@ -161,6 +164,7 @@ ENV_VARS: dict[str, str] = {
     "port": "SF_PORT",
     "drain_interval_ms": "SF_DRAIN_INTERVAL_MS",
     "drain_batch_records": "SF_DRAIN_BATCH_RECORDS",
+    "orphan_sweep_ms": "SF_ORPHAN_SWEEP_MS",
     "feedback_max_bytes": "SF_FEEDBACK_MAX_BYTES",
     "sse_max_streams": "SF_SSE_MAX_STREAMS",
     "sse_ping_ms": "SF_SSE_PING_MS",
@@ -180,6 +184,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "port": (0, 65_535),
     "drain_interval_ms": (1, 3_600_000),
     "drain_batch_records": (1, 1_000_000),
+    "orphan_sweep_ms": (100, 3_600_000),
     "feedback_max_bytes": (2, 64 * 1024 * 1024),
     "sse_max_streams": (1, 1_000_000),
     "sse_ping_ms": (100, 3_600_000),

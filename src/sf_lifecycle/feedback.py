@@ -10,16 +10,18 @@ Status codes, each with a JSON body naming the problem::
     413  body over `feedback_max_bytes` (checked against Content-Length, then while reading)
     415  not `application/json` (or `application/*+json`), or a charset other than UTF-8
     422  the same Idempotency-Key came with a different body
-    503  the disk refused the write (ENOSPC, EIO...), the queue is closed, or the key cannot be
-         checked yet (start-up recovery still running); nothing was acknowledged
+    503  the disk refused the write (ENOSPC, EIO...), the queue is closed, the idempotency
+         index cannot be read, or the key cannot be checked yet (start-up recovery has not
+         succeeded yet: running, or failed and being retried); nothing was acknowledged
 
 Idempotency keys live in three places: in memory while this process holds the record, inside
 the record itself (so a crash cannot separate them), and in `<state_dir>/feedback/
 idempotency.sqlite3`, written by the drain after the sink committed the record and before its
 segment is removed. A retry after a restart therefore finds the key either in a segment that
-recovery is re-delivering (keyed requests get 503 until recovery ends) or in the index. Across
-two live replicas the index catches a retry once the first record was drained (within
-`drain_interval_ms`).
+recovery is re-delivering (keyed requests get 503 until recovery succeeded) or in the index.
+Across two live replicas the index catches a retry once the first record was drained (within
+`drain_interval_ms`), or, when that replica died first, once a peer's orphan sweep delivered it
+(within `orphan_sweep_ms`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class IdempotencyIndex:
         path: Database file.
         ttl_s: Keys older than this are forgotten (pruned when the index opens).
         file_mode: Mode of the database file when this creates it; a link is refused.
+        state_dir: The state directory `path` is under: the folders between are checked too.
     """
 
     def __init__(
@@ -86,12 +89,18 @@ class IdempotencyIndex:
         *,
         ttl_s: float = IDEMPOTENCY_TTL_S,
         file_mode: int = DEFAULT_FILE_MODE,
+        state_dir: str | os.PathLike[str] | None = None,
     ):
         self.path = Path(path)
         self.file_mode = file_mode
         self.ttl_s = ttl_s
         self._memory: dict[str, _Entry] = {}
-        self._db = SqliteThread(self.path, self._setup, name="sf-idempotency", file_mode=file_mode)
+        self._db = SqliteThread(
+            self.path,
+            self._setup,
+            name="sf-idempotency",
+            file_mode=file_mode,
+        )
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         conn.execute(
@@ -177,9 +186,22 @@ class _FeedbackEndpoint:
         if entry is None:
             if self.queue.recovering:
                 return _error(
-                    503, "recovering", "start-up recovery is still running; retry shortly"
+                    503,
+                    "recovering",
+                    "start-up recovery has not completed yet, so this key cannot be checked; "
+                    "retry shortly",
                 )
-            entry = await self.index.lookup(key)
+            try:
+                entry = await self.index.lookup(key)
+            except (sqlite3.Error, OSError) as exc:
+                # Never a 500, never a path in the body: the key cannot be checked right now.
+                logger.error("idempotency index %s unreadable: %s", self.index.path, exc)
+                return _error(
+                    503,
+                    "idempotency_unavailable",
+                    "the idempotency index cannot be read, so this key cannot be checked; "
+                    "nothing was stored",
+                )
             # The lookup awaited: a concurrent request may have claimed the key meanwhile.
             entry = memory.get(key, entry)
         if entry is not None:
@@ -250,7 +272,10 @@ def feedback_routes(
         else lifecycle_or_settings
     )
     if index is None:
-        index = IdempotencyIndex(queue.dir / "idempotency.sqlite3", file_mode=queue.file_mode)
+        index = IdempotencyIndex(
+            queue.dir / "idempotency.sqlite3",
+            file_mode=queue.file_mode,
+        )
         queue.add_delivery_listener(index.record_delivered)
         queue.on_close(index.close)
     endpoint = _FeedbackEndpoint(queue, settings, index)

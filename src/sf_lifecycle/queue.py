@@ -18,7 +18,13 @@ committed all of them. Stopped by the deadline, the `.draining` file simply stay
 Recovery: for every other token with segment files, try its lock without blocking. Winning the
 lock proves the owner is dead (the owner takes it before creating any segment and keeps it), and
 makes this process the only one delivering those files; losing means a live owner or another
-recoverer has them, so they are skipped, and nobody ever waits.
+recoverer has them, so they are skipped, and nobody ever waits. Recovery runs at start-up (retried
+until it succeeds; keyed writes wait for it) and then every `orphan_sweep_ms`, so the files of a
+peer that dies later are delivered without a restart. A `.lock` name that is not a regular file
+is never opened through: that token is skipped with an error naming it.
+
+Names never run out: the segment number is printed with at least six digits and read with any
+number of digits (ordered numerically); tokens hold a 48-bit millisecond clock.
 
 See ARCHITECTURE.md ("Feedback queue") for the on-disk layout and the guarantees G1-G6.
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -35,15 +42,14 @@ import re
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from filelock import FileLock, Timeout
-
 from . import _crashpoints as _cp
-from ._errors import BudgetExceeded, DiskWriteError, QueueError
+from ._errors import BudgetExceeded, DiskWriteError, NotReady, QueueError
 from ._framing import encode, scan
 from ._statefiles import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE
 
@@ -57,6 +63,7 @@ __all__ = [
     "FeedbackQueue",
     "QueueStats",
     "inspect_state_dir",
+    "installed_queues",
     "is_record_id",
     "new_record_id",
 ]
@@ -67,11 +74,17 @@ Record = dict[str, Any]
 #: Called after the sink committed a batch, before its file may be unlinked.
 DeliveryListener = Callable[[Sequence[Record]], Awaitable[None]]
 
-_SEG_RE = re.compile(r"(?P<token>[0-9a-f]{22})\.(?P<seq>[0-9]{6})\.(?P<kind>log|draining)\Z")
+#: Segment numbers are written with at least 6 digits and read with any number (issue 11: a
+#: fixed width strands every file past 999,999, ~55 h of steady traffic for one process).
+_SEG_RE = re.compile(r"(?P<token>[0-9a-f]{22})\.(?P<seq>[0-9]{6,})\.(?P<kind>log|draining)\Z")
 _LOCK_RE = re.compile(r"(?P<token>[0-9a-f]{22})\.lock\Z")
 _ID_RE = re.compile(r"[0-9a-f]{12}7[0-9a-f]{3}[89ab][0-9a-f]{15}\Z")
 #: A token's lock file with no segments left is litter after this long (never an ownership test).
 _STALE_LOCK_S = 3600.0
+#: First retry delay of a failed background sweep; doubles up to the sweep period.
+_RETRY_FIRST_S = 0.2
+#: Queues registered with a lifecycle (`install`), for `sf-lifecycle queue recover --app`.
+_installed: weakref.WeakSet[FeedbackQueue] = weakref.WeakSet()
 
 _id_lock = threading.Lock()
 _id_last_ms = 0
@@ -273,14 +286,80 @@ def _segments(directory: Path) -> dict[str, list[tuple[int, str, Path]]]:
     return out
 
 
-def _try_lock(path: Path, mode: int = DEFAULT_FILE_MODE) -> FileLock | None:
-    """Take `path`'s flock without waiting; None when someone holds it."""
-    lock = FileLock(path, mode=mode, blocking=False, thread_local=False, fallback_to_soft=False)
+class _LockRefused(Exception):
+    """A `.lock` name that is not a regular file: never opened through, its token skipped."""
+
+
+class _Flock:
+    """An exclusive `flock` on an open lock file; the kernel drops it when the process dies."""
+
+    __slots__ = ("fd", "lock_file")
+
+    def __init__(self, lock_file: Path, fd: int) -> None:
+        self.lock_file = lock_file
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor releases the flock
+
+
+def _try_lock(path: Path, mode: int = DEFAULT_FILE_MODE) -> _Flock | None:
+    """Take `path`'s flock without waiting; None when someone holds it.
+
+    Created when missing; never opened through a link, and anything but a regular file (a
+    directory, FIFO, device) is refused before it is opened for real.
+
+    Raises:
+        _LockRefused: `path` is a symbolic link, directory or other non-regular file.
+        OSError: any other failure (EACCES, EMFILE, EIO...).
+    """
     try:
-        lock.acquire()
-    except Timeout:
+        st_mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(st_mode):
+            raise _LockRefused(_kind(st_mode))
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _LockRefused("a symbolic link") from None
+        if exc.errno == errno.EISDIR:
+            raise _LockRefused("a directory") from None
+        raise
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(st_mode):  # swapped in between the lstat and the open
+            raise _LockRefused(_kind(st_mode))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
         return None
-    return lock
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Flock(path, fd)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    return "not a regular file"
+
+
+def _why(exc: BaseException) -> str:
+    """An error's text without the paths it may carry (it can reach a probe body)."""
+    if isinstance(exc, OSError):
+        return os.strerror(exc.errno) if exc.errno else type(exc).__name__
+    return str(exc) or type(exc).__name__
 
 
 class FeedbackQueue:
@@ -290,8 +369,10 @@ class FeedbackQueue:
         state_dir: The state directory (a volume that survives the container).
         batch_records: Records per sink call when draining.
         drain_interval_ms: Period of the background drainer (`start_drainer`).
-        settings: Takes `batch_records`, `drain_interval_ms`, `file_mode` and `dir_mode` from
-            here when given.
+        orphan_sweep_ms: Period of the background recovery of dead peers' files, once start-up
+            recovery succeeded.
+        settings: Takes `batch_records`, `drain_interval_ms`, `orphan_sweep_ms`, `file_mode` and
+            `dir_mode` from here when given.
         file_mode: Mode of the segment and lock files this queue creates.
         dir_mode: Mode of the directories this queue creates (state dir, queue, quarantine).
 
@@ -304,6 +385,7 @@ class FeedbackQueue:
         *,
         batch_records: int = 1_000,
         drain_interval_ms: int = 200,
+        orphan_sweep_ms: int = 30_000,
         settings: Settings | None = None,
         file_mode: int = DEFAULT_FILE_MODE,
         dir_mode: int = DEFAULT_DIR_MODE,
@@ -311,15 +393,19 @@ class FeedbackQueue:
         if settings is not None:
             batch_records = settings.drain_batch_records
             drain_interval_ms = settings.drain_interval_ms
+            orphan_sweep_ms = settings.orphan_sweep_ms
             file_mode, dir_mode = settings.file_mode, settings.dir_mode
         self.file_mode, self.dir_mode = file_mode, dir_mode
-        if batch_records < 1 or drain_interval_ms < 1:
-            raise ValueError("batch_records and drain_interval_ms must be positive")
+        if batch_records < 1 or drain_interval_ms < 1 or orphan_sweep_ms < 1:
+            raise ValueError(
+                "batch_records, drain_interval_ms and orphan_sweep_ms must be positive"
+            )
         self.state_dir = Path(state_dir)
         self.dir = self.state_dir / "feedback"
         self.quarantine_dir = self.dir / "quarantine"
         self.batch_records = batch_records
         self.drain_interval_s = drain_interval_ms / 1000
+        self.orphan_sweep_s = orphan_sweep_ms / 1000
         self.token = _new_token()
         self.sink: Sink | None = None
         for d in (self.state_dir, self.dir, self.quarantine_dir):
@@ -355,6 +441,13 @@ class FeedbackQueue:
         self._released = False
         #: Progress of start-up recovery, shown in the ready body.
         self.recovery: dict[str, Any] = {"state": "not started"}
+        #: Set by `install`: keyed writes wait (503) until start-up recovery has succeeded.
+        self._awaiting_recovery = False
+        self._recover_lock: asyncio.Lock | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._skips_logged: set[str] = set()
+        #: Outcome of the last periodic orphan sweep, shown in the ready body.
+        self.sweep: dict[str, Any] = {"runs": 0}
 
     # -- append ----------------------------------------------------------------------------
     async def append(
@@ -601,7 +694,8 @@ class FeedbackQueue:
             return True  # delivered by someone who held the lock before us
         except _NotASegment as exc:
             # Moved aside, never followed or deleted: an operator decides what it was.
-            await asyncio.to_thread(self._quarantine, path, [(0, str(exc))])
+            if not await self._set_aside(path, [(0, str(exc))]):
+                return False
             result.quarantined += 1
             result.files_done += 1
             return True
@@ -641,14 +735,31 @@ class FeedbackQueue:
         if _cp.ARMED:
             _cp.hit("drain.before_unlink")
         if loaded.problems:
-            await asyncio.to_thread(self._quarantine, path, loaded.problems)
+            if not await self._set_aside(path, loaded.problems):
+                return False
             result.quarantined += 1
         else:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(path)  # no directory fsync: a resurrected file is only redelivered
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # delivered, but it stays: redelivered (a no-op) next time
+                logger.error("cannot remove delivered %s (%s); retried later", path.name, exc)
+                return False
         if _cp.ARMED:
             _cp.hit("drain.after_unlink")
         result.files_done += 1
+        return True
+
+    async def _set_aside(self, path: Path, problems: list[tuple[int, str]]) -> bool:
+        """Quarantine `path`; False (logged, the file left for the next attempt) if that fails."""
+        try:
+            await asyncio.to_thread(self._quarantine, path, problems)
+        except FileNotFoundError:
+            return True  # another recoverer moved it first
+        except OSError as exc:
+            logger.error("cannot quarantine %s (%s); left for the next attempt", path.name, exc)
+            return False
         return True
 
     def _quarantine(self, path: Path, problems: list[tuple[int, str]]) -> None:
@@ -677,77 +788,133 @@ class FeedbackQueue:
         """Re-drain the segments of dead owners found in the directory (start-up, or on demand).
 
         Safe to run in several processes at once: each dead owner's files are claimed with a
-        non-blocking try-lock, so exactly one process delivers them and none waits.
+        non-blocking try-lock, so exactly one process delivers them and none waits. Progress is
+        kept in `self.recovery` (the ready body); it never stays "running" after this returns
+        or raises. A token whose `.lock` is not a regular file is skipped (named in
+        `recovery["skipped"]` and the log); its files stay untouched for an operator.
         """
-        began = time.monotonic()
         self.recovery = {"state": "scanning"}
-        result = DrainResult()
-        tokens = await asyncio.to_thread(_segments, self.dir)
-        candidates = {t: f for t, f in tokens.items() if t != self.token and f}
-        self._orphaned = sum(len(f) for f in candidates.values())
-        done_files = 0
-        self.recovery = {"state": "running", "files_total": self._orphaned, "files_done": 0}
-        for token, _ in sorted(candidates.items()):
-            claimed = await asyncio.to_thread(self._claim, token)
-            if claimed is None:
-                self._orphaned -= len(candidates[token])
-                continue  # a live owner, or another recoverer, has it
-            lock, files = claimed
-            try:
-                if files:
-                    logger.warning(
-                        "recovering %d orphaned segment file(s) of dead process %s",
-                        len(files),
-                        token,
-                    )
-                finished = True
-                for path in files:
-                    ok = await self._deliver(path, sink, deadline, result)
-                    if not ok:
-                        finished = False
-                        result.complete = False
-                        result.files_left += 1
-                        break
-                    done_files += 1
-                    self._orphaned = max(0, self._orphaned - 1)
-                    self.recovery.update(files_done=done_files, records_delivered=result.delivered)
-                if finished:
-                    # Data first, then the lock file, then release: a recoverer that takes
-                    # the lock after us finds nothing to deliver.
-                    if _cp.ARMED:
-                        _cp.hit("recover.before_lock_unlink")
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(lock.lock_file)
-            finally:
-                lock.release()
-            if not result.complete:
-                break
-        await asyncio.to_thread(self._remove_stale_locks, tokens)
-        result.elapsed_ms = (time.monotonic() - began) * 1000
-        self.recovery = {
-            "state": "done" if result.complete else "incomplete",
-            "files_done": done_files,
-            "records_delivered": result.delivered,
-            "elapsed_ms": round(result.elapsed_ms, 3),
-        }
-        if result.files_done or not result.complete:
-            logger.info(
-                "recovery delivered %d record(s) from %d orphaned file(s) in %.0f ms%s",
-                result.delivered,
-                result.files_done,
-                result.elapsed_ms,
-                "" if result.complete else "; the rest is left for the next attempt",
-            )
+        try:
+            result = await self._recover(sink, deadline, self.recovery)
+        except BaseException as exc:
+            self.recovery = {"state": "failed", "error": _why(exc)}
+            raise
         return result
 
-    def _claim(self, token: str) -> tuple[FileLock, list[Path]] | None:
-        lock = _try_lock(self.dir / f"{token}.lock")
+    async def _recover(
+        self, sink: Sink, deadline: float | None, progress: dict[str, Any]
+    ) -> DrainResult:
+        if self._recover_lock is None:
+            self._recover_lock = asyncio.Lock()
+        async with self._recover_lock:  # start-up recovery, sweeps and callers never overlap
+            began = time.monotonic()
+            result = DrainResult()
+            tokens = await asyncio.to_thread(_segments, self.dir)
+            candidates = {t: f for t, f in tokens.items() if t != self.token and f}
+            self._orphaned = sum(len(f) for f in candidates.values())
+            done_files = 0
+            skipped: list[str] = []
+            progress.update(state="running", files_total=self._orphaned, files_done=0)
+            for token, listed in sorted(candidates.items()):
+                name = f"{token}.lock"
+                try:
+                    claimed = await asyncio.to_thread(self._claim, token)
+                except _LockRefused as exc:
+                    skipped.append(name)
+                    if name not in self._skips_logged:
+                        self._skips_logged.add(name)
+                        logger.error(
+                            "cannot recover %d segment file(s) of %s: its lock %s is %s, not a "
+                            "regular file; left untouched (never followed or deleted). Move it "
+                            "out of the way and the next sweep delivers them",
+                            len(listed),
+                            token,
+                            self.dir / name,
+                            exc,
+                        )
+                    continue
+                except OSError as exc:
+                    logger.error(
+                        "cannot take the lock %s (%s); its %d file(s) are retried later",
+                        self.dir / name,
+                        exc,
+                        len(listed),
+                    )
+                    result.complete = False
+                    result.files_left += len(listed)
+                    continue
+                if claimed is None:
+                    self._orphaned -= len(listed)
+                    continue  # a live owner, or another recoverer, has it
+                self._skips_logged.discard(name)
+                lock, files = claimed
+                try:
+                    if files:
+                        logger.warning(
+                            "recovering %d orphaned segment file(s) of dead process %s",
+                            len(files),
+                            token,
+                        )
+                    finished = True
+                    for path in files:
+                        ok = await self._deliver(path, sink, deadline, result)
+                        if not ok:
+                            finished = False
+                            result.complete = False
+                            result.files_left += 1
+                            break
+                        done_files += 1
+                        self._orphaned = max(0, self._orphaned - 1)
+                        progress.update(files_done=done_files, records_delivered=result.delivered)
+                    if finished:
+                        # Data first, then the lock file, then release: a recoverer that takes
+                        # the lock after us finds nothing to deliver.
+                        if _cp.ARMED:
+                            _cp.hit("recover.before_lock_unlink")
+                        with contextlib.suppress(OSError):
+                            os.unlink(lock.lock_file)
+                finally:
+                    lock.release()
+                if deadline is not None and not result.complete:
+                    break  # out of time: the rest waits for the next attempt
+            try:
+                await asyncio.to_thread(self._remove_stale_locks, tokens)
+            except OSError as exc:  # litter only: never worth failing recovery for
+                logger.warning("could not remove stale lock files: %s", exc)
+            result.elapsed_ms = (time.monotonic() - began) * 1000
+            progress.clear()
+            progress.update(
+                state="done" if result.complete else "incomplete",
+                files_done=done_files,
+                records_delivered=result.delivered,
+                elapsed_ms=round(result.elapsed_ms, 3),
+            )
+            if skipped:
+                progress["skipped"] = skipped
+            if not result.complete:
+                progress["files_left"] = result.files_left
+            if result.files_done or not result.complete:
+                logger.info(
+                    "recovery delivered %d record(s) from %d orphaned file(s) in %.0f ms%s",
+                    result.delivered,
+                    result.files_done,
+                    result.elapsed_ms,
+                    "" if result.complete else "; the rest is left for the next attempt",
+                )
+            return result
+
+    def _claim(self, token: str) -> tuple[_Flock, list[Path]] | None:
+        lock = _try_lock(self.dir / f"{token}.lock", self.file_mode)
         if lock is None:
             return None
-        if _cp.ARMED:
-            _cp.hit("recover.after_claim")
-        # Re-list under the lock: a recoverer that held it before us may have finished.
-        files = [p for _, _, p in _segments(self.dir).get(token, [])]
+        try:
+            if _cp.ARMED:
+                _cp.hit("recover.after_claim")
+            # Re-list under the lock: a recoverer that held it before us may have finished.
+            files = [p for _, _, p in _segments(self.dir).get(token, [])]
+        except BaseException:
+            lock.release()
+            raise
         return lock, files
 
     def _remove_stale_locks(self, tokens: dict[str, list[tuple[int, str, Path]]]) -> None:
@@ -758,24 +925,79 @@ class FeedbackQueue:
                 continue
             path = self.dir / f"{token}.lock"
             try:
-                if now - path.stat().st_mtime < _STALE_LOCK_S:
-                    continue
-            except FileNotFoundError:
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < _STALE_LOCK_S:
+                    continue  # not ours to judge (never follow or delete what is not a file)
+                lock = _try_lock(path)
+            except (_LockRefused, OSError):
                 continue
-            lock = _try_lock(path)
             if lock is not None:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(path)
                 lock.release()
 
+    async def sweep_orphans(self, sink: Sink) -> DrainResult:
+        """One periodic sweep: deliver the files of peers that died since the last look.
+
+        Like `recover` (try-locks only: a live owner is never blocked nor touched), but its
+        outcome goes to `self.sweep`, not to the start-up `recovery` state.
+        """
+        progress: dict[str, Any] = {}
+        try:
+            result = await self._recover(sink, None, progress)
+        except Exception as exc:
+            self.sweep = {"runs": self.sweep.get("runs", 0) + 1, "state": "failed"}
+            self.sweep["error"] = _why(exc)
+            raise
+        self.sweep = {"runs": self.sweep.get("runs", 0) + 1, **progress}
+        return result
+
+    def start_sweeper(self, sink: Sink) -> None:
+        """Sweep for orphans every `orphan_sweep_ms`; a failed sweep is retried sooner."""
+        if self._sweeper is None and not self._closed:
+            self._sweeper = asyncio.create_task(self._sweep_loop(sink), name="sf-queue-sweeper")
+
+    async def _sweep_loop(self, sink: Sink) -> None:
+        delay = self.orphan_sweep_s
+        while not self._closed:
+            await asyncio.sleep(delay)
+            if self._closed:
+                return
+            try:
+                result = await self.sweep_orphans(sink)
+            except Exception as exc:
+                result = None
+                logger.error("orphan sweep failed (%s); retrying in %.1f s", exc, delay)
+            if result is not None and result.complete:
+                delay = self.orphan_sweep_s
+            else:  # back off from a short first retry up to the period
+                delay = _RETRY_FIRST_S if delay >= self.orphan_sweep_s else delay * 2
+                delay = min(delay, self.orphan_sweep_s)
+
+    async def stop_sweeper(self) -> None:
+        """Stop the periodic sweep; a sweep in flight is cancelled (its files stay on disk)."""
+        task, self._sweeper = self._sweeper, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     # -- stats -----------------------------------------------------------------------------
     def stats(self) -> QueueStats:
-        """Counters from memory and one directory listing (cheap enough for a probe)."""
-        own = _segments(self.dir).get(self.token, [])
+        """Counters from memory and one directory listing (cheap enough for a probe).
+
+        Raises:
+            NotReady: the queue directory cannot be listed (the reason names no path).
+        """
         try:
-            quarantined = len(os.listdir(self.quarantine_dir))
-        except FileNotFoundError:
-            quarantined = 0
+            own = _segments(self.dir).get(self.token, [])
+            try:
+                quarantined = len(os.listdir(self.quarantine_dir))
+            except FileNotFoundError:
+                quarantined = 0
+        except OSError as exc:
+            raise NotReady(f"cannot list the queue directory: {_why(exc)}") from None
         return QueueStats(
             queued=self._queued,
             draining=sum(1 for _, kind, _ in own if kind == "draining"),
@@ -786,7 +1008,8 @@ class FeedbackQueue:
 
     @property
     def recovering(self) -> bool:
-        return self.recovery.get("state") in ("scanning", "running")
+        """True until start-up recovery succeeded (keyed writes answer 503 meanwhile)."""
+        return self._awaiting_recovery or self.recovery.get("state") in ("scanning", "running")
 
     # -- running under a Lifecycle ---------------------------------------------------------
     def start_drainer(self, sink: Sink) -> None:
@@ -804,13 +1027,13 @@ class FeedbackQueue:
                 await asyncio.wait_for(self._stop.wait(), self.drain_interval_s)
             if self._stop.is_set():
                 return
-            if self._queued or self._has_own_files():
-                try:
+            try:  # every failure is retried next period: this task must never die
+                if self._queued or self._has_own_files():
                     await self.drain(sink)
-                except Exception:
-                    logger.exception(
-                        "background drain failed; retrying in %.0f ms", self.drain_interval_s * 1000
-                    )
+            except Exception:
+                logger.exception(
+                    "background drain failed; retrying in %.0f ms", self.drain_interval_s * 1000
+                )
 
     def _has_own_files(self) -> bool:
         return bool(_segments(self.dir).get(self.token))
@@ -824,7 +1047,12 @@ class FeedbackQueue:
         self._drainer = None
 
     def install(self, lifecycle: Lifecycle, sink: Sink | None = None) -> None:
-        """Register with `lifecycle`: start-up recovery, the background drainer, the final drain.
+        """Register with `lifecycle`: start-up recovery, the drainer, the sweep, the final drain.
+
+        Start-up recovery raises while it is incomplete (the sink failed, a lock could not be
+        taken), so the lifecycle retries it with backoff and `/api/ready` stays 503 naming it;
+        keyed writes answer 503 "recovering" until it succeeded. Then orphans are swept every
+        `orphan_sweep_ms`.
 
         Args:
             lifecycle: The application's lifecycle.
@@ -842,13 +1070,26 @@ class FeedbackQueue:
             sink = own
         chosen: Sink = sink
         self.sink = chosen
+        self._awaiting_recovery = True
+        _installed.add(self)
 
         async def recover_at_startup() -> None:
             self.start_drainer(chosen)
-            await self.recover(chosen)
+            result = await self.recover(chosen)
+            if not result.complete:
+                raise QueueError(
+                    f"start-up recovery incomplete: {result.files_left} file(s) left "
+                    f"({result.delivered} record(s) delivered so far)"
+                )
+            self._awaiting_recovery = False
+            self.start_sweeper(chosen)
 
         async def readiness() -> dict[str, Any]:
-            return {"recovery": dict(self.recovery), **asdict(self.stats())}
+            return {
+                "recovery": dict(self.recovery),
+                "sweep": dict(self.sweep),
+                **asdict(self.stats()),
+            }
 
         async def final_drain(deadline: float) -> None:
             await self.close(deadline)
@@ -866,6 +1107,7 @@ class FeedbackQueue:
         """
         if self._closed:
             return None
+        await self.stop_sweeper()
         await self.stop_drainer()
         self._closed = True
         result = None
@@ -908,6 +1150,15 @@ class FeedbackQueue:
                 logger.exception("feedback queue close callback %r failed", callback)
 
 
+def installed_queues(state_dir: str | os.PathLike[str] | None = None) -> list[FeedbackQueue]:
+    """The queues `install`ed in this process (on `state_dir` when given), oldest first."""
+    found = sorted(_installed, key=lambda q: q.token)
+    if state_dir is None:
+        return found
+    want = Path(state_dir).resolve()
+    return [q for q in found if q.state_dir.resolve() == want]
+
+
 def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Offline census of a state directory for `sf-lifecycle queue status`.
 
@@ -921,24 +1172,32 @@ def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "orphaned": 0,
         "quarantined": 0,
         "delivered": None,
-        "files": {"live": 0, "orphaned": 0, "quarantined": 0},
+        "blocked": 0,
+        "files": {"live": 0, "orphaned": 0, "quarantined": 0, "blocked": 0},
         "damaged": 0,
     }
     for token, files in _segments(directory).items():
         if not files:
             continue
-        lock = _try_lock(directory / f"{token}.lock")
+        blocked = False
+        try:
+            lock = _try_lock(directory / f"{token}.lock")
+        except (_LockRefused, OSError):  # a lock name that is not a file: recovery skips these
+            lock, blocked = None, True
         alive = lock is None
         if lock is not None:
             lock.release()
         for _, kind, path in files:
             try:
                 loaded = _load(path)
-            except (FileNotFoundError, _NotASegment):
+            except (OSError, _NotASegment):
                 continue
             n = len(loaded.records)
             out["damaged"] += len(loaded.problems)
-            if not alive:
+            if blocked:
+                out["blocked"] += n
+                out["files"]["blocked"] += 1
+            elif not alive:
                 out["orphaned"] += n
                 out["files"]["orphaned"] += 1
             else:

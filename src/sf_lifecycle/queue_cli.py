@@ -1,10 +1,16 @@
 """`sf-lifecycle queue status|recover --state-dir DIR`: look at and repair a queue offline.
 
 `status` counts records by reading every segment (queued and draining for live owners, orphaned
-for dead ones), the quarantined files and the records already in the default SQLite sink.
-`recover` re-drains the orphans of dead owners into `<state_dir>/feedback.sqlite3`, exactly as a
-starting server would, with a progress line on stderr; it is safe while servers run on the same
-directory (live owners' files are never touched).
+for dead ones, blocked behind a `.lock` that is not a regular file), the quarantined files and
+the records already in the default SQLite sink.
+
+`recover` re-drains the orphans of dead owners exactly as a starting server would, with a
+progress line on stderr, and records each delivered `Idempotency-Key` in the idempotency index
+(so a client retrying after the recovery gets its original id). By default it delivers into
+`<state_dir>/feedback.sqlite3`; with `--app module:attr` it imports the app (with
+`SF_STATE_DIR` set to `--state-dir` unless already set) and uses the queue the app installed on
+that directory: the app's own sink and delivery listeners. It is safe while servers run on the
+same directory (live owners' files are never touched).
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .queue import FeedbackQueue
 
 __all__ = ["COMMAND", "add_arguments", "run"]
 
@@ -26,8 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     status = sub.add_parser("status", help="count queued, draining, orphaned, quarantined records")
     status.add_argument("--state-dir", required=True, type=Path, help="the SF_STATE_DIR to inspect")
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    recover = sub.add_parser("recover", help="deliver orphaned segments to the SQLite sink")
+    recover = sub.add_parser(
+        "recover",
+        help="deliver orphaned segments to the sink and index their idempotency keys",
+        description="Deliver the segment files of dead processes, exactly as a starting server "
+        "does, and record their Idempotency-Keys in feedback/idempotency.sqlite3. The sink is "
+        "<state_dir>/feedback.sqlite3 unless --app names the application whose own sink to use.",
+    )
     recover.add_argument("--state-dir", required=True, type=Path, help="the SF_STATE_DIR")
+    recover.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="the app served with `sf-lifecycle serve` (importable from the current directory): "
+        "deliver into the sink its FeedbackQueue was installed with, through its listeners "
+        "(the idempotency index of feedback_routes)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.queue_command == "status":
         return _status(state_dir, args.json)
+    if args.app:
+        return _recover_app(state_dir, args.app)
     return asyncio.run(_recover(state_dir))
 
 
@@ -53,6 +78,11 @@ def _status(state_dir: Path, as_json: bool) -> int:
     print(f"queued       {info['queued']:>8} records")
     print(f"draining     {info['draining']:>8} records")
     print(f"orphaned     {info['orphaned']:>8} records in {files['orphaned']} file(s)")
+    if info["blocked"] or files["blocked"]:
+        print(
+            f"blocked      {info['blocked']:>8} records in {files['blocked']} file(s): their "
+            ".lock is not a regular file; move it aside to let recovery deliver them"
+        )
     print(f"quarantined  {info['quarantined']:>8} file(s)")
     print(f"delivered    {delivered:>8} records (feedback.sqlite3)")
     if info["damaged"]:
@@ -60,12 +90,50 @@ def _status(state_dir: Path, as_json: bool) -> int:
     return 0
 
 
+def _recover_app(state_dir: Path, spec: str) -> int:
+    """Import the app and recover through the queue it installed on `state_dir`."""
+    from uvicorn.importer import ImportFromStringError, import_from_string
+
+    from .queue import installed_queues
+
+    os.environ.setdefault("SF_STATE_DIR", str(state_dir))
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        import_from_string(spec)
+    except ImportFromStringError as exc:
+        print(f"sf-lifecycle: --app {spec}: {exc}", file=sys.stderr)
+        return 2
+    queues = installed_queues(state_dir)
+    if not queues:
+        print(
+            f"sf-lifecycle: --app {spec} installs no FeedbackQueue on {state_dir} "
+            f"(its SF_STATE_DIR is {os.environ['SF_STATE_DIR']})",
+            file=sys.stderr,
+        )
+        return 2
+    return asyncio.run(_recover_with(queues[0]))
+
+
 async def _recover(state_dir: Path) -> int:
+    from .feedback import IdempotencyIndex
     from .queue import FeedbackQueue
     from .sink import SqliteSink
 
     queue = FeedbackQueue(state_dir)
     sink = SqliteSink(state_dir / "feedback.sqlite3")
+    queue.sink = sink
+    queue.on_close(sink.close)
+    # What the server's feedback_routes does: a retried key finds its original id afterwards.
+    index = IdempotencyIndex(queue.dir / "idempotency.sqlite3", file_mode=queue.file_mode)
+    queue.add_delivery_listener(index.record_delivered)
+    queue.on_close(index.close)
+    return await _recover_with(queue)
+
+
+async def _recover_with(queue: FeedbackQueue) -> int:
+    sink = queue.sink
+    assert sink is not None
     began = time.monotonic()
     task = asyncio.create_task(queue.recover(sink))
     interactive = sys.stderr.isatty()
@@ -77,9 +145,7 @@ async def _recover(state_dir: Path) -> int:
     finally:
         if not task.done():
             task.cancel()
-        queue.sink = sink
-        await queue.close()
-        sink.close()
+        await queue.close()  # also closes what was opened for it (sink, index)
     _progress(queue.recovery, interactive, final=True)
     took = time.monotonic() - began
     print(

@@ -308,3 +308,175 @@ def test_four_writer_processes_and_a_recoverer_lose_and_duplicate_nothing(
     assert all(json.loads(r[1])["pad"] == "x" * 250 for r in rows)
     assert segment_files(state, ".draining") == []
     assert segment_files(state, ".log") == []
+
+
+# -- issue 11: recovery that fails, peers that die later, `queue recover` and the index ---------
+
+QUEUE_APP = "tests.integration.queue_app:app"
+
+
+def start_app(
+    started: list[ServerProcess], state: Path, env: dict[str, str] | None = None
+) -> ServerProcess:
+    base = {"SF_DRAIN_DELAY_MS": "0", "SF_DRAIN_INTERVAL_MS": "3600000"}
+    server = ServerProcess(QUEUE_APP, state_dir=state, env={**base, **(env or {})}, cwd=ROOT)
+    started.append(server)
+    server.start()
+    return server
+
+
+def post_keyed(server: ServerProcess, key: str, body: dict[str, object]) -> tuple[int, dict]:  # type: ignore[type-arg]
+    status, _, raw = server.get(
+        "/api/feedback",
+        method="POST",
+        body=json.dumps(body).encode(),
+        headers={**JSON, "idempotency-key": key},
+    )
+    return status, json.loads(raw)
+
+
+def sink_ids(db: Path) -> list[str]:
+    from sf_lifecycle.testing import sqlite_sink_ids
+
+    return sqlite_sink_ids(db)
+
+
+def queue_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sf_lifecycle", "queue", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_startup_recovery_that_fails_is_retried_and_keyed_retries_keep_their_id(
+    servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """1. A replica takes a keyed write and is SIGKILLed before draining it.
+    2. The next one starts with a sink that fails its first 3 calls: /api/ready is 503 naming
+       feedback-recovery and the failure, keyed POSTs are 503 "recovering" meanwhile.
+    3. The retry succeeds without a restart: ready 200, the key returns the original id,
+       one row in the sink.
+    """
+    state = tmp_path / "state"
+    first = start_app(servers, state)
+    first.wait_ready()
+    status, body = post_keyed(first, "order-1", {"n": 1})
+    assert status == 202, body
+    rid = body["id"]
+    first.kill()
+    second = start_app(servers, state, {"QUEUE_APP_SINK_FAILURES": "3"})
+    reasons, keyed = [], []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            code, _, raw = second.get("/api/ready", timeout=2)
+        except OSError:
+            time.sleep(0.02)
+            continue
+        if code == 200:
+            break
+        reasons.append(json.loads(raw).get("reason", ""))
+        if "failed" in reasons[-1]:
+            keyed.append(post_keyed(second, "order-1", {"n": 1}))
+        time.sleep(0.02)
+    else:
+        pytest.fail(f"never ready: {reasons[-3:]}\n{second.logs()}")
+    failed = [r for r in reasons if "feedback-recovery failed" in r]
+    assert failed, reasons
+    assert "sink unavailable" in second.logs()
+    assert str(tmp_path) not in "".join(reasons)
+    assert keyed, "no keyed request was sent while recovery was being retried"
+    assert {(s, b["error"]) for s, b in keyed} == {(503, "recovering")}
+    status, body = post_keyed(second, "order-1", {"n": 1})
+    assert (status, body["id"]) == (202, rid)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(15) == 0, second.logs()
+    assert sink_ids(state / "app.sqlite3") == [rid]
+
+
+def test_a_peer_killed_after_this_replica_started_is_recovered_without_a_restart(
+    servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """1. Replica A runs with SF_ORPHAN_SWEEP_MS=500; peer B starts later on the same state dir.
+    2. B acknowledges 10 records (its drainer is idle) and is SIGKILLed.
+    3. Within a few sweep periods A delivers all 10, still the same process; nothing left.
+    """
+    state = tmp_path / "state"
+    a = start(servers, state, {"SF_ORPHAN_SWEEP_MS": "500"})
+    a.wait_ready()
+    b = start(servers, state)
+    b.wait_ready()
+    acked = post(b, 10, "peer")
+    b.kill()
+    deadline = time.monotonic() + 10
+    while set(acked) - set(delivered(state)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(delivered(state)) == sorted(acked), a.logs()
+    assert a.proc is not None
+    assert a.proc.poll() is None  # no restart
+    assert segment_files(state, ".log") == segment_files(state, ".draining") == []
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(15) == 0, a.logs()
+    assert Counter(delivered(state)) == Counter(dict.fromkeys(acked, 1))
+
+
+@pytest.mark.parametrize("point", ["drain.after_rename", "drain.after_sink_commit"])
+def test_queue_recover_indexes_idempotency_keys(
+    servers: list[ServerProcess], tmp_path: Path, point: str
+) -> None:
+    """1. A keyed write; SIGTERM with SF_CRASH_AT=point: the drain dies before the index write.
+    2. `sf-lifecycle queue recover` delivers the orphan (and must record its key).
+    3. Restart, retry the key: 202 with the ORIGINAL id; one row in the sink.
+    """
+    state = tmp_path / "state"
+    first = start(servers, state, {"SF_CRASH_AT": point})
+    first.wait_ready()
+    status, body = post_keyed(first, "k-cli", {"n": 1})
+    assert status == 202, body
+    rid = body["id"]
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(15) == -signal.SIGKILL
+    done = queue_cli("recover", "--state-dir", str(state))
+    assert done.returncode == 0, done.stderr
+    assert "recovered 1 record(s) from 1 file(s)" in done.stderr
+    again = start(servers, state)
+    again.wait_ready()
+    status, body = post_keyed(again, "k-cli", {"n": 1})
+    assert (status, body["id"]) == (202, rid)
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(15) == 0, again.logs()
+    assert delivered(state) == [rid]
+
+
+def test_queue_recover_with_app_delivers_into_the_apps_own_sink(
+    servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """1. An app with its own sink (app.sqlite3) takes a keyed write and is SIGKILLed.
+    2. `queue recover --app` delivers into app.sqlite3 (feedback.sqlite3 is never created).
+    3. Restart the app: the key returns the original id; one row.
+    """
+    state = tmp_path / "state"
+    first = start_app(servers, state)
+    first.wait_ready()
+    status, body = post_keyed(first, "k-app", {"n": 2})
+    assert status == 202, body
+    rid = body["id"]
+    first.kill()
+    done = queue_cli("recover", "--state-dir", str(state), "--app", QUEUE_APP)
+    assert done.returncode == 0, done.stderr
+    assert "recovered 1 record(s)" in done.stderr
+    assert sink_ids(state / "app.sqlite3") == [rid]
+    assert not (state / "feedback.sqlite3").exists()
+    again = start_app(servers, state)
+    again.wait_ready()
+    status, body = post_keyed(again, "k-app", {"n": 2})
+    assert (status, body["id"]) == (202, rid)
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(15) == 0, again.logs()
+    assert sink_ids(state / "app.sqlite3") == [rid]
+    bad = queue_cli("recover", "--state-dir", str(state), "--app", "tests.integration.bare_app:app")
+    assert bad.returncode == 2
+    assert "installs no FeedbackQueue" in bad.stderr

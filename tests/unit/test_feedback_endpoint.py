@@ -248,3 +248,23 @@ async def test_idempotency_key_of_a_crashed_process_is_indexed_by_recovery(
         first.queue._closed = True
         first.index.close()
         first.sink.close()
+
+
+async def test_503_not_500_when_the_idempotency_index_cannot_be_read(tmp_path: Path) -> None:
+    """An unreadable index (here: not a SQLite file) answers 503 JSON naming no path."""
+    (tmp_path / "feedback").mkdir()
+    (tmp_path / "feedback" / "idempotency.sqlite3").write_bytes(b"not a database " * 200)
+    a = App(tmp_path)
+    try:
+        r = await a.post({"x": 1}, {"idempotency-key": "k-bad-index", **JSON})
+        assert r.status_code == 503
+        assert r.json()["error"] == "idempotency_unavailable"
+        assert str(tmp_path) not in r.text
+        r = await a.post({"x": 1})  # unkeyed writes do not need the index
+        assert r.status_code == 202
+    finally:
+        a.queue.sink = a.sink
+        await a.queue.close()
+        a.index.close()
+        a.sink.close()
+        await a.client.aclose()

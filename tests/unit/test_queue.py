@@ -478,3 +478,230 @@ def test_any_history_of_appends_drains_and_crashes_delivers_every_ack(
 
     with tempfile.TemporaryDirectory() as d:
         asyncio.run(history(Path(d)))
+
+
+# -- issue 11: names past their width, locks that are not files, recovery that fails ------------
+
+
+async def test_sequence_past_999999_is_drained_recovered_and_counted(tmp_path: Path) -> None:
+    """Segment numbers outgrow six digits after ~55 h of traffic: nothing may go unseen."""
+    from sf_lifecycle.queue import inspect_state_dir
+
+    q = FeedbackQueue(tmp_path)
+    q._seq = 999_998
+    sink = ListSink()
+    acked = []
+    for i in range(4):  # segments 999999, 1000000, 1000001, 1000002
+        acked.append(await q.append({"i": i}))
+        await q.drain(sink)
+    assert sink.deliveries == Counter(dict.fromkeys(acked, 1))
+    assert files(q, ".log") == files(q, ".draining") == []
+
+    dead = FeedbackQueue(tmp_path)
+    dead._seq = 999_997
+    dead_ids = []
+    for i in range(4):  # 999998 and 999999 (old width) beside 1000000 and 1000001
+        dead_ids.append(await dead.append({"d": i}))
+        if i < 3:
+            await dead._call_io(dead._rotate)
+    die(dead)
+    own = [n for n in os.listdir(dead.dir) if n.startswith(dead.token + ".") and n[-5:] != ".lock"]
+    assert sorted(n.split(".")[1] for n in own) == ["1000000", "1000001", "999998", "999999"]
+    status = inspect_state_dir(tmp_path)
+    assert (status["orphaned"], status["files"]["orphaned"]) == (4, 4)
+    result = await q.recover(sink)
+    assert result.complete
+    assert result.files_done == 4
+    assert sink.deliveries == Counter(dict.fromkeys(acked + dead_ids, 1))
+    assert not [n for n in os.listdir(q.dir) if n.startswith(dead.token)]
+    assert inspect_state_dir(tmp_path)["orphaned"] == 0
+    await q.close()
+    assert os.listdir(q.dir) == ["quarantine"]
+
+
+def _spoil_lock(path: Path, kind: str, outside: Path) -> None:
+    path.unlink()
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "symlink":
+        path.symlink_to(outside)
+    else:
+        os.mkfifo(path)
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink", "fifo"])
+async def test_a_lock_name_that_is_not_a_regular_file_never_blocks_recovery(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The token is skipped (never followed, never deleted), logged by name; the rest recovers."""
+    import json as _json
+
+    state = tmp_path / "state"
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the queue's")
+    blocked = FeedbackQueue(state)
+    blocked_id = await blocked.append({"b": 1})
+    die(blocked)
+    lock = blocked.dir / f"{blocked.token}.lock"
+    _spoil_lock(lock, kind, outside)
+    other = FeedbackQueue(state)
+    other_id = await other.append({"o": 1})
+    die(other)
+    cfg = Settings(state_dir=state, orphan_sweep_ms=100)
+    rescuer = FeedbackQueue(state, settings=cfg)
+    sink = ListSink()
+    lifecycle = Lifecycle(cfg)
+    rescuer.install(lifecycle, sink)
+    await lifecycle.startup()
+    try:
+        for _ in range(300):
+            ok, body = await lifecycle.readiness()
+            if ok:
+                break
+            await asyncio.sleep(0.02)
+        assert ok, body
+        assert not rescuer.recovering
+        assert sink.deliveries == Counter({other_id: 1})  # the rest of recovery completed
+        assert f"{blocked.token}.lock" in caplog.text
+        assert str(tmp_path) not in _json.dumps(body)  # no absolute path in a probe body
+        assert body["checks"]["feedback-queue"]["recovery"]["skipped"] == [f"{blocked.token}.lock"]
+        # Untouched: the entry is still what it was, the link target unread and unchanged.
+        assert lock.is_symlink() or lock.exists()
+        assert outside.read_text() == "not the queue's"
+        assert [n for n in os.listdir(rescuer.dir) if n.startswith(blocked.token + ".0")]
+        # Once an operator removes the bad entry, the periodic sweep recovers the records.
+        if kind == "directory":
+            lock.rmdir()
+        else:
+            lock.unlink()
+        for _ in range(300):
+            if blocked_id in sink.deliveries:
+                break
+            await asyncio.sleep(0.02)
+        assert sink.deliveries == Counter({other_id: 1, blocked_id: 1})
+    finally:
+        await lifecycle.shutdown()
+
+
+async def test_recovery_that_fails_is_retried_and_keyed_posts_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    """A sink failing its first call: ready 503 naming recovery, then 200 once the retry worked."""
+    import httpx
+    from starlette.applications import Starlette
+
+    from sf_lifecycle.feedback import feedback_routes
+
+    first = FeedbackQueue(tmp_path)
+    from sf_lifecycle.feedback import IdempotencyIndex
+
+    index = IdempotencyIndex(first.dir / "idempotency.sqlite3")
+    first.add_delivery_listener(index.record_delivered)
+    app1 = Starlette(routes=feedback_routes(first, Settings(state_dir=tmp_path), index=index))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app1), base_url="http://t") as c:
+        r = await c.post(
+            "/api/feedback",
+            json={"x": 1},
+            headers={"idempotency-key": "k-retry"},
+        )
+    assert r.status_code == 202
+    rid = r.json()["id"]
+    die(first)
+    index.close()
+
+    class FailingOnce(ListSink):
+        async def __call__(self, records: Sequence[Mapping[str, Any]]) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise OSError(errno.EIO, "the sink is not there yet")
+            for rec in records:
+                self.deliveries[rec["id"]] += 1
+
+    sink = FailingOnce()
+    cfg = Settings(state_dir=tmp_path, drain_interval_ms=20)
+    lifecycle = Lifecycle(cfg)
+    q = FeedbackQueue(tmp_path, settings=cfg)
+    q.install(lifecycle, sink)
+    app2 = lifecycle.install(Starlette(routes=feedback_routes(q, lifecycle)))
+    await lifecycle.startup()
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app2), base_url="http://t"
+        ) as c:
+            seen_503 = False
+            for _ in range(600):
+                ok, body = await lifecycle.readiness()
+                if ok:
+                    break
+                if sink.calls >= 1:
+                    seen_503 = True
+                    assert "feedback-recovery" in body["reason"], body
+                    r = await c.post(
+                        "/api/feedback", json={"x": 1}, headers={"idempotency-key": "k-retry"}
+                    )
+                    assert (r.status_code, r.json()["error"]) == (503, "recovering"), r.text
+                await asyncio.sleep(0.05)
+            assert ok, body
+            assert seen_503
+            assert sink.deliveries == Counter({rid: 1})
+            r = await c.post("/api/feedback", json={"x": 1}, headers={"idempotency-key": "k-retry"})
+            assert (r.status_code, r.json()["id"]) == (202, rid)
+    finally:
+        await lifecycle.shutdown()
+    assert sink.deliveries == Counter({rid: 1})
+
+
+async def test_background_drainer_survives_a_directory_listing_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An OSError while the drainer looks for files is retried next period, never fatal."""
+    q = FeedbackQueue(tmp_path, drain_interval_ms=10)
+    sink = ListSink()
+    real = queue_mod._segments
+    failures = {"n": 0}
+
+    def flaky(directory: Path) -> Any:
+        if failures["n"] < 3:
+            failures["n"] += 1
+            raise OSError(errno.EIO, "Input/output error", str(directory))
+        return real(directory)
+
+    rid = await q.append({"x": 1})
+    q._queued = 0  # only the directory listing can tell the drainer there is work
+    monkeypatch.setattr(queue_mod, "_segments", flaky)
+    q.start_drainer(sink)
+    for _ in range(300):
+        if rid in sink.deliveries:
+            break
+        await asyncio.sleep(0.01)
+    assert sink.deliveries == Counter({rid: 1})
+    assert failures["n"] == 3
+    assert "background drain failed" in caplog.text
+    await q.close()  # the drainer task is alive and stops cleanly
+
+
+async def test_a_file_that_cannot_be_quarantined_is_kept_and_retried(tmp_path: Path) -> None:
+    """Quarantine failing (its folder replaced by a file) leaves the segment; recovery says so."""
+    dead = FeedbackQueue(tmp_path)
+    rid = await dead.append({"ok": 1})
+    die(dead)
+    seg = next(p for p in dead.dir.iterdir() if p.name.endswith(".log"))
+    with seg.open("ab") as f:
+        f.write(encode(b'{"no id": true}') + encode(b"{}"))  # damage: needs quarantine
+    rescuer = FeedbackQueue(tmp_path)
+    os.rmdir(rescuer.quarantine_dir)
+    rescuer.quarantine_dir.write_text("in the way")
+    sink = ListSink()
+    result = await rescuer.recover(sink)
+    assert not result.complete
+    assert rescuer.recovery["state"] == "incomplete"
+    assert seg.exists()  # kept for the next attempt
+    rescuer.quarantine_dir.unlink()
+    rescuer.quarantine_dir.mkdir()
+    result = await rescuer.recover(sink)
+    assert result.complete
+    assert result.quarantined == 1
+    assert sink.deliveries[rid] >= 1
+    assert not seg.exists()
+    assert os.listdir(rescuer.quarantine_dir) == [seg.name]
+    await rescuer.close()
