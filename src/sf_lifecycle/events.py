@@ -16,9 +16,24 @@ Deliberate choices:
   after someone deleted it) distinguishable: an id from another epoch gets an explicit "lost"
   event, never a silent replay from an unrelated position. Ids compare as `(epoch, seq)`.
 * **A lock around append, not byte offsets as ids.** The next `seq` is read and the line written
-  under a `filelock` lock on `<session>.lock`, so two replicas appending to one session never
-  reuse a number. Offsets as ids would avoid the lock, but retention rewrites the file, and the
-  offsets would then change meaning; the lock is held for one `write()` (microseconds).
+  under an `flock` on `<session>.lock` (the lock `filelock` takes too), so two replicas
+  appending to one session never reuse a number. Offsets as ids would avoid the lock, but
+  retention rewrites the file, and the offsets would then change meaning; the lock is held for
+  one `write()` (microseconds).
+* **A file's identity is its header, not its inode.** Compaction writes a new file and
+  renames it over the old one, and ext4 often gives the new file an inode number the name had
+  before: a reader that tracked `(inode, size)` would read a new file from an old offset. Every
+  file written gets a random `gen` in its header; a reader continues from its offset only when
+  the header it finds (read on the same descriptor as the new bytes) is the one it parsed, and
+  otherwise re-reads the file from the start, which is transparent to streams since ids keep
+  their meaning. A stat that looks unchanged is trusted only once the file is older than one
+  second (a compaction within one clock tick can match inode, size and mtime); until then the
+  header decides. Only a file that fails to parse from its first byte is quarantined, and only
+  if its name still refers to the file that was judged.
+* **No link is followed under the state directory.** The `sessions` folder is opened one
+  component at a time with `O_NOFOLLOW` (see `_statefiles`) for every disk operation, and every
+  name is resolved relative to that descriptor: `sessions -> /elsewhere` is refused with
+  `UnsafePath` (503 on publish) and nothing is created, renamed or deleted there.
 * **Retention is exact for readers, lazy on disk.** A reader sees an event only while it is one
   of the newest `retention_events` and younger than `retention_ms`; asking for an older position
   yields a `lost` event naming how many events were dropped. The file is rewritten (temp file,
@@ -38,7 +53,7 @@ Deliberate choices:
 
 File layout (`<state_dir>/sessions/<session>.log`), one JSON object per line::
 
-    {"sf_session_log":1,"epoch":1718000000000,"floor":0}     header: ids <= floor were dropped
+    {"sf_session_log":1,"epoch":1718000000000,"floor":0,"gen":"9f2c..."}   ids <= floor dropped
     {"seq":1,"ts":1718000000123,"data":{"any":"json"}}
     {"seq":2,"ts":1718000000456,"data":[1,2,3]}
 """
@@ -49,6 +64,8 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -56,14 +73,13 @@ import re
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
-import filelock
-
-from ._errors import DiskWriteError, InvalidEventId, InvalidSessionId
+from ._errors import DiskWriteError, InvalidEventId, InvalidSessionId, UnsafePath
+from ._statefiles import open_state_dir, state_subdir
 
 __all__ = [
     "Event",
@@ -185,16 +201,22 @@ _EMPTY = _View(None, 0, [], [])
 
 
 class _Session:
-    def __init__(self, name: str, path: Path, lock_path: Path, mode: int = 0o600) -> None:
+    def __init__(self, name: str, path: Path) -> None:
         self.name = name
         self.path = path
-        self.lock = filelock.FileLock(lock_path, mode=mode)
+        self.log_name = f"{name}.log"
+        self.lock_name = f"{name}.lock"
+        self.tmp_name = f"{name}.log.tmp"
         self.mutex = threading.Lock()  # in-process: refresh and append of this session
         self.alock = asyncio.Lock()  # one refresh at a time per process
         self.view = _EMPTY
         self.loaded = False
         self.consumed = 0  # bytes parsed (end of the last complete line)
+        self.header = b""  # header line of the file `view` was read from: its identity
         self.sig: tuple[int, int, int] | None = None  # (ino, size, mtime_ns) at last look
+        self.trusted = False  # `sig` is old enough that an equal stat means an unchanged file
+        self.lock_fd: int | None = None  # the cross-process lock, held under `mutex`
+        self.lock_depth = 0
         self.changed: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.waiters = 0
@@ -225,6 +247,9 @@ class FileEventLog:
         max_cached_sessions: Sessions kept parsed in memory when nobody streams them.
         file_mode: Mode of the log and lock files created (no file is opened through a link).
         dir_mode: Mode of the `sessions` folder when it is created.
+
+    Raises:
+        UnsafePath: `sessions` under the state directory is a link or not a folder.
     """
 
     def __init__(
@@ -241,9 +266,11 @@ class FileEventLog:
     ) -> None:
         if retention_events < 1 or retention_ms < 1 or poll_ms < 1:
             raise ValueError("retention_events, retention_ms and poll_ms must be positive")
-        self.dir = Path(state_dir) / "sessions"
-        self.dir.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+        self.dir = state_subdir(self.state_dir, "sessions", dir_mode)
         self.file_mode = file_mode
+        self.dir_mode = dir_mode
         self.retention_events = retention_events
         self.retention_ms = retention_ms
         self.poll_s = poll_ms / 1000
@@ -270,6 +297,8 @@ class FileEventLog:
         Raises:
             InvalidSessionId: the session id cannot name a file.
             ValueError, TypeError: `data` is not JSON (NaN and Infinity included).
+            UnsafePath: `sessions` (or the session's file) is a link or of the wrong type;
+                nothing was written anywhere.
             DiskWriteError: the disk refused the write; nothing was appended.
         """
         s = self._session(session)
@@ -279,7 +308,8 @@ class FileEventLog:
         return event_id
 
     async def read_after(self, session: str, last_id: str | None) -> list[Event]:
-        """See `EventLog.read_after`. Raises `InvalidEventId` for a malformed `last_id`."""
+        """See `EventLog.read_after`. Raises `InvalidEventId` for a malformed `last_id`, and
+        `UnsafePath` when `sessions` is a link or not a folder."""
         position = None if last_id is None else parse_event_id(last_id)
         s = self._session(session)
         if self._stale(s):
@@ -318,10 +348,10 @@ class FileEventLog:
     def compact(self, session: str) -> None:
         """Drop what retention allows from one session file now (normally done on append)."""
         s = self._session(session)
-        with s.mutex, s.lock:
-            self._refresh_sync(s)
+        with s.mutex, self._open_dir() as dfd, self._locked(s, dfd):
+            self._refresh_sync(s, dfd)
             if s.view.epoch is not None:
-                self._rewrite(s, self._floor(s.view, _now_ms()))
+                self._rewrite(s, dfd, self._floor(s.view, _now_ms()))
 
     # -- selection (pure, on a snapshot) ---------------------------------------------------
     def _floor(self, view: _View, now_ms: int) -> int:
@@ -373,12 +403,7 @@ class FileEventLog:
         with self._guard:
             s = self._sessions.get(session)
             if s is None:
-                s = _Session(
-                    session,
-                    self.dir / f"{session}.log",
-                    self.dir / f"{session}.lock",
-                    self.file_mode,
-                )
+                s = _Session(session, self.dir / f"{session}.log")
                 self._sessions[session] = s
                 if len(self._sessions) > self.max_cached_sessions:
                     for name in list(self._sessions)[: -self.max_cached_sessions]:
@@ -389,15 +414,34 @@ class FileEventLog:
             return s
 
     def _stale(self, s: _Session) -> bool:
+        """Whether the file may differ from `s.view` (event loop: one `stat`, rarely a read)."""
         if not s.loaded:
             return True
         try:
-            sig: tuple[int, int, int] | None = _sig(os.stat(s.path))
+            st = os.stat(s.path, follow_symlinks=False)
         except FileNotFoundError:
-            sig = None
+            return s.sig is not None
         except OSError:
             return False  # logged by the refresh that failed; retried when the file changes
-        return sig != s.sig
+        if _sig(st) != s.sig:
+            return True
+        if s.trusted:
+            return False
+        # Inode, size and mtime can all match a different file: another replica's compaction
+        # can get the same inode number back, within one tick of the file-system clock. Until
+        # the file is older than that, its header (which names the incarnation) decides.
+        try:
+            with self._open_dir(create=False) as dfd:
+                fd = os.open(s.log_name, _READ_FLAGS, dir_fd=dfd)
+                try:
+                    same = _sig(os.fstat(fd)) == s.sig and _pread(fd, len(s.header), 0) == s.header
+                finally:
+                    os.close(fd)
+        except OSError:
+            return True
+        if same and time.time_ns() - st.st_mtime_ns > _RACY_NS:
+            s.trusted = True
+        return not same
 
     def _changed(self, s: _Session) -> asyncio.Event:
         loop = asyncio.get_running_loop()
@@ -429,54 +473,133 @@ class FileEventLog:
                     self._notify(s)
 
     # -- disk (worker threads) -------------------------------------------------------------
+    @contextlib.contextmanager
+    def _open_dir(self, *, create: bool = True) -> Iterator[int]:
+        """The `sessions` folder, opened without following a link at any step (see
+        `_statefiles`): every name below is resolved relative to it."""
+        fd = open_state_dir(self.state_dir, "sessions", self.dir_mode if create else None)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _locked(self, s: _Session, dfd: int) -> Iterator[None]:
+        """The cross-process lock of a session (`flock` on `<session>.lock`, the lock the
+        `filelock` package takes too). Re-entrant; the caller holds `s.mutex`."""
+        if s.lock_depth == 0:
+            try:
+                fd = os.open(s.lock_name, _LOCK_FLAGS, self.file_mode, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise UnsafePath(
+                    errno.ELOOP,
+                    f"'sessions/{s.lock_name}' is a symbolic link; refusing to use it "
+                    "(remove it: the service recreates the lock file)",
+                ) from None
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise UnsafePath(
+                        errno.EINVAL, f"'sessions/{s.lock_name}' is not a regular file"
+                    )
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            s.lock_fd = fd
+        s.lock_depth += 1
+        try:
+            yield
+        finally:
+            s.lock_depth -= 1
+            if s.lock_depth == 0 and s.lock_fd is not None:
+                fd, s.lock_fd = s.lock_fd, None
+                os.close(fd)  # releases the flock
+
     def _refresh_locked(self, s: _Session) -> None:
-        with s.mutex:
-            self._refresh_sync(s)
+        with s.mutex, self._open_dir() as dfd:
+            self._refresh_sync(s, dfd)
 
-    def _refresh_sync(self, s: _Session) -> None:
-        """Bring `s.view` up to date with the file. Caller holds `s.mutex`."""
-        try:
-            st = os.lstat(s.path)
-            if stat.S_ISLNK(st.st_mode):  # moved aside, never followed
-                self._quarantine(s, "a symbolic link (refused: the state directory holds no links)")
+    def _refresh_sync(self, s: _Session, dfd: int) -> None:
+        """Bring `s.view` up to date with the file. Caller holds `s.mutex`.
+
+        Everything is judged on one open descriptor, so on one incarnation of the file whatever
+        another replica renames meanwhile. Only a file that fails to parse from its first byte
+        is quarantined, and only if its name still refers to it.
+        """
+        for _ in range(3):
+            try:
+                fd = os.open(s.log_name, _READ_FLAGS, dir_fd=dfd)
+            except FileNotFoundError:
+                s.view, s.consumed, s.sig, s.header, s.loaded = _EMPTY, 0, None, b"", True
                 return
-        except FileNotFoundError:
-            s.view, s.consumed, s.sig, s.loaded = _EMPTY, 0, None, True
-            return
-        except OSError as exc:
-            logger.error("session %s: cannot stat %s: %s", s.name, s.path, exc)
-            s.loaded = True
-            return
-        sig = _sig(st)
-        try:
-            if (
-                s.loaded
-                and s.view.epoch is not None
-                and st.st_ino == (s.sig or (0,))[0]
-                and st.st_size >= s.consumed
-            ):
-                self._read_tail(s, sig)
-            else:
-                self._load(s, sig)
-        except _Corrupt as exc:
-            self._quarantine(s, str(exc))
-        except OSError as exc:
-            logger.error("session %s: cannot read %s: %s", s.name, s.path, exc)
-            s.sig, s.loaded = sig, True  # do not retry until the file changes
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # moved aside, never followed
+                    try:
+                        judged = os.stat(s.log_name, dir_fd=dfd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    reason = "a symbolic link (refused: the state directory holds no links)"
+                    if self._quarantine(s, dfd, judged, reason):
+                        return
+                    continue
+                logger.error("session %s: cannot open %s: %s", s.name, s.path, exc)
+                s.loaded = True
+                return
+            with open(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    reason = "not a regular file"
+                else:
+                    try:
+                        self._read(s, f, st)
+                        return
+                    except _Corrupt as exc:
+                        reason = str(exc)
+                    except OSError as exc:
+                        logger.error("session %s: cannot read %s: %s", s.name, s.path, exc)
+                        s.sig, s.loaded = _sig(st), True  # not retried until the file changes
+                        return
+                # Still open here, so its inode number cannot be reused before the comparison.
+                if self._quarantine(s, dfd, st, reason):
+                    return
+        logger.error("session %s: %s keeps changing under the reader", s.name, s.path)
+        s.loaded = True
 
-    def _read_tail(self, s: _Session, sig: tuple[int, int, int]) -> None:
-        with _open_read(s.path) as f:
+    def _read(self, s: _Session, f: BinaryIO, st: os.stat_result) -> None:
+        """Read what is new in the open file `f`; the whole file unless it is the incarnation
+        `s.view` came from (same header line, not shorter than what was parsed)."""
+        view = s.view
+        fd = f.fileno()
+        if (
+            s.loaded
+            and view.epoch is not None
+            and s.header
+            and st.st_size >= s.consumed
+            and _pread(fd, len(s.header), 0) == s.header
+        ):
             f.seek(s.consumed)
             chunk = f.read()
-        view = s.view
-        used = _parse_lines(chunk, view, s.path)
-        s.consumed += used
-        s.sig = sig
+            try:
+                used = _parse_lines(chunk, view, s.path)
+            except _Corrupt as exc:
+                # Never a reason to call a file corrupt: it is judged from its first byte.
+                logger.warning(
+                    "session %s: unexpected data after byte %d (%s); re-reading the file",
+                    s.name,
+                    s.consumed,
+                    exc,
+                )
+            else:
+                s.consumed += used
+                self._seen(s, st)
+                return
+        self._load(s, f, st)
 
-    def _load(self, s: _Session, sig: tuple[int, int, int]) -> None:
-        with _open_read(s.path) as f:
-            st = os.fstat(f.fileno())
-            raw = f.read()
+    def _load(self, s: _Session, f: BinaryIO, st: os.stat_result) -> None:
+        f.seek(0)
+        raw = f.read()
         nl = raw.find(b"\n")
         if nl < 0:
             raise _Corrupt("no header line")
@@ -485,45 +608,68 @@ class FileEventLog:
             epoch, floor = header["epoch"], header["floor"]
             if (
                 header.get(_HEADER_KEY) != 1
-                or not isinstance(epoch, int)
-                or not (isinstance(floor, int) and floor >= 0)
+                or not (isinstance(epoch, int) and 0 <= epoch <= _MAX_NUMBER)
+                or not (isinstance(floor, int) and 0 <= floor <= _MAX_NUMBER)
             ):
                 raise ValueError("unexpected header fields")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise _Corrupt(f"bad header: {exc}") from None
         view = _View(epoch, floor, [], [])
         used = _parse_lines(raw[nl + 1 :], view, s.path)
-        s.view, s.consumed, s.sig, s.loaded = view, nl + 1 + used, _sig(st), True
+        s.view, s.consumed, s.header, s.loaded = view, nl + 1 + used, raw[: nl + 1], True
+        self._seen(s, st)
         s.last_epoch = max(s.last_epoch, epoch)
 
-    def _quarantine(self, s: _Session, reason: str) -> None:
-        target = s.path.with_name(f"{s.name}.corrupt-{_now_ms()}")
-        try:
-            with s.lock:
-                os.replace(s.path, target)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.error("session %s: corrupt (%s) and cannot quarantine: %s", s.name, reason, exc)
-            with contextlib.suppress(OSError):
-                s.sig = _sig(os.stat(s.path))
-            s.view, s.loaded = _EMPTY, True
-            return
-        else:
-            logger.error(
-                "session %s: log corrupt (%s); moved to %s, the session starts a new epoch",
-                s.name,
-                reason,
-                target.name,
-            )
-        s.view, s.consumed, s.sig, s.loaded = _EMPTY, 0, None, True
+    @staticmethod
+    def _seen(s: _Session, st: os.stat_result) -> None:
+        """Record the stat `s.view` matches (taken before reading, so growth shows later)."""
+        s.sig = _sig(st)
+        s.trusted = time.time_ns() - st.st_mtime_ns > _RACY_NS
+
+    def _quarantine(
+        self, s: _Session, dfd: int, judged: os.stat_result | None, reason: str
+    ) -> bool:
+        """Move the log aside if its name still refers to `judged` (the file found corrupt);
+        False when the name now refers to another file (to be read instead)."""
+        with self._locked(s, dfd):
+            try:
+                now = os.stat(s.log_name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                s.view, s.consumed, s.sig, s.header, s.loaded = _EMPTY, 0, None, b"", True
+                return True
+            if judged is not None and (now.st_dev, now.st_ino) != (judged.st_dev, judged.st_ino):
+                return False
+            target = f"{s.name}.corrupt-{_now_ms()}"
+            n = 0
+            while _exists(target, dfd):
+                n += 1
+                target = f"{s.name}.corrupt-{_now_ms()}.{n}"
+            try:
+                os.rename(s.log_name, target, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except OSError as exc:
+                logger.error(
+                    "session %s: corrupt (%s) and cannot quarantine: %s", s.name, reason, exc
+                )
+                s.sig, s.header, s.view, s.loaded = _sig(now), b"", _EMPTY, True
+                return True
+        logger.error(
+            "session %s: log corrupt (%s); moved to %s, the session starts a new epoch",
+            s.name,
+            reason,
+            target,
+        )
+        s.view, s.consumed, s.sig, s.header, s.loaded = _EMPTY, 0, None, b"", True
+        return True
 
     def _append_sync(self, s: _Session, data_json: str) -> str:
         try:
-            with s.mutex, s.lock:
-                self._refresh_sync(s)
+            with s.mutex, self._open_dir() as dfd, self._locked(s, dfd):
+                self._refresh_sync(s, dfd)
                 if s.view.epoch is None:
-                    self._create(s)
+                    self._create(s, dfd)
+                elif s.view.head >= _MAX_NUMBER:  # pragma: no cover - 10**18 events
+                    logger.warning("session %s: sequence exhausted; new epoch", s.name)
+                    self._write_file(s, dfd, _View(self._new_epoch(s), 0, [], []), create=False)
                 elif s.sig is not None and s.sig[1] > s.consumed:
                     # A torn last line: its writer died mid-write (we hold the lock, so nobody
                     # is writing now). Cut it off so this line does not glue onto it.
@@ -532,12 +678,16 @@ class FileEventLog:
                         s.name,
                         s.sig[1] - s.consumed,
                     )
-                    os.truncate(s.path, s.consumed)
+                    fd = os.open(s.log_name, os.O_WRONLY | _NOFOLLOW, dir_fd=dfd)
+                    try:
+                        os.ftruncate(fd, s.consumed)
+                    finally:
+                        os.close(fd)
                 view = s.view
                 assert view.epoch is not None
                 seq, ts = view.head + 1, _now_ms()
                 line = f'{{"seq":{seq},"ts":{ts},"data":{data_json}}}\n'.encode()
-                fd = os.open(s.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+                fd = os.open(s.log_name, os.O_WRONLY | os.O_APPEND | _NOFOLLOW, dir_fd=dfd)
                 try:
                     _write_all(fd, line)
                     if self.fsync:
@@ -549,12 +699,15 @@ class FileEventLog:
                 view.events.append(event)
                 view.seqs.append(seq)
                 s.consumed += len(line)
-                s.sig = _sig(st)
+                self._seen(s, st)
                 if self._needs_compaction(view, ts):
-                    self._rewrite(s, self._floor(view, ts))
+                    try:
+                        self._rewrite(s, dfd, self._floor(view, ts))
+                    except OSError as exc:  # the event is stored: say so, retry next time
+                        logger.error("session %s: compaction failed: %s", s.name, exc)
                 return event.id  # type: ignore[return-value]
-        except filelock.Timeout as exc:  # pragma: no cover - the lock has no timeout
-            raise DiskWriteError(f"session {s.name}: lock timeout: {exc}") from exc
+        except UnsafePath:
+            raise
         except OSError as exc:
             raise DiskWriteError(
                 exc.errno, f"session {s.name}: append failed: {exc.strerror or exc}"
@@ -566,16 +719,21 @@ class FileEventLog:
             return True
         return bool(view.events) and view.events[0].ts_ms < now_ms - self.retention_ms * 5 // 4
 
-    def _create(self, s: _Session) -> None:
+    def _new_epoch(self, s: _Session) -> int:
         epoch = max(_now_ms(), s.last_epoch + 1)
-        self._write_file(s, _View(epoch, 0, [], []))
+        # An epoch at the id width (a clock far in the future once): ids stay parseable, and
+        # a client holding an old id still gets its `reset` (epochs are compared for equality).
+        return epoch if epoch <= _MAX_NUMBER else _now_ms()
 
-    def _rewrite(self, s: _Session, floor: int) -> None:
+    def _create(self, s: _Session, dfd: int) -> None:
+        self._write_file(s, dfd, _View(self._new_epoch(s), 0, [], []), create=True)
+
+    def _rewrite(self, s: _Session, dfd: int, floor: int) -> None:
         view = s.view
         assert view.epoch is not None
         start = bisect.bisect_right(view.seqs, floor)
         kept = _View(view.epoch, max(floor, view.floor), view.seqs[start:], view.events[start:])
-        self._write_file(s, kept)
+        self._write_file(s, dfd, kept, create=False)
         logger.info(
             "session %s: compacted to %d event(s) after %s-%d",
             s.name,
@@ -584,33 +742,75 @@ class FileEventLog:
             kept.floor,
         )
 
-    def _write_file(self, s: _Session, view: _View) -> None:
-        """Write a whole log to a temp file and rename it into place (caller holds the lock)."""
+    def _write_file(self, s: _Session, dfd: int, view: _View, *, create: bool) -> None:
+        """Write a whole log to a temp file and rename it into place (caller holds the lock).
+
+        The header carries a fresh random `gen`: it is what tells a reader that the file under
+        the name is another incarnation, whatever inode number the file system handed out.
+        `create` never replaces an existing file (a corrupt one that could not be moved aside).
+        """
         header = json.dumps(
-            {_HEADER_KEY: 1, "epoch": view.epoch, "floor": view.floor}, separators=(",", ":")
-        )
-        parts = [header.encode(), b"\n"]
+            {
+                _HEADER_KEY: 1,
+                "epoch": view.epoch,
+                "floor": view.floor,
+                "gen": os.urandom(8).hex(),
+            },
+            separators=(",", ":"),
+        ).encode()
+        parts = [header, b"\n"]
         for seq, ev in zip(view.seqs, view.events, strict=True):
             parts.append(f'{{"seq":{seq},"ts":{ev.ts_ms},"data":{ev.data_json}}}\n'.encode())
         blob = b"".join(parts)
-        tmp = s.path.with_name(f"{s.name}.log.tmp")
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)  # a crash's leftover, or a planted link: removed, never written through
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self.file_mode)
+            os.unlink(s.tmp_name, dir_fd=dfd)  # a crash's leftover or a planted link: removed
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+        fd = os.open(s.tmp_name, flags, self.file_mode, dir_fd=dfd)
         try:
             _write_all(fd, blob)
             if self.fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, s.path)  # readers holding the old inode notice the new one and reload
-        s.view, s.consumed, s.sig = view, len(blob), _sig(os.stat(s.path))
+        if create:
+            os.link(s.tmp_name, s.log_name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+            os.unlink(s.tmp_name, dir_fd=dfd)
+        else:
+            os.replace(s.tmp_name, s.log_name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        if self.fsync:
+            os.fsync(dfd)
+        st = os.stat(s.log_name, dir_fd=dfd, follow_symlinks=False)
+        s.view, s.consumed, s.header = view, len(blob), header + b"\n"
+        self._seen(s, st)
         s.last_epoch = max(s.last_epoch, view.epoch or 0)
 
 
-def _open_read(path: Path) -> BinaryIO:
-    """Open a session log for reading, never through a symbolic link (ELOOP instead)."""
-    return open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: Within this of a file's mtime, an unchanged stat does not prove an unchanged file (a
+#: file-system clock ticks every few ms; a peer on another host may be a little off).
+_RACY_NS = 1_000_000_000
+#: Largest epoch or sequence number: ids stay `<18 digits>-<18 digits>`.
+_MAX_NUMBER = 10**18 - 1
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = os.pread(fd, n - len(out), offset + len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _exists(name: str, dfd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from ._errors import DiskWriteError
+from ._errors import DiskWriteError, UnsafePath
 from ._jsonbody import BodyError, read_json_body
 from .events import LOST, EventLog, InvalidEventId, InvalidSessionId, parse_event_id
 from .events import validate_session_id as _validate_session
@@ -150,7 +150,11 @@ class _Endpoints:
         closing = asyncio.ensure_future(state.wait_closing())
         try:
             while not state.closing:
-                batch = await log.read_after(session, cursor)
+                try:
+                    batch = await log.read_after(session, cursor)
+                except UnsafePath as exc:  # the client retries; an operator must fix the folder
+                    logger.error("session %s: stream ended: %s", session, exc)
+                    break
                 for event in batch:
                     if state.closing:
                         break
@@ -189,6 +193,14 @@ class _Endpoints:
             return _error(400, "client disconnected before the body was complete")
         try:
             event_id = await self.log.append(session, data)
+        except UnsafePath as exc:
+            logger.error("session %s: event not stored: %s", session, exc)
+            return _error(
+                503,
+                f"event not stored: the state directory is unsafe ({exc.strerror}); "
+                "an operator must fix it",
+                self._retry_after(),
+            )
         except DiskWriteError as exc:
             logger.error("session %s: event not stored: %s", session, exc)
             return _error(503, "event not stored (disk error); retry later", self._retry_after())

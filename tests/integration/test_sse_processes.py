@@ -126,8 +126,8 @@ class Publisher:
         except BaseException as exc:
             self.error = exc
 
-    def _publish(self, n: int) -> None:
-        body = json.dumps({"n": n}).encode()
+    def _publish(self, n: int, pad: int = 0) -> None:
+        body = json.dumps({"n": n, "pad": "x" * pad} if pad else {"n": n}).encode()
         headers = {"content-type": "application/json"}
         path = f"{URL}?session={self.session}"
         while True:
@@ -217,3 +217,52 @@ def test_events_published_on_one_replica_reach_a_stream_on_the_other(
     assert [e.event_id for e in reader.events] == pub.ids
     latencies = [r.at - s for r, s in zip(reader.events, pub.sent_at, strict=True)]
     assert max(latencies) < 1.0, latencies
+
+
+def test_compaction_on_one_replica_never_makes_the_other_quarantine_a_healthy_log(
+    tmp_path: Path,
+) -> None:
+    """Issue 11, defect 5, as reproduced: two replicas, `retention_events=4`.
+
+    Steps:
+    1. replicas A and B on one state directory keep 4 events per session, so every burst of
+       appends makes B compact the file (temp file + `os.replace`; ext4 often hands the new
+       file an inode number the old one had);
+    2. a client streams session `c` from A while B publishes bursts of 1 to 4 events, waiting
+       after each burst until the stream has them, 60 bursts (about 70 compactions);
+    3. the stream got every event once, in order, with no `lost` event; nothing was
+       quarantined and neither replica logged an error.
+    """
+    env = {"SF_DRAIN_DELAY_MS": "0", "SF_SSE_RETENTION_EVENTS": "4"}
+    a = ServerProcess(state_dir=tmp_path, env={**env, "SF_REPLICA_ID": "a"})
+    b = ServerProcess(state_dir=tmp_path, env={**env, "SF_REPLICA_ID": "b"})
+    try:
+        a.start()
+        b.start()
+        a.wait_ready()
+        b.wait_ready()
+        bursts = [1 + (i * 7) % 4 for i in range(60)]  # 1 to 4: never more than retention
+        reader = Reader(a, "c", count=sum(bursts)).start()
+        pub = Publisher(b, b, "c", 0)
+        n = 0
+        for burst in bursts:
+            for _ in range(burst):
+                pub._publish(n, pad=n * 7 % 23)
+                n += 1
+            deadline = time.monotonic() + 5
+            while len(reader.events) < n and reader.error is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert len(reader.events) >= n, (
+                f"stream stalled at {len(reader.events)} of {n}; A logged:\n{a.logs()[-1500:]}"
+            )
+        reader.join(10)
+        assert [e.event_id for e in reader.events] == pub.ids
+        assert [e.data["n"] for e in reader.events] == list(range(n))  # type: ignore[index]
+        sessions = tmp_path / "sessions"
+        assert sorted(p.name for p in sessions.iterdir()) == ["c.lock", "c.log"]
+        for replica in (a, b):
+            assert " ERROR " not in replica.logs()
+            assert "corrupt" not in replica.logs()
+    finally:
+        a.close()
+        b.close()

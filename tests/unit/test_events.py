@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -247,3 +248,67 @@ def test_from_settings(tmp_path: Path) -> None:
         Settings(state_dir=tmp_path, sse_retention_events=7, sse_retention_ms=9_000)
     )
     assert (log.dir, log.retention_events, log.retention_ms) == (tmp_path / "sessions", 7, 9_000)
+
+
+def _replace_reusing_the_inode(real: object) -> object:
+    """`os.replace` as ext4 often behaves after a compaction: the new file gets the old inode.
+
+    The temp file's bytes are written into the inode the destination name already has, so a
+    peer that identifies the file by inode number sees "the same file" with other content.
+    """
+    replace = real
+
+    def fake(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        src_name, dst_name = str(src), str(dst)
+        if not dst_name.endswith(".log") or not src_name.endswith(".log.tmp"):
+            replace(src, dst, *args, **kwargs)  # type: ignore[operator]
+            return
+        sfd = kwargs.get("src_dir_fd")
+        dfd = kwargs.get("dst_dir_fd")
+        try:
+            os.stat(dst_name, dir_fd=dfd)  # type: ignore[arg-type]
+        except FileNotFoundError:
+            replace(src, dst, *args, **kwargs)  # type: ignore[operator]
+            return
+        with open(os.open(src_name, os.O_RDONLY, dir_fd=sfd), "rb") as f:  # type: ignore[arg-type]
+            blob = f.read()
+        fd = os.open(dst_name, os.O_WRONLY | os.O_TRUNC, dir_fd=dfd)  # type: ignore[arg-type]
+        try:
+            os.write(fd, blob)
+        finally:
+            os.close(fd)
+        os.unlink(src_name, dir_fd=sfd)  # type: ignore[arg-type]
+
+    return fake
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+async def test_a_reader_never_trusts_an_offset_after_compaction_reused_the_inode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, every: int
+) -> None:
+    """Issue 11, defect 5. Steps: writer and reader are two instances (two replicas) on one
+    directory with `retention_events=4`, so the writer compacts every few appends, and every
+    compaction keeps the inode number (forced, as ext4 does by chance); the reader resumes from
+    its cursor after every `every` appends. It gets every event once, in order, and no log is
+    quarantined."""
+    monkeypatch.setattr(os, "replace", _replace_reusing_the_inode(os.replace))
+    writer = FileEventLog(tmp_path, retention_events=4)
+    reader = FileEventLog(tmp_path, retention_events=4)
+    sent: list[str] = []
+    got: list[Event] = []
+    cursor: str | None = None
+    inodes = set()
+    for n in range(60):
+        sent.append(await writer.append("s", {"n": n, "pad": "x" * (n * 7 % 23)}))
+        inodes.add(os.stat(tmp_path / "sessions" / "s.log").st_ino)
+        if n % every == every - 1:
+            batch = await reader.read_after("s", cursor)
+            got.extend(batch)
+            cursor = batch[-1].id if batch else cursor
+    got.extend(await reader.read_after("s", cursor))
+    assert [e.kind for e in got] == ["message"] * len(sent)
+    assert [e.id for e in got] == sent
+    assert [e.data["n"] for e in got] == list(range(60))
+    assert not [p.name for p in (tmp_path / "sessions").iterdir() if ".corrupt-" in p.name]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(inodes) == 1  # the seam worked: one inode number all along
