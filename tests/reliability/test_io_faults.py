@@ -142,14 +142,26 @@ async def cycle(state: Path, disk: Disk) -> tuple[list[str], list[str], ListSink
             if exc.errno != disk.err:
                 raise
 
-    q = FeedbackQueue(state, batch_records=2)
+    async def new_queue() -> FeedbackQueue | None:
+        try:
+            return FeedbackQueue(state, batch_records=2)
+        except OSError as exc:  # its lock file could not be opened: this process never starts
+            if exc.errno != disk.err:
+                raise
+            return None
+
+    q = await new_queue()
+    if q is None:  # nothing was attempted: as if every write had been refused
+        return acked, [*refused, "a0", "a1", "a2", "b0", "b1", "c0", "c1"], sink
     for i in range(3):
         await append(q, f"a{i}")
     await drain(q)
     for i in range(2):
         await append(q, f"b{i}")
     die(q)
-    q = FeedbackQueue(state, batch_records=2)
+    q = await new_queue()
+    if q is None:
+        return acked, [*refused, "c0", "c1"], sink
     try:
         await q.recover(sink)
     except OSError as exc:

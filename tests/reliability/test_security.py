@@ -30,12 +30,22 @@ SECRET = "hunter2-s3cr3t-do-not-leak"
 JSON = {"content-type": "application/json"}
 
 
+async def wait_ready(c: httpx.AsyncClient) -> None:
+    """Keyed writes answer 503 until start-up recovery has run: wait for it, as a proxy does."""
+    for _ in range(500):
+        if (await c.get("/api/ready")).status_code == 200:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never ready")
+
+
 async def exercise(state: Path, **settings: object) -> None:
     """Run the example app in-process: a record, an event, a drain, so every file exists."""
     app = example_create_app()(Settings(state_dir=state, drain_interval_ms=20, **settings))  # type: ignore[arg-type]
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            await wait_ready(c)
             r = await c.post(
                 "/api/feedback", content=b'{"a": 1}', headers={**JSON, "idempotency-key": "k"}
             )
@@ -150,6 +160,7 @@ async def test_ids_cannot_name_paths(tmp_path: Path) -> None:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            await wait_ready(c)
             for bad in ["../evil", "..%2F..%2Fx", "a/b", "%2e%2e"]:
                 for method in ("GET", "POST"):
                     r = await c.request(
