@@ -18,7 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from ._statefiles import DEFAULT_FILE_MODE, create_private, refuse_link
+from ._statefiles import (
+    DEFAULT_DIR_MODE,
+    DEFAULT_FILE_MODE,
+    create_private,
+    refuse_link,
+    state_subdir,
+)
 
 __all__ = ["SqliteThread"]
 
@@ -43,6 +49,8 @@ class SqliteThread:
         open_timeout_s: How long opening retries while a peer creates the database.
         file_mode: Mode of the file when this creates it (SQLite gives `-wal`/`-shm` the same).
         dir_mode: Create the folder with this mode when missing; None: it must exist.
+        state_dir: When `path` is below this folder, every folder between them is checked
+            (no link, a real folder) right before opening: `UnsafePath` otherwise.
     """
 
     def __init__(
@@ -55,8 +63,10 @@ class SqliteThread:
         open_timeout_s: float = 30.0,
         file_mode: int = DEFAULT_FILE_MODE,
         dir_mode: int | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.dir_mode = dir_mode
+        self.state_dir = state_dir
         self.path = path
         self._setup = setup
         self.busy_timeout_ms = busy_timeout_ms
@@ -69,7 +79,10 @@ class SqliteThread:
         """The connection, opened on first use. Call only from this object's thread."""
         if self._conn is not None:
             return self._conn
-        if self.dir_mode is not None:
+        if self.state_dir is not None and self.path.parent != self.state_dir:
+            rel = self.path.parent.relative_to(self.state_dir).as_posix()
+            state_subdir(self.state_dir, rel, self.dir_mode or DEFAULT_DIR_MODE)
+        elif self.dir_mode is not None:
             self.path.parent.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
         create_private(self.path, self.file_mode)
         for suffix in ("-wal", "-shm", "-journal"):

@@ -100,6 +100,7 @@ class IdempotencyIndex:
             self._setup,
             name="sf-idempotency",
             file_mode=file_mode,
+            state_dir=None if state_dir is None else Path(state_dir),
         )
 
     def _setup(self, conn: sqlite3.Connection) -> None:
@@ -275,6 +276,7 @@ def feedback_routes(
         index = IdempotencyIndex(
             queue.dir / "idempotency.sqlite3",
             file_mode=queue.file_mode,
+            state_dir=queue.state_dir,
         )
         queue.add_delivery_listener(index.record_delivered)
         queue.on_close(index.close)

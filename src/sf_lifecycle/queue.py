@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from . import _crashpoints as _cp
 from ._errors import BudgetExceeded, DiskWriteError, NotReady, QueueError
 from ._framing import encode, scan
-from ._statefiles import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE
+from ._statefiles import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, open_state_dir, state_subdir
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -270,6 +270,7 @@ def _segments(directory: Path) -> dict[str, list[tuple[int, str, Path]]]:
     """token -> [(seq, kind, path)] sorted by seq; lock-only tokens map to []."""
     out: dict[str, list[tuple[int, str, Path]]] = {}
     try:
+        os.close(open_state_dir(directory.parent, directory.name, None))  # UnsafePath: a link
         names = os.listdir(directory)
     except FileNotFoundError:
         return out
@@ -408,9 +409,9 @@ class FeedbackQueue:
         self.orphan_sweep_s = orphan_sweep_ms / 1000
         self.token = _new_token()
         self.sink: Sink | None = None
-        for d in (self.state_dir, self.dir, self.quarantine_dir):
-            # exist_ok: a peer may create it at the same instant
-            os.makedirs(d, mode=dir_mode, exist_ok=True)
+        # The state directory is the operator's (it may be a link); below it nothing is followed.
+        os.makedirs(self.state_dir, mode=dir_mode, exist_ok=True)
+        state_subdir(self.state_dir, "feedback/quarantine", dir_mode)  # UnsafePath: refused
         # Our lock before any segment of ours exists: a recoverer that sees a segment of this
         # token and fails to take this lock knows we are alive.
         lock = _try_lock(self.dir / f"{self.token}.lock", file_mode)
@@ -582,6 +583,7 @@ class FeedbackQueue:
         self._queued += count
 
     def _open_segment(self) -> None:
+        state_subdir(self.state_dir, "feedback", self.dir_mode)  # never create through a link
         self._seq += 1
         path = self.dir / f"{self.token}.{self._seq:06d}.log"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
@@ -740,6 +742,7 @@ class FeedbackQueue:
             result.quarantined += 1
         else:
             try:
+                state_subdir(self.state_dir, "feedback", self.dir_mode)  # not through a link
                 os.unlink(path)  # no directory fsync: a resurrected file is only redelivered
             except FileNotFoundError:
                 pass
@@ -765,6 +768,7 @@ class FeedbackQueue:
     def _quarantine(self, path: Path, problems: list[tuple[int, str]]) -> None:
         for offset, reason in problems:
             logger.warning("corrupt record in %s at offset %d: %s", path, offset, reason)
+        state_subdir(self.state_dir, "feedback/quarantine", self.dir_mode)  # no link, anywhere
         target = self.quarantine_dir / path.name
         n = 0
         while target.exists():
