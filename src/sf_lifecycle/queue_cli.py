@@ -141,7 +141,11 @@ async def _recover_with(queue: FeedbackQueue) -> int:
         while not task.done():
             await asyncio.wait({task}, timeout=0.2)
             _progress(queue.recovery, interactive)
-        result = task.result()
+        try:
+            result = task.result()
+        except Exception as exc:  # a clear line, not a traceback; nothing was deleted
+            print(f"sf-lifecycle: recovery failed: {exc}", file=sys.stderr)
+            return 1
     finally:
         if not task.done():
             task.cancel()

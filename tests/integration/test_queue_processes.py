@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -325,7 +326,9 @@ def start_app(
     return server
 
 
-def post_keyed(server: ServerProcess, key: str, body: dict[str, object]) -> tuple[int, dict]:  # type: ignore[type-arg]
+def post_keyed(
+    server: ServerProcess, key: str, body: dict[str, object]
+) -> tuple[int, dict[str, Any]]:
     status, _, raw = server.get(
         "/api/feedback",
         method="POST",
