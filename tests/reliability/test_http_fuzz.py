@@ -181,6 +181,23 @@ bodies = st.one_of(
         lambda v: json.dumps(v, ensure_ascii=False).encode()
     ),
     st.integers(MAX_BYTES - 20, MAX_BYTES * 3).map(lambda n: b'{"pad":"' + b"x" * n + b'"}'),
+    # JSON at its edges (issue 11, defect 10): overflow, lone surrogates, deep nesting, huge
+    # integers, nested duplicates, BOM, NUL; each a 400, never a 500.
+    st.sampled_from(
+        [
+            b'{"x": 1e400}',
+            b'{"x": -1e400}',
+            b'{"x": 1e-400}',
+            b'{"x": "\\ud800"}',
+            b'{"\\udfff": 1}',
+            b'{"x": "\\u0000"}',
+            b'{"a": {"b": 1, "b": 2}}',
+            b"\xef\xbb\xbf{}",
+            b'{"x": 9' + b"9" * 300 + b"}",
+        ]
+    ),
+    st.integers(1, 200).map(lambda n: b"[" * n + b"]" * n),
+    st.integers(60, 300).map(lambda n: b'{"x":' + b"[" * n + b"1" + b"]" * n + b"}"),
 )
 sessions = st.one_of(
     st.sampled_from(["s1", "s-2_x", "", "../etc/passwd", "a/b", "..", "x" * 129, "%00"]),
