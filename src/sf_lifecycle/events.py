@@ -667,7 +667,7 @@ class FileEventLog:
                 self._refresh_sync(s, dfd)
                 if s.view.epoch is None:
                     self._create(s, dfd)
-                elif s.view.head >= _MAX_NUMBER:  # pragma: no cover - 10**18 events
+                elif s.view.head >= _MAX_NUMBER:  # 10**18 events: ids stay 18 digits wide
                     logger.warning("session %s: sequence exhausted; new epoch", s.name)
                     self._write_file(s, dfd, _View(self._new_epoch(s), 0, [], []), create=False)
                 elif s.sig is not None and s.sig[1] > s.consumed:

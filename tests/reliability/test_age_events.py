@@ -94,3 +94,18 @@ async def test_a_file_from_long_ago_reports_expiry_exactly_and_is_compacted(
 def test_ids_past_the_width_are_refused_clearly(bad: str) -> None:
     with pytest.raises(ValueError, match="expected <epoch>-<seq>"):
         parse_event_id(bad)
+
+
+async def test_a_sequence_at_the_id_width_continues_in_a_new_epoch(tmp_path: Path) -> None:
+    """Steps: a log whose last seq is the largest an id can carry; the next append starts a
+    new epoch at seq 1 (still a valid id); a reader at the old last id gets a `reset` event and
+    then the new event, nothing is quarantined."""
+    old_log(tmp_path, "w", 1_700_000_000_000, [MAX - 1, MAX], ts=10**13, floor=MAX - 2)
+    log = FileEventLog(tmp_path)
+    new = await log.append("w", "next")
+    epoch, seq = parse_event_id(new)
+    assert (seq, epoch > 1_700_000_000_000) == (1, True)
+    got = await FileEventLog(tmp_path).read_after("w", f"1700000000000-{MAX}")
+    assert [(e.kind, e.id) for e in got][1:] == [("message", new)]
+    assert got[0].data["reason"] == "reset"
+    assert not list((tmp_path / "sessions").glob("*.corrupt-*"))
