@@ -23,7 +23,7 @@ from .config import Settings
 from .health import HealthApp, health_routes
 from .lifecycle import Lifecycle
 from .middleware import LifecycleMiddleware
-from .runner import EXIT_BUDGET_EXCEEDED, EXIT_FORCED, EXIT_OK, serve
+from .runner import EXIT_BUDGET_EXCEEDED, EXIT_FORCED, EXIT_HOOK_FAILED, EXIT_OK, serve
 from .state import Phase, ShutdownState
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "EXIT_BUDGET_EXCEEDED",
     "EXIT_FORCED",
+    "EXIT_HOOK_FAILED",
     "EXIT_OK",
     "BudgetExceeded",
     "ConfigError",

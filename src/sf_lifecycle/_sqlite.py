@@ -73,6 +73,7 @@ class SqliteThread:
         self.open_timeout_s = open_timeout_s
         self.file_mode = file_mode
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
 
     def connection(self) -> sqlite3.Connection:
@@ -119,12 +120,22 @@ class SqliteThread:
         )
 
     def close(self) -> None:
-        """Close the connection and the thread (calls already submitted finish first)."""
+        """Close the connection and the thread, without waiting for either.
+
+        Calls already submitted finish first, then the connection closes on its thread. Not
+        waiting matters at shutdown: this runs on the event loop, and a call blocked on another
+        process's lock (up to `busy_timeout_ms`) would otherwise block the loop past the grace
+        budget. A call cut by the deadline commits nothing; the runner's watchdog does not let
+        the thread hold the exit.
+        """
 
         def shut() -> None:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
 
-        self._executor.submit(shut).result()
-        self._executor.shutdown(wait=True)
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.submit(shut)
+        self._executor.shutdown(wait=False)

@@ -55,7 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
     Settings.from_env()  # fail before importing the app, with the variable's name
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    return serve(args.app, log_config=None, access_log=args.access_log)
+    return serve(args.app, log_config=None, access_log=args.access_log, own_process=True)
 
 
 def _commands() -> dict[str, Command]:

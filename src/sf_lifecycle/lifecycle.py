@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._errors import NotReady
+from ._errors import BudgetExceeded, NotReady
 from .config import Settings
 from .state import Phase, ShutdownState
 
@@ -36,6 +38,55 @@ ReadinessCheck = Callable[[], Awaitable[Mapping[str, Any] | bool | None]]
 ShutdownHook = Callable[[float], Awaitable[None]]
 #: Start-up work run in the background once the server listens; ready stays 503 until it ends.
 StartupTask = Callable[[], Awaitable[None]]
+
+#: First pause before a failed start-up task runs again; it doubles up to the cap (+-20% jitter).
+STARTUP_RETRY_FIRST_S = 0.2
+STARTUP_RETRY_MAX_S = 5.0
+
+_ABS_PATH = re.compile(r"(?<![\w.:/])/[^\s'\"]*")
+
+
+def describe_error(exc: BaseException) -> str:
+    """`Type: message` for a probe body, without file system paths (the threat model keeps
+    paths out of anything an HTTP client can read)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = _ABS_PATH.sub("<path>", str(exc))
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
+#: How long a hook cancelled at the end of its share may take to unwind before it is abandoned.
+_HOOK_CANCEL_GRACE_S = 0.1
+
+
+async def _guarded(hook: ShutdownHook, deadline: float) -> BaseException | None:
+    """Run `hook`; return what it raised instead of raising it.
+
+    Everything is caught, `BaseException` included: raised inside a task, `SystemExit` and
+    `KeyboardInterrupt` would escape the event loop. A real Ctrl-C reaches the runner as a
+    signal, never as this exception; raised here, it is code in the hook giving up. Only a
+    cancellation sent to this task (the hook's share of the budget ran out) propagates; a
+    `CancelledError` the hook raised by itself (it awaited a future someone else cancelled) is a
+    failure of that hook like any other.
+    """
+    try:
+        await hook(deadline)
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        return exc
+    except BaseException as exc:
+        return exc
+    return None
+
+
+@dataclass(slots=True)
+class _StartupStatus:
+    attempts: int = 0
+    failures: int = 0
+    last_error: str | None = None
 
 
 @dataclass(slots=True)
@@ -67,13 +118,14 @@ class Lifecycle:
         self._checks: list[_Check] = []
         self._hooks: list[_Hook] = []
         self._startup: list[tuple[str, StartupTask]] = []
-        self._startup_pending: set[str] = set()
-        self._startup_failed: dict[str, str] = {}
+        self._startup_pending: dict[str, _StartupStatus] = {}
         self._startup_tasks: set[asyncio.Task[None]] = set()
         #: Monotonic deadline for shutdown work; set by the runner at SIGTERM.
         self.deadline: float | None = None
         #: Names of hooks that did not finish within the budget (the runner's exit code reads it).
         self.unfinished: list[str] = []
+        #: Names of hooks that raised (any exception, `BaseException` included).
+        self.failed: list[str] = []
         self._started = False
         self._shut_down = False
 
@@ -93,8 +145,13 @@ class Lifecycle:
     def on_shutdown(self, name: str, hook: ShutdownHook) -> None:
         """Register work to run once requests are finished, e.g. the final queue drain.
 
-        Hooks run in registration order and receive the monotonic deadline of the grace budget.
-        A hook still running at the deadline is cancelled and reported as unfinished.
+        Hooks run in registration order, each isolated from the others: a hook that raises
+        (anything, `CancelledError`, `SystemExit` and `KeyboardInterrupt` included) is logged and
+        reported in `failed`, and the later hooks still run. So that one stuck hook cannot
+        starve the ones after it (the final queue drain above all), a hook followed by others
+        gets at most half of the budget left when it starts; the last gets all of it. A hook
+        receives the monotonic deadline of its share; still running then, it is cancelled and
+        reported in `unfinished`.
         """
         self._hooks.append(_Hook(name, hook))
 
@@ -110,10 +167,20 @@ class Lifecycle:
         if phase is not Phase.READY:
             body["reason"] = f"replica is {phase}"
             return False, body
-        if self._startup_pending or self._startup_failed:
-            reasons = [f"{n} running" for n in sorted(self._startup_pending)]
-            reasons += [f"{n} failed: {e}" for n, e in sorted(self._startup_failed.items())]
+        if self._startup_pending:
+            reasons = []
+            for n, st in sorted(self._startup_pending.items()):
+                if st.last_error is None:
+                    reasons.append(f"{n} running")
+                else:
+                    reasons.append(
+                        f"{n} failed {st.failures} time(s), retrying; last error: {st.last_error}"
+                    )
             body["reason"] = "; ".join(reasons)
+            body["startup"] = {
+                n: {"attempts": st.attempts, "failures": st.failures, "last_error": st.last_error}
+                for n, st in sorted(self._startup_pending.items())
+            }
         results = await asyncio.gather(*(self._run_check(c) for c in self._checks))
         checks = dict(zip((c.name for c in self._checks), results, strict=True))
         if checks:
@@ -133,7 +200,7 @@ class Lifecycle:
             return {"ok": False, "reason": f"timed out after {check.timeout_s:g} s"}
         except Exception as exc:
             logger.warning("readiness check %s raised %r", check.name, exc)
-            return {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
+            return {"ok": False, "reason": describe_error(exc)}
         if result is False:
             return {"ok": False, "reason": "check returned False"}
         out: dict[str, Any] = {"ok": True}
@@ -160,7 +227,7 @@ class Lifecycle:
             return
         self._started = True
         for name, task in self._startup:
-            self._startup_pending.add(name)
+            self._startup_pending[name] = _StartupStatus()
             t = asyncio.create_task(self._run_startup(name, task), name=f"sf-startup-{name}")
             self._startup_tasks.add(t)
             t.add_done_callback(self._startup_tasks.discard)
@@ -168,18 +235,54 @@ class Lifecycle:
             logger.info("ready after %.0f ms", (time.monotonic() - self.started_monotonic) * 1000)
 
     async def _run_startup(self, name: str, task: StartupTask) -> None:
+        """Run `task` until it succeeds, retrying with capped exponential backoff and jitter.
+
+        A failure is never final while the process lives: a sink down at start-up would
+        otherwise leave orphans on disk until the next restart. Retries stop once the replica
+        drains (the shutdown cancels this task).
+        """
         began = time.monotonic()
+        status = self._startup_pending[name]
+        pause = STARTUP_RETRY_FIRST_S
         try:
-            await task()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            logger.exception("start-up task %s failed", name)
-            self._startup_failed[name] = f"{type(exc).__name__}: {exc}"
-        else:
-            logger.info("start-up task %s done in %.0f ms", name, (time.monotonic() - began) * 1e3)
+            while True:
+                status.attempts += 1
+                try:
+                    await task()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    status.failures += 1
+                    status.last_error = describe_error(exc)
+                    if self.state.phase >= Phase.DRAINING:
+                        logger.error(
+                            "start-up task %s failed (attempt %d) while shutting down; "
+                            "not retried: %s",
+                            name,
+                            status.attempts,
+                            status.last_error,
+                        )
+                        return
+                    wait = pause * random.uniform(0.8, 1.2)
+                    logger.warning(
+                        "start-up task %s failed (attempt %d); retrying in %.0f ms",
+                        name,
+                        status.attempts,
+                        wait * 1000,
+                        exc_info=True,
+                    )
+                    await asyncio.sleep(wait)
+                    pause = min(pause * 2, STARTUP_RETRY_MAX_S)
+                else:
+                    logger.info(
+                        "start-up task %s done in %.0f ms%s",
+                        name,
+                        (time.monotonic() - began) * 1e3,
+                        f" (attempt {status.attempts})" if status.attempts > 1 else "",
+                    )
+                    return
         finally:
-            self._startup_pending.discard(name)
+            self._startup_pending.pop(name, None)
 
     async def shutdown(self) -> None:
         """Run shutdown hooks within the grace budget, then mark the process stopped.
@@ -203,29 +306,59 @@ class Lifecycle:
             )
         for t in list(self._startup_tasks):
             t.cancel()
-        for hook in self._hooks:
-            remaining = self.deadline - time.monotonic()
+        hooks = list(self._hooks)
+        for i, hook in enumerate(hooks):
             began = time.monotonic()
+            remaining = self.deadline - began
             if remaining <= 0:
                 self.unfinished.append(hook.name)
                 logger.error("grace budget spent: shutdown hook %s not run", hook.name)
                 continue
+            share = remaining / 2 if i < len(hooks) - 1 else remaining
+            # Each hook runs in a task of its own, so that a hook which ignores cancellation
+            # can be abandoned and the ones after it still run.
+            task = asyncio.create_task(
+                _guarded(hook.fn, began + share), name=f"sf-hook-{hook.name}"
+            )
             try:
-                async with asyncio.timeout(remaining):
-                    await hook.fn(self.deadline)
-            except TimeoutError:
+                done, _ = await asyncio.wait({task}, timeout=share)
+                if not done:
+                    task.cancel()
+                    grace = min(_HOOK_CANCEL_GRACE_S, max(0.0, self.deadline - time.monotonic()))
+                    done, _ = await asyncio.wait({task}, timeout=grace)
+            except asyncio.CancelledError:
+                # The shutdown itself is being cancelled (the loop is closing), not by a hook.
+                task.cancel()
+                self.unfinished.extend(h.name for h in hooks[i:])
+                logger.error(
+                    "shutdown cancelled during hook %s; not run: %s",
+                    hook.name,
+                    ", ".join(h.name for h in hooks[i + 1 :]) or "none",
+                )
+                raise
+            elapsed_ms = (time.monotonic() - began) * 1000
+            if not done or task.cancelled():
                 self.unfinished.append(hook.name)
                 logger.error(
-                    "grace budget exceeded: shutdown hook %s cancelled after %.0f ms",
+                    "grace budget exceeded: shutdown hook %s cancelled after %.0f ms%s",
                     hook.name,
-                    (time.monotonic() - began) * 1000,
+                    elapsed_ms,
+                    "" if done else " (it ignores cancellation; abandoned)",
                 )
-            except Exception:
+                continue
+            exc = task.result()
+            if exc is None:
+                logger.info("shutdown hook %s done in %.0f ms", hook.name, elapsed_ms)
+            elif isinstance(exc, BudgetExceeded):
                 self.unfinished.append(hook.name)
-                logger.exception("shutdown hook %s failed", hook.name)
+                logger.error("shutdown hook %s ran out of budget: %s", hook.name, exc)
             else:
-                logger.info(
-                    "shutdown hook %s done in %.0f ms", hook.name, (time.monotonic() - began) * 1e3
+                self.failed.append(hook.name)
+                logger.error(
+                    "shutdown hook %s failed after %.0f ms; the remaining hooks still run",
+                    hook.name,
+                    elapsed_ms,
+                    exc_info=exc,
                 )
         self.state.mark_stopped()
 

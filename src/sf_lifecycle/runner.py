@@ -10,11 +10,17 @@ runner changes the order:
 3. Listeners close, open streams are told to end, in-flight requests finish, and the lifespan
    shutdown runs the shutdown hooks (the queue drain), all within `SF_RPC_SHUTDOWN_GRACE_MS` of
    the signal.
-4. Exit 0, or `EXIT_BUDGET_EXCEEDED` when the budget ran out (what was undone is logged).
+4. Exit 0, `EXIT_BUDGET_EXCEEDED` when the budget ran out (what was undone is logged), or
+   `EXIT_HOOK_FAILED` when a shutdown hook raised.
 
 SIGINT does the same without the drain delay (a person at a terminal wants it gone); a second
 SIGINT exits at once with `EXIT_FORCED`. A repeated SIGTERM is logged and ignored: orchestrators
 resend it, and restarting the drain would only delay the exit.
+
+The budget is a hard ceiling on the process's life, not a hope: from the first signal a
+watchdog thread (`_watchdog`) ends the process at the deadline plus `HARD_SLACK_S`, whatever
+holds it (a sink blocking the loop, a thread the interpreter would join at exit, a hook that
+ignores cancellation). Once the exit code is decided, teardown gets at most `TEARDOWN_S` more.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import signal
 import socket
 import threading
@@ -33,30 +38,54 @@ from typing import Any
 
 import uvicorn
 
+from ._watchdog import Watchdog
 from .config import Settings
 from .lifecycle import Lifecycle
 from .state import Phase
 
-__all__ = ["EXIT_BUDGET_EXCEEDED", "EXIT_FORCED", "EXIT_OK", "LifecycleServer", "serve"]
+__all__ = [
+    "EXIT_BUDGET_EXCEEDED",
+    "EXIT_FORCED",
+    "EXIT_HOOK_FAILED",
+    "EXIT_OK",
+    "LifecycleServer",
+    "serve",
+]
 
 logger = logging.getLogger("sf_lifecycle.runner")
 
 EXIT_OK = 0
 #: The grace budget ran out before in-flight requests or shutdown hooks finished.
 EXIT_BUDGET_EXCEEDED = 4
+#: A shutdown hook raised (any exception, `CancelledError` and `SystemExit` included); the
+#: later hooks still ran. Budget exceeded wins when both happened.
+EXIT_HOOK_FAILED = 5
 #: A second SIGINT cut the shutdown short (128 + SIGINT, as shells report it).
 EXIT_FORCED = 130
+
+#: The watchdog ends the process this long after the grace deadline if it is still alive.
+HARD_SLACK_S = 0.3
+#: Once the exit code is decided, the rest (asyncio and interpreter teardown, joining threads
+#: a sink or hook left running) gets this long, never past the deadline plus `HARD_SLACK_S`.
+TEARDOWN_S = 2.0
+#: uvicorn pauses this long after asking connections to close, before its graceful timeout
+#: starts (`uvicorn.Server.shutdown`); taken off the timeout so requests are cut at the deadline.
+_UVICORN_CLOSE_PAUSE_S = 0.1
 
 
 class LifecycleServer(uvicorn.Server):
     """A `uvicorn.Server` whose signal handling drains before it closes the listeners."""
 
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self, config: uvicorn.Config, lifecycle: Lifecycle, watchdog: Watchdog | None = None
+    ) -> None:
         super().__init__(config)
         self.lifecycle = lifecycle
         self.exit_code = EXIT_OK
+        self.watchdog = watchdog
         self._loop: asyncio.AbstractEventLoop | None = None
         self._signal_at: float | None = None
+        self._first_signal_at: float | None = None
         self._skip_delay = False
         self._interrupts = 0
 
@@ -78,22 +107,42 @@ class LifecycleServer(uvicorn.Server):
         # exits with a code that says how the shutdown went.
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Runs between two bytecodes of the main thread, possibly while the loop holds a lock:
-        # take none here, only hand the signal to the loop.
-        if self._loop is None:
-            self.should_exit = True
-            return
-        self._loop.call_soon_threadsafe(self._on_signal, signal.Signals(sig))
-
-    def _on_signal(self, sig: signal.Signals) -> None:
+        # Runs between two bytecodes of the main thread, possibly while the loop holds a lock
+        # or is blocked: take no lock here. Arm the watchdog (lock-free) so the budget and a
+        # second SIGINT hold even if the loop never runs `_on_signal`, then hand it the rest.
         now = time.monotonic()
         if sig == signal.SIGINT:
             self._interrupts += 1
+        wd = self.watchdog
+        if self._first_signal_at is None:
+            self._first_signal_at = now
+            if wd is not None:
+                wd.arm(
+                    now + self.lifecycle.settings.grace_ms / 1000 + HARD_SLACK_S,
+                    EXIT_BUDGET_EXCEEDED,
+                    f"grace budget of {self.lifecycle.settings.grace_ms} ms exceeded and the "
+                    "shutdown did not finish (a blocked loop, a stuck hook or sink); unfinished "
+                    "work stays on disk for the next start",
+                )
+        elif sig == signal.SIGINT and self._interrupts >= 2:
+            self.exit_code = EXIT_FORCED
+            self.force_exit = True
+            if wd is not None:
+                wd.arm(
+                    now,
+                    EXIT_FORCED,
+                    "second SIGINT: exiting now; in-flight work and hooks are abandoned "
+                    "(acknowledged records are on disk for the next start)",
+                )
+        if self._loop is None:
+            self.should_exit = True
+            return
+        self._loop.call_soon_threadsafe(self._on_signal, signal.Signals(sig), now)
+
+    def _on_signal(self, sig: signal.Signals, now: float) -> None:
         if self._signal_at is not None:
             if sig == signal.SIGINT and self._interrupts >= 2:
-                logger.warning("second SIGINT: exiting now; in-flight work and hooks are abandoned")
-                self.exit_code = EXIT_FORCED
-                self.force_exit = True
+                # The watchdog exits at once; without one (not the main thread) stop uvicorn.
                 self.should_exit = True
             elif sig == signal.SIGINT:
                 logger.info("SIGINT during drain: skipping the rest of the drain delay")
@@ -162,28 +211,56 @@ class LifecycleServer(uvicorn.Server):
                 state.probes_503,
                 state.in_flight,
             )
+        deadline = self.lifecycle.deadline
+        if self.watchdog is not None and self.watchdog.plan is None:
+            self.watchdog.arm(
+                deadline + HARD_SLACK_S,
+                EXIT_BUDGET_EXCEEDED,
+                f"grace budget of {self.lifecycle.settings.grace_ms} ms exceeded and the "
+                "shutdown did not finish",
+            )
         state.begin_draining()
         state.begin_closing()
-        # uvicorn takes whole seconds; round up so a request is not cut before the deadline.
-        self.config.timeout_graceful_shutdown = max(0, math.ceil(self.lifecycle.deadline - now))
+        # uvicorn's graceful timeout is typed as whole seconds but handed to `asyncio.wait_for`,
+        # which takes a float: pass the exact time left, so requests are cut at the deadline.
+        self.config.timeout_graceful_shutdown = max(  # type: ignore[assignment]
+            0.0, deadline - time.monotonic() - _UVICORN_CLOSE_PAUSE_S
+        )
         await super().shutdown(sockets)
         if state.phase is not Phase.STOPPED and not self.force_exit:
             await self.lifecycle.shutdown()
         state.mark_stopped()
-        if self.exit_code == EXIT_OK and (
-            self.lifecycle.unfinished or time.monotonic() > self.lifecycle.deadline
-        ):
+        if self.exit_code == EXIT_OK and (self.lifecycle.unfinished or time.monotonic() > deadline):
             self.exit_code = EXIT_BUDGET_EXCEEDED
             logger.error(
                 "grace budget of %d ms exceeded; unfinished: %s (left on disk for the next start)",
                 self.lifecycle.settings.grace_ms,
                 ", ".join(self.lifecycle.unfinished) or "in-flight requests",
             )
+        elif self.exit_code == EXIT_OK and self.lifecycle.failed:
+            self.exit_code = EXIT_HOOK_FAILED
+            logger.error(
+                "shutdown hook(s) failed: %s; the other hooks ran",
+                ", ".join(self.lifecycle.failed),
+            )
         logger.info(
             "exit %d, %.0f ms after the signal",
             self.exit_code,
             (time.monotonic() - (self._signal_at or now)) * 1000,
         )
+        if self.watchdog is not None:
+            # The decision is made: what is left (asyncio's and the interpreter's teardown,
+            # which join threads a sink or hook may have left blocked) gets a short bound.
+            plan = self.watchdog.plan
+            at = time.monotonic() + TEARDOWN_S
+            if plan is not None:
+                at = min(at, plan[0])
+            self.watchdog.arm(
+                at,
+                self.exit_code,
+                f"exit {self.exit_code} decided but the process did not end (a thread a sink "
+                "or hook started is still running); not waiting for it",
+            )
 
 
 def serve(
@@ -194,6 +271,7 @@ def serve(
     host: str | None = None,
     port: int | None = None,
     sock: socket.socket | None = None,
+    own_process: bool = False,
     **uvicorn_options: Any,
 ) -> int:
     """Serve `app` until SIGTERM or SIGINT, drain, and return the process exit code.
@@ -206,6 +284,9 @@ def serve(
         host: Interface to bind; the settings' `host` when None.
         port: Port to bind; the settings' `port` when None.
         sock: An already bound socket to serve on instead of host and port.
+        own_process: The caller exits right after this returns (the CLI): the budget then
+            also bounds the interpreter's exit. From the first signal until this returns the
+            process ends at the deadline (plus `HARD_SLACK_S`) whatever holds it.
         **uvicorn_options: Passed to `uvicorn.Config` (e.g. `log_config`, `access_log`).
     """
     if isinstance(app, str):
@@ -225,9 +306,16 @@ def serve(
         app,
         host=host if host is not None else s.host,
         port=port if port is not None else s.port,
-        timeout_graceful_shutdown=math.ceil(s.grace_ms / 1000),
+        timeout_graceful_shutdown=s.grace_ms // 1000 + 1,  # replaced at shutdown
         **uvicorn_options,
     )
-    server = LifecycleServer(config, lifecycle)
-    server.run(sockets=[sock] if sock is not None else None)
+    watchdog = Watchdog()
+    server = LifecycleServer(config, lifecycle, watchdog)
+    try:
+        server.run(sockets=[sock] if sock is not None else None)
+    finally:
+        if not own_process:
+            watchdog.close()
+    # With `own_process` the watchdog stays armed through the interpreter's exit, which joins
+    # every non-daemon thread: a thread blocked in a sink must not hold the process.
     return server.exit_code

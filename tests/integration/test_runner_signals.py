@@ -239,3 +239,38 @@ def test_bare_asgi_app_gets_health_routes(server_factory: type[ServerProcess]) -
     assert server.get("/anything")[2] == b"bare"
     server.send_signal(signal.SIGTERM)
     assert server.wait(10) == 0
+
+
+def test_failing_startup_task_is_retried_until_ready(server_factory: type[ServerProcess]) -> None:
+    """Steps:
+    1. serve an app whose start-up task fails twice, then succeeds;
+    2. `/api/ready` answers 503 meanwhile, naming the task, the failure count and the last
+       error, without the state directory's path;
+    3. it turns 200 without a restart (backoff 0.2 s, then 0.4 s).
+    """
+    server = server_factory(
+        "tests.integration.shutdown_app:app", env={"SF_TEST_STARTUP_FAILS": "2"}
+    ).start()
+    reasons: list[str] = []
+    deadline = time.monotonic() + 20
+    while True:
+        assert time.monotonic() < deadline, server.logs()
+        try:
+            status, _, body = server.get("/api/ready", timeout=1)
+        except OSError:
+            time.sleep(0.02)
+            continue
+        if status == 200:
+            break
+        reasons.append(json.loads(body).get("reason", ""))
+        time.sleep(0.02)
+    failing = [r for r in reasons if "flaky-startup failed" in r]
+    assert failing, reasons
+    assert any(
+        "flaky-startup failed 2 time(s), retrying; last error: ConnectionError: sink "
+        "unreachable at <path>" in r
+        for r in failing
+    ), failing
+    assert all(str(server.state_dir) not in r for r in reasons)
+    assert "start-up task flaky-startup done" in server.logs()
+    assert "(attempt 3)" in server.logs()

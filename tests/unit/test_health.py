@@ -187,7 +187,10 @@ async def test_ready_waits_for_startup_tasks_and_reports_failures() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app2), base_url="http://t") as c:
         r = await c.get("/api/ready")
         assert r.status_code == 503
-        assert r.json()["reason"] == "scan failed: OSError: state dir is read-only"
+        assert r.json()["reason"] == (
+            "scan failed 1 time(s), retrying; last error: OSError: state dir is read-only"
+        )
+    await lc2.shutdown()
 
 
 async def test_version_reports_settings_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:

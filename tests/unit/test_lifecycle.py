@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from starlette.applications import Starlette
@@ -28,15 +28,20 @@ async def test_hooks_run_in_order_with_the_deadline_then_stopped() -> None:
     before = time.monotonic()
     await lc.shutdown()
     assert [c[0] for c in calls] == ["first", "second"]
-    assert before + 4.9 < calls[0][1] <= time.monotonic() + 5.0
+    # a hook followed by others gets half of what is left; the last one the rest
+    assert before + 2.4 < calls[0][1] <= time.monotonic() + 2.5
+    assert before + 4.9 < calls[1][1] <= time.monotonic() + 5.0
     assert lc.state.phase is Phase.STOPPED
     assert lc.unfinished == []
+    assert lc.failed == []
 
 
 async def test_hook_past_the_deadline_is_cancelled_and_reported(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    lc = Lifecycle(Settings(grace_ms=100, drain_delay_ms=0))
+    """A hook still running at its share of the budget is cancelled and reported; the hook
+    after it still gets the other half (one stuck hook cannot starve the final drain)."""
+    lc = Lifecycle(Settings(grace_ms=400, drain_delay_ms=0))
     cancelled = asyncio.Event()
     ran_after: list[str] = []
 
@@ -56,8 +61,8 @@ async def test_hook_past_the_deadline_is_cancelled_and_reported(
     await lc.shutdown()
     assert time.monotonic() - began < 2
     assert cancelled.is_set()
-    assert lc.unfinished == ["slow-drain", "later"]
-    assert ran_after == []
+    assert lc.unfinished == ["slow-drain"]
+    assert ran_after == ["later"]
     assert "grace budget exceeded: shutdown hook slow-drain" in caplog.text
     assert lc.state.phase is Phase.STOPPED
 
@@ -75,7 +80,8 @@ async def test_failing_hook_is_reported_and_the_next_still_runs() -> None:
     lc.on_shutdown("broken", broken)
     lc.on_shutdown("fine", fine)
     await lc.shutdown()
-    assert lc.unfinished == ["broken"]
+    assert lc.failed == ["broken"]
+    assert lc.unfinished == []
     assert ran == ["fine"]
 
 
@@ -137,3 +143,156 @@ async def test_install_runs_app_lifespan_outside_the_hooks() -> None:
         order.append(f"serving:{lc.state.phase}")
     assert order == ["app-open", "serving:ready", "hook", "app-close"]
     assert lc.state.phase is Phase.STOPPED
+
+
+async def test_failing_startup_task_is_retried_and_ready_names_attempts() -> None:
+    """A start-up task that fails twice is run again with backoff; `/api/ready` stays not
+    ready meanwhile, naming the task, the attempt count and the last error without a path;
+    then the third attempt succeeds and the replica is ready."""
+    lc = Lifecycle(Settings())
+    attempts: list[float] = []
+    release = asyncio.Event()
+
+    async def flaky() -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) <= 2:
+            raise OSError(5, "Input/output error", "/var/lib/secret/feedback.sqlite3")
+        await release.wait()
+
+    lc.on_startup("feedback-recovery", flaky)
+    await lc.startup()
+    while len(attempts) < 3:
+        ok, body = await lc.readiness()
+        assert not ok
+        await asyncio.sleep(0.02)
+    ok, body = await lc.readiness()
+    assert not ok
+    assert body["reason"] == (
+        "feedback-recovery failed 2 time(s), retrying; last error: OSError: Input/output error"
+    )
+    assert body["startup"] == {
+        "feedback-recovery": {
+            "attempts": 3,
+            "failures": 2,
+            "last_error": "OSError: Input/output error",
+        }
+    }
+    assert "/var/lib" not in str(body)
+    # 0.2 s then 0.4 s (+-20%): exponential, not a busy loop
+    assert 0.15 <= attempts[1] - attempts[0] <= 0.5
+    assert 0.3 <= attempts[2] - attempts[1] <= 0.8
+    release.set()
+    for _ in range(100):
+        ok, body = await lc.readiness()
+        if ok:
+            break
+        await asyncio.sleep(0.01)
+    assert ok, body
+    assert "startup" not in body
+    await lc.shutdown()
+
+
+async def test_startup_retries_stop_when_shutdown_begins() -> None:
+    lc = Lifecycle(Settings(grace_ms=1_000, drain_delay_ms=0))
+    attempts = 0
+
+    async def always_failing() -> None:
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("sink down")
+
+    lc.on_startup("t", always_failing)
+    await lc.startup()
+    await asyncio.sleep(0.05)
+    await lc.shutdown()
+    seen = attempts
+    await asyncio.sleep(0.5)
+    assert seen == attempts == 1
+
+
+class _Custom(BaseException):
+    """A BaseException that is neither Exception nor a cancellation."""
+
+
+async def _raise_cancelled(deadline: float) -> None:
+    # What a hook sees when it awaits a future another task cancelled.
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    fut.cancel()
+    await fut
+
+
+async def _raise_timeout(deadline: float) -> None:
+    raise TimeoutError("the hook's own network call timed out")
+
+
+def _raiser(exc: BaseException) -> Callable[[float], Awaitable[None]]:
+    async def hook(deadline: float) -> None:
+        raise exc
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        _raiser(RuntimeError("boom")),
+        _raise_cancelled,
+        _raiser(KeyboardInterrupt()),
+        _raiser(SystemExit(3)),
+        _raiser(_Custom()),
+        _raise_timeout,
+    ],
+    ids=[
+        "Exception",
+        "CancelledError",
+        "KeyboardInterrupt",
+        "SystemExit",
+        "BaseException",
+        "own-TimeoutError",
+    ],
+)
+async def test_any_exception_in_a_hook_is_isolated(
+    hook: Callable[[float], Awaitable[None]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 11, defect 8: a hook raising anything (BaseException included) is logged and
+    reported as failed; the hooks after it still run and the lifecycle still stops."""
+    lc = Lifecycle(Settings(grace_ms=2_000, drain_delay_ms=0))
+    ran: list[str] = []
+
+    async def drain(deadline: float) -> None:
+        ran.append("drain")
+
+    lc.on_shutdown("bad", hook)
+    lc.on_shutdown("feedback-drain", drain)
+    await lc.shutdown()
+    assert ran == ["drain"]
+    assert lc.failed == ["bad"]
+    assert lc.unfinished == []
+    assert lc.state.phase is Phase.STOPPED
+    assert "shutdown hook bad failed" in caplog.text
+
+
+async def test_cancelling_the_shutdown_itself_is_not_swallowed() -> None:
+    """A cancellation of the shutdown (not raised by a hook) propagates and names what did
+    not run: the hook isolation must not make the shutdown uncancellable."""
+    lc = Lifecycle(Settings(grace_ms=5_000, drain_delay_ms=0))
+    started = asyncio.Event()
+    ran: list[str] = []
+
+    async def slow(deadline: float) -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    async def later(deadline: float) -> None:
+        ran.append("later")
+
+    lc.on_shutdown("slow", slow)
+    lc.on_shutdown("later", later)
+    task = asyncio.create_task(lc.shutdown())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ran == []
+    assert lc.unfinished == ["slow", "later"]
+    assert lc.failed == []
