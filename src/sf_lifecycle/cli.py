@@ -52,7 +52,9 @@ def _serve(args: argparse.Namespace) -> int:
         value = getattr(args, field)
         if value is not None:
             os.environ[ENV_VARS[field]] = str(value)
-    Settings.from_env()  # fail before importing the app, with the variable's name
+    settings = Settings.from_env()  # fail before importing the app, with the variable's name
+    if settings.state_dir is not None:
+        settings.require_state_dir()  # a file there, or no permission: exit 2, one line
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     return serve(args.app, log_config=None, access_log=args.access_log, own_process=True)

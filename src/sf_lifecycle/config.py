@@ -9,7 +9,9 @@ write ten minutes into an upgrade.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,10 +107,24 @@ class Settings:
                 f"must not exceed the drain delay ({self.drain_delay_ms} ms)",
             )
         if self.drain_delay_ms > self.grace_ms:
+            # Name the setting the operator changed: with only the budget lowered, blaming the
+            # drain delay's default sends them to the wrong variable.
+            # Settings read from the environment name variables, explicit arguments fields.
+            named = ENV_VARS if self._sources else {f: f for f in ENV_VARS}
+            grace = self._sources.get("grace_ms", named["grace_ms"])
+            delay = self._sources.get("drain_delay_ms", named["drain_delay_ms"])
+            fix = f"raise {grace} or lower {delay}"
+            if "drain_delay_ms" in self._sources or "grace_ms" not in self._sources:
+                raise ConfigError(
+                    delay,
+                    self.drain_delay_ms,
+                    f"must not exceed the grace budget ({grace}={self.grace_ms}); {fix}",
+                )
             raise ConfigError(
-                self._sources.get("drain_delay_ms", "drain_delay_ms"),
-                self.drain_delay_ms,
-                f"must not exceed the grace budget ({self.grace_ms} ms)",
+                grace,
+                self.grace_ms,
+                f"the grace budget must cover the drain delay ({delay}={self.drain_delay_ms}, "
+                f"the default); {fix}",
             )
 
     @classmethod
@@ -142,12 +158,27 @@ class Settings:
         return cls(**values, _sources=sources)
 
     def require_state_dir(self) -> Path:
-        """The state directory, or a `ConfigError` naming `SF_STATE_DIR` when it is unset."""
+        """The state directory, created (with `dir_mode`) when missing.
+
+        Raises:
+            ConfigError: naming `SF_STATE_DIR`, when it is unset, is not a directory or cannot
+                be created: a configuration mistake, reported as one (exit 2), not a traceback.
+        """
+        source = self._sources.get("state_dir", "SF_STATE_DIR")
         if self.state_dir is None:
+            raise ConfigError(source, None, "set it (or --state-dir) to a writable directory")
+        path = self.state_dir
+        try:
+            path.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
+        except FileExistsError:
             raise ConfigError(
-                "SF_STATE_DIR", None, "set it (or --state-dir) to a writable directory"
-            )
-        return self.state_dir
+                source, str(path), "exists and is not a directory; point it at a directory"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                source, str(path), f"cannot create the directory: {exc.strerror or exc}"
+            ) from None
+        return path
 
 
 #: Field name -> environment variable. The README's configuration table follows this order.
@@ -193,8 +224,23 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "sse_retention_ms": (1_000, 365 * 24 * 3_600_000),
 }
 _ID_FIELDS = ("version", "git_sha", "replica_id")
+#: A version may carry PEP 440 / semver local and epoch parts (`1.0.0+local`, `1!2.0`).
+_VERSION_CHARS = _ID_CHARS | frozenset("+!~")
+#: One DNS label; a host name is dot-separated labels (no port, no scheme, no path).
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 #: Mode settings -> the owner bits the library needs to work (the rest is the operator's choice).
 _MODE_FIELDS: dict[str, int] = {"file_mode": 0o600, "dir_mode": 0o700}
+
+
+def _is_host(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        return True
+    name = value[:-1] if value.endswith(".") else value
+    return 0 < len(name) <= 253 and all(_LABEL.match(label) for label in name.split("."))
 
 
 def _parse(name: str, var: str, raw: str) -> object:
@@ -240,12 +286,19 @@ def _validate(name: str, value: object, source: str) -> None:
                 source, value, f"an octal mode from 0{need:o} to 0777 (owner 0{need:o} required)"
             )
     elif name in _ID_FIELDS:
+        chars, listed = (
+            (_VERSION_CHARS, "A-Z a-z 0-9 . _ - + ! ~")
+            if name == "version"
+            else (_ID_CHARS, "A-Z a-z 0-9 . _ -")
+        )
         if value is not None and (
-            not isinstance(value, str) or not value or len(value) > 128 or set(value) - _ID_CHARS
+            not isinstance(value, str) or not value or len(value) > 128 or set(value) - chars
         ):
-            raise ConfigError(source, value, "1-128 characters from A-Z a-z 0-9 . _ -")
+            raise ConfigError(source, value, f"1-128 characters from {listed}")
     elif name == "host":
-        if not isinstance(value, str) or not value or any(c.isspace() for c in value):
-            raise ConfigError(source, value, "a host name or IP address")
+        if not isinstance(value, str) or not _is_host(value):
+            raise ConfigError(
+                source, value, "an IP address or a host name (no port, no scheme, no path)"
+            )
     elif name == "state_dir" and value is not None and not isinstance(value, Path):
         raise ConfigError(source, value, "a filesystem path")

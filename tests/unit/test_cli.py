@@ -58,3 +58,25 @@ def test_module_entry_point_prints_help() -> None:
     )
     assert proc.returncode == 0
     assert "serve" in proc.stdout
+
+
+def test_state_dir_pointing_at_a_file_exits_2_with_one_line(tmp_path: object) -> None:
+    """Issue 11: `SF_STATE_DIR` at a file was a traceback and exit 1."""
+    import os
+    from pathlib import Path
+
+    a_file = Path(str(tmp_path)) / "not-a-dir"
+    a_file.write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sf_lifecycle", "serve", "examples.sf_server:app"],
+        env={**os.environ, "SF_STATE_DIR": str(a_file)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "SF_STATE_DIR" in lines[0]
+    assert "not a directory" in lines[0]

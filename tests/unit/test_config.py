@@ -116,3 +116,59 @@ def test_config_error_pickles() -> None:
     err = ConfigError("SF_X", "1", "no")
     again = pickle.loads(pickle.dumps(err))
     assert str(again) == str(err)
+
+
+def test_budget_below_the_default_drain_delay_says_which_setting_to_change() -> None:
+    """Issue 11: only the budget was lowered; the message names both variables, their values
+    and the fix, and blames the variable that was set (not the drain delay's default)."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"SF_RPC_SHUTDOWN_GRACE_MS": "1000"})
+    message = str(info.value)
+    assert info.value.variable == "SF_RPC_SHUTDOWN_GRACE_MS"
+    assert "SF_RPC_SHUTDOWN_GRACE_MS=1000" in message
+    assert "SF_DRAIN_DELAY_MS=5000" in message
+    assert "raise SF_RPC_SHUTDOWN_GRACE_MS or lower SF_DRAIN_DELAY_MS" in message
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"SF_RPC_SHUTDOWN_GRACE_MS": "1000", "SF_DRAIN_DELAY_MS": "2000"})
+    assert info.value.variable == "SF_DRAIN_DELAY_MS"
+    assert "raise SF_RPC_SHUTDOWN_GRACE_MS or lower SF_DRAIN_DELAY_MS" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["0.0.0.0:80", "http://example.com", "example.com/x", "[::1]", "-bad.example", "a..b", ""],
+)
+def test_host_with_a_port_or_scheme_is_refused(host: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings(host=host, _sources={"host": "SF_HOST"})
+    assert info.value.variable == "SF_HOST"
+    assert "no port" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0", "127.0.0.1", "::", "::1", "localhost", "svc-1.ns.local"]
+)
+def test_ip_literals_and_host_names_are_accepted(host: str) -> None:
+    assert Settings(host=host).host == host
+
+
+@pytest.mark.parametrize("version", ["1.0.0+local", "2.0.0-rc.1", "1!2.0.post3", "1.2.3~beta"])
+def test_pep440_and_semver_versions_are_accepted(version: str) -> None:
+    assert Settings.from_env({"SF_VERSION": version}).version == version
+
+
+@pytest.mark.parametrize("version", ["1.0 beta", "1.0\x00", "1.0/../x", "v" * 129])
+def test_versions_with_whitespace_control_or_path_characters_are_refused(version: str) -> None:
+    with pytest.raises(ConfigError, match="SF_VERSION"):
+        Settings.from_env({"SF_VERSION": version})
+
+
+def test_state_dir_that_is_a_file_or_cannot_be_created_is_a_config_error(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match=r"SF_STATE_DIR.*not a directory"):
+        Settings.from_env({"SF_STATE_DIR": str(a_file)}).require_state_dir()
+    with pytest.raises(ConfigError, match=r"SF_STATE_DIR.*cannot create"):
+        Settings.from_env({"SF_STATE_DIR": str(a_file / "below")}).require_state_dir()
+    created = Settings.from_env({"SF_STATE_DIR": str(tmp_path / "new" / "state")})
+    assert created.require_state_dir().is_dir()
