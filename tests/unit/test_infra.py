@@ -35,7 +35,13 @@ WEIGHTS = INFRA / "traefik" / "dynamic" / "weights.yaml"
 COMPOSE_DYNAMIC = INFRA / "traefik" / "compose" / "sf.yaml"
 COMPOSE_WEIGHTS = INFRA / "traefik" / "compose" / "weights.yaml"
 STATIC = INFRA / "traefik" / "traefik.yaml"
-K8S = [INFRA / "k8s" / "deployment.yaml", INFRA / "k8s" / "service.yaml"]
+K8S = [
+    INFRA / "k8s" / "deployment.yaml",
+    INFRA / "k8s" / "service.yaml",
+    INFRA / "k8s" / "candidate.yaml",
+]
+#: Traefik's CRDs: no schema offline, checked by structure (test_kubernetes_weighted_routing).
+K8S_TRAEFIK = INFRA / "k8s" / "traefik.yaml"
 #: The Compose specification's schema, as vendored by check-jsonschema.
 COMPOSE_SCHEMA = importlib.resources.files("check_jsonschema").joinpath(
     "builtin_schemas/vendor/compose-spec.json"
@@ -85,6 +91,51 @@ def test_kubernetes_manifests_validate_strictly(path: Path) -> None:
     assert docs
     for doc in docs:
         assert kubernetes_validate.validate(doc, K8S_VERSION, strict=True) == K8S_VERSION
+
+
+def test_kubernetes_weighted_routing() -> None:
+    """Two Deployments, the candidate outside the stable Service, a TraefikService over both."""
+    crds = {
+        d["kind"] + "/" + d["metadata"]["name"]: d
+        for d in yaml.safe_load_all(K8S_TRAEFIK.read_text())
+    }
+    weighted = crds["TraefikService/sf-weighted"]["spec"]["weighted"]
+    assert [(s["name"], s["weight"]) for s in weighted["services"]] == [
+        ("sf", 100),
+        ("sf-candidate", 0),
+    ]
+    assert weighted["sticky"]["cookie"] == {"name": "sf-aff", "httpOnly": True, "sameSite": "lax"}
+    route = crds["IngressRoute/sf"]["spec"]["routes"][0]["services"]
+    assert route == [{"name": "sf-weighted", "kind": "TraefikService"}]
+    verify = crds["IngressRoute/sf-candidate"]["spec"]["routes"][0]
+    assert verify["services"][0]["name"] == "sf-candidate"
+    assert verify["middlewares"] == [{"name": "sf-candidate-allow"}]
+    assert "ipAllowList" in crds["Middleware/sf-candidate-allow"]["spec"]
+    stable_svc = next(d for d in yaml.safe_load_all(K8S[1].read_text()) if d["kind"] == "Service")
+    cand = [d for d in yaml.safe_load_all(K8S[2].read_text()) if d]
+    cand_pods = cand[0]["spec"]["template"]["metadata"]["labels"]
+    sel = stable_svc["spec"]["selector"]
+    assert not all(cand_pods.get(k) == v for k, v in sel.items())
+    probe = cand[0]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert (probe["httpGet"]["path"], probe["periodSeconds"]) == ("/api/healthz", 2)
+    assert check_paths([INFRA / "k8s"]) == []
+
+
+def test_check_infra_reports_k8s_candidate_in_stable_pool_and_bad_weights(tmp_path: Path) -> None:
+    docs = k8s_docs()
+    cand = next(d for f, d in docs if f == "candidate.yaml" and d["kind"] == "Deployment")
+    cand["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] = "sf"
+    cand["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] = "sf"
+    assert any(
+        "also matches the pods of sf-candidate: the candidate is in the stable pool" in m
+        for m in errors(check_documents(docs))
+    )
+    crds = [d for d in yaml.safe_load_all(K8S_TRAEFIK.read_text())]
+    crds[0]["spec"]["weighted"]["services"][1]["weight"] = -1
+    del crds[0]["spec"]["weighted"]["sticky"]
+    found = check_documents([("traefik.yaml", d) for d in crds])
+    assert "weight of sf-candidate is -1, not an integer >= 0" in " ".join(errors(found))
+    assert any(f.severity == "warning" and "no sticky cookie" in f.message for f in found)
 
 
 def test_kubernetes_validator_rejects_an_invalid_manifest() -> None:
