@@ -318,7 +318,7 @@ REPLICAS = ("sf", "sf-b")
 
 def labelled_compose() -> dict[str, Any]:
     """The reference compose file with two replicas `sf`, `sf-b` of one label-defined pool."""
-    doc = copy.deepcopy(load(COMPOSE))
+    doc: dict[str, Any] = copy.deepcopy(load(COMPOSE))
     for svc in doc["services"].values():
         for key in ("labels", "environment"):
             if key in svc:
