@@ -435,7 +435,8 @@ def _describe_plan(opts: Options, wf: WeightsFile) -> list[str]:
         f"weights file   {wf.path} (weighted service {wf.service})",
         f"stable         {wf.stable}   candidate {wf.candidate}   now {wf.weights}",
         f"steps          candidate {' -> '.join(f'{s}%' for s in steps)}, hold "
-        f"{_fmt_s(opts.hold_s)} each (last step without hold when not 100)",
+        f"{_fmt_s(opts.hold_s)} each"
+        + ("" if opts.steps[-1] == 100 else " (100% set at the end, without a hold)"),
         f"gate           5xx <= {g.max_error_rate:.1%}, p99 <= max({g.max_latency_ratio:g} x "
         f"stable, {_fmt_s(g.latency_floor_s)}), >= {g.min_requests} candidate requests per "
         f"hold, candidate UP in Traefik",

@@ -47,6 +47,11 @@ class BlueGreenProxy(TraefikProxy):
         self.candidate_url = candidate.rstrip("/")
         self.weights_path = self.dynamic_dir / "weights.yaml"
 
+    def __enter__(self) -> BlueGreenProxy:
+        if self.proc is None:
+            self.start()
+        return self
+
     def _write_dynamic(self, servers: Sequence[str]) -> None:
         self._write_doc(
             self.dynamic_path, self.routing.bluegreen_config(servers, [self.candidate_url])
