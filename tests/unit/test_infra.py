@@ -232,6 +232,7 @@ def test_compose_variables_have_the_documented_defaults() -> None:
         "SF_WORKSPACE_DIR": "./workspace",
         "SF_TRAEFIK_HTTP_PORT": "80",
         "SF_TRAEFIK_HTTPS_PORT": "443",
+        "SF_TRAEFIK_ADMIN_PORT": "8080",
         "SF_RPC_SHUTDOWN_GRACE_MS": "600000",
     }
     for var, default in expected.items():
