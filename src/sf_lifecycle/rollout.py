@@ -574,7 +574,8 @@ def _run_rollout(opts: Options, wf: WeightsFile, say: Callable[[str], None]) -> 
         say(f"STOPPED: {exc}")
         code = EXIT_ROLLED_BACK
     except (OSError, ValueError) as exc:
-        code = rollout._rollback(f"cannot measure: {exc}")
+        # Traefik unreachable, metrics unreadable, the file unreadable: judge nothing blind.
+        code = rollout._rollback(f"stopped by an error: {exc}")
     finally:
         signal.signal(signal.SIGTERM, previous)
     rollout.report.weights_after = rollout.wf.weights

@@ -356,3 +356,29 @@ def test_unknown_service_and_malformed_file_change_nothing(fresh: BlueGreenProxy
     assert f"{routing}: no weighted service (http.services.<name>.weighted)" in proc.stderr
     assert fresh.weights_path.read_bytes() == before
     assert fresh.served_weights() == STABLE_100
+
+
+def test_sigterm_mid_step_rolls_back(fresh: BlueGreenProxy, candidate_port: int) -> None:
+    """Steps: a good candidate; `rollout --hold 30s`; once Traefik serves step 1, SIGTERM the
+    command. Assert: exit 130, `interrupted` reported, stable 100 in the file and in Traefik."""
+    with start_candidate(fresh, candidate_port):
+        proc = subprocess.Popen(
+            rollout_cmd(fresh, "--hold", "30s", "--json"),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            first = {"sf": 90, "sf-candidate": 10}
+            fresh._poll(lambda: fresh.served_weights() == first, time.monotonic() + 15, "step 1")
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=20)
+        finally:
+            reap(proc, 5)
+    assert proc.returncode == 130
+    report = json.loads(out)
+    assert report["result"] == "interrupted"
+    assert report["weights_after"] == STABLE_100
+    assert fresh.file_weights() == STABLE_100
+    assert fresh.served_weights() == STABLE_100
