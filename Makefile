@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 QUICK  ?=
 
-.PHONY: help venv test lint fmt typecheck pytest demo demo-baseline bench reliability clean
+.PHONY: help venv test lint fmt typecheck pytest demo demo-rollback demo-baseline bench reliability clean
 
 help:
-	@echo "make demo   real Traefik in front of the example server: an upgrade under load"
+	@echo "make demo   real Traefik in front of the example server: a gated blue/green upgrade under load"
+	@echo "make demo-rollback  the same with a bad candidate: the rollout rolls back by itself"
 	@echo "make test   ruff, mypy (strict) and pytest, from a fresh clone"
 	@echo "make bench  benchmarks against baselines run beside them (QUICK=1 for a short run)"
 	@echo "make reliability  the kill, fault and fuzz campaign (ARGS=\"--iterations 300\")"
@@ -46,6 +47,9 @@ test: lint typecheck pytest
 
 demo: $(STAMP)
 	$(BIN)/python -m examples.demo $(DEMO_ARGS)
+
+demo-rollback: $(STAMP)
+	$(BIN)/python -m examples.demo --bad-candidate $(DEMO_ARGS)
 
 demo-baseline: $(STAMP)
 	$(BIN)/python -m examples.demo --baseline $(DEMO_ARGS)

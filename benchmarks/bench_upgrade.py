@@ -25,6 +25,7 @@ def _upgrade(baseline: bool, rate: float) -> demo.Summary:
     return demo.run(
         demo.Options(
             baseline=baseline,
+            flow="pool",  # the same replace-in-one-pool flow for both runners
             rate=rate,
             sse_clients=0,
             warmup_s=2.0,

@@ -1,30 +1,37 @@
-"""Example 3: a zero-downtime upgrade through real Traefik, under load (`make demo`).
+"""Example 3: a gated blue/green upgrade through real Traefik, under load (`make demo`).
 
-It follows the runbook in `infra/README.md` on this machine, with Traefik's file provider standing
-in for Docker's label discovery:
+It follows the runbook in `infra/README.md` on this machine, with Traefik's file provider and the
+blue/green routing of `infra/traefik/dynamic/` (stable pool, candidate pool, weighted service):
 
-1. Traefik on 127.0.0.1 in front of `sf` (the example server, replica `sf-v1`).
-2. A bounded mixed load: reads, slow reads held across the signal, feedback writes, and SSE
-   session streams (half of the clients keep the sticky cookie `sf-aff`).
-3. The upgrade: bring up `sf-candidate` and wait for `/api/ready`; add it to the pool; SIGTERM
-   `sf`; start the new `sf` (`sf-v2`) on the same port and state volume; retire the candidate
-   with SIGTERM.
+1. Traefik on 127.0.0.1 in front of `sf` (the example server, replica `sf-v1`), weights sf 100,
+   sf-candidate 0.
+2. A bounded mixed load: reads, slow reads, feedback writes, and SSE session streams (half of
+   the clients keep the sticky cookie `sf-aff`).
+3. The upgrade: start the new version (`sf-v2`) in the candidate pool on the same state volume;
+   it takes no production traffic. Verify it through its own router (`/api/ready`,
+   `/api/version`). Run `sf-lifecycle rollout --steps 10,50,100` (short holds), which gates each
+   step on Traefik's metrics. Once promoted, SIGTERM `sf-v1`: it drains and exits.
 4. A summary: requests sent and failed by status, feedback acknowledged vs delivered to the sink,
-   SSE events published vs received (gaps, duplicates), and for each SIGTERM the time until the
-   replica left Traefik's pool and until it exited.
+   SSE events published vs received (gaps, duplicates), the rollout's steps, and for each
+   SIGTERM the time until the replica left Traefik's pool and until it exited.
 
-`--baseline` runs the same flow with plain uvicorn replicas, for comparison. Everything started is
-stopped at the end, also on Ctrl-C. The integration tests call `run()` with smaller figures.
+`--bad-candidate` (`make demo-rollback`) starts a candidate that answers 500 to part of
+`/api/hello` (`SF_EXAMPLE_FAIL_RATE`): the rollout rolls back by itself and the summary counts the
+errors users saw. `--baseline` runs the previous flow (candidate and `sf` in one pool, replaced
+one after the other) with plain uvicorn replicas, for comparison. Everything started is stopped
+at the end, also on Ctrl-C. The integration tests call `run()` with smaller figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import random
 import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -33,11 +40,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 from httpx_sse import connect_sse
 
-from sf_lifecycle.testing import ServerProcess, free_port
+from sf_lifecycle.testing import BlueGreenProxy, ServerProcess, free_port
+from sf_lifecycle.testing.process import reap
 from sf_lifecycle.testing.traefik import TraefikProxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +66,16 @@ class Options:
     drain_after_probes: int = 1
     state_dir: Path | None = None
     quiet: bool = False
+    #: "rollout": the gated blue/green flow; "pool": candidate and sf in one pool (the flow
+    #: before weighted routing, kept for the baseline and the upgrade benchmark).
+    flow: str = "rollout"
+    #: The candidate fails this share of /api/hello (SF_EXAMPLE_FAIL_RATE); 0: a good release.
+    fail_rate: float = 0.0
+    steps: str = "10,50,100"
+    hold: str = "3s"
+    #: Sticky clients stay on sf-v1 until its weight is 0, so at 10 % the candidate sees less
+    #: than a tenth of the load: judge a 3 s hold on 10 requests.
+    min_requests: int = 10
 
 
 @dataclass
@@ -82,6 +101,11 @@ class Summary:
     replicas_seen: Counter[str] = field(default_factory=Counter)
     sticky_repinned: int = 0
     leftover_pids: list[int] = field(default_factory=list)
+    rollout_exit: int | None = None
+    rollout_report: dict[str, Any] = field(default_factory=dict)
+    verified: dict[str, str] = field(default_factory=dict)
+    #: When each /api/hello 500 was answered, and by which replica (the bad candidate's errors).
+    errors_seen: list[tuple[float, str | None]] = field(default_factory=list)
     #: Every process the run started (replicas and Traefik), to check none is left behind.
     pids: list[int] = field(default_factory=list)
 
@@ -104,6 +128,12 @@ class Summary:
             gaps += sum(1 for e in published if got[e] == 0)
             dups += sum(n - 1 for n in got.values() if n > 1)
         return gaps, dups
+
+
+class _Start(Protocol):
+    def __call__(
+        self, replica: str, port: int, extra: dict[str, str] | None = None
+    ) -> ServerProcess: ...
 
 
 class _Say:
@@ -150,6 +180,8 @@ class Load:
             self.summary.sent += 1
             if not (isinstance(status, int) and 200 <= status < 300):
                 self.summary.failed[str(status)] += 1
+                if status == 500:
+                    self.summary.errors_seen.append((time.monotonic(), replica))
             if replica:
                 self.summary.replicas_seen[replica] += 1
 
@@ -281,9 +313,15 @@ class Load:
 
 
 def _watch_stop(
-    proxy: TraefikProxy, server: ServerProcess, name: str, summary: Summary, say: _Say
+    proxy: TraefikProxy,
+    server: ServerProcess,
+    name: str,
+    summary: Summary,
+    say: _Say,
+    status: Callable[[], dict[str, str]] | None = None,
 ) -> Stop:
     """SIGTERM `server`; time until Traefik marks it DOWN and until the process exits."""
+    status = status or proxy.server_status
     stop = Stop(name)
     summary.stops.append(stop)
     url = server.url
@@ -293,7 +331,7 @@ def _watch_stop(
     while server.proc is not None and server.proc.poll() is None:
         if stop.to_pool_exit_s is None:
             with contextlib.suppress(OSError, RuntimeError):
-                if proxy.server_status().get(url) == "DOWN":
+                if status().get(url) == "DOWN":
                     stop.to_pool_exit_s = time.monotonic() - sent
                     say(f"Traefik took {name} out of the pool")
         time.sleep(0.02)
@@ -313,15 +351,16 @@ def _delivered_ids(state_dir: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _replicas(opts: Options, summary: Summary) -> Iterator[Callable[[str, int], ServerProcess]]:
+def _replicas(opts: Options, summary: Summary) -> Iterator[_Start]:
     started: list[ServerProcess] = []
 
-    def start(replica: str, port: int) -> ServerProcess:
+    def start(replica: str, port: int, extra: dict[str, str] | None = None) -> ServerProcess:
         assert opts.state_dir is not None
         env = {
             "SF_REPLICA_ID": replica,
             "SF_DRAIN_AFTER_PROBES": str(opts.drain_after_probes),
             "SF_DRAIN_DELAY_MS": "5000",
+            **(extra or {}),
         }
         server = ServerProcess(
             "examples.sf_server:app",
@@ -346,6 +385,8 @@ def _replicas(opts: Options, summary: Summary) -> Iterator[Callable[[str, int], 
 
 def run(opts: Options) -> Summary:
     """Run the whole upgrade flow and return what happened."""
+    if opts.flow == "rollout" and not opts.baseline:
+        return _run_rollout(opts)
     say = _Say(opts.quiet)
     summary = Summary()
     with contextlib.ExitStack() as stack:
@@ -398,6 +439,165 @@ def run(opts: Options) -> Summary:
     return summary
 
 
+def _run_rollout(opts: Options) -> Summary:
+    """The blue/green flow: candidate verified, gated promotion, old version drained."""
+    say = _Say(opts.quiet)
+    summary = Summary()
+    with contextlib.ExitStack() as stack:
+        if opts.state_dir is None:
+            opts.state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory("-sf-demo")))
+        start = stack.enter_context(_replicas(opts, summary))
+        sf_port, candidate_port = free_port(), free_port()
+        say(f"starting sf (sf-v1) on :{sf_port}, state dir {opts.state_dir}")
+        sf = start("sf-v1", sf_port)
+        proxy = stack.enter_context(BlueGreenProxy(sf.url, f"http://127.0.0.1:{candidate_port}"))
+        summary.pids.append(proxy.pid)
+        say(f"Traefik {proxy.url} -> sf-weighted {proxy.file_weights()}, API :{proxy.api_port}")
+
+        load = Load(proxy.url, opts, summary)
+        stack.callback(load.stop.set)
+        load.start()
+        say(f"load: {load.workers} HTTP workers at ~{opts.rate:g} req/s, {opts.sse_clients} SSE")
+        time.sleep(opts.warmup_s)
+
+        bad = f", SF_EXAMPLE_FAIL_RATE={opts.fail_rate:g}" if opts.fail_rate else ""
+        say(f"starting the new version (sf-v2{bad}) in the candidate pool, weight 0")
+        cand = start("sf-v2", candidate_port, {"SF_EXAMPLE_FAIL_RATE": str(opts.fail_rate)})
+        proxy._poll(
+            lambda: set(proxy.candidate_status().values()) == {"UP"},
+            time.monotonic() + 10,
+            "candidate UP in Traefik",
+        )
+        for path in ("/api/ready", "/api/version"):
+            code, _, body = proxy.candidate_request(path)
+            summary.verified[path] = f"{code} {body.decode()[:60]}"
+        say(f"verified through the candidate router: {summary.verified}")
+
+        report = _rollout(proxy, opts, cand, summary, say)
+        summary.rollout_report = report
+        if summary.rollout_exit == 0:
+            say("promoted; retiring sf-v1 with SIGTERM (it drains its queue on the way out)")
+            _watch_stop(proxy, sf, "sf-v1", summary, say)
+            live, live_name, live_status = cand, "sf-v2", proxy.candidate_status
+        else:
+            say("rolled back; retiring the bad candidate sf-v2 with SIGTERM")
+            _watch_stop(proxy, cand, "sf-v2", summary, say, proxy.candidate_status)
+            live, live_name, live_status = sf, "sf-v1", proxy.server_status
+
+        time.sleep(opts.cooldown_s)
+        say("stopping the load; waiting for SSE clients to catch up")
+        load.finish()
+        summary.load_s = load.elapsed_s
+        say(f"stopping {live_name} (its queue drains on the way out)")
+        _watch_stop(proxy, live, live_name, summary, say, live_status)
+        load.join_streams()
+        summary.feedback_delivered = _delivered_ids(opts.state_dir)
+        for server in (sf, cand):
+            if server.proc is not None and server.proc.poll() is None:
+                summary.leftover_pids.append(server.pid)
+    return summary
+
+
+def _rollout(
+    proxy: BlueGreenProxy, opts: Options, cand: ServerProcess, summary: Summary, say: _Say
+) -> dict[str, Any]:
+    """`sf-lifecycle rollout` as an operator runs it; its progress lines are shown as they come."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "sf_lifecycle",
+        "rollout",
+        *("--weights", str(proxy.weights_path), "--traefik", proxy.api_url),
+        *("--steps", opts.steps, "--hold", opts.hold, "--interval", "250ms"),
+        *("--min-requests", str(opts.min_requests)),
+        *("--candidate-ready", f"{cand.url}/api/ready", "--json"),
+    ]
+    say("$ sf-lifecycle " + " ".join(cmd[3:-1]))
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    summary.pids.append(proc.pid)
+    try:
+        assert proc.stderr is not None
+        assert proc.stdout is not None
+        for line in proc.stderr:
+            say(f"  rollout | {line.rstrip()}")
+        out = proc.stdout.read()
+        summary.rollout_exit = proc.wait(30)
+    finally:
+        reap(proc, 5)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    try:
+        report: dict[str, Any] = json.loads(out)
+    except ValueError:
+        report = {"result": "no report", "output": out}
+    return report
+
+
+def _side(side: dict[str, Any]) -> str:
+    p99 = side.get("p99_s")
+    shown = "-" if p99 is None else f"{p99 * 1000:.0f} ms"
+    return f"{side['requests']} req, {side['errors']} 5xx, p99 {shown}"
+
+
+def _rollout_rows(summary: Summary) -> list[tuple[str, str]]:
+    report = summary.rollout_report
+    if not report:
+        return []
+    rows = [
+        (
+            "candidate verified",
+            ", ".join(f"{k} {v.split()[0]}" for k, v in summary.verified.items()),
+        )
+    ]
+    steps = report.get("steps") or []
+    for step in steps:
+        rows.append(
+            (
+                f"  step {step['weight']}%",
+                f"{step['verdict']} after {step['held_s']:.1f} s | sf-v1 {_side(step['stable'])}"
+                f" | sf-v2 {_side(step['candidate'])}",
+            )
+        )
+    result = report.get("result", "?")
+    rows.insert(1, ("rollout", f"{result} (exit {summary.rollout_exit})"))
+    if report.get("reason"):
+        rows.append(("  why", str(report["reason"])))
+    if result == "rolled_back":
+        by = Counter(r for _, r in summary.errors_seen)
+        rows.append(
+            (
+                "errors users saw",
+                f"{len(summary.errors_seen)} (HTTP 500: "
+                + ", ".join(f"{r}: {n}" for r, n in sorted(by.items(), key=str))
+                + ")",
+            )
+        )
+    return rows
+
+
+def verdict(summary: Summary, opts: Options) -> tuple[bool, str]:
+    """Whether the run did what it shows, and the line that says so."""
+    clean = (
+        not summary.feedback_lost()
+        and summary.feedback_duplicated() == 0
+        and summary.sse_gaps_and_duplicates() == (0, 0)
+    )
+    if opts.flow == "rollout" and opts.fail_rate:
+        only_candidate = set(summary.failed) <= {"500"} and all(
+            r == "sf-v2" for _, r in summary.errors_seen
+        )
+        ok = clean and summary.rollout_exit == 1 and only_candidate
+        return ok, "automatic rollback: " + ("OK" if ok else "FAILED")
+    ok = clean and summary.failed_total == 0
+    if opts.flow == "rollout":
+        ok = ok and summary.rollout_exit == 0
+        return ok, "gated blue/green upgrade: " + ("OK" if ok else "FAILED")
+    return ok, "zero-downtime upgrade: " + ("OK" if ok else "FAILED")
+
+
 def render(summary: Summary, opts: Options) -> str:
     gaps, dups = summary.sse_gaps_and_duplicates()
     published = sum(len(v) for v in summary.events_published.values())
@@ -427,6 +627,7 @@ def render(summary: Summary, opts: Options) -> str:
         ("SSE events published", str(published)),
         ("SSE events received", f"{received}  (gaps {gaps}, duplicates {dups})"),
         ("sticky clients re-pinned", str(summary.sticky_repinned)),
+        *_rollout_rows(summary),
         ("answered by", ", ".join(f"{k}: {v}" for k, v in sorted(summary.replicas_seen.items()))),
     ]
     for stop in summary.stops:
@@ -448,12 +649,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=100.0, help="HTTP requests/s (default 100)")
     p.add_argument("--sse-clients", type=int, default=4)
     p.add_argument("--state-dir", type=Path, default=None, help="keep the state here")
+    p.add_argument(
+        "--bad-candidate",
+        nargs="?",
+        type=float,
+        const=0.3,
+        default=0.0,
+        metavar="RATE",
+        help="the candidate fails this share of /api/hello (default 0.3): watch the rollback",
+    )
+    p.add_argument("--hold", default="3s", help="rollout hold per step (default 3s)")
     args = p.parse_args(argv)
     opts = Options(
         baseline=args.baseline,
         rate=args.rate,
         sse_clients=args.sse_clients,
         state_dir=args.state_dir,
+        flow="pool" if args.baseline else "rollout",
+        fail_rate=args.bad_candidate,
+        hold=args.hold,
     )
     try:
         summary = run(opts)
@@ -461,16 +675,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: every process the demo started has been stopped", file=sys.stderr)
         return 130
     print(render(summary, opts))
-    ok = (
-        summary.failed_total == 0
-        and not summary.feedback_lost()
-        and summary.feedback_duplicated() == 0
-        and summary.sse_gaps_and_duplicates() == (0, 0)
-    )
     if opts.baseline:
         print("baseline run: failures above are what a plain uvicorn upgrade costs")
         return 0
-    print("zero-downtime upgrade: " + ("OK" if ok else "FAILED"))
+    ok, line = verdict(summary, opts)
+    print(line)
     return 0 if ok else 1
 
 

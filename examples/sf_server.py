@@ -14,15 +14,22 @@ Routes:
 - `GET /api/slow?seconds=S` holds a request in flight (the demo and the tests use it across a
   SIGTERM); `GET /api/hello` is a cheap read.
 
-Test-only switch: `SF_EXAMPLE_SINK_DELAY_MS=N` makes every sink batch take N ms longer, so tests
-can catch a drain in flight.
+Test-only switches:
+
+- `SF_EXAMPLE_SINK_DELAY_MS=N` makes every sink batch take N ms longer, so tests can catch a
+  drain in flight.
+- `SF_EXAMPLE_FAIL_RATE=R` (0..1) makes `/api/hello` answer 500 for a share R of its requests:
+  a bad release for the rollout's demo, tests and benchmark. Every other route, the health
+  checks included, keeps working, as with a real regression that Traefik's health check cannot
+  see.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -31,6 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sf_lifecycle import (
+    ConfigError,
     FeedbackQueue,
     FileEventLog,
     Lifecycle,
@@ -61,6 +69,35 @@ async def hello(request: Request) -> Response:
     return JSONResponse({"hello": "sf"})
 
 
+def fail_rate(environ: Mapping[str, str] = os.environ) -> float:
+    """`SF_EXAMPLE_FAIL_RATE` as a share in [0, 1] (0 when unset).
+
+    Raises:
+        ConfigError: not a number in [0, 1]; the message names the variable.
+    """
+    raw = environ.get("SF_EXAMPLE_FAIL_RATE", "").strip()
+    try:
+        rate = float(raw) if raw else 0.0
+    except ValueError:
+        rate = -1.0
+    if not 0.0 <= rate <= 1.0:  # also NaN
+        raise ConfigError(
+            "SF_EXAMPLE_FAIL_RATE", raw, "a share of requests between 0 and 1 (e.g. 0.3), or unset"
+        )
+    return rate
+
+
+def _failing(rate: float) -> Callable[[Request], Awaitable[Response]]:
+    rng = random.Random()
+
+    async def hello_or_500(request: Request) -> Response:
+        if rng.random() < rate:
+            return JSONResponse({"error": "injected failure (SF_EXAMPLE_FAIL_RATE)"}, 500)
+        return await hello(request)
+
+    return hello_or_500
+
+
 def _delayed(sink: Sink, delay_ms: int) -> Sink:
     async def delayed(records: Sequence[Mapping[str, Any]]) -> None:
         await asyncio.sleep(delay_ms / 1000)
@@ -72,6 +109,7 @@ def _delayed(sink: Sink, delay_ms: int) -> Sink:
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the example app with its own lifecycle (settings from `SF_*` when None)."""
     lifecycle = Lifecycle(settings)
+    rate = fail_rate()
     state_dir = lifecycle.settings.require_state_dir()
 
     queue = FeedbackQueue(state_dir, settings=lifecycle.settings)
@@ -86,7 +124,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/api/slow", slow),
-            Route("/api/hello", hello),
+            Route("/api/hello", _failing(rate) if rate > 0 else hello),
             *feedback_routes(queue, lifecycle),
             *session_event_routes(lifecycle, events),
         ]

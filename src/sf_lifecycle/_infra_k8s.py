@@ -1,4 +1,5 @@
-"""`check-infra` for Kubernetes manifests: grace period, readiness probe, preStop, Service."""
+"""`check-infra` for Kubernetes manifests: grace period, readiness probe, preStop, Service,
+and the blue/green twin (candidate pods outside the stable Service, TraefikService weights)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def _prestop_sleep_s(container: Mapping[str, Any]) -> int:
 
 def _check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]) -> None:
     workload_labels: list[dict[str, str]] = []
+    candidates: list[tuple[str, dict[str, str]]] = []
     for file, doc in docs:
         if doc.get("kind") not in WORKLOAD_KINDS:
             continue
@@ -46,6 +48,9 @@ def _check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]
         where = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name', '?')}"
         template_meta = ((doc.get("spec") or {}).get("template") or {}).get("metadata") or {}
         workload_labels.append(dict(template_meta.get("labels") or {}))
+        name = str((doc.get("metadata") or {}).get("name", ""))
+        if name.endswith("-candidate"):
+            candidates.append((name, workload_labels[-1]))
         containers = list(spec.get("containers") or [])
         sf_containers = [
             c
@@ -117,6 +122,18 @@ def _check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]
                 f"another pod (or use cookie affinity in your ingress)"
             )
         selector = spec.get("selector") or {}
+        svc_name = str((doc.get("metadata") or {}).get("name", ""))
+        for cand, labels in candidates:
+            if (
+                selector
+                and not svc_name.endswith("-candidate")
+                and all(labels.get(k) == v for k, v in selector.items())
+            ):
+                report.error(
+                    f"{where}: selector {selector} also matches the pods of {cand}: the "
+                    f"candidate is in the stable pool and takes production traffic before it "
+                    f"is verified. Give the candidate's pods their own labels and Service"
+                )
         if (
             workload_labels
             and selector
@@ -125,3 +142,34 @@ def _check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]
             )
         ):
             report.error(f"{where}: selector {selector} matches no pod template given")
+    _check_traefik_services(docs, out)
+
+
+def _check_traefik_services(
+    docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]
+) -> None:
+    """Weights and sticky cookie of `TraefikService` (Traefik's CRD) weighted services."""
+    for file, doc in docs:
+        if doc.get("kind") != "TraefikService":
+            continue
+        weighted = (doc.get("spec") or {}).get("weighted")
+        if not weighted:
+            continue
+        report = Reporter(file, out)
+        where = f"TraefikService/{(doc.get('metadata') or {}).get('name', '?')}"
+        weights = []
+        for child in weighted.get("services") or []:
+            raw = child.get("weight", 1)
+            if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+                report.error(
+                    f"{where}: weight of {child.get('name')} is {raw!r}, not an integer >= 0"
+                )
+            else:
+                weights.append(raw)
+        if weights and sum(weights) == 0:
+            report.error(f"{where}: every weight is 0, nothing to route to")
+        if not (weighted.get("sticky") or {}).get("cookie"):
+            report.warning(
+                f"{where}: no sticky cookie; during a rollout a client would flip between "
+                f"versions on every request. Add sticky.cookie (name sf-aff)"
+            )

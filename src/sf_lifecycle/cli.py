@@ -3,6 +3,7 @@
     sf-lifecycle serve MODULE:APP [--host H] [--port P] [--state-dir DIR] ...
     sf-lifecycle queue status|recover --state-dir DIR
     sf-lifecycle check-infra PATH...
+    sf-lifecycle rollout --weights FILE --traefik URL [--steps 10,50,100] [--hold 30s] ...
 
 `serve` turns its flags into `SF_*` variables before importing the app, so the app's own
 `Settings.from_env()` sees them: one source of truth whether a value came from a flag, the
@@ -63,8 +64,14 @@ def _serve(args: argparse.Namespace) -> int:
 def _commands() -> dict[str, Command]:
     from .infra_check import COMMAND as check_infra
     from .queue_cli import COMMAND as queue
+    from .rollout import COMMAND as rollout
 
-    return {"serve": (_serve_args, _serve), "queue": queue, "check-infra": check_infra}
+    return {
+        "serve": (_serve_args, _serve),
+        "queue": queue,
+        "check-infra": check_infra,
+        "rollout": rollout,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from ._infra_bluegreen import StaticConfig, check_bluegreen, static_from_doc, static_from_flags
 from ._infra_common import (
     COMPOSE_STOP_MS,
     DEFAULTS,
@@ -158,6 +159,8 @@ class _ComposeService:
     env: dict[str, str]
     labels: dict[str, str]
     tree: dict[str, Any]
+    routed: bool = True
+    hosts: frozenset[str] = frozenset()
 
     @property
     def pools(self) -> set[str]:
@@ -171,7 +174,11 @@ class _ComposeService:
 
 
 def _check_compose(
-    doc: Mapping[str, Any], file: str, env: Mapping[str, str], out: list[Finding]
+    doc: Mapping[str, Any],
+    file: str,
+    env: Mapping[str, str],
+    out: list[Finding],
+    proxies: list[StaticConfig],
 ) -> list[_ComposeService]:
     report = Reporter(file, out)
     services = doc.get("services") or {}
@@ -179,6 +186,12 @@ def _check_compose(
     for name, svc in services.items():
         if not isinstance(svc, Mapping):
             continue
+        if "traefik" in str(svc.get("image", "")).lower():
+            command = svc.get("command") or []
+            if isinstance(command, str):
+                command = command.split()
+            proxies.append(static_from_flags(file, [interpolate(str(c), env) for c in command]))
+            continue  # the proxy, not an sf replica
         svc_env = as_dict(svc.get("environment"), env)
         labels = as_dict(svc.get("labels"), env)
         labels.update(as_dict((svc.get("deploy") or {}).get("labels"), env))
@@ -189,7 +202,8 @@ def _check_compose(
         routed = enable != "false" and (enable == "true" or "http" in tree)
         if not routed and not any(k.startswith("SF_") for k in svc_env):
             continue  # not an sf replica (Traefik itself, a database, ...)
-        app = _ComposeService(str(name), file, svc_env, labels, tree)
+        hosts = frozenset({str(name), str(svc.get("container_name", name))})
+        app = _ComposeService(str(name), file, svc_env, labels, tree, routed, hosts)
         apps.append(app)
         where = f"service {name}"
         budget = read_budget(svc_env)
@@ -228,9 +242,12 @@ def _check_compose(
                 f"drain delay before Traefik has looked. Unset it, or disable Docker's healthcheck."
             )
         if not routed:
-            report.warning(f"{where}: has SF_* settings but no Traefik labels (traefik.enable)")
-            continue
-        if not app.pools:
+            continue  # fine if a file-provider pool names it; see check_documents
+        routers = (tree.get("http") or {}).get("routers") or {}
+        elsewhere = bool(routers) and all(
+            "@" in str((r or {}).get("service", "")) for r in routers.values()
+        )
+        if not app.pools and not elsewhere:
             report.error(
                 f"{where}: routed by Traefik without traefik.http.services.<name>.loadbalancer "
                 f"labels, so without a health check. Add the healthcheck and sticky labels."
@@ -252,11 +269,13 @@ def _check_pools(apps: Sequence[_ComposeService], report: Reporter) -> None:
     by_name = {a.name: a for a in apps}
     for a in apps:
         base = a.name.removesuffix("-candidate")
-        if base != a.name and base in by_name and not (a.pools & by_name[base].pools):
+        shared = a.pools & by_name[base].pools if base != a.name and base in by_name else set()
+        if shared:
             report.error(
-                f"service {a.name} joins Traefik service(s) {sorted(a.pools) or 'none'} but "
-                f"{base} joins {sorted(by_name[base].pools) or 'none'}: stopping {base} would "
-                f"not move its traffic to the candidate. Give both the same labels."
+                f"service {a.name} joins the stable pool {sorted(shared)[0]} of {base}: the "
+                f"candidate would take production traffic the moment Docker calls it healthy, "
+                f"before anyone verified it. Give it its own Traefik service and route "
+                f"production through a weighted service (see infra/traefik/compose/)."
             )
     seen: set[tuple[str, str]] = set()
     for a in apps:
@@ -284,7 +303,11 @@ def _check_pools(apps: Sequence[_ComposeService], report: Reporter) -> None:
 
 # -- Traefik file provider --------------------------------------------------------------------
 def _file_provider_routing(
-    doc: Mapping[str, Any], file: str, delay_ms: int, out: list[Finding]
+    doc: Mapping[str, Any],
+    file: str,
+    delay_ms: int,
+    out: list[Finding],
+    pinned: frozenset[str] = frozenset(),
 ) -> dict[str, _Routing]:
     report = Reporter(file, out)
     lowered = lower_keys(doc)
@@ -299,13 +322,21 @@ def _file_provider_routing(
         except ValueError as exc:
             report.error(f"Traefik service {name}: {exc}")
             continue
+        if name in pinned and r.cookie_name is None:
+            # A child of a weighted service with a sticky cookie: that cookie pins the client.
+            r = _Routing(
+                r.health_path, r.interval_ms, r.timeout_ms, "(weighted)", True, "lax", False
+            )
         _check_routing(r, f"Traefik service {name}", delay_ms, report, "the drain delay")
         found[name] = r
     return found
 
 
-def _check_traefik_static(doc: Mapping[str, Any], file: str, out: list[Finding]) -> None:
+def _check_traefik_static(
+    doc: Mapping[str, Any], file: str, out: list[Finding], proxies: list[StaticConfig]
+) -> None:
     report = Reporter(file, out)
+    proxies.append(static_from_doc(file, doc))
     g = lower_keys(doc).get("global") or {}
     for key in ("checknewversion", "sendanonymoususage"):
         if scalar(g.get(key, True)).lower() != "false":
@@ -351,22 +382,34 @@ def check_documents(
     compose_apps: list[_ComposeService] = []
     k8s: list[tuple[str, Mapping[str, Any]]] = []
     dynamic: list[tuple[str, Mapping[str, Any]]] = []
+    proxies: list[StaticConfig] = []
     for file, doc in documents:
         kind = _classify(doc)
         if kind == "compose":
-            compose_apps += _check_compose(doc, file, env, out)
+            compose_apps += _check_compose(doc, file, env, out, proxies)
         elif kind == "k8s":
             k8s.append((file, doc))
         elif kind == "traefik-dynamic":
             dynamic.append((file, doc))
         elif kind == "traefik-static":
-            _check_traefik_static(doc, file, out)
+            _check_traefik_static(doc, file, out, proxies)
     _check_k8s(k8s, out)
+    model = check_bluegreen(dynamic, proxies, out)
+    for app in compose_apps:
+        if not app.routed and not (app.hosts & model.server_hosts):
+            out.append(
+                Finding(
+                    "warning",
+                    app.file,
+                    f"service {app.name}: has SF_* settings but no Traefik labels "
+                    f"(traefik.enable), and no file-provider pool in the files checked names it",
+                )
+            )
     if drain_delay_ms is None:
         delays = [read_budget(a.env).delay_ms for a in compose_apps]
         drain_delay_ms = min(delays) if delays else DEFAULTS.drain_delay_ms
     for file, doc in dynamic:
-        routings = _file_provider_routing(doc, file, drain_delay_ms, out)
+        routings = _file_provider_routing(doc, file, drain_delay_ms, out, model.pinned)
         for pool, r in routings.items():
             for app in compose_apps:
                 if pool not in app.pools:

@@ -92,7 +92,7 @@ def test_sigterm_leaves_traefik_pool_without_failed_requests() -> None:
        sticky client was re-pinned to the live replica and stayed there.
     """
     routing = TraefikRouting()
-    assert routing == TraefikRouting.from_file(ROOT / "infra/traefik/dynamic/sf.yaml")
+    assert routing == TraefikRouting.from_file(ROOT / "infra/traefik/dynamic")
     with (
         ServerProcess(env={**ENV, "SF_REPLICA_ID": "a"}, cwd=ROOT) as a,
         ServerProcess(env={**ENV, "SF_REPLICA_ID": "b"}, cwd=ROOT) as b,

@@ -31,8 +31,17 @@ ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 COMPOSE = INFRA / "docker-compose.yaml"
 DYNAMIC = INFRA / "traefik" / "dynamic" / "sf.yaml"
+WEIGHTS = INFRA / "traefik" / "dynamic" / "weights.yaml"
+COMPOSE_DYNAMIC = INFRA / "traefik" / "compose" / "sf.yaml"
+COMPOSE_WEIGHTS = INFRA / "traefik" / "compose" / "weights.yaml"
 STATIC = INFRA / "traefik" / "traefik.yaml"
-K8S = [INFRA / "k8s" / "deployment.yaml", INFRA / "k8s" / "service.yaml"]
+K8S = [
+    INFRA / "k8s" / "deployment.yaml",
+    INFRA / "k8s" / "service.yaml",
+    INFRA / "k8s" / "candidate.yaml",
+]
+#: Traefik's CRDs: no schema offline, checked by structure (test_kubernetes_weighted_routing).
+K8S_TRAEFIK = INFRA / "k8s" / "traefik.yaml"
 #: The Compose specification's schema, as vendored by check-jsonschema.
 COMPOSE_SCHEMA = importlib.resources.files("check_jsonschema").joinpath(
     "builtin_schemas/vendor/compose-spec.json"
@@ -84,6 +93,51 @@ def test_kubernetes_manifests_validate_strictly(path: Path) -> None:
         assert kubernetes_validate.validate(doc, K8S_VERSION, strict=True) == K8S_VERSION
 
 
+def test_kubernetes_weighted_routing() -> None:
+    """Two Deployments, the candidate outside the stable Service, a TraefikService over both."""
+    crds = {
+        d["kind"] + "/" + d["metadata"]["name"]: d
+        for d in yaml.safe_load_all(K8S_TRAEFIK.read_text())
+    }
+    weighted = crds["TraefikService/sf-weighted"]["spec"]["weighted"]
+    assert [(s["name"], s["weight"]) for s in weighted["services"]] == [
+        ("sf", 100),
+        ("sf-candidate", 0),
+    ]
+    assert weighted["sticky"]["cookie"] == {"name": "sf-aff", "httpOnly": True, "sameSite": "lax"}
+    route = crds["IngressRoute/sf"]["spec"]["routes"][0]["services"]
+    assert route == [{"name": "sf-weighted", "kind": "TraefikService"}]
+    verify = crds["IngressRoute/sf-candidate"]["spec"]["routes"][0]
+    assert verify["services"][0]["name"] == "sf-candidate"
+    assert verify["middlewares"] == [{"name": "sf-candidate-allow"}]
+    assert "ipAllowList" in crds["Middleware/sf-candidate-allow"]["spec"]
+    stable_svc = next(d for d in yaml.safe_load_all(K8S[1].read_text()) if d["kind"] == "Service")
+    cand = [d for d in yaml.safe_load_all(K8S[2].read_text()) if d]
+    cand_pods = cand[0]["spec"]["template"]["metadata"]["labels"]
+    sel = stable_svc["spec"]["selector"]
+    assert not all(cand_pods.get(k) == v for k, v in sel.items())
+    probe = cand[0]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert (probe["httpGet"]["path"], probe["periodSeconds"]) == ("/api/healthz", 2)
+    assert check_paths([INFRA / "k8s"]) == []
+
+
+def test_check_infra_reports_k8s_candidate_in_stable_pool_and_bad_weights(tmp_path: Path) -> None:
+    docs = k8s_docs()
+    cand = next(d for f, d in docs if f == "candidate.yaml" and d["kind"] == "Deployment")
+    cand["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] = "sf"
+    cand["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] = "sf"
+    assert any(
+        "also matches the pods of sf-candidate: the candidate is in the stable pool" in m
+        for m in errors(check_documents(docs))
+    )
+    crds = [d for d in yaml.safe_load_all(K8S_TRAEFIK.read_text())]
+    crds[0]["spec"]["weighted"]["services"][1]["weight"] = -1
+    del crds[0]["spec"]["weighted"]["sticky"]
+    found = check_documents([("traefik.yaml", d) for d in crds])
+    assert "weight of sf-candidate is -1, not an integer >= 0" in " ".join(errors(found))
+    assert any(f.severity == "warning" and "no sticky cookie" in f.message for f in found)
+
+
 def test_kubernetes_validator_rejects_an_invalid_manifest() -> None:
     doc = load(K8S[0])
     doc["spec"]["template"]["spec"]["terminationGracePeriodSecond"] = 610
@@ -106,25 +160,48 @@ def test_check_infra_finds_nothing_in_the_reference_infra(
 
 
 def test_file_provider_config_is_what_the_harness_renders() -> None:
-    servers = [s["url"] for s in load(DYNAMIC)["http"]["services"]["sf"]["loadBalancer"]["servers"]]
-    assert servers == ["http://127.0.0.1:4000", "http://127.0.0.1:4001"]
-    assert load(DYNAMIC) == TraefikRouting().dynamic_config(servers)
-    assert TraefikRouting.from_file(DYNAMIC) == TraefikRouting()
+    r = TraefikRouting()
+    assert load(DYNAMIC) == r.bluegreen_config(["http://127.0.0.1:4000"], ["http://127.0.0.1:4001"])
+    assert load(WEIGHTS) == r.weights_config(stable=100, candidate=0)
+    assert TraefikRouting.from_file(DYNAMIC.parent) == r
+    weighted = load(WEIGHTS)["http"]["services"]["sf-weighted"]["weighted"]
+    assert weighted["sticky"]["cookie"]["name"] == "sf-aff"
+    # The candidate is its own pool, never in the stable one; each pool has its health check.
+    pools = load(DYNAMIC)["http"]["services"]
+    assert set(pools) == {"sf", "sf-candidate"}
+    for pool in pools.values():
+        assert pool["loadBalancer"]["healthCheck"] == {
+            "path": "/api/healthz",
+            "interval": "2s",
+            "timeout": "1s",
+        }
+        assert "sticky" not in pool["loadBalancer"]
 
 
-def test_compose_labels_carry_the_harness_routing() -> None:
+def test_compose_routing_is_the_file_twin_by_container_name() -> None:
+    """The compose file provider directory holds the same model, pools addressed by container."""
     r = TraefikRouting()
     doc = load(COMPOSE)
-    sf, candidate = doc["services"]["sf"], doc["services"]["sf-candidate"]
-    assert sf["labels"] == candidate["labels"]
-    lb = "traefik.http.services.sf.loadbalancer"
-    assert sf["labels"][f"{lb}.healthcheck.path"] == r.health_path == "/api/healthz"
-    assert sf["labels"][f"{lb}.healthcheck.interval"] == r.health_interval == "2s"
-    assert sf["labels"][f"{lb}.healthcheck.timeout"] == r.health_timeout == "1s"
-    assert sf["labels"][f"{lb}.sticky.cookie.name"] == r.cookie_name == "sf-aff"
-    assert sf["labels"][f"{lb}.sticky.cookie.httponly"] == "true"
-    assert sf["labels"][f"{lb}.sticky.cookie.samesite"] == r.cookie_same_site == "lax"
-    assert sf["labels"][f"{lb}.server.port"] == sf["environment"]["SF_PORT"] == "4000"
+    assert load(COMPOSE_WEIGHTS) == load(WEIGHTS)
+    routing = load(COMPOSE_DYNAMIC)["http"]
+    twin = r.bluegreen_config(["http://sf-server:4000"], ["http://sf-server-candidate:4000"])
+    assert routing["services"] == twin["http"]["services"]
+    assert routing["routers"]["sf"]["service"] == r.weighted_service
+    assert doc["services"]["sf"]["container_name"] == "sf-server"
+    assert doc["services"]["sf-candidate"]["container_name"] == "sf-server-candidate"
+    assert doc["services"]["sf"]["environment"]["SF_PORT"] == "4000"
+    # Only the candidate's verification router comes from labels, through the allow-list.
+    assert doc["services"]["sf"]["labels"] == {"traefik.enable": "false"}
+    labels = doc["services"]["sf-candidate"]["labels"]
+    assert labels["traefik.http.routers.sf-candidate.service"] == "sf-candidate@file"
+    assert labels["traefik.http.routers.sf-candidate.middlewares"] == "sf-candidate-allow@file"
+    assert "sf-candidate-allow" in routing["middlewares"]
+    assert not [k for k in labels if k.startswith("traefik.http.services.")]
+    traefik = doc["services"]["traefik"]
+    assert "./traefik/compose:/etc/traefik/dynamic:ro" in traefik["volumes"]
+    assert "--metrics.prometheus.addServicesLabels=true" in traefik["command"]
+    assert "--metrics.prometheus.entryPoint=traefik" in traefik["command"]
+    assert "127.0.0.1:${SF_TRAEFIK_ADMIN_PORT:-8080}:8080" in traefik["ports"]
 
 
 def test_compose_timings_match_the_library_defaults() -> None:
@@ -155,6 +232,7 @@ def test_compose_variables_have_the_documented_defaults() -> None:
         "SF_WORKSPACE_DIR": "./workspace",
         "SF_TRAEFIK_HTTP_PORT": "80",
         "SF_TRAEFIK_HTTPS_PORT": "443",
+        "SF_TRAEFIK_ADMIN_PORT": "8080",
         "SF_RPC_SHUTDOWN_GRACE_MS": "600000",
     }
     for var, default in expected.items():
@@ -221,35 +299,65 @@ def test_kubernetes_manifests_cover_grace_and_drain() -> None:
 # -- check-infra reports unsafe changes -------------------------------------------------------
 Mutation = Callable[[dict[str, Any]], None]
 
+#: Label-defined pools (Traefik's Docker provider), as a compose file without the blue/green
+#: model declares them: the generic checks of labels are exercised on two replicas of one pool.
+POOL_LABELS = {
+    "traefik.enable": "true",
+    "traefik.http.routers.sf.rule": "Host(`sf.localhost`)",
+    "traefik.http.routers.sf.entrypoints": "web",
+    "traefik.http.routers.sf.service": "sf",
+    "traefik.http.services.sf.loadbalancer.server.port": "4000",
+    "traefik.http.services.sf.loadbalancer.healthcheck.path": "/api/healthz",
+    "traefik.http.services.sf.loadbalancer.healthcheck.interval": "2s",
+    "traefik.http.services.sf.loadbalancer.healthcheck.timeout": "1s",
+    "traefik.http.services.sf.loadbalancer.sticky.cookie.name": "sf-aff",
+    "traefik.http.services.sf.loadbalancer.sticky.cookie.httponly": "true",
+    "traefik.http.services.sf.loadbalancer.sticky.cookie.samesite": "lax",
+}
+REPLICAS = ("sf", "sf-b")
+
+
+def labelled_compose() -> dict[str, Any]:
+    """The reference compose file with two replicas `sf`, `sf-b` of one label-defined pool."""
+    doc: dict[str, Any] = copy.deepcopy(load(COMPOSE))
+    for svc in doc["services"].values():
+        for key in ("labels", "environment"):
+            if key in svc:
+                svc[key] = dict(svc[key])
+    b = doc["services"].pop("sf-candidate")
+    b.pop("profiles")
+    doc["services"]["sf-b"] = b
+    for name in REPLICAS:
+        doc["services"][name]["labels"] = dict(POOL_LABELS)
+    return doc
+
 
 def _short_grace(d: dict[str, Any]) -> None:
     d["services"]["sf"]["stop_grace_period"] = "30s"
 
 
 def _long_interval(d: dict[str, Any]) -> None:
-    for name in ("sf", "sf-candidate"):
+    for name in REPLICAS:
         d["services"][name]["labels"][
             "traefik.http.services.sf.loadbalancer.healthcheck.interval"
         ] = "10s"
 
 
 def _no_healthcheck(d: dict[str, Any]) -> None:
-    for name in ("sf", "sf-candidate"):
+    for name in REPLICAS:
         labels = d["services"][name]["labels"]
         for key in [k for k in labels if ".healthcheck." in k]:
             del labels[key]
 
 
-def _candidate_labels_differ(d: dict[str, Any]) -> None:
-    labels = d["services"]["sf-candidate"]["labels"]
+def _replica_labels_differ(d: dict[str, Any]) -> None:
+    labels = d["services"]["sf-b"]["labels"]
     labels["traefik.http.services.sf.loadbalancer.sticky.cookie.name"] = "sf-other"
 
 
-def _candidate_other_pool(d: dict[str, Any]) -> None:
-    labels = d["services"]["sf-candidate"]["labels"]
-    d["services"]["sf-candidate"]["labels"] = {
-        k.replace("services.sf.", "services.sf-candidate."): v for k, v in labels.items()
-    }
+def _candidate_in_stable_pool(d: dict[str, Any]) -> None:
+    # Today's identical-labels model: the candidate joins `sf` the moment it is healthy.
+    d["services"]["sf-candidate"] = copy.deepcopy(d["services"]["sf-b"])
 
 
 def _grace_raised_in_env(d: dict[str, Any]) -> None:
@@ -272,8 +380,8 @@ def _sigint(d: dict[str, Any]) -> None:
         (_grace_raised_in_env, "SF_RPC_SHUTDOWN_GRACE_MS (900000 ms)"),
         (_long_interval, "health check interval (10 s + 1 s) does not fit inside the drain"),
         (_no_healthcheck, "no health check"),
-        (_candidate_labels_differ, "label traefik.http.services.sf.loadbalancer.sticky.cookie"),
-        (_candidate_other_pool, "stopping sf would not move its traffic to the candidate"),
+        (_replica_labels_differ, "label traefik.http.services.sf.loadbalancer.sticky.cookie"),
+        (_candidate_in_stable_pool, "service sf-candidate joins the stable pool sf of sf"),
         (_sigint, "stop_signal SIGINT"),
     ],
     ids=lambda v: getattr(v, "__name__", "")[:30],
@@ -281,12 +389,7 @@ def _sigint(d: dict[str, Any]) -> None:
 def test_check_infra_reports_unsafe_compose(
     mutate: Mutation, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    doc = copy.deepcopy(load(COMPOSE))
-    # Anchored mappings are shared objects once loaded; give each service its own copy.
-    for svc in doc["services"].values():
-        for key in ("labels", "environment"):
-            if key in svc:
-                svc[key] = dict(svc[key])
+    doc = labelled_compose()
     mutate(doc)
     path = tmp_path / "docker-compose.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -299,21 +402,25 @@ def test_check_infra_reports_unsafe_compose(
 def test_check_infra_reports_file_provider_drift(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    dynamic = load(DYNAMIC)
+    dynamic = TraefikRouting().dynamic_config(["http://127.0.0.1:4000"])
     dynamic["http"]["services"]["sf"]["loadBalancer"]["healthCheck"]["timeout"] = "2s"
     dynamic["http"]["services"]["sf"]["loadBalancer"]["sticky"]["cookie"]["sameSite"] = "strict"
-    (tmp_path / "sf.yaml").write_text(yaml.safe_dump(dynamic))
-    code, out = run_check([str(COMPOSE), str(tmp_path)], capsys)
+    (tmp_path / "dynamic").mkdir()
+    (tmp_path / "dynamic" / "sf.yaml").write_text(yaml.safe_dump(dynamic))
+    compose = tmp_path / "docker-compose.yaml"
+    compose.write_text(yaml.safe_dump(labelled_compose()))
+    code, out = run_check([str(compose), str(tmp_path / "dynamic")], capsys)
     assert code == 1, out
     assert "health check timeout is '2 s' here but '1 s' in the labels of service sf" in out
     assert "sticky cookie sameSite is 'strict' here but 'lax'" in out
 
 
 def test_check_infra_resolves_variables_from_env_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run_check([str(COMPOSE), "--env", "SF_DRAIN_DELAY_MS=2000"], capsys)
+    paths = [str(COMPOSE), str(COMPOSE_DYNAMIC.parent)]
+    code, out = run_check([*paths, "--env", "SF_DRAIN_DELAY_MS=2000"], capsys)
     assert code == 1, out
-    assert "does not fit inside the drain delay (SF_DRAIN_DELAY_MS = 2000 ms)" in out
-    code, out = run_check([str(COMPOSE), "--env", "SF_RPC_SHUTDOWN_GRACE_MS=60000"], capsys)
+    assert "does not fit inside the drain delay (the drain delay = 2000 ms)" in out
+    code, out = run_check([*paths, "--env", "SF_RPC_SHUTDOWN_GRACE_MS=60000"], capsys)
     assert code == 0, out
 
 
@@ -381,11 +488,7 @@ def test_check_infra_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def _compose_docs(mutate: Mutation) -> list[tuple[str, Any]]:
-    doc = copy.deepcopy(load(COMPOSE))
-    for svc in doc["services"].values():
-        for key in ("labels", "environment"):
-            if key in svc:
-                svc[key] = dict(svc[key])
+    doc = labelled_compose()
     mutate(doc)
     return [("docker-compose.yaml", doc)]
 
@@ -408,7 +511,7 @@ def _env(service: str, var: str, value: str) -> Mutation:
 
 def _label(name: str, value: str | None) -> Mutation:
     def mutate(d: dict[str, Any]) -> None:
-        for svc in ("sf", "sf-candidate"):
+        for svc in REPLICAS:
             labels = d["services"][svc]["labels"]
             key = f"traefik.http.services.sf.loadbalancer.{name}"
             if value is None:
@@ -421,18 +524,18 @@ def _label(name: str, value: str | None) -> Mutation:
 
 
 def _only_enable(d: dict[str, Any]) -> None:
-    for svc in ("sf", "sf-candidate"):
+    for svc in REPLICAS:
         d["services"][svc]["labels"] = ["traefik.enable=true"]
 
 
 def _no_sticky(d: dict[str, Any]) -> None:
-    for svc in ("sf", "sf-candidate"):
+    for svc in REPLICAS:
         labels = d["services"][svc]["labels"]
         d["services"][svc]["labels"] = {k: v for k, v in labels.items() if ".sticky." not in k}
 
 
 def _no_labels(d: dict[str, Any]) -> None:
-    for svc in ("sf", "sf-candidate"):
+    for svc in REPLICAS:
         del d["services"][svc]["labels"]
 
 
@@ -496,12 +599,13 @@ def test_check_infra_traefik_static_and_unknown_files(tmp_path: Path) -> None:
 
 
 def test_check_infra_file_provider_alone_uses_the_default_drain_delay() -> None:
-    dynamic = load(DYNAMIC)
-    assert check_documents([("sf.yaml", dynamic)]) == []
-    found = check_documents([("sf.yaml", dynamic)], drain_delay_ms=2500)
+    dynamic, weights = load(DYNAMIC), load(WEIGHTS)
+    docs = [("d/sf.yaml", dynamic), ("d/weights.yaml", weights)]
+    assert check_documents(docs) == []
+    found = check_documents(docs, drain_delay_ms=2500)
     assert any("does not fit inside the drain delay" in m for m in errors(found)), found
     del dynamic["http"]["services"]["sf"]["loadBalancer"]["healthCheck"]
-    assert any("no health check" in m for m in errors(check_documents([("sf.yaml", dynamic)])))
+    assert any("no health check" in m for m in errors(check_documents(docs)))
 
 
 # -- small parsers ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 it. The library's own integration tests, the demo and the benchmarks use it.
 """
 
+from .bluegreen import BlueGreenProxy
 from .oracle import (
     DeliveryReport,
     LostWrites,
@@ -17,6 +18,7 @@ from .timeline import Timeline, TimelineEvent, parse_timeline
 from .traefik import TraefikProxy, TraefikRouting, find_traefik
 
 __all__ = [
+    "BlueGreenProxy",
     "CrashPointMissed",
     "DeliveryReport",
     "LostWrites",

@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 __all__ = ["ServerProcess", "free_port", "http_get"]
 
@@ -47,7 +48,7 @@ def http_get(
         conn.close()
 
 
-def reap(proc: subprocess.Popen[bytes], grace_s: float) -> int:
+def reap(proc: subprocess.Popen[Any], grace_s: float) -> int:
     """SIGTERM `proc`, wait `grace_s`, then SIGKILL; its exit code. Safe on an exited process."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):

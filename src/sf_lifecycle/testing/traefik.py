@@ -46,6 +46,8 @@ __all__ = ["TraefikProxy", "TraefikRouting", "find_traefik"]
 
 #: Flags every Traefik started here gets: no phoning home from a test machine.
 TRAEFIK_QUIET_FLAGS = ("--global.checkNewVersion=false", "--global.sendAnonymousUsage=false")
+#: Latency histogram bounds (seconds), as in `infra/`: fine enough for a p99 of a fast API.
+METRICS_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def find_traefik() -> str:
@@ -85,6 +87,13 @@ class TraefikRouting:
         cookie_http_only: Keep the cookie away from page scripts.
         cookie_same_site: `lax`, `strict` or `none`.
         cookie_secure: Send the cookie over HTTPS only (turn on together with TLS).
+        weighted_service: Blue/green: the weighted service the production router points at;
+            its children are `service` (stable) and `candidate_service`. The sticky cookie sits
+            on it, so a pinned client stays on its version during a rollout.
+        candidate_service: Blue/green: the candidate's own pool (weight 0 until promoted).
+        candidate_rule: Blue/green: the router that reaches the candidate directly, to verify
+            it before it takes production traffic.
+        candidate_allow: Source ranges allowed through the candidate's router.
     """
 
     service: str = "sf"
@@ -97,6 +106,88 @@ class TraefikRouting:
     cookie_http_only: bool = True
     cookie_same_site: str = "lax"
     cookie_secure: bool = False
+    weighted_service: str = "sf-weighted"
+    candidate_service: str = "sf-candidate"
+    candidate_rule: str = "Host(`candidate.sf.localhost`)"
+    candidate_allow: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+
+    def _cookie(self) -> dict[str, Any]:
+        cookie: dict[str, Any] = {
+            "name": self.cookie_name,
+            "httpOnly": self.cookie_http_only,
+            "sameSite": self.cookie_same_site,
+        }
+        if self.cookie_secure:
+            cookie["secure"] = True
+        return cookie
+
+    def _pool(self, servers: Sequence[str]) -> dict[str, Any]:
+        return {
+            "loadBalancer": {
+                "servers": [{"url": url.rstrip("/")} for url in servers],
+                "healthCheck": {
+                    "path": self.health_path,
+                    "interval": self.health_interval,
+                    "timeout": self.health_timeout,
+                },
+            }
+        }
+
+    def bluegreen_config(self, stable: Sequence[str], candidate: Sequence[str]) -> dict[str, Any]:
+        """The blue/green routing file (`infra/traefik/dynamic/sf.yaml`): two pools, two routers.
+
+        The production router points at `weighted_service` (defined in the weights file, see
+        `weights_config`); the candidate router reaches the candidate's pool directly, from
+        `candidate_allow` only. Neither pool has a sticky cookie of its own: the weighted
+        service's cookie pins a client to a version (a second cookie of the same name on a
+        pool would fight it).
+        """
+        allow = f"{self.candidate_service}-allow"
+        return {
+            "http": {
+                "routers": {
+                    self.service: {
+                        "rule": self.rule,
+                        "entryPoints": [self.entrypoint],
+                        "service": self.weighted_service,
+                    },
+                    self.candidate_service: {
+                        "rule": self.candidate_rule,
+                        "entryPoints": [self.entrypoint],
+                        "service": self.candidate_service,
+                        "middlewares": [allow],
+                        "priority": 1000,
+                    },
+                },
+                "middlewares": {
+                    allow: {"ipAllowList": {"sourceRange": list(self.candidate_allow)}}
+                },
+                "services": {
+                    self.service: self._pool(stable),
+                    self.candidate_service: self._pool(candidate),
+                },
+            }
+        }
+
+    def weights_config(self, stable: int = 100, candidate: int = 0) -> dict[str, Any]:
+        """The weights file (`infra/traefik/dynamic/weights.yaml`) that `rollout` rewrites."""
+        return {
+            "http": {
+                "services": {
+                    self.weighted_service: {
+                        "weighted": {
+                            "services": [
+                                {"name": self.service, "weight": stable},
+                                {"name": self.candidate_service, "weight": candidate},
+                            ],
+                            "sticky": {"cookie": self._cookie()},
+                            # Skip a child whose servers are all DOWN.
+                            "healthCheck": {},
+                        }
+                    }
+                }
+            }
+        }
 
     def dynamic_config(self, servers: Sequence[str]) -> dict[str, Any]:
         """The file-provider document routing every request to `servers` (base URLs).
@@ -106,13 +197,7 @@ class TraefikRouting:
         """
         if not servers:
             return {}
-        cookie: dict[str, Any] = {
-            "name": self.cookie_name,
-            "httpOnly": self.cookie_http_only,
-            "sameSite": self.cookie_same_site,
-        }
-        if self.cookie_secure:
-            cookie["secure"] = True
+        cookie = self._cookie()
         return {
             "http": {
                 "routers": {
@@ -151,7 +236,23 @@ class TraefikRouting:
         hc = lb.get("healthCheck", {})
         cookie = lb.get("sticky", {}).get("cookie", {})
         defaults = cls()
+        target = http["services"].get(router.get("service", service), {})
+        blue_green: dict[str, Any] = {}
+        if "weighted" in target:
+            # Blue/green: the cookie sits on the weighted service, the candidate has a router.
+            cookie = target["weighted"].get("sticky", {}).get("cookie", {})
+            names = [c["name"] for c in target["weighted"]["services"]]
+            candidate = next(n for n in names if n != service)
+            c_router = http["routers"][candidate]
+            allow = http["middlewares"][c_router["middlewares"][0]]["ipAllowList"]
+            blue_green = {
+                "weighted_service": router["service"],
+                "candidate_service": candidate,
+                "candidate_rule": c_router["rule"],
+                "candidate_allow": tuple(allow["sourceRange"]),
+            }
         return cls(
+            **blue_green,
             service=service,
             rule=router.get("rule", defaults.rule),
             entrypoint=(router.get("entryPoints") or [defaults.entrypoint])[0],
@@ -166,9 +267,17 @@ class TraefikRouting:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], service: str = "sf") -> TraefikRouting:
-        """`from_dynamic_config` of a YAML file, e.g. `infra/traefik/dynamic/sf.yaml`."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dynamic_config(yaml.safe_load(f), service)
+        """`from_dynamic_config` of a YAML file, or of every `*.yaml` file in a directory merged
+        as Traefik's file provider merges them (e.g. `infra/traefik/dynamic`)."""
+        p = Path(path)
+        files = sorted(p.glob("*.yaml")) if p.is_dir() else [p]
+        merged: dict[str, Any] = {}
+        for file in files:
+            doc = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            for section, tables in (doc.get("http") or {}).items():
+                for name, value in tables.items():
+                    merged.setdefault("http", {}).setdefault(section, {})[name] = value
+        return cls.from_dynamic_config(merged, service)
 
 
 class TraefikProxy:
@@ -255,22 +364,34 @@ class TraefikProxy:
                 "file": {"directory": str(self.dynamic_dir), "watch": True},
             },
             "log": {"level": self.log_level, "noColor": True},
+            # Per-service counters and latency histograms, on the internal entrypoint only:
+            # what `sf-lifecycle rollout` measures.
+            "metrics": {
+                "prometheus": {
+                    "entryPoint": "traefik",
+                    "addServicesLabels": True,
+                    "addEntryPointsLabels": False,
+                    "buckets": list(METRICS_BUCKETS_S),
+                }
+            },
         }
         if self.access_log:
             cfg["accessLog"] = {}
         return cfg
 
     def _write_dynamic(self, servers: Sequence[str]) -> None:
+        self._write_doc(self.dynamic_path, self.routing.dynamic_config(servers))
+
+    def _write_doc(self, path: Path, doc: Mapping[str, Any]) -> None:
         # Staged outside the watched directory, fsynced, then renamed in: the provider sees
         # one complete file or the previous one, never a torn write.
-        doc = self.routing.dynamic_config(servers)
         fd, tmp = tempfile.mkstemp(prefix=".dyn-", suffix=".yaml", dir=self.config_dir)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 yaml.safe_dump(doc, f, sort_keys=False)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.dynamic_path)
+            os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

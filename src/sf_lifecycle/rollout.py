@@ -1,0 +1,586 @@
+"""A gated blue/green promotion through Traefik's weighted services: `sf-lifecycle rollout`.
+
+    sf-lifecycle rollout --weights FILE --traefik URL [--steps 10,50,100] [--hold 30s]
+                         [--max-error-rate 0.01] [--candidate-ready URL] [--dry-run] [--json]
+    sf-lifecycle rollout --weights FILE --abort
+
+`FILE` holds the weighted service that the production router points at (see `_weights.py`);
+`URL` is Traefik's internal entrypoint, serving both its API and `/metrics`. The candidate starts
+at weight 0 and is verified through its own router before this command runs.
+
+1. Pre-flight: Traefik serves the weighted service from this file, reports every server of the
+   candidate `UP`, exposes per-service metrics, and `--candidate-ready` (when given) answers
+   200. Otherwise exit 2 and the weights are untouched.
+2. Each step writes the candidate's weight (the stable gets the rest of 100), waits until
+   Traefik's API shows the new weights, then holds. During the hold the per-service counters of
+   Traefik's metrics are compared with their values at the start of the step. The candidate's
+   5xx ratio is judged continuously: with at least `--min-requests` served, more than
+   `--max-error-rate` of them failing is a breach; with fewer, the errors are divided by
+   `--min-requests` instead, so a burst of errors is a breach before enough traffic arrived
+   to compute a ratio. The candidate leaving Traefik's pool (no server `UP`) is a breach at
+   once. At the end of the hold the candidate must have served `--min-requests`, and its p99
+   latency (interpolated from the duration histogram) must not exceed the stable's by more
+   than `--max-latency-ratio` (the stable's is taken over the whole rollout, so the last step,
+   where the stable gets no new traffic, still has a reference; p99s under `--latency-floor`
+   never breach: the buckets are coarse).
+3. A breach writes stable 100 / candidate 0 at once and exits 1 with what was measured. After
+   the last step the candidate has 100 and the command exits 0. Ctrl-C or SIGTERM also rolls
+   back (exit 130). SIGKILL cannot be caught: the last weights written stay, and
+   `rollout --abort` restores stable 100.
+
+The stable's ratio is reported beside the candidate's; since it is never negative, "under
+`--max-error-rate`" also means "no more than the stable's plus that margin". When the stable
+fails as much, the report says so: the fault may lie in a shared dependency.
+
+Before each write the file must still hold the weights this command wrote last; if someone else
+changed them (an `--abort`, a second rollout, an edit), the rollout stops and leaves them alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from ._infra_common import parse_duration_ms
+from ._prometheus import ServiceStats, service_stats
+from ._weights import WeightsError, WeightsFile
+
+__all__ = ["COMMAND", "Gate", "RolloutRefused", "parse_steps", "qualify"]
+
+#: The weighted service lives in a file of Traefik's file provider.
+FILE_PROVIDER = "file"
+EXIT_PROMOTED, EXIT_ROLLED_BACK, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class RolloutRefused(Exception):
+    """Something to fix before a rollout can start (exit 2); nothing was changed."""
+
+
+class _Interrupted(Exception):
+    """SIGTERM during a rollout (Ctrl-C raises KeyboardInterrupt)."""
+
+
+def qualify(name: str, provider: str = FILE_PROVIDER) -> str:
+    """Traefik's full name of a service referenced from a file: `sf` -> `sf@file`."""
+    return name if "@" in name else f"{name}@{provider}"
+
+
+def parse_steps(text: str) -> list[int]:
+    """`10,50,100` -> [10, 50, 100]: candidate weights in percent, strictly increasing, 1..100.
+
+    Raises:
+        ValueError: anything else, with what is allowed.
+    """
+    try:
+        steps = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--steps {text!r}: expected integers like 10,50,100") from None
+    if not steps or any(not 1 <= s <= 100 for s in steps):
+        raise ValueError(f"--steps {text!r}: each step is a weight in percent, 1..100")
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise ValueError(f"--steps {text!r}: steps must increase")
+    return steps
+
+
+def _fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.2f}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """What a step must satisfy; the arithmetic lives here so it can be tested on its own.
+
+    Args:
+        max_error_rate: Largest share of the candidate's requests that may answer 5xx.
+        max_latency_ratio: Largest candidate p99 / stable p99.
+        latency_floor_s: A candidate p99 at or under this never breaches.
+        min_requests: Requests the candidate must serve in a hold to be judged.
+    """
+
+    max_error_rate: float = 0.01
+    max_latency_ratio: float = 2.0
+    latency_floor_s: float = 0.1
+    min_requests: int = 20
+
+    def error_breach(self, candidate: ServiceStats, stable: ServiceStats) -> str | None:
+        """A reason when the candidate fails too often; judged at any time during the hold."""
+        if candidate.errors <= 0:
+            return None
+        judged = max(candidate.requests, float(self.min_requests))
+        if candidate.errors / judged <= self.max_error_rate:
+            return None
+        reason = (
+            f"candidate answered 5xx to {candidate.errors:.0f} of {candidate.requests:.0f} "
+            f"requests ({candidate.error_ratio:.1%}), over --max-error-rate "
+            f"{self.max_error_rate:.1%}; stable {stable.error_ratio:.1%}"
+        )
+        if stable.requests >= self.min_requests and stable.error_ratio > self.max_error_rate:
+            reason += " (the stable fails too: check shared dependencies)"
+        return reason
+
+    def end_of_hold(self, candidate: ServiceStats, stable_reference: ServiceStats) -> str | None:
+        """A reason when the finished hold does not let the candidate pass."""
+        if candidate.requests < self.min_requests:
+            return (
+                f"candidate served {candidate.requests:.0f} requests in the hold, fewer than "
+                f"--min-requests {self.min_requests}: not enough traffic to judge it "
+                f"(lengthen --hold or lower --min-requests)"
+            )
+        reason = self.error_breach(candidate, stable_reference)
+        if reason:
+            return reason
+        c, s = candidate.p99_s(), stable_reference.p99_s()
+        if c is None or s is None or stable_reference.requests < self.min_requests:
+            return None  # no stable reference: the latency gate cannot apply
+        limit = max(s * self.max_latency_ratio, self.latency_floor_s)
+        if c > limit:
+            return (
+                f"candidate p99 {_fmt_s(c)} over {_fmt_s(limit)} (stable p99 {_fmt_s(s)} x "
+                f"--max-latency-ratio {self.max_latency_ratio:g}, floor "
+                f"{_fmt_s(self.latency_floor_s)})"
+            )
+        return None
+
+
+# -- Traefik ------------------------------------------------------------------------------------
+class Traefik:
+    """Traefik's internal entrypoint: the API and `/metrics` (stdlib HTTP, short timeouts)."""
+
+    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def _get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=self.timeout_s) as r:
+                return int(r.status), r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def service(self, name: str) -> dict[str, Any] | None:
+        status, body = self._get(f"/api/http/services/{name}")
+        if status == 404:
+            return None
+        if status != 200:
+            raise OSError(f"Traefik API answered {status} for service {name}")
+        doc: dict[str, Any] = json.loads(body)
+        return doc
+
+    def server_status(self, name: str) -> dict[str, str]:
+        svc = self.service(name)
+        return dict((svc or {}).get("serverStatus") or {})
+
+    def weights(self, name: str) -> dict[str, int] | None:
+        svc = self.service(name)
+        if svc is None or svc.get("status") != "enabled":
+            return None
+        children = (svc.get("weighted") or {}).get("services") or []
+        return {str(c["name"]): int(c.get("weight", 1)) for c in children}
+
+    def stats(self) -> dict[str, ServiceStats]:
+        status, body = self._get("/metrics")
+        if status != 200:
+            raise OSError(f"Traefik's /metrics answered {status}")
+        return service_stats(body.decode("utf-8", "replace"))
+
+
+def _http_status(url: str, timeout_s: float = 5.0) -> int | str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+# -- the rollout --------------------------------------------------------------------------------
+@dataclass
+class Side:
+    """One service's traffic in one window."""
+
+    service: str
+    requests: int
+    errors: int
+    error_ratio: float
+    p99_s: float | None
+
+    @classmethod
+    def of(cls, service: str, s: ServiceStats) -> Side:
+        return cls(service, int(s.requests), int(s.errors), round(s.error_ratio, 4), s.p99_s())
+
+    def line(self) -> str:
+        return f"{self.service}: {self.requests} req, {self.errors} 5xx, p99 {_fmt_s(self.p99_s)}"
+
+
+@dataclass
+class Step:
+    weight: int
+    held_s: float
+    stable: Side
+    candidate: Side
+    verdict: str  # "ok" or "breach"
+    reason: str | None = None
+
+
+@dataclass
+class Report:
+    result: str  # promoted, rolled_back, refused, aborted, interrupted, dry_run
+    weights_file: str
+    service: str | None = None
+    stable: str | None = None
+    candidate: str | None = None
+    weights_before: dict[str, int] = field(default_factory=dict)
+    weights_after: dict[str, int] = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
+    reason: str | None = None
+    plan: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Options:
+    weights: Path
+    traefik: str | None
+    steps: list[int]
+    hold_s: float
+    interval_s: float
+    gate: Gate
+    candidate_ready: str | None = None
+    stable: str | None = None
+    candidate: str | None = None
+    service: str | None = None
+    load_timeout_s: float = 15.0
+
+
+class _Rollout:
+    def __init__(self, opts: Options, wf: WeightsFile, say: Callable[[str], None]) -> None:
+        self.opts = opts
+        self.wf = wf
+        self.say = say
+        assert opts.traefik is not None
+        self.traefik = Traefik(opts.traefik)
+        self.weighted = qualify(wf.service)
+        self.stable_q = qualify(wf.stable)
+        self.candidate_q = qualify(wf.candidate)
+        self.report = Report(
+            "refused", str(opts.weights), wf.service, wf.stable, wf.candidate, wf.weights
+        )
+
+    def _weights(self, candidate: int) -> dict[str, int]:
+        return {self.wf.stable: 100 - candidate, self.wf.candidate: candidate}
+
+    # -- pre-flight ---------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Raise RolloutRefused unless everything the gate relies on is in place."""
+        t, wf = self.traefik, self.wf
+        try:
+            served = t.weights(self.weighted)
+        except (OSError, ValueError) as exc:
+            raise RolloutRefused(f"cannot reach Traefik's API at {t.url}: {exc}") from None
+        if served is None:
+            raise RolloutRefused(
+                f"Traefik at {t.url} does not serve weighted service {self.weighted} (absent or "
+                f"disabled: a child that does not exist disables it). Is {wf.path} in the file "
+                f"provider's watched directory, and is --traefik the internal entrypoint?"
+            )
+        if served != wf.weights:
+            raise RolloutRefused(
+                f"Traefik serves {self.weighted} with weights {served}, the file says "
+                f"{wf.weights}: it is not watching {wf.path}, or has not reloaded it yet"
+            )
+        status = t.server_status(self.candidate_q)
+        if not status or any(s != "UP" for s in status.values()):
+            raise RolloutRefused(
+                f"Traefik does not report the candidate {self.candidate_q} UP "
+                f"({status or 'no servers'}): start it, wait for its health check, retry"
+            )
+        if self.opts.candidate_ready:
+            got = _http_status(self.opts.candidate_ready)
+            if got != 200:
+                raise RolloutRefused(
+                    f"candidate not ready: {self.opts.candidate_ready} answered {got}, not 200"
+                )
+        try:
+            t.stats()
+        except (OSError, ValueError) as exc:
+            raise RolloutRefused(
+                f"cannot read Traefik's metrics at {t.url}/metrics ({exc}); enable "
+                f"metrics.prometheus with addServicesLabels on this entrypoint"
+            ) from None
+
+    # -- steps --------------------------------------------------------------------------------
+    def _set(self, weights: dict[str, int], *, force: bool = False) -> None:
+        current = WeightsFile.load(
+            self.wf.path,
+            stable=self.wf.stable,
+            candidate=self.wf.candidate,
+            service=self.wf.service,
+        )
+        if not force and current.weights != self.wf.weights:
+            raise _ChangedUnderneath(
+                f"{self.wf.path} changed underneath the rollout (weights {current.weights}, "
+                f"expected {self.wf.weights}): stopping without writing"
+            )
+        self.wf = current.write(weights)
+        self.report.weights_after = self.wf.weights
+
+    def _wait_loaded(self, weights: dict[str, int]) -> bool:
+        deadline = time.monotonic() + self.opts.load_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self.traefik.weights(self.weighted) == weights:
+                    return True
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        return False
+
+    def _snapshot(self) -> dict[str, ServiceStats]:
+        return self.traefik.stats()
+
+    def run(self) -> int:
+        self.report.result = "promoted"
+        started = self._snapshot()
+        for i, weight in enumerate(self.opts.steps, 1):
+            target = self._weights(weight)
+            self._set(target)
+            if not self._wait_loaded(target):
+                return self._rollback(f"Traefik did not load weights {target} in time")
+            step_start = self._snapshot()
+            t0 = time.monotonic()
+            end = t0 + self.opts.hold_s
+            reason: str | None = None
+            now = step_start
+            while True:
+                time.sleep(max(0.0, min(self.opts.interval_s, end - time.monotonic())))
+                status = self.traefik.server_status(self.candidate_q)
+                now = self._snapshot()
+                cand, stab = self._window(now, step_start)
+                if not status or all(s != "UP" for s in status.values()):
+                    reason = f"candidate left Traefik's pool ({status or 'no servers'})"
+                else:
+                    reason = self.opts.gate.error_breach(cand, stab)
+                if reason or time.monotonic() >= end:
+                    break
+            cand, stab = self._window(now, step_start)
+            if reason is None:
+                ref = now.get(self.stable_q, ServiceStats()).since(
+                    started.get(self.stable_q, ServiceStats())
+                )
+                reason = self.opts.gate.end_of_hold(cand, ref)
+            step = Step(
+                weight,
+                round(time.monotonic() - t0, 3),
+                Side.of(self.stable_q, stab),
+                Side.of(self.candidate_q, cand),
+                "breach" if reason else "ok",
+                reason,
+            )
+            self.report.steps.append(step)
+            self.say(
+                f"step {i}/{len(self.opts.steps)}  candidate {weight:>3}%  held "
+                f"{step.held_s:.1f}s  | {step.stable.line()} | {step.candidate.line()} | "
+                f"{step.verdict}"
+            )
+            if reason:
+                return self._rollback(reason)
+        if self.opts.steps[-1] != 100:
+            self._set(self._weights(100))
+            self._wait_loaded(self._weights(100))
+        self.say(f"promoted: {self.wf.candidate} 100, {self.wf.stable} 0")
+        return EXIT_PROMOTED
+
+    def _window(
+        self, now: Mapping[str, ServiceStats], start: Mapping[str, ServiceStats]
+    ) -> tuple[ServiceStats, ServiceStats]:
+        def one(name: str) -> ServiceStats:
+            return now.get(name, ServiceStats()).since(start.get(name, ServiceStats()))
+
+        return one(self.candidate_q), one(self.stable_q)
+
+    def _rollback(self, reason: str, *, result: str = "rolled_back") -> int:
+        target = self._weights(0)
+        self._set(target, force=True)
+        loaded = self._wait_loaded(target)
+        self.report.result, self.report.reason = result, reason
+        self.say(f"ROLLBACK: {reason}")
+        self.say(
+            f"weights {self.wf.stable} 100, {self.wf.candidate} 0"
+            + ("; Traefik serves them" if loaded else "; Traefik has NOT confirmed them yet")
+        )
+        return EXIT_INTERRUPTED if result == "interrupted" else EXIT_ROLLED_BACK
+
+
+class _ChangedUnderneath(Exception):
+    pass
+
+
+def _describe_plan(opts: Options, wf: WeightsFile) -> list[str]:
+    g = opts.gate
+    steps = opts.steps if opts.steps[-1] == 100 else [*opts.steps, 100]
+    return [
+        f"weights file   {wf.path} (weighted service {wf.service})",
+        f"stable         {wf.stable}   candidate {wf.candidate}   now {wf.weights}",
+        f"steps          candidate {' -> '.join(f'{s}%' for s in steps)}, hold "
+        f"{_fmt_s(opts.hold_s)} each"
+        + ("" if opts.steps[-1] == 100 else " (100% set at the end, without a hold)"),
+        f"gate           5xx <= {g.max_error_rate:.1%}, p99 <= max({g.max_latency_ratio:g} x "
+        f"stable, {_fmt_s(g.latency_floor_s)}), >= {g.min_requests} candidate requests per "
+        f"hold, candidate UP in Traefik",
+        "on breach      stable 100, candidate 0 at once; exit 1",
+    ]
+
+
+# -- command line -------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `sf-lifecycle rollout`."""
+    parser.description = (
+        "Promote a candidate through a Traefik weighted service, step by step, each step gated "
+        "on Traefik's metrics; roll back to the stable at once on a breach."
+    )
+    a = parser.add_argument
+    a("--weights", required=True, type=Path, metavar="FILE", help="Traefik dynamic-config YAML")
+    a("--traefik", metavar="URL", help="Traefik's internal entrypoint (API and /metrics)")
+    a("--steps", default="10,50,100", help="candidate weights in percent (default 10,50,100)")
+    a("--hold", default="30s", help="hold per step, e.g. 30s, 500ms (default 30s)")
+    a("--interval", default="500ms", help="how often the hold is judged (default 500ms)")
+    a("--max-error-rate", type=float, default=0.01, help="largest 5xx share (default 0.01)")
+    a("--max-latency-ratio", type=float, default=2.0, help="candidate/stable p99 (default 2)")
+    a("--latency-floor", default="100ms", help="p99 that never breaches (default 100ms)")
+    a("--min-requests", type=int, default=20, help="candidate requests per hold (default 20)")
+    a("--candidate-ready", metavar="URL", help="must answer 200 before the first step")
+    a("--stable", metavar="NAME", help="stable child (default: the one not ending in -candidate)")
+    a("--candidate", metavar="NAME", help="candidate child (default: the one ending in -candidate)")
+    a("--service", metavar="NAME", help="the weighted service, when the file has several")
+    a("--dry-run", action="store_true", help="print the plan (and pre-flight), change nothing")
+    a("--abort", action="store_true", help="set stable 100, candidate 0 and exit")
+    a("--json", action="store_true", help="print one JSON summary on stdout")
+
+
+def _options(args: argparse.Namespace) -> Options:
+    def seconds(flag: str, raw: str) -> float:
+        try:
+            return parse_duration_ms(raw) / 1000
+        except ValueError as exc:
+            raise RolloutRefused(f"{flag}: {exc}") from None
+
+    try:
+        steps = parse_steps(args.steps)
+    except ValueError as exc:
+        raise RolloutRefused(str(exc)) from None
+    hold = seconds("--hold", args.hold)
+    interval = seconds("--interval", args.interval)
+    if hold <= 0 or interval <= 0:
+        raise RolloutRefused("--hold and --interval must be positive")
+    if not 0 <= args.max_error_rate < 1:
+        raise RolloutRefused(f"--max-error-rate {args.max_error_rate}: expected 0 <= rate < 1")
+    if args.max_latency_ratio < 1 or args.min_requests < 0:
+        raise RolloutRefused("--max-latency-ratio must be >= 1 and --min-requests >= 0")
+    gate = Gate(
+        args.max_error_rate,
+        args.max_latency_ratio,
+        seconds("--latency-floor", args.latency_floor),
+        args.min_requests,
+    )
+    return Options(
+        args.weights,
+        args.traefik,
+        steps,
+        hold,
+        interval,
+        gate,
+        args.candidate_ready,
+        args.stable,
+        args.candidate,
+        args.service,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `rollout`: 0 promoted (aborted, dry run), 1 rolled back, 2 refused, 130 interrupted."""
+    progress: TextIO = sys.stderr if args.json else sys.stdout
+
+    def say(line: str) -> None:
+        print(line, file=progress, flush=True)
+
+    report = Report("refused", str(args.weights))
+    code = EXIT_REFUSED
+    try:
+        opts = _options(args)
+        wf = WeightsFile.load(
+            opts.weights, stable=opts.stable, candidate=opts.candidate, service=opts.service
+        )
+        report = Report("refused", str(wf.path), wf.service, wf.stable, wf.candidate, wf.weights)
+        if args.abort:
+            after = wf.write({wf.stable: 100, wf.candidate: 0})
+            report.result, report.weights_after = "aborted", after.weights
+            say(f"aborted: {wf.path}: {wf.weights} -> {after.weights}")
+            code = EXIT_PROMOTED
+        elif args.dry_run:
+            report.result, report.plan = "dry_run", _describe_plan(opts, wf)
+            report.weights_after = wf.weights
+            for line in report.plan:
+                say(line)
+            code = EXIT_PROMOTED
+            if opts.traefik:
+                _Rollout(opts, wf, say).preflight()
+                say("pre-flight     ok (nothing changed: dry run)")
+        else:
+            if not opts.traefik:
+                raise RolloutRefused("--traefik URL is required (Traefik's internal entrypoint)")
+            code, report = _run_rollout(opts, wf, say)
+    except (RolloutRefused, WeightsError) as exc:
+        report.result, report.reason = "refused", str(exc)
+        print(f"rollout: refused: {exc}", file=sys.stderr)
+        code = EXIT_REFUSED
+    except OSError as exc:
+        report.result, report.reason = "refused", str(exc)
+        print(f"rollout: {exc}", file=sys.stderr)
+        code = EXIT_REFUSED
+    if args.json:
+        print(json.dumps(asdict(report), sort_keys=False))
+    return code
+
+
+def _run_rollout(opts: Options, wf: WeightsFile, say: Callable[[str], None]) -> tuple[int, Report]:
+    rollout = _Rollout(opts, wf, say)
+    rollout.preflight()
+    for line in _describe_plan(opts, wf):
+        say(line)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        code = rollout.run()
+    except (KeyboardInterrupt, _Interrupted):
+        code = rollout._rollback("interrupted (Ctrl-C or SIGTERM)", result="interrupted")
+    except _ChangedUnderneath as exc:
+        rollout.report.result, rollout.report.reason = "stopped", str(exc)
+        say(f"STOPPED: {exc}")
+        code = EXIT_ROLLED_BACK
+    except (OSError, ValueError) as exc:
+        # Traefik unreachable, metrics unreadable, the file unreadable: judge nothing blind.
+        code = rollout._rollback(f"stopped by an error: {exc}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    rollout.report.weights_after = rollout.wf.weights
+    return code, rollout.report
+
+
+#: `(add_arguments, run)` for the `rollout` sub-command of `sf-lifecycle`.
+COMMAND = (add_arguments, run)
