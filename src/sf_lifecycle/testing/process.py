@@ -27,6 +27,34 @@ def free_port() -> int:
         return port
 
 
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds the listening TCP socket of `port` (None: cannot tell here).
+
+    Free ports are picked before the server binds, so another process can take one in between
+    and answer in its place; a test must not mistake that process for its own server.
+    """
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    owned: set[str] = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            owned.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            # local address "HEXIP:HEXPORT", state 0A = LISTEN, inode in column 9
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                if f"socket:[{cols[9]}]" in owned:
+                    return True
+    return False
+
+
 def http_get(
     url_host: str,
     port: int,
@@ -103,6 +131,7 @@ class ServerProcess:
         self.args = list(args)
         self.reap_s = reap_s
         self.proc: subprocess.Popen[bytes] | None = None
+        self._port_chosen = port is not None
         self._log = tempfile.NamedTemporaryFile(prefix="sf-server-", suffix=".log", delete=False)  # noqa: SIM115
 
     @property
@@ -138,9 +167,21 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
             with contextlib.suppress(OSError):
                 if self.get(path, timeout=1.0)[0] == 200:
-                    return
+                    if self.proc is None or listens_on(self.proc.pid, self.port) is not False:
+                        return
+                    self._move_to_another_port()
             time.sleep(0.05)
         raise TimeoutError(f"{self.url}{path} not 200 within {timeout} s:\n{self.logs()}")
+
+    def _move_to_another_port(self) -> None:
+        """Another process answered on our port (it took the free port first): start again."""
+        assert self.proc is not None
+        if self._port_chosen:
+            raise RuntimeError(f"port {self.port} is served by another process, not the server")
+        self.proc.kill()  # it has not bound yet: nothing of it to drain
+        self.proc.wait(5)
+        self.port = free_port()
+        self.start()
 
     def send_signal(self, sig: int) -> None:
         assert self.proc is not None
