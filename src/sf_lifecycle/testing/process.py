@@ -49,9 +49,13 @@ def listens_on(pid: int, port: int) -> bool | None:
         for line in lines:
             cols = line.split()
             # local address "HEXIP:HEXPORT", state 0A = LISTEN, inode in column 9
-            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                if f"socket:[{cols[9]}]" in owned:
-                    return True
+            if (
+                len(cols) > 9
+                and cols[3] == "0A"
+                and int(cols[1].rsplit(":", 1)[1], 16) == port
+                and f"socket:[{cols[9]}]" in owned
+            ):
+                return True
     return False
 
 
