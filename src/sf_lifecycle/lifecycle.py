@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._background import stops_task
 from ._errors import BudgetExceeded, NotReady
 from .config import Settings
 from .state import Phase, ShutdownState
@@ -72,12 +73,9 @@ async def _guarded(hook: ShutdownHook, deadline: float) -> BaseException | None:
     """
     try:
         await hook(deadline)
-    except asyncio.CancelledError as exc:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-        return exc
     except BaseException as exc:
+        if stops_task(exc):
+            raise
         return exc
     return None
 
@@ -238,51 +236,51 @@ class Lifecycle:
         """Run `task` until it succeeds, retrying with capped exponential backoff and jitter.
 
         A failure is never final while the process lives: a sink down at start-up would
-        otherwise leave orphans on disk until the next restart. Retries stop once the replica
-        drains (the shutdown cancels this task).
+        otherwise leave orphans on disk until the next restart. A failure is anything the task
+        raises, `BaseException` included, except a cancellation of this task (`_background`):
+        a `CancelledError` or `SystemExit` out of a sink must not end the retries silently nor
+        the process. Retries stop once the replica drains (the shutdown cancels this task).
+        The task stays pending (readiness 503) until it succeeded.
         """
         began = time.monotonic()
         status = self._startup_pending[name]
         pause = STARTUP_RETRY_FIRST_S
-        try:
-            while True:
-                status.attempts += 1
-                try:
-                    await task()
-                except asyncio.CancelledError:
+        while True:
+            status.attempts += 1
+            try:
+                await task()
+            except BaseException as exc:
+                if stops_task(exc):
                     raise
-                except Exception as exc:
-                    status.failures += 1
-                    status.last_error = describe_error(exc)
-                    if self.state.phase >= Phase.DRAINING:
-                        logger.error(
-                            "start-up task %s failed (attempt %d) while shutting down; "
-                            "not retried: %s",
-                            name,
-                            status.attempts,
-                            status.last_error,
-                        )
-                        return
-                    wait = pause * random.uniform(0.8, 1.2)
-                    logger.warning(
-                        "start-up task %s failed (attempt %d); retrying in %.0f ms",
+                status.failures += 1
+                status.last_error = describe_error(exc)
+                if self.state.phase >= Phase.DRAINING:
+                    logger.error(
+                        "start-up task %s failed (attempt %d) while shutting down; not retried: %s",
                         name,
                         status.attempts,
-                        wait * 1000,
-                        exc_info=True,
-                    )
-                    await asyncio.sleep(wait)
-                    pause = min(pause * 2, STARTUP_RETRY_MAX_S)
-                else:
-                    logger.info(
-                        "start-up task %s done in %.0f ms%s",
-                        name,
-                        (time.monotonic() - began) * 1e3,
-                        f" (attempt {status.attempts})" if status.attempts > 1 else "",
+                        status.last_error,
                     )
                     return
-        finally:
-            self._startup_pending.pop(name, None)
+                wait = pause * random.uniform(0.8, 1.2)
+                logger.warning(
+                    "start-up task %s failed (attempt %d); retrying in %.0f ms",
+                    name,
+                    status.attempts,
+                    wait * 1000,
+                    exc_info=True,
+                )
+                await asyncio.sleep(wait)
+                pause = min(pause * 2, STARTUP_RETRY_MAX_S)
+            else:
+                logger.info(
+                    "start-up task %s done in %.0f ms%s",
+                    name,
+                    (time.monotonic() - began) * 1e3,
+                    f" (attempt {status.attempts})" if status.attempts > 1 else "",
+                )
+                self._startup_pending.pop(name, None)
+                return
 
     async def shutdown(self) -> None:
         """Run shutdown hooks within the grace budget, then mark the process stopped.

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _crashpoints as _cp
+from ._background import stops_task
 from ._errors import BudgetExceeded, DiskWriteError, NotReady, QueueError
 from ._framing import encode, scan
 from ._statefiles import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, open_state_dir, state_subdir
@@ -449,6 +450,8 @@ class FeedbackQueue:
         self._skips_logged: set[str] = set()
         #: Outcome of the last periodic orphan sweep, shown in the ready body.
         self.sweep: dict[str, Any] = {"runs": 0}
+        #: Failures of the background drainer since its last good drain, shown in the ready body.
+        self.drainer: dict[str, Any] = {"failures": 0}
 
     # -- append ----------------------------------------------------------------------------
     async def append(
@@ -949,7 +952,7 @@ class FeedbackQueue:
         progress: dict[str, Any] = {}
         try:
             result = await self._recover(sink, None, progress)
-        except Exception as exc:
+        except BaseException as exc:  # a sink's CancelledError or SystemExit included
             self.sweep = {"runs": self.sweep.get("runs", 0) + 1, "state": "failed"}
             self.sweep["error"] = _why(exc)
             raise
@@ -969,9 +972,11 @@ class FeedbackQueue:
                 return
             try:
                 result = await self.sweep_orphans(sink)
-            except Exception as exc:
+            except BaseException as exc:  # this task must never die: see `_background`
+                if stops_task(exc):
+                    raise
                 result = None
-                logger.error("orphan sweep failed (%s); retrying in %.1f s", exc, delay)
+                logger.error("orphan sweep failed (%r); retrying in %.1f s", exc, delay)
             if result is not None and result.complete:
                 delay = self.orphan_sweep_s
             else:  # back off from a short first retry up to the period
@@ -984,8 +989,7 @@ class FeedbackQueue:
         if task is None:
             return
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait({task})  # what it died of, if anything, was logged by the loop
 
     # -- stats -----------------------------------------------------------------------------
     def stats(self) -> QueueStats:
@@ -1034,10 +1038,17 @@ class FeedbackQueue:
             try:  # every failure is retried next period: this task must never die
                 if self._queued or self._has_own_files():
                     await self.drain(sink)
-            except Exception:
-                logger.exception(
-                    "background drain failed; retrying in %.0f ms", self.drain_interval_s * 1000
+            except BaseException as exc:  # a sink's CancelledError or SystemExit: `_background`
+                if stops_task(exc):
+                    raise
+                self.drainer = {"failures": self.drainer["failures"] + 1, "last_error": _why(exc)}
+                logger.error(
+                    "background drain failed; retrying in %.0f ms",
+                    self.drain_interval_s * 1000,
+                    exc_info=exc,
                 )
+            else:
+                self.drainer = {"failures": 0}
 
     def _has_own_files(self) -> bool:
         return bool(_segments(self.dir).get(self.token))
@@ -1047,7 +1058,8 @@ class FeedbackQueue:
         if self._drainer is None or self._stop is None:
             return
         self._stop.set()
-        await self._drainer
+        # Never re-raise what the task died of: the final drain and the release must still run.
+        await asyncio.wait({self._drainer})
         self._drainer = None
 
     def install(self, lifecycle: Lifecycle, sink: Sink | None = None) -> None:
@@ -1092,6 +1104,7 @@ class FeedbackQueue:
             return {
                 "recovery": dict(self.recovery),
                 "sweep": dict(self.sweep),
+                "drainer": dict(self.drainer),
                 **asdict(self.stats()),
             }
 

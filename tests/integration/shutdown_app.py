@@ -6,8 +6,11 @@
   `block` (blocks the loop 0.5 s), `sleep20` (awaits 20 s), `block20` (blocks the loop 20 s).
 - `SF_TEST_SINK=KIND`: the sink the queue drains to, instead of `<state>/feedback.sqlite3`
   directly: `thread-forever` (a call on a worker thread that never returns),
-  `await-forever` (never returns, loop free), `loop-block` (blocks the loop 25 s). Unset: the
-  queue's own default sink (`<state>/feedback.sqlite3`, closed with the queue).
+  `await-forever` (never returns, loop free), `loop-block` (blocks the loop 25 s), or
+  `cancelled-once`, `systemexit-once`, `keyboard-once` (the first call raises a
+  `CancelledError` nobody sent, `SystemExit` or `KeyboardInterrupt`; later calls deliver to
+  `<state>/feedback.sqlite3`). Unset: the queue's own default sink (`<state>/feedback.sqlite3`,
+  closed with the queue).
 - `SF_TEST_STARTUP_FAILS=N`: a start-up task `flaky-startup` that fails N times, then succeeds.
 
 A hook registered after the final drain writes `<state>/after-hook-ran`: the tests check that
@@ -31,6 +34,7 @@ from sf_lifecycle import (
     FeedbackQueue,
     Lifecycle,
     Sink,
+    SqliteSink,
     feedback_routes,
 )
 
@@ -64,6 +68,19 @@ async def _misbehave(kind: str) -> None:
         await asyncio.sleep(20)
     if kind == "block20":
         time.sleep(20)  # noqa: ASYNC251 - blocking the loop is the point
+
+
+def _once_sink(kind: str, real: SqliteSink) -> Sink:
+    calls = 0
+
+    async def sink(records: Sequence[Mapping[str, Any]]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await _misbehave(kind.removesuffix("-once"))
+        await real(records)
+
+    return sink
 
 
 def _stuck_sink(kind: str) -> Sink:
@@ -107,7 +124,12 @@ def create_app() -> Starlette:
 
     queue = FeedbackQueue(state_dir, settings=cfg)
     sink_kind = os.environ.get("SF_TEST_SINK", "")
-    queue.install(lifecycle, _stuck_sink(sink_kind) if sink_kind else None)
+    if sink_kind.endswith("-once"):
+        real = SqliteSink(state_dir / "feedback.sqlite3")
+        queue.on_close(real.close)
+        queue.install(lifecycle, _once_sink(sink_kind, real))
+    else:
+        queue.install(lifecycle, _stuck_sink(sink_kind) if sink_kind else None)
 
     async def after(deadline: float) -> None:
         Path(state_dir, "after-hook-ran").write_text("yes")  # noqa: ASYNC240 - tiny
