@@ -5,12 +5,21 @@ SQLite calls block on the disk (`synchronous=FULL` fsyncs on commit), so they ru
 their own and the event loop never waits. Opening retries on "database is locked": two replicas
 starting at once on a fresh volume both try to create the file and switch it to WAL, and the
 loser must wait, not crash. The file is created with a private mode and never through a link.
+
+A database that can be rebuilt (the idempotency index, not the sink) names a `quarantine`
+folder: when SQLite calls the file damaged (`SQLITE_CORRUPT`, `SQLITE_NOTADB`) it is moved
+there whole, with its `-wal`, `-shm` and `-journal`, never deleted, and an empty one is
+created. Such a connection also checks, before each call, that the name still refers to the
+file it opened, so a replica whose peer quarantined the file reopens the new one instead of
+writing into the quarantined copy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -38,6 +47,15 @@ def _is_locked(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """SQLite says the file is not a database, or a damaged one."""
+    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
 class SqliteThread:
     """A lazily opened WAL, `synchronous=FULL` connection and the one thread that uses it.
 
@@ -51,6 +69,8 @@ class SqliteThread:
         dir_mode: Create the folder with this mode when missing; None: it must exist.
         state_dir: When `path` is below this folder, every folder between them is checked
             (no link, a real folder) right before opening: `UnsafePath` otherwise.
+        quarantine: Folder under `state_dir` (`"feedback/quarantine"`) where a damaged file is
+            moved before an empty one is created; None: damage is raised to the caller.
     """
 
     def __init__(
@@ -64,7 +84,12 @@ class SqliteThread:
         file_mode: int = DEFAULT_FILE_MODE,
         dir_mode: int | None = None,
         state_dir: Path | None = None,
+        quarantine: str | None = None,
     ) -> None:
+        if quarantine is not None and state_dir is None:
+            raise ValueError("quarantine needs state_dir")
+        self.quarantine = quarantine
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
         self.dir_mode = dir_mode
         self.state_dir = state_dir
         self.path = path
@@ -79,15 +104,20 @@ class SqliteThread:
     def connection(self) -> sqlite3.Connection:
         """The connection, opened on first use. Call only from this object's thread."""
         if self._conn is not None:
-            return self._conn
+            if self.quarantine is None or self._same_file():
+                return self._conn
+            logger.info("%s was replaced (quarantined by a peer?); reopening it", self.path)
+            self._drop()
         if self.state_dir is not None and self.path.parent != self.state_dir:
             rel = self.path.parent.relative_to(self.state_dir).as_posix()
             state_subdir(self.state_dir, rel, self.dir_mode or DEFAULT_DIR_MODE)
         elif self.dir_mode is not None:
             self.path.parent.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
         create_private(self.path, self.file_mode)
-        for suffix in ("-wal", "-shm", "-journal"):
+        for suffix in _SIDE_FILES:
             refuse_link(self.path.with_name(self.path.name + suffix))
+        st = os.stat(self.path, follow_symlinks=False)
+        self._ident = (st.st_dev, st.st_ino)
         deadline = time.monotonic() + self.open_timeout_s
         delay = 0.01
         while True:
@@ -102,9 +132,13 @@ class SqliteThread:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 self._setup(conn)
-            except sqlite3.OperationalError as exc:
+            except sqlite3.Error as exc:
                 conn.close()
-                if not _is_locked(exc) or time.monotonic() > deadline:
+                if (
+                    not isinstance(exc, sqlite3.OperationalError)
+                    or not _is_locked(exc)
+                    or time.monotonic() > deadline
+                ):
                     raise
                 logger.debug("database %s busy while opening; retrying", self.path)
                 time.sleep(delay)
@@ -113,10 +147,60 @@ class SqliteThread:
             self._conn = conn
             return conn
 
+    def _same_file(self) -> bool:
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self._ident
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return fn(self.connection())
+        except sqlite3.DatabaseError as exc:
+            if self.quarantine is None or not _is_damage(exc):
+                raise
+            self._drop()
+            self._set_aside(str(exc))
+            return fn(self.connection())  # on the new, empty file
+
+    def _set_aside(self, reason: str) -> None:
+        """Move the damaged file (and its side files) to the quarantine folder, never delete.
+
+        Only when the name still refers to the file judged: a peer may have moved it first and
+        created a good one, which must not be moved in turn.
+        """
+        assert self.state_dir is not None
+        assert self.quarantine is not None
+        if not self._same_file():
+            return
+        folder = state_subdir(self.state_dir, self.quarantine, self.dir_mode or DEFAULT_DIR_MODE)
+        stamp = f"{self.path.name}.{time.time_ns() // 1_000_000}"
+        n = 0
+        target = folder / stamp
+        while os.path.lexists(target):
+            n += 1
+            target = folder / f"{stamp}.{n}"
+        os.rename(self.path, target)
+        for suffix in _SIDE_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.path.with_name(self.path.name + suffix), f"{target}{suffix}")
+        logger.error(
+            "%s is damaged (%s); moved to %s and replaced by an empty database",
+            self.path,
+            reason,
+            target,
+        )
+
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(connection)` on the thread and return its result."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: fn(self.connection())
+            self._executor, lambda: self._call(fn)
         )
 
     def close(self) -> None:

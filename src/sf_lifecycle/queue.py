@@ -18,7 +18,9 @@ committed all of them. Stopped by the deadline, the `.draining` file simply stay
 Recovery: for every other token with segment files, try its lock without blocking. Winning the
 lock proves the owner is dead (the owner takes it before creating any segment and keeps it), and
 makes this process the only one delivering those files; losing means a live owner or another
-recoverer has them, so they are skipped, and nobody ever waits. Recovery runs at start-up (retried
+recoverer has them, so they are skipped, and nobody ever waits. The idempotency keys in skipped
+files are read and kept in memory until the files are gone (`held_key`), so a keyed retry gets
+its first id whoever delivers the record. Recovery runs at start-up (retried
 until it succeeds; keyed writes wait for it) and then every `orphan_sweep_ms`, so the files of a
 peer that dies later are delivered without a restart. A `.lock` name that is not a regular file
 is never opened through: that token is skipped with an error naming it.
@@ -52,7 +54,13 @@ from . import _crashpoints as _cp
 from ._background import stops_task
 from ._errors import BudgetExceeded, DiskWriteError, NotReady, QueueError
 from ._framing import encode, scan
-from ._statefiles import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, open_state_dir, state_subdir
+from ._statefiles import (
+    DEFAULT_DIR_MODE,
+    DEFAULT_FILE_MODE,
+    open_state_dir,
+    refuse_link,
+    state_subdir,
+)
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -155,7 +163,7 @@ def _new_token() -> str:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -271,10 +279,13 @@ def _segments(directory: Path) -> dict[str, list[tuple[int, str, Path]]]:
     """token -> [(seq, kind, path)] sorted by seq; lock-only tokens map to []."""
     out: dict[str, list[tuple[int, str, Path]]] = {}
     try:
-        os.close(open_state_dir(directory.parent, directory.name, None))  # UnsafePath: a link
-        names = os.listdir(directory)
+        fd = open_state_dir(directory.parent, directory.name, None)  # UnsafePath: a link
     except FileNotFoundError:
         return out
+    try:
+        names = os.listdir(fd)  # the folder just checked, whatever its name points to now
+    finally:
+        os.close(fd)
     for name in names:
         m = _SEG_RE.match(name)
         if m is not None:
@@ -286,6 +297,69 @@ def _segments(directory: Path) -> dict[str, list[tuple[int, str, Path]]]:
     for files in out.values():
         files.sort()
     return out
+
+
+#: A file's identity for the held-key cache: (inode, size); a file that grew is read again.
+_Sig = tuple[int, int]
+#: Idempotency key -> (body hash, record id), as stored in a record's envelope.
+_Keys = dict[str, tuple[str, str]]
+
+
+def _keys_in(records: Sequence[Record]) -> _Keys:
+    return {
+        r["key"]: (r["sha"], r["id"])
+        for r in records
+        if isinstance(r.get("key"), str) and isinstance(r.get("sha"), str)
+    }
+
+
+def _read_held(
+    directory: Path, token: str, known: Mapping[str, _Sig]
+) -> dict[str, tuple[_Sig, _Keys] | None]:
+    """The idempotency keys in the files of `token` (worker thread): name -> (sig, keys), or
+    None for a file whose sig is in `known` (unchanged, not read again).
+
+    A file that vanishes between the listing and the read was delivered (its keys are in the
+    index: listeners run before the unlink) or renamed by its live owner (`.log` to
+    `.draining`): the token is listed again so the renamed file is read too.
+
+    Raises:
+        OSError: a file could not be read (EIO...): its keys are unknown.
+    """
+    out: dict[str, tuple[_Sig, _Keys] | None] = {}
+    for _ in range(3):
+        vanished = False
+        for _, _, path in _segments(directory).get(token, []):
+            if path.name in out:
+                continue
+            try:
+                st = os.stat(path, follow_symlinks=False)
+                sig = (st.st_ino, st.st_size)
+                if known.get(path.name) == sig:
+                    out[path.name] = None
+                    continue
+                loaded = _load(path)
+            except FileNotFoundError:
+                vanished = True
+                continue
+            except _NotASegment:
+                continue  # holds no record; the deliverer sets it aside
+            out[path.name] = (sig, _keys_in(loaded.records))
+        if not vanished:
+            break
+    return out
+
+
+def _count_entries(state_dir: Path, rel: str) -> int:
+    """Entries of `<state_dir>/<rel>` (0 when missing), listed without following a link."""
+    try:
+        fd = open_state_dir(state_dir, rel, None)
+    except FileNotFoundError:
+        return 0
+    try:
+        return len(os.listdir(fd))
+    finally:
+        os.close(fd)
 
 
 class _LockRefused(Exception):
@@ -450,6 +524,10 @@ class FeedbackQueue:
         self._skips_logged: set[str] = set()
         #: Outcome of the last periodic orphan sweep, shown in the ready body.
         self.sweep: dict[str, Any] = {"runs": 0}
+        #: Keys of the records in other tokens' files that this process cannot deliver itself
+        #: (a live owner, another recoverer, a refused lock): file name -> (sig, keys). Kept
+        #: until the file is gone, i.e. delivered and indexed (see `held_key`).
+        self._held: dict[str, tuple[_Sig, _Keys]] = {}
         #: Failures of the background drainer since its last good drain, shown in the ready body.
         self.drainer: dict[str, Any] = {"failures": 0}
 
@@ -708,6 +786,9 @@ class FeedbackQueue:
             logger.error("cannot read %s (%s); left on disk for the next attempt", path, exc)
             return False
         records = loaded.records
+        if not path.name.startswith(self.token):
+            # An orphan this process delivers: a keyed retry meanwhile gets the record's id.
+            self._held[path.name] = ((-1, loaded.size), _keys_in(records))
         step = self.batch_records
         for start in range(0, len(records), step):
             batch = records[start : start + step]
@@ -817,6 +898,9 @@ class FeedbackQueue:
             began = time.monotonic()
             result = DrainResult()
             tokens = await asyncio.to_thread(_segments, self.dir)
+            present = {p.name for files in tokens.values() for _, _, p in files}
+            # A file that is gone was delivered, and its keys indexed, before it was removed.
+            self._held = {n: v for n, v in self._held.items() if n in present}
             candidates = {t: f for t, f in tokens.items() if t != self.token and f}
             self._orphaned = sum(len(f) for f in candidates.values())
             done_files = 0
@@ -839,6 +923,8 @@ class FeedbackQueue:
                             self.dir / name,
                             exc,
                         )
+                    if not await self._hold_keys(token, result):
+                        result.files_left += len(listed)
                     continue
                 except OSError as exc:
                     logger.error(
@@ -851,8 +937,12 @@ class FeedbackQueue:
                     result.files_left += len(listed)
                     continue
                 if claimed is None:
+                    # A live owner, or another recoverer (`queue recover`, a peer's sweep): the
+                    # lock cannot tell which. Their keys are honoured from the files meanwhile.
                     self._orphaned -= len(listed)
-                    continue  # a live owner, or another recoverer, has it
+                    if not await self._hold_keys(token, result):
+                        result.files_left += len(listed)
+                    continue
                 self._skips_logged.discard(name)
                 lock, files = claimed
                 try:
@@ -909,6 +999,42 @@ class FeedbackQueue:
                     "" if result.complete else "; the rest is left for the next attempt",
                 )
             return result
+
+    async def _hold_keys(self, token: str, result: DrainResult) -> bool:
+        """Remember the idempotency keys in `token`'s files, which someone else holds.
+
+        A keyed retry must find its first record's id even while that record sits in a file
+        this process may not deliver: read the keys (a file only grows or goes away) and keep
+        them until the file is gone. False (and `result` incomplete) when a file is unreadable.
+        """
+        known = {name: sig for name, (sig, _) in self._held.items()}
+        try:
+            found = await asyncio.to_thread(_read_held, self.dir, token, known)
+        except OSError as exc:
+            logger.error(
+                "cannot read the idempotency keys of %s's files (%s); retried later",
+                token,
+                _why(exc),
+            )
+            result.complete = False
+            return False
+        for name, value in found.items():
+            if value is not None:
+                self._held[name] = value
+        return True
+
+    def held_key(self, key: str) -> tuple[str, str] | None:
+        """`(body hash, record id)` of `key` in another process's undelivered files, if seen.
+
+        Those are the files recovery found locked by someone else (a live owner or another
+        recoverer) or behind a refused lock, and the orphans this process is delivering; once
+        a file is gone its keys are in the idempotency index.
+        """
+        for _, keys in self._held.values():
+            found = keys.get(key)
+            if found is not None:
+                return found
+        return None
 
     def _claim(self, token: str) -> tuple[_Flock, list[Path]] | None:
         lock = _try_lock(self.dir / f"{token}.lock", self.file_mode)
@@ -1000,10 +1126,7 @@ class FeedbackQueue:
         """
         try:
             own = _segments(self.dir).get(self.token, [])
-            try:
-                quarantined = len(os.listdir(self.quarantine_dir))
-            except FileNotFoundError:
-                quarantined = 0
+            quarantined = _count_entries(self.state_dir, "feedback/quarantine")
         except OSError as exc:
             raise NotReady(f"cannot list the queue directory: {_why(exc)}") from None
         return QueueStats(
@@ -1176,13 +1299,44 @@ def installed_queues(state_dir: str | os.PathLike[str] | None = None) -> list[Fe
     return [q for q in found if q.state_dir.resolve() == want]
 
 
+def _probe_lock(path: Path) -> str:
+    """`"alive"`, `"dead"` or `"blocked"` for a token's lock, without creating or writing it.
+
+    Read-only (a shared, non-blocking flock on an `O_RDONLY` descriptor): `queue status` works
+    on a read-only volume and leaves the state directory as it found it. A missing lock file
+    means a dead owner (an owner takes its lock before its first segment and keeps it).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "dead"
+    except OSError:
+        return "blocked"  # a link (ELOOP), or unreadable: recovery could not take it either
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "blocked"
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "alive"
+    finally:
+        os.close(fd)  # also drops the shared lock
+    return "dead"
+
+
 def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Offline census of a state directory for `sf-lifecycle queue status`.
 
     Counts records by reading every segment; a token whose lock is free is reported orphaned
-    (the probe takes and drops the lock at once, without waiting).
+    (probed read-only, without waiting). Nothing is created or written, and no link under the
+    state directory is followed.
+
+    Raises:
+        UnsafePath: `feedback`, `feedback/quarantine` or `feedback.sqlite3` (or its `-wal`,
+            `-shm`, `-journal`) is a link or of the wrong type.
+        sqlite3.DatabaseError: `feedback.sqlite3` is not a readable database.
     """
-    directory = Path(state_dir) / "feedback"
+    state = Path(state_dir)
+    directory = state / "feedback"
     out: dict[str, Any] = {
         "queued": 0,
         "draining": 0,
@@ -1196,14 +1350,7 @@ def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
     for token, files in _segments(directory).items():
         if not files:
             continue
-        blocked = False
-        try:
-            lock = _try_lock(directory / f"{token}.lock")
-        except (_LockRefused, OSError):  # a lock name that is not a file: recovery skips these
-            lock, blocked = None, True
-        alive = lock is None
-        if lock is not None:
-            lock.release()
+        owner = _probe_lock(directory / f"{token}.lock")
         for _, kind, path in files:
             try:
                 loaded = _load(path)
@@ -1211,19 +1358,20 @@ def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
                 continue
             n = len(loaded.records)
             out["damaged"] += len(loaded.problems)
-            if blocked:
+            if owner == "blocked":
                 out["blocked"] += n
                 out["files"]["blocked"] += 1
-            elif not alive:
+            elif owner == "dead":
                 out["orphaned"] += n
                 out["files"]["orphaned"] += 1
             else:
                 out["queued" if kind == "log" else "draining"] += n
                 out["files"]["live"] += 1
-    with contextlib.suppress(FileNotFoundError):
-        out["quarantined"] = out["files"]["quarantined"] = len(os.listdir(directory / "quarantine"))
-    db = Path(state_dir) / "feedback.sqlite3"
-    if db.exists():
+    out["quarantined"] = out["files"]["quarantined"] = _count_entries(state, "feedback/quarantine")
+    db = state / "feedback.sqlite3"
+    for name in (db.name, *(db.name + x for x in ("-wal", "-shm", "-journal"))):
+        refuse_link(db.with_name(name))  # never opened through a link (the server refuses too)
+    if os.path.lexists(db):
         from .sink import count_records
 
         out["delivered"] = count_records(db)

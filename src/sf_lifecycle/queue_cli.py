@@ -11,14 +11,23 @@ progress line on stderr, and records each delivered `Idempotency-Key` in the ide
 `SF_STATE_DIR` set to `--state-dir` unless already set) and uses the queue the app installed on
 that directory: the app's own sink and delivery listeners. It is safe while servers run on the
 same directory (live owners' files are never touched).
+
+Both refuse a state directory they cannot safely use with one line on stderr (with `--json`,
+a JSON object with an `"error"` field on stdout) and exit code 2: no `feedback` folder, a
+link or a file where a folder belongs (`feedback`, `feedback/quarantine`), a link in place of
+`feedback.sqlite3` (or its `-wal`, `-shm`, `-journal`), or a `feedback.sqlite3` that is not a
+readable database. `status` only reads: it creates no file and probes locks read-only, so it
+works on a read-only volume.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -53,14 +62,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Refused(Exception):
+    """The state directory cannot be used as it is; the message says what to fix."""
+
+
+def _check_state_dir(state_dir: Path, *, sink: bool) -> None:
+    """The checks a server makes, without creating anything; `_Refused` naming the problem."""
+    from ._errors import UnsafePath
+    from ._statefiles import open_state_dir, refuse_link
+    from .sink import count_records
+
+    try:
+        os.close(open_state_dir(state_dir, "feedback", None))
+        with contextlib.suppress(FileNotFoundError):
+            os.close(open_state_dir(state_dir, "feedback/quarantine", None))
+        if sink:
+            db = state_dir / "feedback.sqlite3"
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                refuse_link(db.with_name(db.name + suffix))
+            if os.path.lexists(db):
+                try:
+                    count_records(db)
+                except sqlite3.DatabaseError as exc:
+                    raise _Refused(
+                        f"{db} is not a readable SQLite database ({exc}); move it aside"
+                    ) from None
+    except FileNotFoundError:
+        raise _Refused(f"no feedback queue under {state_dir}") from None
+    except NotADirectoryError:
+        raise _Refused(f"{state_dir} is not a folder") from None
+    except UnsafePath as exc:
+        raise _Refused(f"{state_dir}: {exc.strerror or exc}") from None
+    except OSError as exc:
+        raise _Refused(f"{state_dir}: {exc}") from None
+
+
+def _refuse(message: str, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"error": message}))
+    print(f"sf-lifecycle: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run `queue status` or `queue recover`; returns the exit code."""
+    """Run `queue status` or `queue recover`; returns the exit code (2: refused state dir)."""
     state_dir: Path = args.state_dir
-    if not (state_dir / "feedback").is_dir():
-        print(f"sf-lifecycle: no feedback queue under {state_dir}", file=sys.stderr)
-        return 2
+    as_json = args.queue_command == "status" and args.json
+    try:
+        _check_state_dir(state_dir, sink=args.queue_command == "status" or not args.app)
+    except _Refused as exc:
+        return _refuse(str(exc), as_json)
     if args.queue_command == "status":
-        return _status(state_dir, args.json)
+        try:
+            return _status(state_dir, args.json)
+        except (OSError, sqlite3.DatabaseError) as exc:  # changed since the check
+            return _refuse(f"{state_dir}: {exc}", as_json)
     if args.app:
         return _recover_app(state_dir, args.app)
     return asyncio.run(_recover(state_dir))
@@ -125,7 +181,9 @@ async def _recover(state_dir: Path) -> int:
     queue.sink = sink
     queue.on_close(sink.close)
     # What the server's feedback_routes does: a retried key finds its original id afterwards.
-    index = IdempotencyIndex(queue.dir / "idempotency.sqlite3", file_mode=queue.file_mode)
+    index = IdempotencyIndex(
+        queue.dir / "idempotency.sqlite3", file_mode=queue.file_mode, state_dir=state_dir
+    )
     queue.add_delivery_listener(index.record_delivered)
     queue.on_close(index.close)
     return await _recover_with(queue)

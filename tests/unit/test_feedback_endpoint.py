@@ -250,21 +250,142 @@ async def test_idempotency_key_of_a_crashed_process_is_indexed_by_recovery(
         first.sink.close()
 
 
-async def test_503_not_500_when_the_idempotency_index_cannot_be_read(tmp_path: Path) -> None:
-    """An unreadable index (here: not a SQLite file) answers 503 JSON naming no path."""
-    (tmp_path / "feedback").mkdir()
-    (tmp_path / "feedback" / "idempotency.sqlite3").write_bytes(b"not a database " * 200)
-    a = App(tmp_path)
+async def test_503_not_500_and_not_ready_while_the_idempotency_index_cannot_be_used(
+    tmp_path: Path,
+) -> None:
+    """An index that cannot be opened (a folder in its place) answers 503 JSON naming no path,
+    and `/api/ready` is not 200 meanwhile: keyed writes are failing for a local reason."""
+    from sf_lifecycle.lifecycle import Lifecycle
+
+    (tmp_path / "feedback" / "idempotency.sqlite3").mkdir(parents=True)
+    cfg = Settings(state_dir=tmp_path)
+    lifecycle = Lifecycle(cfg)
+    queue = FeedbackQueue(tmp_path, settings=cfg)
+    queue.install(lifecycle)
+    app = lifecycle.install(Starlette(routes=feedback_routes(queue, lifecycle)))
+    await lifecycle.startup()
     try:
-        r = await a.post({"x": 1}, {"idempotency-key": "k-bad-index", **JSON})
-        assert r.status_code == 503
-        assert r.json()["error"] == "idempotency_unavailable"
-        assert str(tmp_path) not in r.text
-        r = await a.post({"x": 1})  # unkeyed writes do not need the index
-        assert r.status_code == 202
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            for _ in range(200):
+                if not queue.recovering:
+                    break
+                await asyncio.sleep(0.02)
+            r = await c.post("/api/feedback", json={"x": 1}, headers={"idempotency-key": "k"})
+            assert r.status_code == 503
+            assert r.json()["error"] == "idempotency_unavailable"
+            assert str(tmp_path) not in r.text
+            assert (await c.post("/api/feedback", json={"x": 1})).status_code == 202
+            ok, body = await lifecycle.readiness()
+            assert not ok
+            assert body["checks"]["idempotency-index"]["ok"] is False, body
+            assert str(tmp_path) not in json.dumps(body)
+            (tmp_path / "feedback" / "idempotency.sqlite3").rmdir()  # the operator's fix
+            ok, body = await lifecycle.readiness()
+            assert ok, body
+            r = await c.post("/api/feedback", json={"x": 1}, headers={"idempotency-key": "k"})
+            assert r.status_code == 202
     finally:
-        a.queue.sink = a.sink
-        await a.queue.close()
-        a.index.close()
-        a.sink.close()
-        await a.client.aclose()
+        await lifecycle.shutdown()
+
+
+async def test_a_damaged_idempotency_index_is_quarantined_and_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage where the index belongs, and a keyed orphan that needs the index to be
+    delivered: the file is moved to `feedback/quarantine/` (same bytes, logged with the
+    reason), an empty index replaces it, recovery completes, the replica becomes ready, and
+    the key is recorded again."""
+    from sf_lifecycle.lifecycle import Lifecycle
+
+    first = App(tmp_path)
+    rid = (await first.post({"x": 1}, {"idempotency-key": "k-orphan", **JSON})).json()["id"]
+    first.queue._lock.release()  # the process dies before any drain
+    first.queue._closed = True
+    await first.client.aclose()
+    first.index.close()
+    first.sink.close()
+    index_path = tmp_path / "feedback" / "idempotency.sqlite3"
+    for side in ("-wal", "-shm"):
+        index_path.with_name(index_path.name + side).unlink(missing_ok=True)
+    garbage = b"not a database " * 200
+    index_path.write_bytes(garbage)
+    cfg = Settings(state_dir=tmp_path)
+    lifecycle = Lifecycle(cfg)
+    queue = FeedbackQueue(tmp_path, settings=cfg)
+    queue.install(lifecycle)
+    app = lifecycle.install(Starlette(routes=feedback_routes(queue, lifecycle)))
+    await lifecycle.startup()
+    try:
+        for _ in range(250):
+            ok, body = await lifecycle.readiness()
+            if ok:
+                break
+            await asyncio.sleep(0.02)
+        assert ok, body
+        quarantined = [
+            p
+            for p in (tmp_path / "feedback" / "quarantine").iterdir()
+            if p.name.startswith("idempotency.sqlite3.")
+        ]
+        assert [p.read_bytes() for p in quarantined] == [garbage]
+        assert "idempotency.sqlite3 is damaged (file is not a database)" in caplog.text
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            r = await c.post(
+                "/api/feedback", json={"x": 1}, headers={"idempotency-key": "k-orphan"}
+            )
+            assert (r.status_code, r.json()["id"]) == (202, rid)
+            r = await c.post("/api/feedback", json={"y": 1}, headers={"idempotency-key": "k-new"})
+            assert r.status_code == 202
+    finally:
+        await lifecycle.shutdown()
+    sink = SqliteSink(tmp_path / "feedback.sqlite3")
+    assert rid in await sink.ids()
+    assert len(await sink.ids()) == 2
+    sink.close()
+
+
+async def test_an_expired_key_is_forgotten_and_purged_in_bounded_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-lived index: a key past its TTL is not found any more, and expired rows are
+    deleted while the index stays open, at most `PURGE_BATCH` per purge."""
+    import sqlite3
+    import time
+
+    from sf_lifecycle import feedback as feedback_mod
+
+    monkeypatch.setattr(feedback_mod, "PURGE_BATCH", 3)
+    path = tmp_path / "idem.sqlite3"
+    index = IdempotencyIndex(path, ttl_s=1, purge_interval_s=0)
+
+    def rows() -> list[str]:
+        conn = sqlite3.connect(path)
+        try:
+            return sorted(k for (k,) in conn.execute("SELECT key FROM idempotency"))
+        finally:
+            conn.close()
+
+    try:
+        now = time.time_ns() // 1_000_000
+        old = [{"key": f"old{i}", "id": "a" * 32, "sha": "s", "ts": now - 5000} for i in range(5)]
+        await index.record_delivered(old)  # purges 3 of the 5 expired rows on its way out
+        assert rows() == ["old3", "old4"]
+        await index.record_delivered([{"key": "K", "id": "b" * 32, "sha": "s", "ts": now}])
+        assert rows() == ["K"]  # a full batch: the next call purged the rest
+        assert (await index.lookup("K")) is not None
+        await asyncio.sleep(1.2)
+        assert await index.lookup("K") is None  # expired, in the same process
+        assert rows() == []  # and purged by that call
+        # A key used again after it expired maps to its new record.
+        await index.record_delivered(
+            [{"key": "K", "id": "c" * 32, "sha": "t", "ts": time.time_ns() // 1_000_000}]
+        )
+        found = await index.lookup("K")
+        assert found is not None
+        assert (found.id, found.sha) == ("c" * 32, "t")
+    finally:
+        index.close()

@@ -705,3 +705,79 @@ async def test_a_file_that_cannot_be_quarantined_is_kept_and_retried(tmp_path: P
     assert not seg.exists()
     assert os.listdir(rescuer.quarantine_dir) == [seg.name]
     await rescuer.close()
+
+
+@pytest.mark.parametrize("holder", ["recoverer", "directory lock"])
+async def test_a_keyed_retry_gets_its_id_while_someone_else_holds_the_orphan(
+    tmp_path: Path, holder: str
+) -> None:
+    """Start-up recovery cannot claim a dead owner's file: another process is delivering it
+    (`queue recover` with a slow sink, a peer's sweep), or its `.lock` is a directory. The
+    keyed retry still gets the original id, and the sink ends with one record for the key.
+
+    Steps: keyed POST, the process dies; the lock is held elsewhere (or spoiled); a new
+    replica starts and becomes ready; retry the key (202, same id, replayed); the holder goes
+    away, the sweep delivers the file; retry again; one delivery of one id.
+    """
+    import fcntl
+
+    import httpx
+    from starlette.applications import Starlette
+
+    from sf_lifecycle.feedback import IdempotencyIndex, feedback_routes
+
+    first = FeedbackQueue(tmp_path)
+    index = IdempotencyIndex(first.dir / "idempotency.sqlite3")
+    first.add_delivery_listener(index.record_delivered)
+    app1 = Starlette(routes=feedback_routes(first, Settings(state_dir=tmp_path), index=index))
+    key = {"idempotency-key": "k-held"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app1), base_url="http://t") as c:
+        r = await c.post("/api/feedback", json={"pay": 1}, headers=key)
+    assert r.status_code == 202
+    rid = r.json()["id"]
+    die(first)
+    index.close()
+    lock = first.dir / f"{first.token}.lock"
+    held_fd = None
+    if holder == "recoverer":  # what a recoverer in another process holds while it delivers
+        held_fd = os.open(lock, os.O_RDWR)
+        fcntl.flock(held_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:
+        lock.unlink()
+        lock.mkdir()
+    cfg = Settings(state_dir=tmp_path, orphan_sweep_ms=100, drain_interval_ms=20)
+    lifecycle = Lifecycle(cfg)
+    sink = ListSink()
+    q = FeedbackQueue(tmp_path, settings=cfg)
+    q.install(lifecycle, sink)
+    app2 = lifecycle.install(Starlette(routes=feedback_routes(q, lifecycle)))
+    await lifecycle.startup()
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app2), base_url="http://t"
+        ) as c:
+            for _ in range(300):
+                ok, body = await lifecycle.readiness()
+                if ok:
+                    break
+                await asyncio.sleep(0.02)
+            assert ok, body
+            assert sink.deliveries == Counter()  # the file is not this replica's to deliver
+            r = await c.post("/api/feedback", json={"pay": 1}, headers=key)
+            assert (r.status_code, r.json()["id"]) == (202, rid), r.text
+            assert r.headers["idempotent-replayed"] == "true"
+            r = await c.post("/api/feedback", json={"pay": 2}, headers=key)
+            assert r.status_code == 422  # another body under the same key
+            if held_fd is not None:
+                os.close(held_fd)  # the recoverer died: the sweep takes the file over
+            else:
+                lock.rmdir()  # the operator moved the bad entry away
+            for _ in range(300):
+                if rid in sink.deliveries:
+                    break
+                await asyncio.sleep(0.02)
+            r = await c.post("/api/feedback", json={"pay": 1}, headers=key)
+            assert (r.status_code, r.json()["id"]) == (202, rid), r.text
+    finally:
+        await lifecycle.shutdown()
+    assert sink.deliveries == Counter({rid: 1})

@@ -1,0 +1,107 @@
+"""`sf-lifecycle queue status|recover`: refusals are one line and exit 2; status only reads."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sf_lifecycle import queue_cli
+from sf_lifecycle.queue import FeedbackQueue
+
+from .test_queue import die
+
+
+def run(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    queue_cli.add_arguments(parser)
+    return queue_cli.run(parser.parse_args(argv))
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _other_db(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE feedback (id)")
+    conn.execute("INSERT INTO feedback VALUES (1)")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("case", ["feedback link", "damaged sink", "sink link", "no queue"])
+@pytest.mark.parametrize("command", ["status", "status --json", "recover"])
+def test_a_refused_state_dir_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, command: str
+) -> None:
+    """Nothing is followed or created outside: a linked `feedback.sqlite3` gets no `-wal` or
+    `-shm` beside its target."""
+    state, elsewhere = tmp_path / "state", tmp_path / "elsewhere"
+    state.mkdir()
+    elsewhere.mkdir()
+    if case == "feedback link":
+        (state / "feedback").symlink_to(elsewhere)
+    else:
+        (state / "feedback").mkdir()
+    if case == "damaged sink":
+        (state / "feedback.sqlite3").write_bytes(b"junk\n" * 100)
+    elif case == "sink link":
+        _other_db(elsewhere / "x.sqlite3")
+        (state / "feedback.sqlite3").symlink_to(elsewhere / "x.sqlite3")
+    elif case == "no queue":
+        (state / "feedback").rmdir()
+    before = listing(elsewhere)
+    assert run(*command.split(), "--state-dir", str(state)) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    [line] = err.splitlines()
+    assert line.startswith("sf-lifecycle: ")
+    expect = {
+        "feedback link": "'feedback' in the state directory is a symbolic link",
+        "damaged sink": "feedback.sqlite3 is not a readable SQLite database",
+        "sink link": "feedback.sqlite3 is a symbolic link",
+        "no queue": "no feedback queue under",
+    }[case]
+    assert expect in line
+    if command == "status --json":
+        assert expect in json.loads(out)["error"]
+    else:
+        assert out == ""
+    assert listing(elsewhere) == before
+
+
+async def test_status_only_reads_and_works_with_read_only_locks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lock file that cannot be opened for writing (as on a read-only volume; here made
+    immutable) is still probed: live and dead owners are told apart, nothing is "blocked",
+    and status creates nothing (not even a missing lock file)."""
+    dead = FeedbackQueue(tmp_path)
+    for i in range(3):
+        await dead.append({"i": i})
+    die(dead)
+    gone = FeedbackQueue(tmp_path)
+    await gone.append({"g": 1})
+    die(gone)
+    (gone.dir / f"{gone.token}.lock").unlink()  # an owner whose lock file was removed
+    live = FeedbackQueue(tmp_path)
+    await live.append({"live": 1})
+    locks = [str(q.dir / f"{q.token}.lock") for q in (dead, live)]
+    before = listing(tmp_path)
+    await asyncio.to_thread(subprocess.run, ["chattr", "+i", *locks], check=True)
+    try:
+        code = await asyncio.to_thread(run, "status", "--state-dir", str(tmp_path), "--json")
+    finally:
+        await asyncio.to_thread(subprocess.run, ["chattr", "-i", *locks], check=True)
+    assert code == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["orphaned"], status["queued"], status["blocked"]) == (4, 1, 0), status
+    assert listing(tmp_path) == before
+    await live.close()
