@@ -315,7 +315,12 @@ class FileEventLog:
         if self._stale(s):
             async with s.alock:
                 if self._stale(s):
-                    await asyncio.to_thread(self._refresh_locked, s)
+                    try:
+                        await asyncio.to_thread(self._refresh_locked, s)
+                    except UnsafePath:
+                        raise
+                    except OSError as exc:  # a stream must not die: serve what is known
+                        logger.error("session %s: cannot refresh: %s", s.name, exc)
         return self._select(s.view, last_id, position, _now_ms())
 
     async def wait(self, session: str, last_id: str | None, timeout_s: float) -> bool:
@@ -488,21 +493,15 @@ class FileEventLog:
         """The cross-process lock of a session (`flock` on `<session>.lock`, the lock the
         `filelock` package takes too). Re-entrant; the caller holds `s.mutex`."""
         if s.lock_depth == 0:
-            try:
-                fd = os.open(s.lock_name, _LOCK_FLAGS, self.file_mode, dir_fd=dfd)
-            except OSError as exc:
-                if exc.errno != errno.ELOOP:
-                    raise
+            for _ in range(3):
+                fd = self._open_regular(s.lock_name, _LOCK_FLAGS, dfd)
+                if fd is not None:
+                    break
+            else:
                 raise UnsafePath(
-                    errno.ELOOP,
-                    f"'sessions/{s.lock_name}' is a symbolic link; refusing to use it "
-                    "(remove it: the service recreates the lock file)",
-                ) from None
+                    errno.EINVAL, f"'sessions/{s.lock_name}' keeps changing; not a regular file"
+                )
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise UnsafePath(
-                        errno.EINVAL, f"'sessions/{s.lock_name}' is not a regular file"
-                    )
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except BaseException:
                 os.close(fd)
@@ -516,6 +515,30 @@ class FileEventLog:
             if s.lock_depth == 0 and s.lock_fd is not None:
                 fd, s.lock_fd = s.lock_fd, None
                 os.close(fd)  # releases the flock
+
+    def _open_regular(self, name: str, flags: int, dfd: int) -> int | None:
+        """Open `name` (created when `flags` say so) if it is a regular file; anything else
+        under that name (a link, folder, socket, FIFO, device) is moved aside and None is
+        returned, for the caller to try again."""
+        try:
+            fd = os.open(name, flags, self.file_mode, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV):
+                raise
+            _set_aside(dfd, name, None)
+            return None
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if stat.S_ISREG(st.st_mode):
+            return fd
+        try:
+            _set_aside(dfd, name, st)  # still open: its inode cannot be reused meanwhile
+        finally:
+            os.close(fd)
+        return None
 
     def _refresh_locked(self, s: _Session) -> None:
         with s.mutex, self._open_dir() as dfd:
@@ -535,25 +558,27 @@ class FileEventLog:
                 s.view, s.consumed, s.sig, s.header, s.loaded = _EMPTY, 0, None, b"", True
                 return
             except OSError as exc:
-                if exc.errno == errno.ELOOP:  # moved aside, never followed
-                    try:
-                        judged = os.stat(s.log_name, dir_fd=dfd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    reason = "a symbolic link (refused: the state directory holds no links)"
-                    if self._quarantine(s, dfd, judged, reason):
-                        return
+                # A link (ELOOP), a socket (ENXIO), a device: moved aside, never followed.
+                try:
+                    judged = os.stat(s.log_name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
                     continue
-                logger.error("session %s: cannot open %s: %s", s.name, s.path, exc)
-                s.loaded = True
-                return
-            with open(fd, "rb") as f:
+                if stat.S_ISREG(judged.st_mode):
+                    logger.error("session %s: cannot open %s: %s", s.name, s.path, exc)
+                    s.loaded = True
+                    return
+                if self._quarantine(s, dfd, judged, _kind(judged.st_mode)):
+                    return
+                continue
+            try:
+                # fstat before any read: a folder opens fine and fails only when read.
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
-                    reason = "not a regular file"
+                    reason = _kind(st.st_mode)
                 else:
                     try:
-                        self._read(s, f, st)
+                        with open(fd, "rb", closefd=False) as f:
+                            self._read(s, f, st)
                         return
                     except _Corrupt as exc:
                         reason = str(exc)
@@ -564,6 +589,8 @@ class FileEventLog:
                 # Still open here, so its inode number cannot be reused before the comparison.
                 if self._quarantine(s, dfd, st, reason):
                     return
+            finally:
+                os.close(fd)
         logger.error("session %s: %s keeps changing under the reader", s.name, s.path)
         s.loaded = True
 
@@ -762,8 +789,15 @@ class FileEventLog:
         for seq, ev in zip(view.seqs, view.events, strict=True):
             parts.append(f'{{"seq":{seq},"ts":{ev.ts_ms},"data":{ev.data_json}}}\n'.encode())
         blob = b"".join(parts)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(s.tmp_name, dir_fd=dfd)  # a crash's leftover or a planted link: removed
+        try:
+            leftover = os.stat(s.tmp_name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            if stat.S_ISREG(leftover.st_mode):
+                os.unlink(s.tmp_name, dir_fd=dfd)  # a crash's leftover (we hold the lock)
+            else:
+                _set_aside(dfd, s.tmp_name, leftover)  # planted: moved aside, never deleted
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
         fd = os.open(s.tmp_name, flags, self.file_mode, dir_fd=dfd)
         try:
@@ -803,6 +837,42 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
             break
         out += chunk
     return out
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link (refused: the state directory holds no links)"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a regular file"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO, not a regular file"
+    return "not a regular file"
+
+
+def _set_aside(dfd: int, name: str, judged: os.stat_result | None) -> None:
+    """Rename a non-regular entry `name` to `<name>.corrupt-<ms>`: never followed, never
+    deleted (an operator decides what it was). Only while the name still refers to `judged`
+    (when given) and is not a regular file; gone already is fine."""
+    try:
+        now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(now.st_mode):
+        return  # replaced by a good file meanwhile
+    if judged is not None and (now.st_dev, now.st_ino) != (judged.st_dev, judged.st_ino):
+        return
+    target = f"{name}.corrupt-{_now_ms()}"
+    n = 0
+    while _exists(target, dfd):
+        n += 1
+        target = f"{name}.corrupt-{_now_ms()}.{n}"
+    try:
+        os.rename(name, target, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except FileNotFoundError:
+        return
+    logger.error("sessions/%s is %s; moved aside to sessions/%s", name, _kind(now.st_mode), target)
 
 
 def _exists(name: str, dfd: int) -> bool:

@@ -139,12 +139,14 @@ async def test_session_files_are_never_read_or_written_through_links(
     ids = [await log.append("s", i) for i in range(6)]  # forces a compaction (temp + rename)
     assert [e.data for e in await log.read_after("s", None)][-1] == 5
     assert ids[-1].endswith("-6")
-    with pytest.raises(UnsafePath, match=r"'sessions/t\.lock' is a symbolic link"):
-        await log.append("t", 1)  # refused (503 over HTTP), the link's target untouched
+    assert (await log.append("t", 1)).endswith("-1")  # the link moved aside, not followed
     await log.aclose()
     assert await asyncio.to_thread(outside.read_text) == SECRET
     assert not (sessions / "s.log").is_symlink()
     assert [p.name for p in sessions.iterdir() if p.name.startswith("s.corrupt-")]
+    for planted in ("t.lock", "s.log.tmp"):  # never deleted: kept for an operator, as links
+        [aside] = [p for p in sessions.iterdir() if p.name.startswith(planted + ".corrupt-")]
+        assert aside.is_symlink()
 
 
 async def test_ids_cannot_name_paths(tmp_path: Path) -> None:

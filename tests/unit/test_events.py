@@ -312,3 +312,50 @@ async def test_a_reader_never_trusts_an_offset_after_compaction_reused_the_inode
     assert not [p.name for p in (tmp_path / "sessions").iterdir() if ".corrupt-" in p.name]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(inodes) == 1  # the seam worked: one inode number all along
+
+
+def _plant(path: Path, kind: str) -> None:
+    import socket
+
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link":
+        path.symlink_to(path.parent.parent / "outside")
+    else:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))
+
+
+@pytest.mark.parametrize(
+    ("suffix", "kind"),
+    [
+        (".log", "folder"),
+        (".log", "socket"),
+        (".lock", "folder"),
+        (".lock", "socket"),
+        (".lock", "link"),
+        (".log.tmp", "folder"),
+        (".log.tmp", "link"),
+    ],
+)
+async def test_a_non_regular_entry_under_a_session_name_is_moved_aside(
+    tmp_path: Path, suffix: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Publishing and reading work; the entry is renamed `<name>.corrupt-<ms>` (never followed,
+    never deleted) with an error log naming it."""
+    log = FileEventLog(tmp_path, retention_events=1)  # compaction writes the .log.tmp
+    sessions = tmp_path / "sessions"
+    (tmp_path / "outside").write_text("untouched")
+    _plant(sessions / f"s1{suffix}", kind)
+    ids = [await log.append("s1", {"i": i}) for i in range(3)]
+    assert [e.id for e in await log.read_after("s1", None)] == ids[-1:]
+    await log.aclose()
+    [aside] = [p for p in sessions.iterdir() if p.name.startswith(f"s1{suffix}.corrupt-")] or [
+        p for p in sessions.iterdir() if suffix == ".log" and p.name.startswith("s1.corrupt-")
+    ]
+    assert aside.is_symlink() if kind == "link" else aside.exists()
+    assert not aside.is_file() or aside.is_symlink()
+    assert aside.name in caplog.text
+    assert (tmp_path / "outside").read_text() == "untouched"

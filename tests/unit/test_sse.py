@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -264,9 +265,35 @@ async def test_bad_session_or_position_is_400(
 async def test_disk_error_on_publish_is_503(tmp_path: Path) -> None:
     async with running(tmp_path) as srv, client(srv) as c:
         await publish(c, "s", 1)
-        (tmp_path / "sessions" / "s.log").unlink()
-        (tmp_path / "sessions" / "s.log").mkdir()  # appending to a directory fails
-        r = await c.post(URL, params={"session": "s"}, json=2)
+        log = tmp_path / "sessions" / "s.log"
+        # Immutable: the write is refused (EPERM) even for root. (A folder in its place is
+        # moved aside, not an error.)
+        await asyncio.to_thread(subprocess.run, ["chattr", "+i", str(log)], check=True)
+        try:
+            r = await c.post(URL, params={"session": "s"}, json=2)
+        finally:
+            await asyncio.to_thread(subprocess.run, ["chattr", "-i", str(log)], check=True)
         assert r.status_code == 503
         assert r.headers["retry-after"] == "1"
         assert "disk" in r.json()["error"]
+
+
+async def test_a_folder_named_like_the_log_never_cuts_a_stream(tmp_path: Path) -> None:
+    """`sessions/<s>.log` is a folder: it is moved aside, the GET streams (no 500, no cut
+    stream), and publishing works."""
+    (tmp_path / "sessions" / "s1.log").mkdir(parents=True)
+    async with (
+        running(tmp_path) as srv,
+        client(srv) as c,
+        aconnect_sse(
+            c, "GET", URL, params={"session": "s1"}, headers={"Last-Event-ID": "1-1"}
+        ) as source,
+    ):
+        assert source.response.status_code == 200
+        events = source.aiter_sse()
+        (lost,) = await collect(events, 1)
+        assert json.loads(lost.data)["reason"] == "reset"
+        live = await publish(c, "s1", {"x": 1})
+        (event,) = await collect(events, 1)
+        assert event.id == live
+    assert [p for p in (tmp_path / "sessions").iterdir() if p.name.startswith("s1.corrupt-")]
