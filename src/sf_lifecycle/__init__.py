@@ -23,7 +23,14 @@ from .config import Settings
 from .health import HealthApp, health_routes
 from .lifecycle import Lifecycle
 from .middleware import LifecycleMiddleware
-from .runner import EXIT_BUDGET_EXCEEDED, EXIT_FORCED, EXIT_HOOK_FAILED, EXIT_OK, serve
+from .runner import (
+    EXIT_BUDGET_EXCEEDED,
+    EXIT_FORCED,
+    EXIT_HOOK_FAILED,
+    EXIT_OK,
+    EXIT_STARTUP_FAILED,
+    serve,
+)
 from .state import Phase, ShutdownState
 
 if TYPE_CHECKING:
@@ -70,6 +77,7 @@ __all__ = [
     "EXIT_FORCED",
     "EXIT_HOOK_FAILED",
     "EXIT_OK",
+    "EXIT_STARTUP_FAILED",
     "BudgetExceeded",
     "ConfigError",
     "DiskWriteError",

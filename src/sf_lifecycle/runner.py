@@ -15,7 +15,12 @@ runner changes the order:
 
 SIGINT does the same without the drain delay (a person at a terminal wants it gone); a second
 SIGINT exits at once with `EXIT_FORCED`. A repeated SIGTERM is logged and ignored: orchestrators
-resend it, and restarting the drain would only delay the exit.
+resend it, and restarting the drain would only delay the exit. Under the CLI these handlers stay
+installed until the process is gone, through asyncio's and the interpreter's teardown.
+
+A signal before the server listens (the application's start-up still running) has nothing to
+drain: nothing was accepted. The start-up is abandoned and the process exits at once with
+`EXIT_STARTUP_FAILED`, as when the start-up fails.
 
 The budget is a hard ceiling on the process's life, not a hope: from the first signal a
 watchdog thread (`_watchdog`) ends the process at the deadline plus `HARD_SLACK_S`, whatever
@@ -37,6 +42,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.lifespan.on import LifespanOn
 
 from ._watchdog import Watchdog
 from .config import Settings
@@ -48,6 +54,7 @@ __all__ = [
     "EXIT_FORCED",
     "EXIT_HOOK_FAILED",
     "EXIT_OK",
+    "EXIT_STARTUP_FAILED",
     "LifecycleServer",
     "serve",
 ]
@@ -55,6 +62,9 @@ __all__ = [
 logger = logging.getLogger("sf_lifecycle.runner")
 
 EXIT_OK = 0
+#: The server never listened: the application's start-up failed, its port could not be bound,
+#: or SIGTERM/SIGINT came before the start-up finished (nothing was accepted, nothing to drain).
+EXIT_STARTUP_FAILED = 3
 #: The grace budget ran out before in-flight requests or shutdown hooks finished.
 EXIT_BUDGET_EXCEEDED = 4
 #: A shutdown hook raised (any exception, `CancelledError` and `SystemExit` included); the
@@ -73,21 +83,38 @@ TEARDOWN_S = 2.0
 _UVICORN_CLOSE_PAUSE_S = 0.1
 
 
+class _Demoted(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Logs everything at debug level (what an abandoned start-up says as it is cancelled)."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(logging.DEBUG, msg, *args, **kwargs)
+
+
 class LifecycleServer(uvicorn.Server):
     """A `uvicorn.Server` whose signal handling drains before it closes the listeners."""
 
     def __init__(
-        self, config: uvicorn.Config, lifecycle: Lifecycle, watchdog: Watchdog | None = None
+        self,
+        config: uvicorn.Config,
+        lifecycle: Lifecycle,
+        watchdog: Watchdog | None = None,
+        *,
+        hold_signals: bool = False,
     ) -> None:
         super().__init__(config)
         self.lifecycle = lifecycle
         self.exit_code = EXIT_OK
         self.watchdog = watchdog
+        #: Keep SIGTERM/SIGINT handled after serving (the process ends right after `run`).
+        self.hold_signals = hold_signals
         self._loop: asyncio.AbstractEventLoop | None = None
         self._signal_at: float | None = None
         self._first_signal_at: float | None = None
         self._skip_delay = False
         self._interrupts = 0
+        #: The task running the start-up, while it runs (a signal then cancels it).
+        self._starting: asyncio.Task[Any] | None = None
+        self._startup_interrupted = False
 
     # -- signals ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -101,10 +128,46 @@ class LifecycleServer(uvicorn.Server):
         try:
             yield
         finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
+            if self.hold_signals:
+                # What is left (cancelling tasks, joining the executor's threads, the
+                # interpreter joining threads a sink left) is bounded by the watchdog; the
+                # default handlers would let a resent SIGTERM kill the process by signal, or a
+                # SIGINT raise KeyboardInterrupt into the teardown and exit 0.
+                self._bound_teardown()
+                for sig in handled:
+                    signal.signal(sig, self._signal_after_serving)
+            else:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
         # Unlike uvicorn, the captured signal is not raised again on the way out: the process
         # exits with a code that says how the shutdown went.
+
+    def _signal_after_serving(self, sig: int, frame: FrameType | None) -> None:
+        # The loop is gone or going: touch only the watchdog (lock-free). The exit code is
+        # decided and the watchdog bounds the rest; only a second SIGINT changes it.
+        if sig == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts >= 2 and self.watchdog is not None:
+                self.watchdog.arm(
+                    time.monotonic(),
+                    EXIT_FORCED,
+                    "second SIGINT: exiting now, without waiting for the rest of the teardown",
+                )
+
+    def _bound_teardown(self) -> None:
+        """The exit code is decided: the rest gets `TEARDOWN_S`, never more than planned."""
+        if self.watchdog is None:
+            return
+        plan = self.watchdog.plan
+        if plan is not None and plan[1] == EXIT_FORCED:
+            return  # a second SIGINT: already at once
+        at = time.monotonic() + TEARDOWN_S
+        self.watchdog.arm(
+            at if plan is None else min(at, plan[0]),
+            self.exit_code,
+            f"exit {self.exit_code} decided but the process did not end (a thread a sink "
+            "or hook started is still running); not waiting for it",
+        )
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs between two bytecodes of the main thread, possibly while the loop holds a lock
@@ -116,7 +179,16 @@ class LifecycleServer(uvicorn.Server):
         wd = self.watchdog
         if self._first_signal_at is None:
             self._first_signal_at = now
-            if wd is not None:
+            if wd is not None and not self.started:
+                # Nothing served yet: the start-up is abandoned (`_on_signal`); should the loop
+                # be blocked in it, the process ends anyway, shortly.
+                wd.arm(
+                    now + TEARDOWN_S,
+                    EXIT_STARTUP_FAILED,
+                    f"{signal.Signals(sig).name} during start-up and the start-up did not stop "
+                    "(a blocked loop?); nothing was served",
+                )
+            elif wd is not None:
                 wd.arm(
                     now + self.lifecycle.settings.grace_ms / 1000 + HARD_SLACK_S,
                     EXIT_BUDGET_EXCEEDED,
@@ -140,6 +212,11 @@ class LifecycleServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self._on_signal, signal.Signals(sig), now)
 
     def _on_signal(self, sig: signal.Signals, now: float) -> None:
+        if self._signal_at is None and not self.started and self._starting is not None:
+            self._interrupt_startup(sig, now)
+            return
+        if self._startup_interrupted:
+            return  # the start-up is being abandoned; the watchdog bounds it
         if self._signal_at is not None:
             if sig == signal.SIGINT and self._interrupts >= 2:
                 # The watchdog exits at once; without one (not the main thread) stop uvicorn.
@@ -153,6 +230,14 @@ class LifecycleServer(uvicorn.Server):
         self._signal_at = now
         self._skip_delay = sig == signal.SIGINT
         settings = self.lifecycle.settings
+        wd = self.watchdog
+        if wd is not None and wd.plan is not None and wd.plan[1] == EXIT_STARTUP_FAILED:
+            # The handler saw the start-up running, but it finished meanwhile: a full drain.
+            wd.arm(
+                now + settings.grace_ms / 1000 + HARD_SLACK_S,
+                EXIT_BUDGET_EXCEEDED,
+                f"grace budget of {settings.grace_ms} ms exceeded and the shutdown did not finish",
+            )
         self.lifecycle.deadline = now + settings.grace_ms / 1000
         self.lifecycle.state.begin_draining()
         if self._skip_delay:
@@ -169,13 +254,63 @@ class LifecycleServer(uvicorn.Server):
                 settings.grace_ms,
             )
 
+    def _interrupt_startup(self, sig: signal.Signals, now: float) -> None:
+        """A signal while the application starts: nothing listens yet, so nothing was accepted
+        and there is nothing to drain; waiting for a start-up that may hang (a database that
+        does not answer) would only sit out the grace budget. Abandon it and exit 3."""
+        assert self._starting is not None
+        self._startup_interrupted = True
+        self.exit_code = EXIT_STARTUP_FAILED
+        self.lifecycle.state.begin_draining()
+        logger.warning(
+            "received %s during start-up, %.0f ms after the process started: nothing was "
+            "served yet, so nothing to drain; abandoning the start-up (exit %d)",
+            sig.name,
+            (now - self.lifecycle.started_monotonic) * 1000,
+            EXIT_STARTUP_FAILED,
+        )
+        if isinstance(self.lifespan, LifespanOn):
+            # Its task is cancelled with the loop's other tasks: a start-up given up on, not
+            # an error to log with a traceback (the line above says what happened).
+            self.lifespan.startup_failed = True
+            self.lifespan.logger = _Demoted(self.lifespan.logger, {})  # type: ignore[assignment]
+        self._starting.cancel()
+
     # -- main loop -------------------------------------------------------------------------
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
+        self._starting = asyncio.current_task()
+        try:
+            await super().startup(sockets)
+        except asyncio.CancelledError:
+            if not self._startup_interrupted:
+                raise
+            if self._starting is not None:
+                self._starting.uncancel()
+            self.should_exit = True
+            return
+        except SystemExit:
+            # uvicorn calls `sys.exit()` when the application's start-up failed (3) or it cannot
+            # bind (1); its error is logged above. Raised out of the loop, it skips the rest.
+            logger.error(
+                "%s (exit %d)",
+                "the application's start-up failed"
+                if self.lifespan.should_exit
+                else "start-up failed: could not listen",
+                EXIT_STARTUP_FAILED,
+            )
+            self.exit_code = EXIT_STARTUP_FAILED
+            self.should_exit = True
+            return
+        finally:
+            self._starting = None
+        if not self.started:
+            if self.exit_code == EXIT_OK:
+                self.exit_code = EXIT_STARTUP_FAILED
+                logger.error("the application's start-up failed (exit %d)", EXIT_STARTUP_FAILED)
+            return
         # An app that did not enter the lifecycle's lifespan (a bare ASGI app, wrapped by the
         # CLI) is made ready here, once the listeners are up.
-        if self.started:
-            await self.lifecycle.startup()
+        await self.lifecycle.startup()
 
     async def on_tick(self, counter: int) -> bool:
         if await super().on_tick(counter):
@@ -248,19 +383,9 @@ class LifecycleServer(uvicorn.Server):
             self.exit_code,
             (time.monotonic() - (self._signal_at or now)) * 1000,
         )
-        if self.watchdog is not None:
-            # The decision is made: what is left (asyncio's and the interpreter's teardown,
-            # which join threads a sink or hook may have left blocked) gets a short bound.
-            plan = self.watchdog.plan
-            at = time.monotonic() + TEARDOWN_S
-            if plan is not None:
-                at = min(at, plan[0])
-            self.watchdog.arm(
-                at,
-                self.exit_code,
-                f"exit {self.exit_code} decided but the process did not end (a thread a sink "
-                "or hook started is still running); not waiting for it",
-            )
+        # The decision is made: what is left (asyncio's and the interpreter's teardown, which
+        # join threads a sink or hook may have left blocked) gets a short bound.
+        self._bound_teardown()
 
 
 def serve(
@@ -310,7 +435,7 @@ def serve(
         **uvicorn_options,
     )
     watchdog = Watchdog()
-    server = LifecycleServer(config, lifecycle, watchdog)
+    server = LifecycleServer(config, lifecycle, watchdog, hold_signals=own_process)
     try:
         server.run(sockets=[sock] if sock is not None else None)
     finally:

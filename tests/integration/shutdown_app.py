@@ -3,7 +3,8 @@
 - `SF_TEST_HOOK=KIND`: a shutdown hook registered before the feedback queue's final drain:
   `exception`, `cancelled` (raises `CancelledError` it was not sent), `keyboard`, `systemexit`,
   `baseexception`, `forever` (awaits forever), `ignores-cancel` (swallows every cancellation),
-  `block` (blocks the loop 0.5 s), `sleep20` (awaits 20 s), `block20` (blocks the loop 20 s).
+  `block` (blocks the loop 0.5 s), `sleep20` (awaits 20 s), `block20` (blocks the loop 20 s),
+  `linger` (returns at once, leaving a non-daemon thread that runs 5 s: the exit waits for it).
 - `SF_TEST_SINK=KIND`: the sink the queue drains to, instead of `<state>/feedback.sqlite3`
   directly: `thread-forever` (a call on a worker thread that never returns),
   `await-forever` (never returns, loop free), `loop-block` (blocks the loop 25 s), or
@@ -12,6 +13,8 @@
   `<state>/feedback.sqlite3`). Unset: the queue's own default sink (`<state>/feedback.sqlite3`,
   closed with the queue).
 - `SF_TEST_STARTUP_FAILS=N`: a start-up task `flaky-startup` that fails N times, then succeeds.
+- `SF_TEST_APP_STARTUP=KIND`: the application's own lifespan start-up `hang`s (a database that
+  never answers), `block`s the loop for 30 s, or `fail`s (raises).
 
 A hook registered after the final drain writes `<state>/after-hook-ran`: the tests check that
 every hook still ran.
@@ -24,7 +27,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,8 @@ async def _misbehave(kind: str) -> None:
         await asyncio.sleep(20)
     if kind == "block20":
         time.sleep(20)  # noqa: ASYNC251 - blocking the loop is the point
+    if kind == "linger":
+        threading.Thread(target=time.sleep, args=(5,), name="lingering").start()
 
 
 def _once_sink(kind: str, real: SqliteSink) -> Sink:
@@ -95,6 +100,18 @@ def _stuck_sink(kind: str) -> Sink:
             time.sleep(25)  # noqa: ASYNC251 - blocking the loop is the point
 
     return sink
+
+
+@contextlib.asynccontextmanager
+async def _app_lifespan(app: Starlette) -> AsyncIterator[None]:
+    kind = os.environ.get("SF_TEST_APP_STARTUP", "")
+    if kind == "hang":
+        await asyncio.Event().wait()
+    if kind == "block":
+        time.sleep(30)  # noqa: ASYNC251 - blocking the loop is the point
+    if kind == "fail":
+        raise ConnectionError("the database did not answer")
+    yield
 
 
 def create_app() -> Starlette:
@@ -135,7 +152,9 @@ def create_app() -> Starlette:
         Path(state_dir, "after-hook-ran").write_text("yes")  # noqa: ASYNC240 - tiny
 
     lifecycle.on_shutdown("after-hook", after)
-    return lifecycle.install(Starlette(routes=[*feedback_routes(queue, lifecycle)]))
+    return lifecycle.install(
+        Starlette(routes=[*feedback_routes(queue, lifecycle)], lifespan=_app_lifespan)
+    )
 
 
 app = create_app()

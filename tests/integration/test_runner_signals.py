@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle import EXIT_BUDGET_EXCEEDED, EXIT_FORCED
+from sf_lifecycle import EXIT_BUDGET_EXCEEDED, EXIT_FORCED, EXIT_OK, EXIT_STARTUP_FAILED
+from sf_lifecycle.runner import TEARDOWN_S
 from sf_lifecycle.testing import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -274,3 +276,108 @@ def test_failing_startup_task_is_retried_until_ready(server_factory: type[Server
     assert all(str(server.state_dir) not in r for r in reasons)
     assert "start-up task flaky-startup done" in server.logs()
     assert "(attempt 3)" in server.logs()
+
+
+SHUTDOWN_APP = "tests.integration.shutdown_app:app"
+
+
+def wait_for_log(server: ServerProcess, text: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in server.logs():
+        assert time.monotonic() < deadline, server.logs()
+        assert server.proc is not None
+        assert server.proc.poll() is None, server.logs()
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("second", "expected"), [(signal.SIGTERM, EXIT_OK), (signal.SIGINT, EXIT_FORCED)]
+)
+def test_a_signal_during_teardown_keeps_the_handlers(
+    second: signal.Signals, expected: int, server_factory: type[ServerProcess]
+) -> None:
+    """Steps:
+    1. serve with a hook that leaves a non-daemon thread running 5 s (the interpreter's exit
+       waits for it; the watchdog bounds that wait to `TEARDOWN_S`);
+    2. SIGINT: the shutdown runs and decides exit 0; the process is still in its teardown;
+    3. `second` arrives: a repeated SIGTERM is ignored (exit 0, by the watchdog, not killed by
+       the signal); a second SIGINT exits 130 at once; no traceback either way.
+    Before the fix the default handlers were back: SIGTERM killed the process (-15), SIGINT
+    raised KeyboardInterrupt into the teardown (a traceback, exit 0).
+    """
+    server = server_factory(
+        SHUTDOWN_APP, env={"SF_TEST_HOOK": "linger", "SF_DRAIN_INTERVAL_MS": "3600000"}
+    ).start()
+    server.wait_ready()
+    server.send_signal(signal.SIGINT)
+    first = time.monotonic()
+    wait_for_log(server, "exit 0, ")
+    time.sleep(0.3)
+    assert server.proc is not None
+    assert server.proc.poll() is None, server.logs()  # held by the lingering thread
+    server.send_signal(second)
+    sent = time.monotonic()
+    code = server.wait(10)
+    logs = server.logs()
+    assert code == expected, logs
+    assert "Traceback" not in logs
+    if expected == EXIT_FORCED:
+        assert time.monotonic() - sent < 1.0, logs
+    else:
+        assert time.monotonic() - first < TEARDOWN_S + 1.5, logs
+        assert "exit 0 decided but the process did not end" in logs
+
+
+@pytest.mark.parametrize(
+    ("startup", "sig"),
+    [("hang", signal.SIGTERM), ("hang", signal.SIGINT), ("block", signal.SIGTERM)],
+)
+def test_a_signal_during_the_applications_startup_exits_3_promptly(
+    startup: str, sig: signal.Signals, server_factory: type[ServerProcess]
+) -> None:
+    """Steps:
+    1. serve an app whose own start-up hangs (awaits for ever) or blocks the loop, with a 6 s
+       budget and a 1 s drain delay; it never listens;
+    2. `sig` during the start-up: nothing was accepted, nothing to drain: exit 3 at once
+       (within `TEARDOWN_S` + slack when the loop is blocked), with a line saying so.
+    Before the fix it sat out the whole budget and exited 4, blaming a stuck hook or sink.
+    """
+    server = server_factory(
+        SHUTDOWN_APP,
+        env={
+            "SF_TEST_APP_STARTUP": startup,
+            "SF_RPC_SHUTDOWN_GRACE_MS": "6000",
+            "SF_DRAIN_DELAY_MS": "1000",
+        },
+    ).start()
+    wait_for_log(server, "Waiting for application startup.")
+    time.sleep(0.5)
+    server.send_signal(sig)
+    sent = time.monotonic()
+    code = server.wait(15)
+    elapsed = time.monotonic() - sent
+    logs = server.logs()
+    assert code == EXIT_STARTUP_FAILED, logs
+    assert "Traceback" not in logs
+    if startup == "hang":
+        assert elapsed < 1.0, logs
+        assert f"received {sig.name} during start-up" in logs
+        assert "nothing was served yet, so nothing to drain" in logs
+    else:
+        assert elapsed < TEARDOWN_S + 1.0, logs
+        assert f"{sig.name} during start-up and the start-up did not stop" in logs
+
+
+def test_a_failed_startup_or_a_busy_port_exits_3(server_factory: type[ServerProcess]) -> None:
+    """Steps: an app whose start-up raises exits 3 and says so; a port another socket holds
+    exits 3 (before the fix: 1, uvicorn's `sys.exit(1)` escaping the loop), saying why."""
+    failing = server_factory(SHUTDOWN_APP, env={"SF_TEST_APP_STARTUP": "fail"}).start()
+    assert failing.wait(15) == EXIT_STARTUP_FAILED, failing.logs()
+    assert "the application's start-up failed (exit 3)" in failing.logs()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        blocked = server_factory(port=port).start()
+        assert blocked.wait(15) == EXIT_STARTUP_FAILED, blocked.logs()
+    assert "start-up failed: could not listen (exit 3)" in blocked.logs()
