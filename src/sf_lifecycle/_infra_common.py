@@ -120,20 +120,29 @@ def lower_keys(obj: Any) -> Any:
     return obj
 
 
+#: Margin on top of the grace budget for the kill timeout: the watchdog ends the process 0.3 s
+#: after the budget, plus scheduling.
+KILL_MARGIN_MS = 1_000
+
+
 @dataclass
 class Budget:
+    """The one rule (README, "Shutdown"): the grace budget is counted from SIGTERM and includes
+    the drain delay, which must be shorter than it; the process is gone 0.3 s after the budget,
+    so the kill timeout must exceed the budget (`KILL_MARGIN_MS`)."""
+
     grace_ms: int
     delay_ms: int
     problems: list[str] = field(default_factory=list)
 
     @property
     def required_ms(self) -> int:
-        return self.grace_ms + self.delay_ms
+        return self.grace_ms + KILL_MARGIN_MS
 
     def describe(self) -> str:
         return (
-            f"{GRACE_VAR} ({self.grace_ms} ms) + {DELAY_VAR} ({self.delay_ms} ms) "
-            f"= {fmt_ms(self.required_ms)}"
+            f"{GRACE_VAR} ({self.grace_ms} ms, from SIGTERM, drain delay included) "
+            f"+ {KILL_MARGIN_MS} ms = {fmt_ms(self.required_ms)}"
         )
 
 
@@ -144,10 +153,16 @@ def read_budget(env: Mapping[str, str]) -> Budget:
         raw = env.get(var, "").strip()
         if not raw:
             continue
-        try:
-            values[var] = int(raw)
-        except ValueError:
+        if not (raw.isascii() and raw.isdigit()):
             problems.append(f"{var}={raw!r} is not an integer number of milliseconds")
+            continue
+        values[var] = int(raw)
+    if values[DELAY_VAR] >= values[GRACE_VAR]:
+        problems.append(
+            f"{DELAY_VAR} ({values[DELAY_VAR]} ms) must be shorter than {GRACE_VAR} "
+            f"({values[GRACE_VAR]} ms): the budget counts from SIGTERM and must leave time "
+            "for in-flight requests and the final queue drain after the drain delay"
+        )
     return Budget(values[GRACE_VAR], values[DELAY_VAR], problems)
 
 

@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from ._errors import ConfigError
+from ._errors import ConfigError, UnsafePath
 from .config import ENV_VARS, Settings
 
 __all__ = ["main"]
@@ -55,10 +55,15 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ[ENV_VARS[field]] = str(value)
     settings = Settings.from_env()  # fail before importing the app, with the variable's name
     if settings.state_dir is not None:
-        settings.require_state_dir()  # a file there, or no permission: exit 2, one line
+        # A file there, a link or a file where a folder belongs, a read-only or pseudo file
+        # system: exit 2 with one line, not a traceback out of the app's import.
+        settings.check_state_dir()
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    return serve(args.app, log_config=None, access_log=args.access_log, own_process=True)
+    try:
+        return serve(args.app, log_config=None, access_log=args.access_log, own_process=True)
+    except UnsafePath as exc:  # changed after the check, while the app was imported
+        raise ConfigError(ENV_VARS["state_dir"], settings.state_dir, str(exc.strerror)) from None
 
 
 def _commands() -> dict[str, Command]:

@@ -12,12 +12,14 @@ import dataclasses
 import ipaddress
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import ConfigError
+from ._errors import ConfigError, UnsafePath
+from ._statefiles import open_state_dir
 
 __all__ = ["ENV_VARS", "FileMode", "Settings"]
 
@@ -39,8 +41,9 @@ class Settings:
 
     Attributes:
         grace_ms: Budget for the whole shutdown, counted from SIGTERM: drain delay, in-flight
-            requests and shutdown hooks (the feedback-queue drain). Keep the orchestrator's kill
-            timeout (`stop_grace_period`, `terminationGracePeriodSeconds`) above it.
+            requests and shutdown hooks (the feedback-queue drain). Must be longer than
+            `drain_delay_ms`. Keep the orchestrator's kill timeout (`stop_grace_period`,
+            `terminationGracePeriodSeconds`) above it (by a second: `check-infra`).
         drain_delay_ms: How long the replica keeps serving after SIGTERM while answering 503 on
             its health check, so the proxy notices and stops routing to it.
         drain_after_probes: End the drain delay early, `drain_margin_ms` after this many health
@@ -106,7 +109,10 @@ class Settings:
                 self.drain_margin_ms,
                 f"must not exceed the drain delay ({self.drain_delay_ms} ms)",
             )
-        if self.drain_delay_ms > self.grace_ms:
+        if self.drain_delay_ms >= self.grace_ms:
+            # The one rule (README, "Shutdown"): the budget counts from the signal and includes
+            # the drain delay; a delay that fills it leaves nothing for in-flight requests and
+            # the final queue drain, and every shutdown would end with exit 4.
             # Name the setting the operator changed: with only the budget lowered, blaming the
             # drain delay's default sends them to the wrong variable.
             # Settings read from the environment name variables, explicit arguments fields.
@@ -118,13 +124,14 @@ class Settings:
                 raise ConfigError(
                     delay,
                     self.drain_delay_ms,
-                    f"must not exceed the grace budget ({grace}={self.grace_ms}); {fix}",
+                    f"must be shorter than the grace budget ({grace}={self.grace_ms}), which "
+                    f"counts from the signal and must leave time for the final drain; {fix}",
                 )
             raise ConfigError(
                 grace,
                 self.grace_ms,
-                f"the grace budget must cover the drain delay ({delay}={self.drain_delay_ms}, "
-                f"the default); {fix}",
+                f"the grace budget must be longer than the drain delay "
+                f"({delay}={self.drain_delay_ms}, the default); {fix}",
             )
 
     @classmethod
@@ -180,6 +187,44 @@ class Settings:
             ) from None
         return path
 
+    def check_state_dir(self) -> Path:
+        """`require_state_dir`, then what a server needs before it starts: the folders the
+        library keeps there are folders (no link, no file) and a file can be created in it.
+
+        Raises:
+            ConfigError: naming `SF_STATE_DIR` and the problem (exit 2 from the CLI).
+        """
+        path = self.require_state_dir()
+        source = self._sources.get("state_dir", "SF_STATE_DIR")
+        for rel in _STATE_SUBDIRS:
+            try:
+                os.close(open_state_dir(path, rel, None))
+            except FileNotFoundError:
+                continue  # created when first needed
+            except UnsafePath as exc:
+                raise ConfigError(source, str(path), str(exc.strerror)) from None
+            except OSError as exc:
+                raise ConfigError(
+                    source, str(path), f"cannot open {rel!r} in it: {exc.strerror or exc}"
+                ) from None
+        probe = path / f".sf-write-check-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(probe, _PROBE_FLAGS, self.file_mode)
+        except OSError as exc:
+            raise ConfigError(
+                source,
+                str(path),
+                f"cannot create a file in it ({exc.strerror or exc}); point it at a writable "
+                "directory",
+            ) from None
+        os.close(fd)
+        os.unlink(probe)
+        return path
+
+
+#: Folders the library keeps under the state directory (checked by `check_state_dir`).
+_STATE_SUBDIRS = ("feedback", "feedback/quarantine", "sessions")
+_PROBE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 #: Field name -> environment variable. The README's configuration table follows this order.
 ENV_VARS: dict[str, str] = {
@@ -228,6 +273,8 @@ _ID_FIELDS = ("version", "git_sha", "replica_id")
 _VERSION_CHARS = _ID_CHARS | frozenset("+!~")
 #: One DNS label; a host name is dot-separated labels (no port, no scheme, no path).
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_DIGITS = re.compile(r"[0-9]+")
+_OCTAL = re.compile(r"[0-7]{1,4}")
 #: Mode settings -> the owner bits the library needs to work (the rest is the operator's choice).
 _MODE_FIELDS: dict[str, int] = {"file_mode": 0o600, "dir_mode": 0o700}
 
@@ -244,16 +291,16 @@ def _is_host(value: str) -> bool:
 
 
 def _parse(name: str, var: str, raw: str) -> object:
+    # Plain ASCII digits only: `int()` also takes `1_000`, `+5`, `0o600` and other scripts'
+    # digits (`٤٠٠٠`), none of which an operator means (no setting may be negative).
     if name in _MODE_FIELDS:
-        try:
-            return FileMode(int(raw, 8))
-        except ValueError:
-            raise ConfigError(var, raw, "an octal mode such as 0600") from None
+        if not _OCTAL.fullmatch(raw):
+            raise ConfigError(var, raw, "an octal mode such as 0600")
+        return FileMode(int(raw, 8))
     if name in _INT_RANGES:
-        try:
-            return int(raw, 10)
-        except ValueError:
-            raise ConfigError(var, raw, _describe_range(name)) from None
+        if not _DIGITS.fullmatch(raw) or len(raw) > 20:
+            raise ConfigError(var, raw, _describe_range(name))
+        return int(raw, 10)
     return raw
 
 

@@ -1,7 +1,8 @@
 """Cross-checks of deployment files against the library's shutdown timings: `check-infra`.
 
 A zero-downtime upgrade depends on numbers spread over several files that nothing else compares:
-the orchestrator's kill timeout must outlast the grace budget plus the drain delay, the proxy's
+the orchestrator's kill timeout must outlast the grace budget (which includes the drain delay,
+shorter than it: the rule in `_infra_common.Budget`), the proxy's
 health probe must notice the 503 inside the drain delay, and every replica of a pool must carry
 the same proxy labels (Traefik's Docker provider drops a service whose containers disagree). Each
 file can be valid on its own and the set still drop requests or SIGKILL a queue drain. This

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +82,44 @@ def test_state_dir_pointing_at_a_file_exits_2_with_one_line(tmp_path: object) ->
     assert len(lines) == 1, proc.stderr
     assert "SF_STATE_DIR" in lines[0]
     assert "not a directory" in lines[0]
+
+
+def _unusable_state_dir(kind: str, base: Path) -> tuple[Path, str]:
+    """A state directory `serve` cannot use, and the words its one-line error must contain."""
+    if kind == "proc":  # a pseudo file system: no file can be created in it, even by root
+        return Path("/proc/1"), "cannot create a file in it"
+    state = base / "state"
+    state.mkdir()
+    if kind == "feedback-file":
+        (state / "feedback").write_text("x")
+        return state, "'feedback' in the state directory is a regular file"
+    if kind == "sessions-file":
+        (state / "sessions").write_text("x")
+        return state, "'sessions' in the state directory is a regular file"
+    (state / "feedback").symlink_to(base)
+    return state, "'feedback' in the state directory is a symbolic link"
+
+
+@pytest.mark.parametrize("kind", ["feedback-file", "sessions-file", "feedback-link", "proc"])
+def test_an_unusable_state_dir_exits_2_with_one_line(kind: str, tmp_path: Path) -> None:
+    """Steps: `serve` with a state directory whose `feedback`/`sessions` is a file or a link,
+    or one on a file system where nothing can be created (`/proc/1`): exit 2 and one line
+    naming `SF_STATE_DIR` and the problem. Before the fix: a traceback out of the app's
+    import (`UnsafePath`, `FileNotFoundError`) and exit 1."""
+    state, words = _unusable_state_dir(kind, tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sf_lifecycle", "serve", "examples.sf_server:app"],
+        env={**os.environ, "SF_STATE_DIR": str(state)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"sf-lifecycle: invalid SF_STATE_DIR='{state}': "), lines[0]
+    assert words in lines[0], lines[0]
+    if kind != "proc":
+        assert sorted(p.name for p in state.iterdir()) == sorted(
+            ["feedback"] if kind.startswith("feedback") else ["sessions"]
+        )  # nothing created, nothing left behind (the write probe is removed)

@@ -78,6 +78,38 @@ def test_drain_delay_longer_than_budget_is_refused() -> None:
         Settings.from_env({"SF_DRAIN_DELAY_MS": "9000", "SF_RPC_SHUTDOWN_GRACE_MS": "1000"})
 
 
+@pytest.mark.parametrize(("delay", "grace"), [("2000", "2000"), ("0", "0")])
+def test_drain_delay_equal_to_the_budget_is_refused(delay: str, grace: str) -> None:
+    """The budget counts from the signal and includes the drain delay: a delay that fills it
+    leaves nothing for in-flight requests and the final drain (every shutdown exited 4)."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"SF_DRAIN_DELAY_MS": delay, "SF_RPC_SHUTDOWN_GRACE_MS": grace})
+    assert info.value.variable == "SF_DRAIN_DELAY_MS"
+    assert "must be shorter than the grace budget" in str(info.value)
+    assert Settings(drain_delay_ms=1999, grace_ms=2000).drain_delay_ms == 1999
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("SF_PORT", "\u0664\u0660\u0660\u0660"),  # Arabic-Indic digits: int() takes them
+        ("SF_PORT", "\uff14\uff10\uff10\uff10"),  # full-width digits
+        ("SF_RPC_SHUTDOWN_GRACE_MS", "1_000_000"),
+        ("SF_DRAIN_DELAY_MS", "+5"),
+        ("SF_SSE_PING_MS", "-0"),
+        ("SF_DRAIN_BATCH_RECORDS", "9" * 5000),
+        ("SF_FILE_MODE", "0o600"),
+        ("SF_FILE_MODE", "0_600"),
+        ("SF_DIR_MODE", "\u0667\u0660\u0660"),
+    ],
+)
+def test_integer_settings_take_only_ascii_digits(var: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({var: value})
+    assert info.value.variable == var
+    assert info.value.value == value
+
+
 def test_margin_longer_than_delay_is_refused_only_with_probe_counting() -> None:
     Settings.from_env({"SF_DRAIN_MARGIN_MS": "900", "SF_DRAIN_DELAY_MS": "500"})
     with pytest.raises(ConfigError, match="SF_DRAIN_MARGIN_MS"):

@@ -364,6 +364,10 @@ def _grace_raised_in_env(d: dict[str, Any]) -> None:
     d["services"]["sf"]["environment"]["SF_RPC_SHUTDOWN_GRACE_MS"] = "900000"
 
 
+def _delay_equals_grace(d: dict[str, Any]) -> None:
+    d["services"]["sf"]["environment"]["SF_DRAIN_DELAY_MS"] = "600000"
+
+
 def _no_grace_period(d: dict[str, Any]) -> None:
     del d["services"]["sf"]["stop_grace_period"]
 
@@ -377,7 +381,8 @@ def _sigint(d: dict[str, Any]) -> None:
     [
         (_short_grace, "service sf: stop_grace_period 30s is shorter than"),
         (_no_grace_period, "stop_grace_period absent (Docker's default 10 s)"),
-        (_grace_raised_in_env, "SF_RPC_SHUTDOWN_GRACE_MS (900000 ms)"),
+        (_grace_raised_in_env, "SF_RPC_SHUTDOWN_GRACE_MS (900000 ms, from SIGTERM"),
+        (_delay_equals_grace, "SF_DRAIN_DELAY_MS (600000 ms) must be shorter than"),
         (_long_interval, "health check interval (10 s + 1 s) does not fit inside the drain"),
         (_no_healthcheck, "no health check"),
         (_replica_labels_differ, "label traefik.http.services.sf.loadbalancer.sticky.cookie"),
@@ -445,7 +450,7 @@ def test_check_infra_reports_unsafe_kubernetes() -> None:
     docs = k8s_docs()
     _container(docs)["lifecycle"] = {"preStop": {"sleep": {"seconds": 10}}}
     found = errors(check_documents(docs))
-    assert any("+ preStop sleep (10 s)" in m and "Set it to 620" in m for m in found), found
+    assert any("+ preStop sleep (10 s)" in m and "Set it to 616" in m for m in found), found
 
     docs = k8s_docs()
     del _container(docs)["readinessProbe"]

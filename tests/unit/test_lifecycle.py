@@ -12,7 +12,7 @@ from sf_lifecycle import Lifecycle, Phase, Settings
 
 
 async def test_hooks_run_in_order_with_the_deadline_then_stopped() -> None:
-    lc = Lifecycle(Settings(grace_ms=5_000))
+    lc = Lifecycle(Settings(grace_ms=5_000, drain_delay_ms=0))
     calls: list[tuple[str, float]] = []
 
     async def first(deadline: float) -> None:
