@@ -296,3 +296,37 @@ async def test_cancelling_the_shutdown_itself_is_not_swallowed() -> None:
     assert ran == []
     assert lc.unfinished == ["slow", "later"]
     assert lc.failed == []
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        (
+            "could not connect to postgresql://app:hunter2@db/x",
+            "could not connect to postgresql://db/<path>",
+        ),
+        ("redis://:s3cret@cache:6379/0 refused", "redis://cache:6379/<path> refused"),
+        ("bad url file:///etc/shadow here", "bad url <path> here"),
+        ("file:relative/x.db", "<path>"),
+        ("unable to open data/app.db for writing", "unable to open <path>"),
+        ("cannot open /var/my dir/app.db: busy", "cannot open <path>: busy"),
+        ("no such file '/srv/my dir/x.db'", "no such file '<path>'"),
+        ("./rel/x failed", "<path>"),
+        ("~/x/y gone", "<path>"),
+        ("C:\\Users\\me\\x.db missing", "<path>"),
+        ("host=db password=hunter2 user=app", "host=db password=<redacted> user=app"),
+        ("plain message, 3 retries", "plain message, 3 retries"),
+    ],
+)
+def test_describe_error_keeps_credentials_and_paths_out_of_probe_bodies(
+    message: str, shown: str
+) -> None:
+    from sf_lifecycle.lifecycle import describe_error
+
+    text = describe_error(RuntimeError(message))
+    assert text == f"RuntimeError: {shown}"
+    for secret in ("hunter2", "s3cret", "shadow", "app.db", "x.db", "my dir", "Users"):
+        assert secret not in text
+    assert describe_error(FileNotFoundError(2, "No such file", "/srv/a b")) == (
+        "FileNotFoundError: No such file"
+    )
