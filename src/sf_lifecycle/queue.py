@@ -54,6 +54,7 @@ from . import _crashpoints as _cp
 from ._background import stops_task
 from ._errors import BudgetExceeded, DiskWriteError, NotReady, QueueError
 from ._framing import encode, scan
+from ._redact import describe_error
 from ._statefiles import (
     DEFAULT_DIR_MODE,
     DEFAULT_FILE_MODE,
@@ -429,13 +430,6 @@ def _kind(mode: int) -> str:
     if stat.S_ISFIFO(mode):
         return "a FIFO"
     return "not a regular file"
-
-
-def _why(exc: BaseException) -> str:
-    """An error's text without the paths it may carry (it can reach a probe body)."""
-    if isinstance(exc, OSError):
-        return os.strerror(exc.errno) if exc.errno else type(exc).__name__
-    return str(exc) or type(exc).__name__
 
 
 class FeedbackQueue:
@@ -885,7 +879,7 @@ class FeedbackQueue:
         try:
             result = await self._recover(sink, deadline, self.recovery)
         except BaseException as exc:
-            self.recovery = {"state": "failed", "error": _why(exc)}
+            self.recovery = {"state": "failed", "error": describe_error(exc)}
             raise
         return result
 
@@ -1014,7 +1008,7 @@ class FeedbackQueue:
             logger.error(
                 "cannot read the idempotency keys of %s's files (%s); retried later",
                 token,
-                _why(exc),
+                describe_error(exc),
             )
             result.complete = False
             return False
@@ -1080,7 +1074,7 @@ class FeedbackQueue:
             result = await self._recover(sink, None, progress)
         except BaseException as exc:  # a sink's CancelledError or SystemExit included
             self.sweep = {"runs": self.sweep.get("runs", 0) + 1, "state": "failed"}
-            self.sweep["error"] = _why(exc)
+            self.sweep["error"] = describe_error(exc)
             raise
         self.sweep = {"runs": self.sweep.get("runs", 0) + 1, **progress}
         return result
@@ -1128,7 +1122,7 @@ class FeedbackQueue:
             own = _segments(self.dir).get(self.token, [])
             quarantined = _count_entries(self.state_dir, "feedback/quarantine")
         except OSError as exc:
-            raise NotReady(f"cannot list the queue directory: {_why(exc)}") from None
+            raise NotReady(f"cannot list the queue directory: {describe_error(exc)}") from None
         return QueueStats(
             queued=self._queued,
             draining=sum(1 for _, kind, _ in own if kind == "draining"),
@@ -1164,7 +1158,10 @@ class FeedbackQueue:
             except BaseException as exc:  # a sink's CancelledError or SystemExit: `_background`
                 if stops_task(exc):
                     raise
-                self.drainer = {"failures": self.drainer["failures"] + 1, "last_error": _why(exc)}
+                self.drainer = {
+                    "failures": self.drainer["failures"] + 1,
+                    "last_error": describe_error(exc),
+                }
                 logger.error(
                     "background drain failed; retrying in %.0f ms",
                     self.drain_interval_s * 1000,

@@ -321,7 +321,7 @@ async def test_cancelling_the_shutdown_itself_is_not_swallowed() -> None:
 def test_describe_error_keeps_credentials_and_paths_out_of_probe_bodies(
     message: str, shown: str
 ) -> None:
-    from sf_lifecycle.lifecycle import describe_error
+    from sf_lifecycle._redact import describe_error
 
     text = describe_error(RuntimeError(message))
     assert text == f"RuntimeError: {shown}"

@@ -1,0 +1,62 @@
+"""Error text for probe bodies: no secrets, no paths.
+
+`/api/ready` explains why a replica is not ready, and anything an HTTP client can read must
+carry neither credentials nor file system paths (RELIABILITY.md, threat model). Errors come from
+code we do not control (a sink, a readiness check, a driver), so their messages are redacted
+conservatively rather than trusted.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["describe_error"]
+
+#: A URL: scheme, optional userinfo (credentials), host, and the rest (path, query).
+_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*)://(?:[^\s/@'\"]*@)?([^\s/?#'\"]*)(\S*)")
+#: A `file:` URL without `//`, or a quoted string holding a path separator.
+_FILE_URL = re.compile(r"(?i)\bfile:\S*")
+_QUOTED_PATH = re.compile(r"'[^']*[/\\][^']*'|\"[^\"]*[/\\][^\"]*\"")
+#: An unquoted path: absolute, home, `./`/`../`, Windows, or relative with a separator. It runs
+#: to the end of its clause, spaces included: a path may hold spaces, and what follows it in
+#: the same clause is not worth the risk.
+_PATH = re.compile(
+    r"(?:(?<![\w<>])~?/|(?<![\w<>])\.{1,2}/|\b[A-Za-z]:\\|(?<![<\w])[\w.-]+[/\\])[^:;,'\"]*"
+)
+
+
+def _redact_url(m: re.Match[str]) -> str:
+    scheme, host, rest = m.group(1), m.group(2), m.group(3)
+    if scheme.lower() == "file":
+        return "<path>"
+    return f"{scheme}://{host}" + ("/<path>" if rest else "")
+
+
+#: `password=...`-style secrets outside URLs (a DSN in libpq's key=value form, a token).
+_SECRET = re.compile(r"(?i)\b(password|passwd|pwd|secret|token|api[_-]?key)=[^\s,;]*")
+
+
+def _redact_paths(text: str) -> str:
+    text = _SECRET.sub(r"\1=<redacted>", text)
+    text = _FILE_URL.sub("<path>", text)
+    text = _QUOTED_PATH.sub("'<path>'", text)
+    return _PATH.sub("<path>", text)
+
+
+def describe_error(exc: BaseException) -> str:
+    """`Type: message` for a probe body, without secrets or paths.
+
+    The threat model keeps paths and credentials out of anything an HTTP client can read. An
+    `OSError` gives its `strerror` (never its file name); any other message has URL credentials
+    and paths replaced (`<path>`), conservatively: a path runs to the end of its clause.
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        text = str(exc.strerror)
+    else:
+        raw, parts, last = str(exc), [], 0
+        for m in _URL.finditer(raw):  # URLs apart, so their `//` is not taken for a path
+            parts += [_redact_paths(raw[last : m.start()]), _redact_url(m)]
+            last = m.end()
+        parts.append(_redact_paths(raw[last:]))
+        text = "".join(parts).strip()
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
