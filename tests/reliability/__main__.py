@@ -1,6 +1,8 @@
 """`make reliability`: the long campaign (`python -m tests.reliability --help`).
 
-1. pytest on `tests/reliability` with the counts raised (crash points, faults, corruption, fuzz);
+1. pytest on `tests/reliability` with the counts raised (fuzz examples, bit flips) and the
+   timing-dependent class tests (crash points, budget, hooks, background tasks, paths, age) run
+   `--rounds` times each;
 2. the random-SIGKILL loop for `--iterations` (5,000 by default);
 3. `--demo-runs` runs of the Traefik upgrade demo at `--rate` requests/s (item 7).
 
@@ -26,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--fuzz-examples", type=int, default=2000, help="hypothesis examples")
     parser.add_argument("--flips", type=int, default=2000, help="bit flips in real segments")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="passes of the timing-dependent class tests"
+    )
     parser.add_argument("--demo-runs", type=int, default=0, help="Traefik upgrade demo runs")
     parser.add_argument("--rate", type=float, default=200.0, help="demo requests per second")
     parser.add_argument("--skip-pytest", action="store_true")
@@ -36,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             **os.environ,
             "SF_RELIABILITY_EXAMPLES": str(args.fuzz_examples),
             "SF_RELIABILITY_FLIPS": str(args.flips),
+            "SF_RELIABILITY_ROUNDS": str(args.rounds),
         }
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/reliability"]
         cmd += ["-k", "not random_sigkill"]  # the loop below is its long version
