@@ -61,6 +61,9 @@ class _Endpoints:
             "status": "ok" if phase is Phase.READY else "unavailable",
             "phase": str(phase),
             "in_flight": state.in_flight,
+            # [[seconds, count], ...] oldest first; `sf-lifecycle rollout` counts a candidate's
+            # requests that run longer than its latency limit, which Traefik cannot see yet.
+            "in_flight_ages_s": [[round(a, 3), n] for a, n in state.in_flight_ages()],
             "streams": state.streams,
         }
         if phase is Phase.STARTING:

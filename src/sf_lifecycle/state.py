@@ -65,6 +65,11 @@ class ShutdownState:
         self.probes_503 = 0
         #: Monotonic time of each 503 probe, in order; the runner reads the N-th.
         self.probe_503_times: list[float] = []
+        #: Requests in flight per generation, for `in_flight_ages`: the middleware counts each
+        #: request into the generation current when it began (a dict lookup, no allocation).
+        self.generation = 0
+        self.open_by_generation: dict[int, int] = {0: 0}
+        self._generation_began: dict[int, float] = {0: time.monotonic()}
 
     @property
     def phase(self) -> Phase:
@@ -124,6 +129,25 @@ class ShutdownState:
         reached = self._history.get(phase)
         # A skipped phase (starting -> draining) reports the phase that replaced it.
         return reached if reached is not None else self._history[self._phase]
+
+    def in_flight_ages(self) -> list[tuple[float, int]]:
+        """How long the requests in flight have been running: (seconds, count), oldest first.
+
+        Each call starts a new generation. A request counted in generation g began before
+        generation g + 1 did, so its age is at least the time since then (the value given):
+        a lower bound, exact to the interval between two calls. Traefik's metrics see a
+        request only once it ends; this is how a rollout sees the ones that hang. Call it on
+        the event loop that serves the requests (the health route does).
+        """
+        now = time.monotonic()
+        opened, began = self.open_by_generation, self._generation_began
+        for g in [g for g, n in opened.items() if n <= 0 and g != self.generation]:
+            del opened[g], began[g]
+        self.generation += 1
+        opened[self.generation], began[self.generation] = 0, now
+        gens = sorted(g for g, n in opened.items() if n > 0)
+        nexts = sorted(began)
+        return [(now - began[nexts[nexts.index(g) + 1]], opened[g]) for g in gens]
 
     def note_probe_503(self) -> int:
         """Record a health probe answered 503 while draining; returns how many so far."""

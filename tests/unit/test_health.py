@@ -47,7 +47,13 @@ async def test_healthz_ready_draining_stopped(
     r = await c.get("/api/healthz")
     assert r.status_code == 200
     assert r.headers["cache-control"] == "no-store"
-    assert r.json() == {"status": "ok", "phase": "ready", "in_flight": 0, "streams": 0}
+    assert r.json() == {
+        "status": "ok",
+        "phase": "ready",
+        "in_flight": 0,
+        "in_flight_ages_s": [],
+        "streams": 0,
+    }
 
     lc.state.begin_draining()
     r = await c.get("/api/healthz")

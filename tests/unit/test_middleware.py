@@ -65,6 +65,28 @@ async def test_counts_in_flight_and_releases_after_response() -> None:
     assert lc.state.in_flight == 0
 
 
+async def test_healthz_reports_how_long_requests_have_been_in_flight() -> None:
+    """A request that hangs is visible in /api/healthz with a lower bound of its age (what a
+    rollout needs: Traefik's metrics only see requests that ended); one that ended is not."""
+    lc, app, gates = build()
+    await lc.startup()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        task = asyncio.create_task(c.get("/hold"))
+        await gates["entered"].wait()
+        first = (await c.get("/api/healthz")).json()
+        assert first["in_flight_ages_s"] == [[0.0, 1]]  # began just before this probe
+        await asyncio.sleep(0.3)
+        ages = (await c.get("/api/healthz")).json()["in_flight_ages_s"]
+        assert len(ages) == 1
+        assert ages[0][1] == 1
+        assert 0.3 <= ages[0][0] < 1.0
+        gates["hold"].set()
+        await task
+        assert (await c.get("/api/healthz")).json()["in_flight_ages_s"] == []
+    assert sum(lc.state.open_by_generation.values()) == 0
+    assert len(lc.state.open_by_generation) <= 2  # finished generations are dropped
+
+
 async def test_stream_paths_are_not_counted() -> None:
     lc, app, gates = build()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
