@@ -13,7 +13,10 @@ Each rule below exists because breaking it has a concrete cost:
 - without a cookie on the weighted service a client flips between versions on every request;
   a pool carrying a cookie of the same name fights it;
 - without per-service metrics the rollout has nothing to judge; on a public entrypoint they
-  leak the service inventory.
+  leak the service inventory;
+- a router straight to a weighted child (the candidate's verification router, say) adds its
+  requests to that child's counters: verification traffic would hide production errors from
+  the rollout gate and count towards `--min-requests`. It needs its own service, same servers.
 
 Documents of the file provider are grouped by directory, as Traefik merges one watched directory.
 """
@@ -29,7 +32,13 @@ from urllib.parse import urlsplit
 
 from ._infra_common import Finding, lower_keys, scalar
 
-__all__ = ["BlueGreenModel", "StaticConfig", "check_bluegreen", "static_from_doc"]
+__all__ = [
+    "BlueGreenModel",
+    "StaticConfig",
+    "check_bluegreen",
+    "static_from_doc",
+    "verify_shares_child",
+]
 
 CANDIDATE_SUFFIX = "-candidate"
 
@@ -88,6 +97,9 @@ class BlueGreenModel:
     pinned: frozenset[str] = frozenset()
     server_hosts: frozenset[str] = frozenset()
     weighted: list[str] = field(default_factory=list)
+    #: Children of weighted services (file provider): only their weighted service may route
+    #: to them, or the rollout's per-service counters mix other traffic in.
+    children: set[str] = field(default_factory=set)
 
 
 def _base(name: str) -> tuple[str, str | None]:
@@ -125,6 +137,12 @@ def check_bluegreen(
         for _, router in routers.values():
             public |= {str(e).lower() for e in router.get("entrypoints") or []}
         _check_group(services, routers, out, pinned, model)
+        # A verification pool (same servers as a pinned child, e.g. sf-candidate-verify) serves
+        # the same replicas: the child's version pin covers it, it needs no cookie of its own.
+        child_servers = [_servers(services.get(c, _NONE)[1]) for c in pinned]
+        for sname, (_, svc) in services.items():
+            if svc.get("weighted") is None and _servers(svc) and _servers(svc) in child_servers:
+                pinned.add(sname)
     model.pinned, model.server_hosts = frozenset(pinned), frozenset(hosts - {""})
     if model.weighted:
         _check_metrics(statics, public, out)
@@ -192,6 +210,15 @@ def _check_group(
             out.append(Finding("error", file, f"{where}: every weight is 0, nothing to route to"))
         local = [_base(str(c.get("name", "")).lower())[0] for c in children]
         weighted_children.add(frozenset(local))
+        model.children.update(
+            b
+            for b, p in (_base(str(c.get("name", "")).lower()) for c in children)
+            if p in (None, "file")
+        )
+        for rname, (rfile, router) in routers.items():
+            rbase, rprov = _base(str(router.get("service", "")).lower())
+            if rprov in (None, "file") and rbase in local:
+                out.append(verify_shares_child(rfile, f"router {rname}", rbase, name))
         cookie = ((w.get("sticky") or {}).get("cookie")) if w.get("sticky") else None
         if cookie is None:
             out.append(
@@ -246,6 +273,18 @@ def _check_group(
                     f"(the weights file is missing?): the candidate cannot be promoted gradually",
                 )
             )
+
+
+def verify_shares_child(file: str, router: str, child: str, weighted: str) -> Finding:
+    """The finding for a router that reaches a weighted child directly."""
+    return Finding(
+        "error",
+        file,
+        f"{router} points at {child}, a child of weighted service {weighted}: its requests "
+        f"count in {child}'s metrics with production traffic, hiding errors from `sf-lifecycle "
+        f"rollout` and counting towards --min-requests. Point it at its own service with the "
+        f"same servers (e.g. {child}-verify)",
+    )
 
 
 def _check_metrics(statics: Sequence[StaticConfig], public: set[str], out: list[Finding]) -> None:

@@ -126,7 +126,7 @@ def _check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]
         for cand, labels in candidates:
             if (
                 selector
-                and not svc_name.endswith("-candidate")
+                and not svc_name.endswith(("-candidate", "-candidate-verify"))
                 and all(labels.get(k) == v for k, v in selector.items())
             ):
                 report.error(
@@ -148,7 +148,30 @@ def _check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]
 def _check_traefik_services(
     docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]
 ) -> None:
-    """Weights and sticky cookie of `TraefikService` (Traefik's CRD) weighted services."""
+    """Weights and sticky cookie of `TraefikService` (Traefik's CRD) weighted services; no
+    IngressRoute reaches a weighted child directly (its requests would count in that child's
+    metrics with production traffic, which the rollout gate judges)."""
+    children: dict[str, str] = {}
+    for _, doc in docs:
+        if doc.get("kind") == "TraefikService":
+            name = str((doc.get("metadata") or {}).get("name", "?"))
+            for child in ((doc.get("spec") or {}).get("weighted") or {}).get("services") or []:
+                if str(child.get("kind", "Service")) == "Service":
+                    children[str(child.get("name"))] = name
+    for file, doc in docs:
+        if doc.get("kind") != "IngressRoute":
+            continue
+        where = f"IngressRoute/{(doc.get('metadata') or {}).get('name', '?')}"
+        for route in (doc.get("spec") or {}).get("routes") or []:
+            for svc in route.get("services") or []:
+                ref = str(svc.get("name"))
+                if str(svc.get("kind", "Service")) == "Service" and ref in children:
+                    Reporter(file, out).error(
+                        f"{where}: routes to Service {ref}, a child of TraefikService "
+                        f"{children[ref]}: its requests count in the child's metrics with "
+                        f"production traffic and hide errors from `sf-lifecycle rollout`. Give "
+                        f"the verification route its own Service (e.g. {ref}-verify)"
+                    )
     for file, doc in docs:
         if doc.get("kind") != "TraefikService":
             continue

@@ -30,7 +30,13 @@ from typing import Any
 
 import yaml
 
-from ._infra_bluegreen import StaticConfig, check_bluegreen, static_from_doc, static_from_flags
+from ._infra_bluegreen import (
+    StaticConfig,
+    check_bluegreen,
+    static_from_doc,
+    static_from_flags,
+    verify_shares_child,
+)
 from ._infra_common import (
     COMPOSE_STOP_MS,
     DEFAULTS,
@@ -396,6 +402,13 @@ def check_documents(
             _check_traefik_static(doc, file, out, proxies)
     _check_k8s(k8s, out)
     model = check_bluegreen(dynamic, proxies, out)
+    for app in compose_apps:
+        for rname, router in ((app.tree.get("http") or {}).get("routers") or {}).items():
+            base, _, provider = str((router or {}).get("service", "")).lower().partition("@")
+            if provider == "file" and base in model.children:
+                out.append(
+                    verify_shares_child(app.file, f"label router {rname}", base, "(weights file)")
+                )
     for app in compose_apps:
         if not app.routed and not (app.hosts & model.server_hosts):
             out.append(

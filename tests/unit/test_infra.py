@@ -108,7 +108,7 @@ def test_kubernetes_weighted_routing() -> None:
     route = crds["IngressRoute/sf"]["spec"]["routes"][0]["services"]
     assert route == [{"name": "sf-weighted", "kind": "TraefikService"}]
     verify = crds["IngressRoute/sf-candidate"]["spec"]["routes"][0]
-    assert verify["services"][0]["name"] == "sf-candidate"
+    assert verify["services"][0]["name"] == "sf-candidate-verify"  # not the weighted child
     assert verify["middlewares"] == [{"name": "sf-candidate-allow"}]
     assert "ipAllowList" in crds["Middleware/sf-candidate-allow"]["spec"]
     stable_svc = next(d for d in yaml.safe_load_all(K8S[1].read_text()) if d["kind"] == "Service")
@@ -168,7 +168,7 @@ def test_file_provider_config_is_what_the_harness_renders() -> None:
     assert weighted["sticky"]["cookie"]["name"] == "sf-aff"
     # The candidate is its own pool, never in the stable one; each pool has its health check.
     pools = load(DYNAMIC)["http"]["services"]
-    assert set(pools) == {"sf", "sf-candidate"}
+    assert set(pools) == {"sf", "sf-candidate", "sf-candidate-verify"}
     for pool in pools.values():
         assert pool["loadBalancer"]["healthCheck"] == {
             "path": "/api/healthz",
@@ -193,7 +193,7 @@ def test_compose_routing_is_the_file_twin_by_container_name() -> None:
     # Only the candidate's verification router comes from labels, through the allow-list.
     assert doc["services"]["sf"]["labels"] == {"traefik.enable": "false"}
     labels = doc["services"]["sf-candidate"]["labels"]
-    assert labels["traefik.http.routers.sf-candidate.service"] == "sf-candidate@file"
+    assert labels["traefik.http.routers.sf-candidate.service"] == "sf-candidate-verify@file"
     assert labels["traefik.http.routers.sf-candidate.middlewares"] == "sf-candidate-allow@file"
     assert "sf-candidate-allow" in routing["middlewares"]
     assert not [k for k in labels if k.startswith("traefik.http.services.")]

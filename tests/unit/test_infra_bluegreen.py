@@ -55,6 +55,11 @@ def test_reference_infra_is_clean(tmp_path: Path) -> None:
     assert run_on_copy(tmp_path, lambda root: None) == []
 
 
+def _route_verify_to_child(root: Path) -> None:
+    path = root / "k8s" / "traefik.yaml"
+    path.write_text(path.read_text().replace("- name: sf-candidate-verify", "- name: sf-candidate"))
+
+
 CASES: list[tuple[str, Edit, str, str]] = [
     (
         "candidate server in the stable pool",
@@ -151,6 +156,34 @@ CASES: list[tuple[str, Edit, str, str]] = [
         ),
         "error",
         "infra/docker-compose.yaml: Traefik's Prometheus addServicesLabels is off",
+    ),
+    (
+        "verification router on the weighted child (file provider)",
+        _yaml_edit(
+            "traefik/dynamic/sf.yaml",
+            lambda d: d["http"]["routers"]["sf-candidate"].update(service="sf-candidate"),
+        ),
+        "error",
+        "dynamic/sf.yaml: router sf-candidate points at sf-candidate, a child of weighted "
+        "service sf-weighted: its requests count in sf-candidate's metrics",
+    ),
+    (
+        "verification router on the weighted child (compose labels)",
+        _yaml_edit(
+            "docker-compose.yaml",
+            lambda d: d["services"]["sf-candidate"]["labels"].update(
+                {"traefik.http.routers.sf-candidate.service": "sf-candidate@file"}
+            ),
+        ),
+        "error",
+        "infra/docker-compose.yaml: label router sf-candidate points at sf-candidate, a child",
+    ),
+    (
+        "verification route on the weighted child (kubernetes)",
+        _route_verify_to_child,
+        "error",
+        "k8s/traefik.yaml: IngressRoute/sf-candidate: routes to Service sf-candidate, a child of "
+        "TraefikService sf-weighted",
     ),
     (
         "metrics on the public entrypoint",

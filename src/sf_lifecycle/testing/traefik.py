@@ -92,7 +92,8 @@ class TraefikRouting:
             on it, so a pinned client stays on its version during a rollout.
         candidate_service: Blue/green: the candidate's own pool (weight 0 until promoted).
         candidate_rule: Blue/green: the router that reaches the candidate directly, to verify
-            it before it takes production traffic.
+            it before it takes production traffic. It points at `verify_service`, never at
+            the weighted child, so verification requests stay out of the rollout's counters.
         candidate_allow: Source ranges allowed through the candidate's router.
     """
 
@@ -110,6 +111,12 @@ class TraefikRouting:
     candidate_service: str = "sf-candidate"
     candidate_rule: str = "Host(`candidate.sf.localhost`)"
     candidate_allow: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+
+    @property
+    def verify_service(self) -> str:
+        """Blue/green: the service of the candidate's verification router (same servers as
+        `candidate_service`, its own metrics)."""
+        return f"{self.candidate_service}-verify"
 
     def _cookie(self) -> dict[str, Any]:
         cookie: dict[str, Any] = {
@@ -134,13 +141,14 @@ class TraefikRouting:
         }
 
     def bluegreen_config(self, stable: Sequence[str], candidate: Sequence[str]) -> dict[str, Any]:
-        """The blue/green routing file (`infra/traefik/dynamic/sf.yaml`): two pools, two routers.
+        """The blue/green routing file (`infra/traefik/dynamic/sf.yaml`): pools and two routers.
 
         The production router points at `weighted_service` (defined in the weights file, see
-        `weights_config`); the candidate router reaches the candidate's pool directly, from
-        `candidate_allow` only. Neither pool has a sticky cookie of its own: the weighted
-        service's cookie pins a client to a version (a second cookie of the same name on a
-        pool would fight it).
+        `weights_config`); the candidate router reaches the candidate's servers through their
+        own service `verify_service`, from `candidate_allow` only: Traefik counts metrics per
+        service, and the rollout judges the weighted child on production traffic alone.
+        Neither pool has a sticky cookie of its own: the weighted service's cookie pins a
+        client to a version (a second cookie of the same name on a pool would fight it).
         """
         allow = f"{self.candidate_service}-allow"
         return {
@@ -154,7 +162,7 @@ class TraefikRouting:
                     self.candidate_service: {
                         "rule": self.candidate_rule,
                         "entryPoints": [self.entrypoint],
-                        "service": self.candidate_service,
+                        "service": self.verify_service,
                         "middlewares": [allow],
                         "priority": 1000,
                     },
@@ -165,6 +173,7 @@ class TraefikRouting:
                 "services": {
                     self.service: self._pool(stable),
                     self.candidate_service: self._pool(candidate),
+                    self.verify_service: self._pool(candidate),
                 },
             }
         }
