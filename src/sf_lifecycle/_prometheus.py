@@ -17,10 +17,19 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Sample", "ServiceStats", "histogram_quantile", "parse_samples", "service_stats"]
+__all__ = [
+    "Sample",
+    "ServiceStats",
+    "histogram_quantile",
+    "parse_samples",
+    "process_start",
+    "service_stats",
+]
 
 REQUESTS = "traefik_service_requests_total"
 DURATION_BUCKET = "traefik_service_request_duration_seconds_bucket"
+SERVICE_FAMILIES = "traefik_service_"
+PROCESS_START = "process_start_time_seconds"
 
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(,)?')
@@ -110,20 +119,36 @@ class ServiceStats:
         return histogram_quantile(0.99, self.buckets)
 
     def since(self, earlier: ServiceStats) -> ServiceStats:
-        """The traffic between `earlier` and this scrape.
+        """The traffic between `earlier` and this scrape; never negative.
 
-        A counter that went down means Traefik restarted in between (its counters start at 0
-        again); as Prometheus' `increase()` does, the new value is then the whole increase.
+        Any counter that went down means Traefik restarted in between (its counters start at 0
+        again): the whole scrape is then the increase, as Prometheus' `increase()` takes it, for
+        every counter at once so requests, errors and buckets stay consistent. A restart whose
+        counters have already passed their old values cannot be seen here; the caller compares
+        Traefik's start time (`process_start`) for that.
         """
-
-        def delta(now: float, before: float) -> float:
-            return now - before if now >= before else now
-
-        return ServiceStats(
-            requests=delta(self.requests, earlier.requests),
-            errors=delta(self.errors, earlier.errors),
-            buckets={le: delta(n, earlier.buckets.get(le, 0.0)) for le, n in self.buckets.items()},
+        reset = (
+            self.requests < earlier.requests
+            or self.errors < earlier.errors
+            or any(n < earlier.buckets.get(le, 0.0) for le, n in self.buckets.items())
+            or any(le not in self.buckets for le in earlier.buckets)
         )
+        if reset:
+            return ServiceStats(self.requests, self.errors, dict(self.buckets))
+        return ServiceStats(
+            requests=self.requests - earlier.requests,
+            errors=self.errors - earlier.errors,
+            buckets={le: n - earlier.buckets.get(le, 0.0) for le, n in self.buckets.items()},
+        )
+
+    def with_unfinished(self, count: int) -> ServiceStats:
+        """These counters plus `count` requests still running: counted as slower than every
+        bucket (`+Inf`), since a request Traefik has not seen end took at least that long."""
+        if count <= 0:
+            return self
+        buckets = dict(self.buckets)
+        buckets[math.inf] = max(self.buckets.values(), default=0.0) + count
+        return ServiceStats(self.requests + count, self.errors, buckets)
 
 
 def service_stats(text: str) -> dict[str, ServiceStats]:
@@ -137,6 +162,10 @@ def service_stats(text: str) -> dict[str, ServiceStats]:
         service = s.labels.get("service")
         if service is None or math.isnan(s.value):
             continue
+        if s.name.startswith(SERVICE_FAMILIES):
+            # Any per-service series (e.g. the health check's `server_up`, present with no
+            # traffic at all) shows that Traefik labels its metrics by service.
+            out.setdefault(service, ServiceStats())
         if s.name == REQUESTS:
             st = out.setdefault(service, ServiceStats())
             st.requests += s.value
@@ -147,6 +176,15 @@ def service_stats(text: str) -> dict[str, ServiceStats]:
             le = _value(s.labels["le"])
             st.buckets[le] = st.buckets.get(le, 0.0) + s.value
     return out
+
+
+def process_start(text: str) -> float | None:
+    """Traefik's start time from its `/metrics` (`process_start_time_seconds`), if exposed: a
+    different value between two scrapes means Traefik restarted and its counters began at 0."""
+    for s in parse_samples(text):
+        if s.name == PROCESS_START and not s.labels:
+            return s.value
+    return None
 
 
 def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:

@@ -19,16 +19,27 @@ Deliberate choices:
   only those characters change, so the operator's comments, key order and every other key stay
   as they were. The result is parsed again and compared with the original (weights aside)
   before anything is written.
+- Only weights written as a plain or quoted decimal integer (`100`, `"0"`) are rewritable;
+  an anchor, alias, tag or block scalar on a weight is refused at load (`WeightsError`), so a
+  file that the rewrite would break is refused before anything changes. Line endings (CRLF)
+  are kept.
 - The write is atomic: a temporary file in the same directory (a dot name without a `.yaml`
   suffix, which Traefik's directory watch skips), fsynced, renamed over the file, then the
   directory fsynced. Traefik sees the old file or the new one, never a torn write, and a crash
-  leaves one of the two on disk.
+  leaves one of the two on disk. The new file keeps the old one's mode and owner/group (as
+  root, against a file owned by Traefik's user, a root-owned file would be unreadable to
+  Traefik); when the owner cannot be kept, nothing is written.
+- A symbolic link is written through: the link stays, its target is replaced (temporary file
+  and rename in the target's directory). Traefik notices the change only if the target is in
+  a watched directory too; otherwise the rollout stops (Traefik does not load the new
+  weights) and the stable keeps all traffic.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +51,8 @@ import yaml
 __all__ = ["WeightsError", "WeightsFile", "split_provider"]
 
 CANDIDATE_SUFFIX = "-candidate"
+# What the rewrite replaces: a decimal integer, bare or quoted (Traefik reads both).
+_PLAIN_WEIGHT = re.compile(r"""(0|[1-9][0-9]*)|"(0|[1-9][0-9]*)"|'(0|[1-9][0-9]*)'""")
 
 
 class WeightsError(ValueError):
@@ -120,7 +133,8 @@ class WeightsFile:
         """
         p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
+            with p.open(encoding="utf-8", newline="") as f:  # newline="": keep CRLF as is
+                text = f.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise WeightsError(f"{p}: cannot read the weights file: {exc}") from None
         try:
@@ -150,13 +164,13 @@ class WeightsFile:
             raise WeightsError(
                 f"{p}: no weighted service {service!r}; the file has {', '.join(sorted(weighted))}"
             )
-        children = cls._children_of(p, service, weighted[service])
+        children = cls._children_of(p, text, service, weighted[service])
         names = [c.name for c in children]
         stable, candidate = cls._roles(p, service, names, stable, candidate)
         return cls(p, text, service, stable, candidate, (children[0], children[1]))
 
     @staticmethod
-    def _children_of(p: Path, service: str, weighted: yaml.Node) -> list[_Child]:
+    def _children_of(p: Path, text: str, service: str, weighted: yaml.Node) -> list[_Child]:
         items = _get(weighted, "services")
         where = f"{p}: weighted service {service!r}"
         if not isinstance(items, yaml.SequenceNode) or len(items.value) != 2:
@@ -175,6 +189,8 @@ class WeightsFile:
                     f"{where}: child {name.value!r} has no weight; write it out "
                     f"(e.g. `weight: 0`) so the rollout can change it"
                 )
+            if sum(1 for k, _ in item.value if _key(k) == "weight") > 1:
+                raise WeightsError(f"{where}: child {name.value!r} has two `weight` keys")
             try:
                 value = int(str(weight.value))
             except ValueError:
@@ -183,6 +199,13 @@ class WeightsFile:
                 raise WeightsError(
                     f"{where}: child {name.value!r} has weight {weight.value!r}; "
                     f"weights are integers >= 0"
+                )
+            source = text[weight.start_mark.index : weight.end_mark.index]
+            if _PLAIN_WEIGHT.fullmatch(source) is None or any(c.node is weight for c in children):
+                raise WeightsError(
+                    f"{where}: child {name.value!r} has weight written as {source.strip()!r}; "
+                    f"the rollout rewrites only a plain decimal number (e.g. `weight: 100`): "
+                    f"no anchor, alias, tag or block scalar"
                 )
             children.append(_Child(str(name.value), value, weight))
         if children[0].name == children[1].name:
@@ -240,8 +263,14 @@ class WeightsFile:
 
     def _same_but_weights(self, new_text: str, weights: Mapping[str, int]) -> None:
         # The splice must not have changed anything else: compare the parsed documents.
-        before: Any = yaml.safe_load(self.text)
-        after: Any = yaml.safe_load(new_text)
+        try:
+            before: Any = yaml.safe_load(self.text)
+            after: Any = yaml.safe_load(new_text)
+        except yaml.YAMLError as exc:
+            raise WeightsError(
+                f"{self.path}: rewriting the weights would not give valid YAML ({exc}); "
+                f"write each weight as a plain number (e.g. `weight: 100`)"
+            ) from None
         for child in _lowered_children(before, self.service):
             if child.get("name") in weights:
                 for k in list(child):
@@ -250,24 +279,55 @@ class WeightsFile:
         if before != after:
             raise WeightsError(f"{self.path}: rewriting the weights would change other keys")
 
+    @property
+    def target(self) -> Path:
+        """The file that is replaced: `path`, or the final target when `path` is a symlink."""
+        return self.path.resolve(strict=True) if self.path.is_symlink() else self.path
+
+    def check_rewritable(self) -> None:
+        """Render the rewrites a rollout and an `--abort` make, in memory only.
+
+        Raises:
+            WeightsError: the rewrite would not give the same document with new weights.
+        """
+        self.render({self.stable: 0, self.candidate: 100})
+        self.render({self.stable: 100, self.candidate: 0})
+
     def write(self, weights: Mapping[str, int]) -> WeightsFile:
         """Atomically replace the file with `weights` set; the reloaded file.
 
+        A symlink is kept and its target replaced. The new file keeps the mode, owner and group
+        of the old one.
+
         Raises:
-            WeightsError: bad weights (nothing written).
+            WeightsError: bad weights, or the owner cannot be kept (nothing written).
             OSError: the directory cannot be written (nothing replaced).
         """
         text = self.render(weights)
-        d = self.path.parent
-        mode = self.path.stat().st_mode & 0o7777
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=d)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            target = self.target
+        except OSError as exc:
+            raise WeightsError(f"{self.path}: cannot resolve the symbolic link: {exc}") from None
+        d = target.parent
+        st = target.stat()
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=d)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+                own = os.fstat(f.fileno())
+                if (own.st_uid, own.st_gid) != (st.st_uid, st.st_gid):
+                    try:
+                        os.fchown(f.fileno(), st.st_uid, st.st_gid)
+                    except OSError as exc:
+                        raise WeightsError(
+                            f"{target}: cannot keep its owner {st.st_uid}:{st.st_gid} on the "
+                            f"rewritten file ({exc.strerror}); Traefik might no longer read "
+                            f"it. Run as that user (or root); nothing was changed"
+                        ) from None
                 f.write(text)
                 f.flush()
-                os.fchmod(f.fileno(), mode)
+                os.fchmod(f.fileno(), st.st_mode & 0o7777)
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -8,8 +8,13 @@
 `URL` is Traefik's internal entrypoint, serving both its API and `/metrics`. The candidate starts
 at weight 0 and is verified through its own router before this command runs.
 
-1. Pre-flight: Traefik serves the weighted service from this file, reports every server of the
-   candidate `UP`, exposes per-service metrics, and `--candidate-ready` (when given) answers
+1. Pre-flight: no other rollout holds this file (an exclusive `flock` on its directory, kept
+   for the whole rollout); the file holds stable 100 / candidate 0 (otherwise: `--abort`
+   first) and its weights can be rewritten (tried in memory); Traefik serves the weighted
+   service from this file, reports every server of the candidate `UP`, and its `/metrics`
+   has series labelled with both children's services (the pools' health checks give them
+   even without traffic: without `addServicesLabels` there are none); the candidate's
+   `/api/healthz` reports its requests in flight; `--candidate-ready` (when given) answers
    200. Otherwise exit 2 and the weights are untouched.
 2. Each step writes the candidate's weight (the stable gets the rest of 100), waits until
    Traefik's API shows the new weights, then holds. During the hold the per-service counters of
@@ -19,28 +24,39 @@ at weight 0 and is verified through its own router before this command runs.
    `--min-requests` instead, so a burst of errors is a breach before enough traffic arrived
    to compute a ratio. The candidate leaving Traefik's pool (no server `UP`) is a breach at
    once. At the end of the hold the candidate must have served `--min-requests`, and its p99
-   latency (interpolated from the duration histogram) must not exceed the stable's by more
-   than `--max-latency-ratio` (the stable's is taken over the whole rollout, so the last step,
-   where the stable gets no new traffic, still has a reference; p99s under `--latency-floor`
-   never breach: the buckets are coarse).
+   latency (interpolated linearly inside the duration histogram's buckets, as PromQL does)
+   must not exceed the stable's by more than `--max-latency-ratio` (the stable's is taken
+   over the whole rollout, so the last step, where the stable gets no new traffic, still has
+   a reference; p99s under `--latency-floor` never breach: the buckets are coarse).
+   Traefik counts a request only once it ends, so a candidate whose requests hang would look
+   clean: the candidate's `/api/healthz` says how long its requests in flight have run, and
+   those running longer than the latency limit count as slower than every bucket; more than
+   1 % of them is a breach on its own.
 3. A breach writes stable 100 / candidate 0 at once and exits 1 with what was measured. After
    the last step the candidate has 100 and the command exits 0. Ctrl-C or SIGTERM also rolls
-   back (exit 130). SIGKILL cannot be caught: the last weights written stay, and
-   `rollout --abort` restores stable 100.
+   back (exit 130); further signals are ignored until the rollback is written and loaded, and
+   one during the pre-flight exits 130 with nothing changed. SIGKILL cannot be caught: the
+   last weights written stay, and `rollout --abort` restores stable 100.
 
 The stable's ratio is reported beside the candidate's; since it is never negative, "under
 `--max-error-rate`" also means "no more than the stable's plus that margin". When the stable
 fails as much, the report says so: the fault may lie in a shared dependency.
 
-Before each write the file must still hold the weights this command wrote last; if someone else
-changed them (an `--abort`, a second rollout, an edit), the rollout stops and leaves them alone.
+Every `--interval` and before each write the file must still hold the weights this command wrote
+last; if someone else changed them (an `--abort`, an edit), the rollout stops and leaves them
+alone. `--abort` does not wait for the lock: an operator's abort always wins. It writes stable
+100 at once and, while a rollout still holds the lock, keeps it there until that rollout has
+noticed and exited (at most `ABORT_WAIT_S`).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
 import json
+import math
+import os
 import signal
 import sys
 import time
@@ -53,7 +69,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from ._infra_common import parse_duration_ms
-from ._prometheus import ServiceStats, service_stats
+from ._prometheus import ServiceStats, process_start, service_stats
 from ._weights import WeightsError, WeightsFile
 
 __all__ = ["COMMAND", "Gate", "RolloutRefused", "parse_steps", "qualify"]
@@ -61,6 +77,15 @@ __all__ = ["COMMAND", "Gate", "RolloutRefused", "parse_steps", "qualify"]
 #: The weighted service lives in a file of Traefik's file provider.
 FILE_PROVIDER = "file"
 EXIT_PROMOTED, EXIT_ROLLED_BACK, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: Bounds of `--hold`: shorter than a scrape is noise, longer than an hour is a typo.
+MIN_HOLD_S, MAX_HOLD_S = 0.1, 3600.0
+MIN_INTERVAL_S = 0.05
+#: How long pre-flight waits for per-service series (a health-check interval and a margin).
+METRICS_WAIT_S = 5.0
+#: How long `--abort` keeps the file at stable 100 while a running rollout notices and exits.
+ABORT_WAIT_S = 10.0
+#: The share of a candidate's requests that may run longer than the latency limit (p99).
+HANGING_SHARE = 0.01
 
 
 class RolloutRefused(Exception):
@@ -68,7 +93,54 @@ class RolloutRefused(Exception):
 
 
 class _Interrupted(Exception):
-    """SIGTERM during a rollout (Ctrl-C raises KeyboardInterrupt)."""
+    """Ctrl-C or SIGTERM; raised once, later signals are ignored (see `_Signals`)."""
+
+
+class _Signals:
+    """SIGINT and SIGTERM raise `_Interrupted` once; after that, or once `shield()` was called
+    (a rollback is being written), they are ignored, so a second Ctrl-C cannot leave the
+    candidate at its weight halfway through the rollback."""
+
+    def __init__(self) -> None:
+        self.shielded = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.shielded:
+            return
+        self.shielded = True
+        raise _Interrupted
+
+    def shield(self) -> None:
+        self.shielded = True
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+class _DirLock:
+    """An exclusive `flock` on the weights file's directory: no extra file in the directory
+    Traefik watches, and the kernel drops it when the process dies, even by SIGKILL."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd = os.open(directory, os.O_RDONLY)
+
+    def try_acquire(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def qualify(name: str, provider: str = FILE_PROVIDER) -> str:
@@ -131,8 +203,37 @@ class Gate:
             reason += " (the stable fails too: check shared dependencies)"
         return reason
 
-    def end_of_hold(self, candidate: ServiceStats, stable_reference: ServiceStats) -> str | None:
-        """A reason when the finished hold does not let the candidate pass."""
+    def latency_limit_s(self, stable_reference: ServiceStats) -> float | None:
+        """max(stable p99 x ratio, floor); None without enough stable traffic to compare."""
+        s = stable_reference.p99_s()
+        if s is None or stable_reference.requests < self.min_requests:
+            return None
+        return max(s * self.max_latency_ratio, self.latency_floor_s)
+
+    def end_of_hold(
+        self,
+        candidate: ServiceStats,
+        stable_reference: ServiceStats,
+        hanging: int = 0,
+        hang_limit_s: float | None = None,
+    ) -> str | None:
+        """A reason when the finished hold does not let the candidate pass.
+
+        Args:
+            candidate: The candidate's requests that ended during the hold.
+            stable_reference: The stable's over the whole rollout.
+            hanging: The candidate's requests still running after more than `hang_limit_s`;
+                Traefik's metrics cannot see them yet. They count as slower than every bucket.
+            hang_limit_s: The limit `hanging` was counted against (for the message).
+        """
+        if hanging > 0 and hanging > HANGING_SHARE * (candidate.requests + hanging):
+            return (
+                f"{hanging} of the candidate's requests still running after more than "
+                f"{_fmt_s(hang_limit_s)} (the latency limit), "
+                f"{hanging / (candidate.requests + hanging):.1%} of "
+                f"{candidate.requests + hanging:.0f}: more than {HANGING_SHARE:.0%} hang"
+            )
+        candidate = candidate.with_unfinished(hanging)
         if candidate.requests < self.min_requests:
             return (
                 f"candidate served {candidate.requests:.0f} requests in the hold, fewer than "
@@ -143,9 +244,9 @@ class Gate:
         if reason:
             return reason
         c, s = candidate.p99_s(), stable_reference.p99_s()
-        if c is None or s is None or stable_reference.requests < self.min_requests:
+        limit = self.latency_limit_s(stable_reference)
+        if c is None or s is None or limit is None:
             return None  # no stable reference: the latency gate cannot apply
-        limit = max(s * self.max_latency_ratio, self.latency_floor_s)
         if c > limit:
             return (
                 f"candidate p99 {_fmt_s(c)} over {_fmt_s(limit)} (stable p99 {_fmt_s(s)} x "
@@ -190,11 +291,45 @@ class Traefik:
         children = (svc.get("weighted") or {}).get("services") or []
         return {str(c["name"]): int(c.get("weight", 1)) for c in children}
 
-    def stats(self) -> dict[str, ServiceStats]:
+    def scrape(self) -> Scrape:
         status, body = self._get("/metrics")
         if status != 200:
             raise OSError(f"Traefik's /metrics answered {status}")
-        return service_stats(body.decode("utf-8", "replace"))
+        text = body.decode("utf-8", "replace")
+        return Scrape(process_start(text), service_stats(text))
+
+
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    """One read of Traefik's `/metrics`: its start time and the per-service counters."""
+
+    started: float | None
+    stats: Mapping[str, ServiceStats]
+
+    def since(self, name: str, earlier: Scrape) -> ServiceStats:
+        """`name`'s traffic since `earlier`; all of it when Traefik restarted in between."""
+        now = self.stats.get(name, ServiceStats())
+        if earlier.started is not None and self.started != earlier.started:
+            return now.since(ServiceStats())
+        return now.since(earlier.stats.get(name, ServiceStats()))
+
+
+def _in_flight_ages(url: str, timeout_s: float = 5.0) -> list[tuple[float, int]]:
+    """`[(seconds, count), ...]` from an sf-lifecycle `/api/healthz` (200 or 503 alike).
+
+    Raises:
+        OSError: unreachable, or the body has no `in_flight_ages_s`.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            body = r.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    try:
+        ages = json.loads(body)["in_flight_ages_s"]
+        return [(float(a), int(n)) for a, n in ages]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OSError(f"{url} does not report in_flight_ages_s ({exc!r})") from None
 
 
 def _http_status(url: str, timeout_s: float = 5.0) -> int | str:
@@ -262,14 +397,23 @@ class Options:
     stable: str | None = None
     candidate: str | None = None
     service: str | None = None
+    candidate_health: list[str] = field(default_factory=list)
     load_timeout_s: float = 15.0
 
 
 class _Rollout:
-    def __init__(self, opts: Options, wf: WeightsFile, say: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        opts: Options,
+        wf: WeightsFile,
+        say: Callable[[str], None],
+        signals: _Signals | None = None,
+    ) -> None:
         self.opts = opts
         self.wf = wf
         self.say = say
+        self.signals = signals or _Signals()
+        self.health_urls: list[str] = list(opts.candidate_health)
         assert opts.traefik is not None
         self.traefik = Traefik(opts.traefik)
         self.weighted = qualify(wf.service)
@@ -286,6 +430,13 @@ class _Rollout:
     def preflight(self) -> None:
         """Raise RolloutRefused unless everything the gate relies on is in place."""
         t, wf = self.traefik, self.wf
+        wf.check_rewritable()
+        if wf.weights != self._weights(0):
+            raise RolloutRefused(
+                f"{wf.path} holds {wf.weights}, not {wf.stable} 100 / {wf.candidate} 0: a "
+                f"rollout starts from the stable. Run `sf-lifecycle rollout --weights "
+                f"{wf.path} --abort` first"
+            )
         try:
             served = t.weights(self.weighted)
         except (OSError, ValueError) as exc:
@@ -313,27 +464,68 @@ class _Rollout:
                 raise RolloutRefused(
                     f"candidate not ready: {self.opts.candidate_ready} answered {got}, not 200"
                 )
-        try:
-            t.stats()
-        except (OSError, ValueError) as exc:
+        # With no traffic yet, the pools' health-check gauges (`traefik_service_server_up`) are
+        # the candidate's only series, and Traefik drops them on every configuration reload
+        # until the next health check (checked with Traefik 3.7): wait a little for them.
+        deadline = time.monotonic() + METRICS_WAIT_S
+        while True:
+            try:
+                scrape = t.scrape()
+            except (OSError, ValueError) as exc:
+                raise RolloutRefused(
+                    f"cannot read Traefik's metrics at {t.url}/metrics ({exc}); enable "
+                    f"metrics.prometheus with addServicesLabels on this entrypoint"
+                ) from None
+            unlabelled = [n for n in (self.stable_q, self.candidate_q) if n not in scrape.stats]
+            if not unlabelled or time.monotonic() >= deadline:
+                break
+            time.sleep(0.25)
+        if unlabelled:
             raise RolloutRefused(
-                f"cannot read Traefik's metrics at {t.url}/metrics ({exc}); enable "
-                f"metrics.prometheus with addServicesLabels on this entrypoint"
-            ) from None
+                f"Traefik's metrics at {t.url}/metrics have no series labelled "
+                f"with service {' or '.join(unlabelled)}: "
+                f"nothing to judge the step on. Enable metrics.prometheus.addServicesLabels "
+                f"(and a health check on each pool, which gives the series before any traffic)"
+            )
+        if not self.health_urls:
+            self.health_urls = [f"{u.rstrip('/')}/api/healthz" for u in status]
+        for url in self.health_urls:
+            try:
+                _in_flight_ages(url)
+            except OSError as exc:
+                raise RolloutRefused(
+                    f"cannot read the candidate's requests in flight at {url} ({exc}); Traefik "
+                    f"does not count a request until it ends, so the gate needs them. Pass "
+                    f"--candidate-health URL of the candidate's /api/healthz (e.g. through its "
+                    f"verification router)"
+                ) from None
 
     # -- steps --------------------------------------------------------------------------------
-    def _set(self, weights: dict[str, int], *, force: bool = False) -> None:
+    def _current(self) -> WeightsFile:
+        """The file as it is now; `_ChangedUnderneath` unless it holds what was written last."""
         current = WeightsFile.load(
             self.wf.path,
             stable=self.wf.stable,
             candidate=self.wf.candidate,
             service=self.wf.service,
         )
-        if not force and current.weights != self.wf.weights:
+        if current.weights != self.wf.weights:
             raise _ChangedUnderneath(
                 f"{self.wf.path} changed underneath the rollout (weights {current.weights}, "
-                f"expected {self.wf.weights}): stopping without writing"
+                f"expected {self.wf.weights}; an --abort?): stopping without writing"
             )
+        return current
+
+    def _set(self, weights: dict[str, int], *, force: bool = False) -> None:
+        if force:
+            current = WeightsFile.load(
+                self.wf.path,
+                stable=self.wf.stable,
+                candidate=self.wf.candidate,
+                service=self.wf.service,
+            )
+        else:
+            current = self._current()
         self.wf = current.write(weights)
         self.report.weights_after = self.wf.weights
 
@@ -348,8 +540,14 @@ class _Rollout:
             time.sleep(0.05)
         return False
 
-    def _snapshot(self) -> dict[str, ServiceStats]:
-        return self.traefik.stats()
+    def _snapshot(self) -> Scrape:
+        return self.traefik.scrape()
+
+    def _hanging(self, limit_s: float) -> int:
+        """The candidate's requests running for more than `limit_s` (summed over servers)."""
+        return sum(
+            n for url in self.health_urls for age, n in _in_flight_ages(url) if age > limit_s
+        )
 
     def run(self) -> int:
         self.report.result = "promoted"
@@ -366,6 +564,7 @@ class _Rollout:
             now = step_start
             while True:
                 time.sleep(max(0.0, min(self.opts.interval_s, end - time.monotonic())))
+                self._current()  # an --abort or an edit stops the rollout within an interval
                 status = self.traefik.server_status(self.candidate_q)
                 now = self._snapshot()
                 cand, stab = self._window(now, step_start)
@@ -377,10 +576,16 @@ class _Rollout:
                     break
             cand, stab = self._window(now, step_start)
             if reason is None:
-                ref = now.get(self.stable_q, ServiceStats()).since(
-                    started.get(self.stable_q, ServiceStats())
+                ref = now.since(self.stable_q, started)
+                # Requests still running count too: Traefik has not seen them end. Without a
+                # stable reference yet, the stable's history in Traefik gives the limit.
+                gate = self.opts.gate
+                limit = gate.latency_limit_s(ref) or gate.latency_limit_s(
+                    now.stats.get(self.stable_q, ServiceStats())
                 )
-                reason = self.opts.gate.end_of_hold(cand, ref)
+                hang_limit = limit if limit is not None else gate.latency_floor_s
+                hanging = self._hanging(hang_limit)
+                reason = gate.end_of_hold(cand, ref, hanging, hang_limit)
             step = Step(
                 weight,
                 round(time.monotonic() - t0, 3),
@@ -403,15 +608,11 @@ class _Rollout:
         self.say(f"promoted: {self.wf.candidate} 100, {self.wf.stable} 0")
         return EXIT_PROMOTED
 
-    def _window(
-        self, now: Mapping[str, ServiceStats], start: Mapping[str, ServiceStats]
-    ) -> tuple[ServiceStats, ServiceStats]:
-        def one(name: str) -> ServiceStats:
-            return now.get(name, ServiceStats()).since(start.get(name, ServiceStats()))
-
-        return one(self.candidate_q), one(self.stable_q)
+    def _window(self, now: Scrape, start: Scrape) -> tuple[ServiceStats, ServiceStats]:
+        return now.since(self.candidate_q, start), now.since(self.stable_q, start)
 
     def _rollback(self, reason: str, *, result: str = "rolled_back") -> int:
+        self.signals.shield()  # the rollback is short; a second Ctrl-C must not cut it
         target = self._weights(0)
         self._set(target, force=True)
         loaded = self._wait_loaded(target)
@@ -444,6 +645,34 @@ def _describe_plan(opts: Options, wf: WeightsFile) -> list[str]:
     ]
 
 
+def _abort(wf: WeightsFile, lock: _DirLock, say: Callable[[str], None]) -> WeightsFile:
+    """Write stable 100 now; keep it there until a rollout holding the lock has exited."""
+    stable_100 = {wf.stable: 100, wf.candidate: 0}
+    free = lock.try_acquire()
+    after = wf.write(stable_100)
+    if free:
+        return after
+    say(f"a rollout is running on {wf.path}: it stops at its next check (waiting for it)")
+    deadline = time.monotonic() + ABORT_WAIT_S
+    while True:
+        gone = lock.try_acquire()
+        # The rollout may have written a step between our read and our rename: write again.
+        after = WeightsFile.load(
+            wf.path, stable=wf.stable, candidate=wf.candidate, service=wf.service
+        )
+        if after.weights != stable_100:
+            after = after.write(stable_100)
+        if gone:
+            return after
+        if time.monotonic() >= deadline:
+            say(
+                f"the rollout still holds the lock after {ABORT_WAIT_S:g}s; "
+                f"weights are {after.weights}"
+            )
+            return after
+        time.sleep(0.1)
+
+
 # -- command line -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `sf-lifecycle rollout`."""
@@ -462,6 +691,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--latency-floor", default="100ms", help="p99 that never breaches (default 100ms)")
     a("--min-requests", type=int, default=20, help="candidate requests per hold (default 20)")
     a("--candidate-ready", metavar="URL", help="must answer 200 before the first step")
+    a(
+        "--candidate-health",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="the candidate's /api/healthz, for its requests in flight (default: each of its "
+        "servers in Traefik + /api/healthz); repeat for several replicas",
+    )
     a("--stable", metavar="NAME", help="stable child (default: the one not ending in -candidate)")
     a("--candidate", metavar="NAME", help="candidate child (default: the one ending in -candidate)")
     a("--service", metavar="NAME", help="the weighted service, when the file has several")
@@ -483,18 +720,27 @@ def _options(args: argparse.Namespace) -> Options:
         raise RolloutRefused(str(exc)) from None
     hold = seconds("--hold", args.hold)
     interval = seconds("--interval", args.interval)
-    if hold <= 0 or interval <= 0:
-        raise RolloutRefused("--hold and --interval must be positive")
-    if not 0 <= args.max_error_rate < 1:
+    floor = seconds("--latency-floor", args.latency_floor)
+    if not MIN_HOLD_S <= hold <= MAX_HOLD_S:
+        raise RolloutRefused(
+            f"--hold {args.hold}: expected {_fmt_s(MIN_HOLD_S)} to {MAX_HOLD_S / 60:.0f}m "
+            f"(a shorter hold measures nothing, a longer one is a typo)"
+        )
+    if not MIN_INTERVAL_S <= interval <= hold:
+        raise RolloutRefused(
+            f"--interval {args.interval}: expected {_fmt_s(MIN_INTERVAL_S)} up to --hold"
+        )
+    if not (math.isfinite(args.max_error_rate) and 0 <= args.max_error_rate < 1):
         raise RolloutRefused(f"--max-error-rate {args.max_error_rate}: expected 0 <= rate < 1")
-    if args.max_latency_ratio < 1 or args.min_requests < 0:
-        raise RolloutRefused("--max-latency-ratio must be >= 1 and --min-requests >= 0")
-    gate = Gate(
-        args.max_error_rate,
-        args.max_latency_ratio,
-        seconds("--latency-floor", args.latency_floor),
-        args.min_requests,
-    )
+    if not (math.isfinite(args.max_latency_ratio) and args.max_latency_ratio >= 1):
+        raise RolloutRefused(
+            f"--max-latency-ratio {args.max_latency_ratio}: expected a finite number >= 1"
+        )
+    if not math.isfinite(floor) or floor < 0:
+        raise RolloutRefused(f"--latency-floor {args.latency_floor}: expected a duration >= 0")
+    if args.min_requests < 0:
+        raise RolloutRefused(f"--min-requests {args.min_requests}: expected >= 0")
+    gate = Gate(args.max_error_rate, args.max_latency_ratio, floor, args.min_requests)
     return Options(
         args.weights,
         args.traefik,
@@ -506,6 +752,7 @@ def _options(args: argparse.Namespace) -> Options:
         args.stable,
         args.candidate,
         args.service,
+        list(args.candidate_health),
     )
 
 
@@ -518,14 +765,30 @@ def run(args: argparse.Namespace) -> int:
 
     report = Report("refused", str(args.weights))
     code = EXIT_REFUSED
+    lock: _DirLock | None = None
+    signals = _Signals()
     try:
+        signals.__enter__()
         opts = _options(args)
         wf = WeightsFile.load(
             opts.weights, stable=opts.stable, candidate=opts.candidate, service=opts.service
         )
         report = Report("refused", str(wf.path), wf.service, wf.stable, wf.candidate, wf.weights)
-        if args.abort:
-            after = wf.write({wf.stable: 100, wf.candidate: 0})
+        report.weights_after = wf.weights  # until something is written
+        lock = _DirLock(wf.target.parent)
+        if args.abort and args.dry_run:
+            wf.check_rewritable()
+            stable_100 = {wf.stable: 100, wf.candidate: 0}
+            report.result = "dry_run"
+            report.plan = [
+                f"abort          would write {stable_100} to {wf.path} (now {wf.weights})"
+            ]
+            say(report.plan[0] + "; dry run: nothing changed")
+            code = EXIT_PROMOTED
+        elif args.abort:
+            signals.shield()  # short; an abort is not left half done
+            wf.check_rewritable()
+            after = _abort(wf, lock, say)
             report.result, report.weights_after = "aborted", after.weights
             say(f"aborted: {wf.path}: {wf.weights} -> {after.weights}")
             code = EXIT_PROMOTED
@@ -536,12 +799,22 @@ def run(args: argparse.Namespace) -> int:
                 say(line)
             code = EXIT_PROMOTED
             if opts.traefik:
-                _Rollout(opts, wf, say).preflight()
+                _Rollout(opts, wf, say, signals).preflight()
                 say("pre-flight     ok (nothing changed: dry run)")
         else:
             if not opts.traefik:
                 raise RolloutRefused("--traefik URL is required (Traefik's internal entrypoint)")
-            code, report = _run_rollout(opts, wf, say)
+            if not lock.try_acquire():
+                raise RolloutRefused(
+                    f"another rollout is running on {wf.path} (it holds the lock on "
+                    f"{lock.directory}); wait for it, or stop it with --abort"
+                )
+            code, report = _run_rollout(opts, wf, say, signals)
+    except _Interrupted:
+        # Before anything was written (pre-flight, plan): nothing to roll back.
+        report.result, report.reason = "interrupted", "interrupted before the first step"
+        say("interrupted before the first step; nothing changed")
+        code = EXIT_INTERRUPTED
     except (RolloutRefused, WeightsError) as exc:
         report.result, report.reason = "refused", str(exc)
         print(f"rollout: refused: {exc}", file=sys.stderr)
@@ -550,24 +823,25 @@ def run(args: argparse.Namespace) -> int:
         report.result, report.reason = "refused", str(exc)
         print(f"rollout: {exc}", file=sys.stderr)
         code = EXIT_REFUSED
+    finally:
+        signals.__exit__()
+        if lock is not None:
+            lock.close()
     if args.json:
         print(json.dumps(asdict(report), sort_keys=False))
     return code
 
 
-def _run_rollout(opts: Options, wf: WeightsFile, say: Callable[[str], None]) -> tuple[int, Report]:
-    rollout = _Rollout(opts, wf, say)
+def _run_rollout(
+    opts: Options, wf: WeightsFile, say: Callable[[str], None], signals: _Signals
+) -> tuple[int, Report]:
+    rollout = _Rollout(opts, wf, say, signals)
     rollout.preflight()
     for line in _describe_plan(opts, wf):
         say(line)
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise _Interrupted
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = rollout.run()
-    except (KeyboardInterrupt, _Interrupted):
+    except _Interrupted:
         code = rollout._rollback("interrupted (Ctrl-C or SIGTERM)", result="interrupted")
     except _ChangedUnderneath as exc:
         rollout.report.result, rollout.report.reason = "stopped", str(exc)
@@ -576,8 +850,6 @@ def _run_rollout(opts: Options, wf: WeightsFile, say: Callable[[str], None]) -> 
     except (OSError, ValueError) as exc:
         # Traefik unreachable, metrics unreadable, the file unreadable: judge nothing blind.
         code = rollout._rollback(f"stopped by an error: {exc}")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     rollout.report.weights_after = rollout.wf.weights
     return code, rollout.report
 

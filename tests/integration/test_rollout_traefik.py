@@ -8,6 +8,7 @@ candidate pool's port and resets the weights to stable 100 first. The rollout ru
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import signal
@@ -16,11 +17,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from sf_lifecycle._prometheus import ServiceStats, service_stats
 from sf_lifecycle.testing import BlueGreenProxy, ServerProcess, free_port
 from sf_lifecycle.testing.process import reap
 
@@ -382,3 +386,214 @@ def test_sigterm_mid_step_rolls_back(fresh: BlueGreenProxy, candidate_port: int)
     assert report["weights_after"] == STABLE_100
     assert fresh.file_weights() == STABLE_100
     assert fresh.served_weights() == STABLE_100
+
+
+def _service_requests(proxy: BlueGreenProxy, service: str) -> float:
+    return service_stats(proxy.metrics_text()).get(service, ServiceStats()).requests
+
+
+def test_verification_requests_stay_out_of_the_weighted_childs_metrics(
+    fresh: BlueGreenProxy, candidate_port: int
+) -> None:
+    """Steps: a candidate at weight 0; 20 requests through its verification router (Host
+    candidate.sf.localhost). Assert: all 200 from the candidate; Traefik's counters of the
+    weighted child `sf-candidate@file`, which the rollout judges, did not move; those of the
+    verification service `sf-candidate-verify@file` grew by exactly 20."""
+    with start_candidate(fresh, candidate_port):
+        child = _service_requests(fresh, "sf-candidate@file")
+        verify = _service_requests(fresh, "sf-candidate-verify@file")
+        answers = [fresh.candidate_request("/api/hello") for _ in range(20)]
+        assert {(s, h.get("x-sf-replica")) for s, h, _ in answers} == {(200, "candidate")}
+        time.sleep(0.2)
+        assert _service_requests(fresh, "sf-candidate@file") == child
+        assert _service_requests(fresh, "sf-candidate-verify@file") == verify + 20
+
+
+def test_a_candidate_whose_requests_hang_fails_its_step(
+    fresh: BlueGreenProxy, candidate_port: int
+) -> None:
+    """Steps:
+
+    1. A candidate whose /api/hello hangs 8 s on a fifth of its requests (inside the lifecycle
+       middleware, as an application's own hang would); Traefik's health check cannot see it.
+    2. 30 requests/s, each on its own connection, none waiting on another.
+    3. `rollout --steps 10,50,100 --hold 3s --min-requests 3`: no hanging request ends within
+       the hold, so Traefik's counters alone show a clean candidate.
+    4. Assert: exit 1 at step 1, the reason names the requests still running past the latency
+       limit; stable 100 in the file and in Traefik.
+    """
+    env = {
+        "SF_TEST_HANG_RATE": "0.2",
+        "SF_TEST_HANG_S": "8",
+        "SF_RPC_SHUTDOWN_GRACE_MS": "1000",
+    }
+    cand = ServerProcess(
+        "tests.integration.hanging_app:app",
+        env={**QUICK_STOP, "SF_REPLICA_ID": "candidate", **env},
+        port=candidate_port,
+        cwd=ROOT,
+    )
+    cand.start()
+    stop = threading.Event()
+
+    def one() -> None:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            fresh.request("/api/hello", timeout=10.0)
+
+    def load(pool: ThreadPoolExecutor) -> None:
+        while not stop.wait(1 / 30):
+            pool.submit(one)
+
+    try:
+        cand.wait_ready()
+        fresh._poll(
+            lambda: set(fresh.candidate_status().values()) == {"UP"},
+            time.monotonic() + 10,
+            "candidate UP in Traefik",
+        )
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            loader = threading.Thread(target=load, args=(pool,), daemon=True)
+            loader.start()
+            try:
+                code, out, err = run_rollout(
+                    fresh,
+                    *("--steps", "10,50,100", "--hold", "3s", "--interval", "250ms"),
+                    *("--min-requests", "3", "--json"),
+                )
+            finally:
+                stop.set()
+                loader.join(5)
+    finally:
+        cand.close()
+    assert code == 1, err
+    report = json.loads(out)
+    assert report["result"] == "rolled_back"
+    assert [s["weight"] for s in report["steps"]] == [10]
+    assert "of the candidate's requests still running after more than" in report["reason"]
+    assert fresh.file_weights() == STABLE_100
+    assert fresh.served_weights() == STABLE_100
+
+
+def test_metrics_without_service_labels_are_refused(
+    stable: ServerProcess, candidate_port: int
+) -> None:
+    """Steps: a second Traefik with Prometheus metrics on but `addServicesLabels: false` (no
+    per-service series at all), a good candidate UP. Assert: `rollout` refuses (exit 2) naming
+    the missing series, and the weights file is byte for byte unchanged."""
+
+    class Unlabelled(BlueGreenProxy):
+        def static_config(self) -> dict[str, Any]:
+            cfg = super().static_config()
+            cfg["metrics"]["prometheus"]["addServicesLabels"] = False
+            return cfg
+
+    with Unlabelled(stable.url, f"http://127.0.0.1:{candidate_port}") as proxy:
+        with start_candidate(proxy, candidate_port):
+            before = proxy.weights_path.read_bytes()
+            code, _, err = run_rollout(proxy, "--hold", "1s", "--min-requests", "0")
+            assert 'service="' not in proxy.metrics_text()
+        assert code == 2, err
+        assert "have no series labelled with service sf@file or sf-candidate@file" in err
+        assert "addServicesLabels" in err
+        assert proxy.weights_path.read_bytes() == before
+
+
+def test_abort_wins_over_a_running_rollout(fresh: BlueGreenProxy, candidate_port: int) -> None:
+    """Steps:
+
+    1. A good candidate; `rollout --hold 30s` running; Traefik serves step 1 (candidate 10).
+    2. A second `rollout` on the same file is refused: exit 2, another rollout holds the lock.
+    3. `rollout --abort` meanwhile: exit 0, without waiting for the 30 s hold.
+    4. Assert: the running rollout notices within its interval, stops without writing (exit 1,
+       `stopped`); stable 100 in the file and in Traefik.
+    """
+    with start_candidate(fresh, candidate_port):
+        proc = subprocess.Popen(
+            rollout_cmd(fresh, "--hold", "30s", "--interval", "250ms", "--json"),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            first = {"sf": 90, "sf-candidate": 10}
+            fresh._poll(lambda: fresh.served_weights() == first, time.monotonic() + 15, "step 1")
+            code, _, err = run_rollout(fresh, "--hold", "1s")
+            assert code == 2
+            assert "another rollout is running on" in err
+            started = time.monotonic()
+            code, out, err = run_rollout(fresh, "--abort")
+            assert code == 0, err
+            assert "aborted" in out
+            out, err = proc.communicate(timeout=10)
+            assert time.monotonic() - started < 10
+        finally:
+            reap(proc, 5)
+    assert proc.returncode == 1, err
+    report = json.loads(out)
+    assert report["result"] == "stopped"
+    assert "changed underneath the rollout" in report["reason"]
+    assert fresh.file_weights() == STABLE_100
+    fresh._poll(lambda: fresh.served_weights() == STABLE_100, time.monotonic() + 5, "abort")
+
+
+def test_a_second_signal_during_the_rollback_is_ignored(
+    fresh: BlueGreenProxy, candidate_port: int
+) -> None:
+    """Steps: a good candidate; `rollout --hold 30s --json`; once Traefik serves step 1, SIGINT
+    and SIGTERM back to back (an impatient operator). Assert: exit 130, one JSON report
+    `interrupted`, no traceback, stable 100 in the file and in Traefik."""
+    with start_candidate(fresh, candidate_port):
+        proc = subprocess.Popen(
+            rollout_cmd(fresh, "--hold", "30s", "--json"),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            first = {"sf": 90, "sf-candidate": 10}
+            fresh._poll(lambda: fresh.served_weights() == first, time.monotonic() + 15, "step 1")
+            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=20)
+        finally:
+            reap(proc, 5)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    report = json.loads(out)
+    assert report["result"] == "interrupted"
+    assert report["weights_after"] == STABLE_100
+    assert fresh.file_weights() == STABLE_100
+    assert fresh.served_weights() == STABLE_100
+
+
+def test_sigint_during_preflight_exits_130_with_a_report(
+    fresh: BlueGreenProxy, candidate_port: int
+) -> None:
+    """Steps: a candidate whose readiness URL takes 3 s to answer (its /api/slow); SIGINT while
+    pre-flight waits for it. Assert: exit 130, JSON `interrupted`, no traceback, the weights
+    file byte for byte unchanged."""
+    with start_candidate(fresh, candidate_port) as cand:
+        before = fresh.weights_path.read_bytes()
+        proc = subprocess.Popen(
+            rollout_cmd(fresh, "--candidate-ready", f"{cand.url}/api/slow?seconds=3", "--json"),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(1.5)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=20)
+        finally:
+            reap(proc, 5)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    report = json.loads(out)
+    assert report["result"] == "interrupted"
+    assert report["weights_after"] == STABLE_100
+    assert fresh.weights_path.read_bytes() == before

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -416,4 +418,258 @@ def test_cli_refuses_when_traefik_is_unreachable(
     code = main(["rollout", "--weights", str(path), "--traefik", "http://127.0.0.1:9"])
     assert code == 2
     assert "cannot reach Traefik's API at http://127.0.0.1:9" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+# -- review of issue 12: regressions ------------------------------------------------------------
+def test_a_counter_reset_never_hides_errors_and_never_goes_negative() -> None:
+    """Traefik restarted between two scrapes: every counter restarts at 0. The window is then the
+    whole new scrape, for all counters together (errors are not subtracted from an old count)."""
+    before = ServiceStats(100, 50, {0.1: 100, math.inf: 100})
+    restarted = ServiceStats(60, 55, {0.1: 5, math.inf: 60})
+    d = restarted.since(before)
+    assert (d.requests, d.errors, d.buckets) == (60, 55, {0.1: 5, math.inf: 60})
+    for now in (restarted, ServiceStats(), ServiceStats(101, 0, {0.1: 101, math.inf: 101})):
+        d = now.since(before)
+        assert d.requests >= 0
+        assert d.errors >= 0
+        assert all(v >= 0 for v in d.buckets.values())
+
+
+def test_a_traefik_restart_is_seen_by_its_start_time() -> None:
+    """A restart whose counters already passed their old values: only Traefik's start time
+    (`process_start_time_seconds`) tells; the window is then everything since the restart."""
+    from sf_lifecycle._prometheus import process_start
+    from sf_lifecycle.rollout import Scrape
+
+    old = Scrape(1000.0, {"c@file": ServiceStats(100, 0, {math.inf: 100})})
+    new = Scrape(2000.0, {"c@file": ServiceStats(150, 40, {math.inf: 150})})
+    assert new.since("c@file", old).requests == 150
+    assert new.since("c@file", old).errors == 40
+    same = Scrape(1000.0, {"c@file": ServiceStats(150, 40, {math.inf: 150})})
+    assert same.since("c@file", old).requests == 50
+    assert process_start(SCRAPE) == 1.7e9
+
+
+def test_requests_still_running_count_against_the_candidate() -> None:
+    """Traefik only counts finished requests; the candidate's requests still running after the
+    latency limit are a breach when more than 1 % of its requests hang."""
+    gate = Gate(max_error_rate=0.01, max_latency_ratio=2.0, latency_floor_s=0.1, min_requests=5)
+    stable = ServiceStats(1000, 0, {0.01: 1000, math.inf: 1000})
+    fast = ServiceStats(200, 0, {0.01: 200, math.inf: 200})
+    assert gate.end_of_hold(fast, stable) is None
+    reason = gate.end_of_hold(fast, stable, hanging=3, hang_limit_s=0.1)
+    assert reason is not None
+    assert reason.startswith("3 of the candidate's requests still running after more than 100ms")
+    # Only hanging requests and nothing finished: still a breach, not "not enough traffic".
+    reason = gate.end_of_hold(ServiceStats(), stable, hanging=2, hang_limit_s=0.1)
+    assert reason is not None
+    assert "still running" in reason
+    # 1 in 1000 is within p99.
+    many = ServiceStats(999, 0, {0.01: 999, math.inf: 999})
+    assert gate.end_of_hold(many, stable, hanging=1, hang_limit_s=0.1) is None
+
+
+def test_service_series_without_traffic_still_show_per_service_labels() -> None:
+    """The pools' health checks give `traefik_service_server_up{service=...}` before any
+    traffic: pre-flight takes any per-service series as proof of addServicesLabels."""
+    stats = service_stats(
+        'traefik_service_server_up{service="sf-candidate@file",url="http://x"} 1\n'
+        'traefik_open_connections{entrypoint="web",protocol="TCP"} 5\n'
+    )
+    assert set(stats) == {"sf-candidate@file"}
+    assert stats["sf-candidate@file"].requests == 0
+
+
+def test_owner_and_group_are_kept_by_the_rewrite(tmp_path: Path) -> None:
+    """Run as root against a file owned by Traefik's user: the rewritten file keeps uid/gid (and
+    mode), so Traefik can still read it."""
+    path = write(tmp_path, TWO.format(a="sf", b="sf-candidate"))
+    os.chmod(path, 0o640)
+    uid, gid = (12345, 12346) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(path, uid, gid)
+    WeightsFile.load(path).write({"sf": 90, "sf-candidate": 10})
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, gid, 0o640)
+    assert WeightsFile.load(path).weights == {"sf": 90, "sf-candidate": 10}
+
+
+def test_an_owner_that_cannot_be_kept_refuses_before_writing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Steps: a file owned by uid 12345 in a world-writable directory; `--abort` run with the
+    effective uid of another unprivileged user (nobody), who could replace the file but not keep
+    its owner. Assert: exit 2, a clear message, the file's bytes and owner unchanged, no
+    temporary file left."""
+    assert os.geteuid() == 0, "this test needs root to create a file owned by another user"
+    with tempfile.TemporaryDirectory(prefix="sf-owner-", dir="/tmp") as tmp:
+        d = Path(tmp)
+        os.chmod(d, 0o777)
+        path = write(d, REFERENCE_WEIGHTS.read_text().replace("weight: 0", "weight: 10"))
+        os.chmod(path, 0o666)
+        os.chown(path, 12345, 12345)
+        before = path.read_bytes()
+        os.setegid(65534)
+        os.seteuid(65534)
+        try:
+            code = main(["rollout", "--weights", str(path), "--abort"])
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        err = capsys.readouterr().err
+        assert code == 2
+        assert "cannot keep its owner 12345:12345 on the rewritten file" in err
+        assert path.read_bytes() == before
+        assert path.stat().st_uid == 12345
+        assert [p.name for p in d.iterdir()] == ["weights.yaml"]
+
+
+HEAD = "http:\n  services:\n    sf-weighted:\n      weighted:\n        services:\n"
+
+
+@pytest.mark.parametrize(
+    ("children", "shown"),
+    [
+        (
+            "          - name: sf\n            weight: &w 100\n"
+            "          - name: sf-candidate\n            weight: *w\n",
+            "'&w 100'",
+        ),
+        (
+            "          - name: sf\n            weight: |\n              100\n"
+            "          - name: sf-candidate\n            weight: 0\n",
+            "'|\\n              100'",
+        ),
+        (
+            "          - name: sf\n            weight: !!int 90\n"
+            "          - name: sf-candidate\n            weight: 10\n",
+            "'!!int 90'",
+        ),
+        (
+            "          - name: sf\n            weight: 90\n"
+            "          - name: sf-candidate\n            weight: 1_0\n",
+            "'1_0'",
+        ),
+    ],
+)
+def test_weights_the_rewrite_would_break_are_refused_and_abort_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], children: str, shown: str
+) -> None:
+    """Anchors, aliases, tags, block scalars, non-decimal numbers: the splice would produce an
+    invalid or different file. Refused at once, exit 2, a message saying how to write the
+    weight, the file unchanged; no traceback from the YAML scanner."""
+    path = write(tmp_path, HEAD + children)
+    before = path.read_bytes()
+    with pytest.raises(WeightsError, match="rewrites only a plain decimal number"):
+        WeightsFile.load(path)
+    for args in (["--abort"], ["--traefik", "http://127.0.0.1:9"]):
+        assert main(["rollout", "--weights", str(path), *args]) == 2
+        err = capsys.readouterr().err
+        assert f"has weight written as {shown}" in err
+        assert path.read_bytes() == before
+
+
+def test_abort_dry_run_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(
+        tmp_path,
+        HEAD + "          - {name: sf, weight: 90}\n          - {name: sf-candidate, weight: 10}\n",
+    )
+    before = path.read_bytes()
+    assert main(["rollout", "--weights", str(path), "--abort", "--dry-run", "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["result"] == "dry_run"
+    assert report["weights_after"] == {"sf": 90, "sf-candidate": 10}
+    assert "would write {'sf': 100, 'sf-candidate': 0}" in err
+    assert path.read_bytes() == before
+
+
+def test_a_symlinked_weights_file_is_written_through(tmp_path: Path) -> None:
+    """The link stays a link; its target gets the new weights (rename in the target's
+    directory), so a watcher of the target sees the change."""
+    real = tmp_path / "real"
+    real.mkdir()
+    target = write(real, REFERENCE_WEIGHTS.read_text())
+    link = tmp_path / "weights.yaml"
+    link.symlink_to(target)
+    WeightsFile.load(link).write({"sf": 90, "sf-candidate": 10})
+    assert link.is_symlink()
+    assert link.resolve() == target
+    assert WeightsFile.load(target).weights == {"sf": 90, "sf-candidate": 10}
+    assert sorted(p.name for p in real.iterdir()) == ["weights.yaml"]
+
+
+def test_crlf_line_endings_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(REFERENCE_WEIGHTS.read_bytes().replace(b"\n", b"\r\n"))
+    WeightsFile.load(path).write({"sf": 90, "sf-candidate": 10})
+    data = path.read_bytes()
+    assert data.count(b"\r\n") == data.count(b"\n") > 10
+    assert b"weight: 90\r\n" in data
+
+
+def test_a_rollout_starts_only_from_stable_100(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        REFERENCE_WEIGHTS.read_text()
+        .replace("weight: 100", "weight: 90")
+        .replace("weight: 0", "weight: 10"),
+    )
+    before = path.read_bytes()
+    code = main(["rollout", "--weights", str(path), "--traefik", "http://127.0.0.1:9", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "not sf 100 / sf-candidate 0: a rollout starts from the stable" in err
+    assert "--abort` first" in err
+    report = json.loads(out)
+    assert report["weights_after"] == {"sf": 90, "sf-candidate": 10}  # what the file holds
+    assert path.read_bytes() == before
+
+
+def test_a_second_rollout_on_the_same_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another rollout holds the flock on the directory: a second is refused (exit 2); an
+    `--abort` does not wait for it and writes stable 100 anyway."""
+    path = write(tmp_path, REFERENCE_WEIGHTS.read_text())
+    before = path.read_bytes()
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = main(["rollout", "--weights", str(path), "--traefik", "http://127.0.0.1:9"])
+        assert code == 2
+        assert f"another rollout is running on {path}" in capsys.readouterr().err
+        assert path.read_bytes() == before
+        monkeypatch.setattr("sf_lifecycle.rollout.ABORT_WAIT_S", 0.3)
+        path.write_text(path.read_text().replace("weight: 100", "weight: 50"))
+        assert main(["rollout", "--weights", str(path), "--abort"]) == 0
+        assert WeightsFile.load(path).weights == {"sf": 100, "sf-candidate": 0}
+        assert "a rollout is running" in capsys.readouterr().out
+    finally:
+        os.close(fd)
+    assert not [p for p in tmp_path.iterdir() if p.name != "weights.yaml"]  # no lock file
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--max-latency-ratio", "nan"], "--max-latency-ratio nan: expected a finite number >= 1"),
+        (["--max-latency-ratio", "inf"], "--max-latency-ratio inf: expected a finite number >= 1"),
+        (["--max-latency-ratio", "0"], "--max-latency-ratio 0.0: expected a finite number >= 1"),
+        (["--max-error-rate", "nan"], "--max-error-rate nan: expected 0 <= rate < 1"),
+        (["--hold", "10ms"], "--hold 10ms: expected 100ms to 60m"),
+        (["--hold", "1000h"], "--hold 1000h: expected 100ms to 60m"),
+        (["--hold", "1s", "--interval", "5s"], "--interval 5s: expected 50ms up to --hold"),
+        (["--min-requests", "-1"], "--min-requests -1: expected >= 0"),
+    ],
+)
+def test_cli_absurd_arguments_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], problem: str
+) -> None:
+    path = write(tmp_path, REFERENCE_WEIGHTS.read_text())
+    before = path.read_bytes()
+    assert main(["rollout", "--weights", str(path), "--traefik", "http://127.0.0.1:9", *args]) == 2
+    assert problem in capsys.readouterr().err
     assert path.read_bytes() == before
