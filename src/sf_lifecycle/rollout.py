@@ -2,6 +2,7 @@
 
     sf-lifecycle rollout --weights FILE --traefik URL [--steps 10,50,100] [--hold 30s]
                          [--max-error-rate 0.01] [--candidate-ready URL] [--dry-run] [--json]
+                         [--report FILE]
     sf-lifecycle rollout --weights FILE --abort
 
 `FILE` holds the weighted service that the production router points at (see `_weights.py`);
@@ -34,11 +35,17 @@ fails as much, the report says so: the fault may lie in a shared dependency.
 
 Before each write the file must still hold the weights this command wrote last; if someone else
 changed them (an `--abort`, a second rollout, an edit), the rollout stops and leaves them alone.
+
+`--report FILE` also writes the upgrade report (`report.py`): each service's requests and 5xx
+from the metrics read during the holds, and the weights each time Traefik served new ones
+(`weights_timeline` in the JSON summary too). It needs the `report` extra; without it the
+rollout refuses to start.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import signal
@@ -248,6 +255,8 @@ class Report:
     steps: list[Step] = field(default_factory=list)
     reason: str | None = None
     plan: list[str] = field(default_factory=list)
+    #: `{"t": unix time, "weights": {...}, "note": ...}` each time Traefik served new weights.
+    weights_timeline: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -278,6 +287,8 @@ class _Rollout:
         self.report = Report(
             "refused", str(opts.weights), wf.service, wf.stable, wf.candidate, wf.weights
         )
+        #: `(unix time, {service: (requests, 5xx)})` at each look at the metrics (the report).
+        self.samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
 
     def _weights(self, candidate: int) -> dict[str, int]:
         return {self.wf.stable: 100 - candidate, self.wf.candidate: candidate}
@@ -337,27 +348,45 @@ class _Rollout:
         self.wf = current.write(weights)
         self.report.weights_after = self.wf.weights
 
-    def _wait_loaded(self, weights: dict[str, int]) -> bool:
+    def _wait_loaded(self, weights: dict[str, int], note: str) -> bool:
         deadline = time.monotonic() + self.opts.load_timeout_s
         while time.monotonic() < deadline:
             try:
                 if self.traefik.weights(self.weighted) == weights:
+                    self._served(weights, note)
                     return True
             except (OSError, ValueError):
                 pass
             time.sleep(0.05)
+        self._served(weights, f"{note} (written; Traefik did not confirm)")
         return False
 
+    def _served(self, weights: Mapping[str, int], note: str) -> None:
+        entry = {"t": round(time.time(), 3), "weights": dict(weights), "note": note}
+        self.report.weights_timeline.append(entry)
+
     def _snapshot(self) -> dict[str, ServiceStats]:
-        return self.traefik.stats()
+        stats = self.traefik.stats()
+        self.samples.append(
+            (
+                time.time(),
+                {
+                    name.split("@")[0]: (s.requests, s.errors)
+                    for name in (self.stable_q, self.candidate_q)
+                    if (s := stats.get(name)) is not None
+                },
+            )
+        )
+        return stats
 
     def run(self) -> int:
         self.report.result = "promoted"
+        self._served(self.wf.weights, "start")
         started = self._snapshot()
         for i, weight in enumerate(self.opts.steps, 1):
             target = self._weights(weight)
             self._set(target)
-            if not self._wait_loaded(target):
+            if not self._wait_loaded(target, f"step {weight}%"):
                 return self._rollback(f"Traefik did not load weights {target} in time")
             step_start = self._snapshot()
             t0 = time.monotonic()
@@ -399,7 +428,7 @@ class _Rollout:
                 return self._rollback(reason)
         if self.opts.steps[-1] != 100:
             self._set(self._weights(100))
-            self._wait_loaded(self._weights(100))
+            self._wait_loaded(self._weights(100), "promoted")
         self.say(f"promoted: {self.wf.candidate} 100, {self.wf.stable} 0")
         return EXIT_PROMOTED
 
@@ -414,7 +443,7 @@ class _Rollout:
     def _rollback(self, reason: str, *, result: str = "rolled_back") -> int:
         target = self._weights(0)
         self._set(target, force=True)
-        loaded = self._wait_loaded(target)
+        loaded = self._wait_loaded(target, "rollback")
         self.report.result, self.report.reason = result, reason
         self.say(f"ROLLBACK: {reason}")
         self.say(
@@ -468,6 +497,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dry-run", action="store_true", help="print the plan (and pre-flight), change nothing")
     a("--abort", action="store_true", help="set stable 100, candidate 0 and exit")
     a("--json", action="store_true", help="print one JSON summary on stdout")
+    a("--report", type=Path, metavar="FILE", help="write the upgrade report (HTML) to FILE")
 
 
 def _options(args: argparse.Namespace) -> Options:
@@ -481,6 +511,10 @@ def _options(args: argparse.Namespace) -> Options:
         steps = parse_steps(args.steps)
     except ValueError as exc:
         raise RolloutRefused(str(exc)) from None
+    if args.report is not None and importlib.util.find_spec("plotly") is None:
+        raise RolloutRefused(
+            f"--report {args.report}: the report needs plotly: pip install 'sf-lifecycle[report]'"
+        )
     hold = seconds("--hold", args.hold)
     interval = seconds("--interval", args.interval)
     if hold <= 0 or interval <= 0:
@@ -517,6 +551,7 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=progress, flush=True)
 
     report = Report("refused", str(args.weights))
+    samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
     code = EXIT_REFUSED
     try:
         opts = _options(args)
@@ -541,7 +576,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             if not opts.traefik:
                 raise RolloutRefused("--traefik URL is required (Traefik's internal entrypoint)")
-            code, report = _run_rollout(opts, wf, say)
+            code, report, samples = _run_rollout(opts, wf, say)
     except (RolloutRefused, WeightsError) as exc:
         report.result, report.reason = "refused", str(exc)
         print(f"rollout: refused: {exc}", file=sys.stderr)
@@ -552,10 +587,32 @@ def run(args: argparse.Namespace) -> int:
         code = EXIT_REFUSED
     if args.json:
         print(json.dumps(asdict(report), sort_keys=False))
+    if args.report is not None and not (args.abort or args.dry_run):
+        _write_report(args.report, report, samples, say)
     return code
 
 
-def _run_rollout(opts: Options, wf: WeightsFile, say: Callable[[str], None]) -> tuple[int, Report]:
+_Samples = list[tuple[float, dict[str, tuple[float, float]]]]
+
+
+def _write_report(
+    path: Path, report: Report, samples: _Samples, say: Callable[[str], None]
+) -> None:
+    from .report import ReportUnavailable, UpgradeTimeline, write_report
+
+    timeline = UpgradeTimeline.from_rollout(asdict(report), samples)
+    try:
+        written = write_report(timeline, path)
+    except (ReportUnavailable, OSError) as exc:
+        # The exit code still says what the rollout did.
+        print(f"rollout: report not written: {exc}", file=sys.stderr)
+        return
+    say(f"report: {written} ({written.stat().st_size / 1e6:.1f} MB)")
+
+
+def _run_rollout(
+    opts: Options, wf: WeightsFile, say: Callable[[str], None]
+) -> tuple[int, Report, _Samples]:
     rollout = _Rollout(opts, wf, say)
     rollout.preflight()
     for line in _describe_plan(opts, wf):
@@ -579,7 +636,7 @@ def _run_rollout(opts: Options, wf: WeightsFile, say: Callable[[str], None]) -> 
     finally:
         signal.signal(signal.SIGTERM, previous)
     rollout.report.weights_after = rollout.wf.weights
-    return code, rollout.report
+    return code, rollout.report, rollout.samples
 
 
 #: `(add_arguments, run)` for the `rollout` sub-command of `sf-lifecycle`.
