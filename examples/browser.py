@@ -119,7 +119,9 @@ class PageWatch:
 def open_report(page: Page, report: Path) -> None:
     """Open a report file and wait until plotly has drawn its chart."""
     page.goto(report.resolve().as_uri())
-    page.wait_for_selector("#sf-timeline .main-svg .scatterlayer .trace path", state="attached", timeout=15_000)
+    page.wait_for_selector(
+        "#sf-timeline .main-svg .scatterlayer .trace path", state="attached", timeout=15_000
+    )
 
 
 def screenshot(report: Path, png: Path, width: int = 1000) -> Path:

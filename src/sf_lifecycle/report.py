@@ -123,8 +123,10 @@ class UpgradeTimeline:
 
     def replicas(self) -> list[str]:
         """Every replica named anywhere, in order of first appearance."""
-        items = sorted([*self.requests, *self.instants], key=lambda x: x.t)
-        return list(dict.fromkeys(item.replica for item in items if item.replica))
+        named = [(r.t, r.replica) for r in self.requests] + [
+            (i.t, i.replica) for i in self.instants
+        ]
+        return list(dict.fromkeys(replica for _, replica in sorted(named) if replica))
 
     def traffic(self) -> tuple[list[float], dict[str, list[int]]]:
         """Bin starts and, per replica, the requests it answered in each bin."""

@@ -38,8 +38,8 @@ changed them (an `--abort`, a second rollout, an edit), the rollout stops and le
 
 `--report FILE` also writes the upgrade report (`report.py`): each service's requests and 5xx
 from the metrics read during the holds, and the weights each time Traefik served new ones
-(`weights_timeline` in the JSON summary too). It needs the `report` extra; without it the
-rollout refuses to start.
+(`weights_timeline` in the JSON summary too), whatever the rollout's outcome once it started.
+It needs the `report` extra; without it the rollout refuses to start.
 """
 
 from __future__ import annotations
@@ -587,7 +587,7 @@ def run(args: argparse.Namespace) -> int:
         code = EXIT_REFUSED
     if args.json:
         print(json.dumps(asdict(report), sort_keys=False))
-    if args.report is not None and not (args.abort or args.dry_run):
+    if args.report is not None and report.result not in ("refused", "aborted", "dry_run"):
         _write_report(args.report, report, samples, say)
     return code
 
