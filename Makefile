@@ -8,12 +8,14 @@ QUICK  ?=
 .PHONY: help venv chromium test lint fmt typecheck pytest demo demo-rollback demo-baseline bench reliability clean
 
 help:
-	@echo "make demo   real Traefik in front of the example server: a gated blue/green upgrade under load"
+	@echo "make demo   real Traefik in front of the example server: a gated blue/green upgrade under load;"
+	@echo "            writes the upgrade report, .demo/report.html"
 	@echo "make demo-rollback  the same with a bad candidate: the rollout rolls back by itself"
 	@echo "make test   ruff, mypy (strict) and pytest, from a fresh clone"
 	@echo "make bench  benchmarks against baselines run beside them (QUICK=1 for a short run)"
 	@echo "make reliability  the kill, fault and fuzz campaign (ARGS=\"--iterations 300\")"
 	@echo "make demo-baseline  the demo's flow with plain uvicorn replicas, for comparison"
+	@echo "make chromium  Debian's chromium for the browser tests (apt-get, as root; once)"
 	@echo "make lint / fmt / clean"
 
 $(BIN)/python:
