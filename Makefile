@@ -5,26 +5,41 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 QUICK  ?=
 
-.PHONY: help venv test lint fmt typecheck pytest demo demo-rollback demo-baseline bench reliability clean
+.PHONY: help venv chromium test lint fmt typecheck pytest demo demo-rollback demo-baseline bench reliability clean
 
 help:
-	@echo "make demo   real Traefik in front of the example server: a gated blue/green upgrade under load"
+	@echo "make demo   real Traefik in front of the example server: a gated blue/green upgrade under load;"
+	@echo "            writes the upgrade report, .demo/report.html"
 	@echo "make demo-rollback  the same with a bad candidate: the rollout rolls back by itself"
 	@echo "make test   ruff, mypy (strict) and pytest, from a fresh clone"
 	@echo "make bench  benchmarks against baselines run beside them (QUICK=1 for a short run)"
 	@echo "make reliability  the kill, fault and fuzz campaign (ARGS=\"--iterations 300\")"
 	@echo "make demo-baseline  the demo's flow with plain uvicorn replicas, for comparison"
+	@echo "make chromium  Debian's chromium for the browser tests (apt-get, as root; once)"
 	@echo "make lint / fmt / clean"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# Playwright drives Debian's Chromium (the browser tests): it never downloads a browser of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
+
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,report]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Debian's chromium for the browser tests and the README's screenshot; skipped once installed.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@echo "installing Debian's chromium (browser tests): apt-get, about a minute"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 chromium >/dev/null
+	@test -x $(CHROMIUM) || (echo "chromium did not install at $(CHROMIUM)" >&2; exit 1)
+
+chromium: $(CHROMIUM)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -37,7 +52,7 @@ fmt: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(CHROMIUM)
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest
 	$(BIN)/coverage combine --quiet || true

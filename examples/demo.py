@@ -14,6 +14,12 @@ blue/green routing of `infra/traefik/dynamic/` (stable pool, candidate pool, wei
 4. A summary: requests sent and failed by status, feedback acknowledged vs delivered to the sink,
    SSE events published vs received (gaps, duplicates), the rollout's steps, and for each
    SIGTERM the time until the replica left Traefik's pool and until it exited.
+5. The same as a picture: the upgrade report (`.demo/report.html`, see `sf_lifecycle.report`),
+   with the requests per replica per 250 ms, the failures, the SIGTERM / out-of-pool / exit
+   instants, the weights and the SSE reconnects on one timeline.
+
+While it runs, the live page of the example server (its URL through Traefik is printed) follows
+one of the demo's sessions in a browser, across the upgrade.
 
 `--bad-candidate` (`make demo-rollback`) starts a candidate that answers 500 to part of
 `/api/hello` (`SF_EXAMPLE_FAIL_RATE`): the rollout rolls back by itself and the summary counts the
@@ -45,11 +51,14 @@ from typing import Any, Protocol
 import httpx
 from httpx_sse import connect_sse
 
+from sf_lifecycle.report import SSE_RECONNECT, Instant, Requests, UpgradeTimeline, Weights
 from sf_lifecycle.testing import BlueGreenProxy, ServerProcess, free_port
 from sf_lifecycle.testing.process import reap
 from sf_lifecycle.testing.traefik import TraefikProxy
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Where `make demo` writes the upgrade report.
+DEFAULT_REPORT = ROOT / ".demo" / "report.html"
 
 
 @dataclass
@@ -83,6 +92,8 @@ class Stop:
     """One SIGTERM to a replica: when it left Traefik's pool and when it exited."""
 
     replica: str
+    #: When the signal was sent, in seconds since the run began.
+    at_s: float = 0.0
     to_pool_exit_s: float | None = None
     to_exit_s: float | None = None
     exit_code: int | None = None
@@ -108,6 +119,15 @@ class Summary:
     errors_seen: list[tuple[float, str | None]] = field(default_factory=list)
     #: Every process the run started (replicas and Traefik), to check none is left behind.
     pids: list[int] = field(default_factory=list)
+    #: Time zero of the run (monotonic, and the same instant as a Unix time for the rollout's).
+    t0: float = field(default_factory=time.monotonic)
+    t0_unix: float = field(default_factory=time.time)
+    #: Every request: (seconds since t0, replica that answered, "ok" or what failed).
+    outcomes: list[tuple[float, str | None, str]] = field(default_factory=list)
+    #: Every SSE stream opened again after its first: (seconds, replica, client).
+    reconnects: list[tuple[float, str | None, str]] = field(default_factory=list)
+    #: The live page through Traefik, following one of the demo's sessions.
+    live_url: str = ""
 
     @property
     def failed_total(self) -> int:
@@ -137,9 +157,9 @@ class _Start(Protocol):
 
 
 class _Say:
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, t0: float) -> None:
         self.quiet = quiet
-        self.t0 = time.monotonic()
+        self.t0 = t0
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
@@ -176,12 +196,16 @@ class Load:
         self.threads.append(t)
 
     def _record(self, status: int | str, replica: str | None = None) -> None:
+        now = time.monotonic()
         with self.lock:
             self.summary.sent += 1
-            if not (isinstance(status, int) and 200 <= status < 300):
+            ok = isinstance(status, int) and 200 <= status < 300
+            what = "ok" if ok else f"HTTP {status}" if isinstance(status, int) else str(status)
+            self.summary.outcomes.append((now - self.summary.t0, replica, what))
+            if not ok:
                 self.summary.failed[str(status)] += 1
                 if status == 500:
-                    self.summary.errors_seen.append((time.monotonic(), replica))
+                    self.summary.errors_seen.append((now, replica))
             if replica:
                 self.summary.replicas_seen[replica] += 1
 
@@ -246,6 +270,7 @@ class Load:
         received = self.summary.events_received.setdefault(key, [])
         last_id: str | None = None
         sticky = i % 2 == 0
+        opened = 0
         with httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(30, read=60)) as client:
             while not self.stop.is_set():
                 if not sticky:
@@ -263,7 +288,14 @@ class Load:
                             self._record(source.response.status_code)
                             self.stop.wait(0.2)
                             continue
-                        self._record(200, source.response.headers.get("x-sf-replica"))
+                        replica = source.response.headers.get("x-sf-replica")
+                        self._record(200, replica)
+                        opened += 1
+                        if opened > 1:
+                            with self.lock:
+                                self.summary.reconnects.append(
+                                    (time.monotonic() - self.summary.t0, replica, key)
+                                )
                         for event in source.iter_sse():
                             # A message with no data (the closing `retry:` hint) is not an
                             # event (the SSE spec says not to dispatch it); httpx-sse yields it
@@ -327,6 +359,7 @@ def _watch_stop(
     url = server.url
     server.send_signal(signal.SIGTERM)
     sent = time.monotonic()
+    stop.at_s = sent - summary.t0
     say(f"SIGTERM -> {name}")
     while server.proc is not None and server.proc.poll() is None:
         if stop.to_pool_exit_s is None:
@@ -387,8 +420,8 @@ def run(opts: Options) -> Summary:
     """Run the whole upgrade flow and return what happened."""
     if opts.flow == "rollout" and not opts.baseline:
         return _run_rollout(opts)
-    say = _Say(opts.quiet)
     summary = Summary()
+    say = _Say(opts.quiet, summary.t0)
     with contextlib.ExitStack() as stack:
         if opts.state_dir is None:
             opts.state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory("-sf-demo")))
@@ -405,6 +438,8 @@ def run(opts: Options) -> Summary:
         stack.callback(load.stop.set)
         load.start()
         say(f"load: {load.workers} HTTP workers at ~{opts.rate:g} req/s, {opts.sse_clients} SSE")
+        summary.live_url = f"{proxy.url}/?session={load.sessions[0]}"
+        say(f"live page (open it in a browser, watch it cross the upgrade): {summary.live_url}")
         time.sleep(opts.warmup_s)
 
         def join_pool(name: str, port: int, beside: ServerProcess) -> ServerProcess:
@@ -441,8 +476,8 @@ def run(opts: Options) -> Summary:
 
 def _run_rollout(opts: Options) -> Summary:
     """The blue/green flow: candidate verified, gated promotion, old version drained."""
-    say = _Say(opts.quiet)
     summary = Summary()
+    say = _Say(opts.quiet, summary.t0)
     with contextlib.ExitStack() as stack:
         if opts.state_dir is None:
             opts.state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory("-sf-demo")))
@@ -458,6 +493,8 @@ def _run_rollout(opts: Options) -> Summary:
         stack.callback(load.stop.set)
         load.start()
         say(f"load: {load.workers} HTTP workers at ~{opts.rate:g} req/s, {opts.sse_clients} SSE")
+        summary.live_url = f"{proxy.url}/?session={load.sessions[0]}"
+        say(f"live page (open it in a browser, watch it cross the upgrade): {summary.live_url}")
         time.sleep(opts.warmup_s)
 
         bad = f", SF_EXAMPLE_FAIL_RATE={opts.fail_rate:g}" if opts.fail_rate else ""
@@ -598,7 +635,8 @@ def verdict(summary: Summary, opts: Options) -> tuple[bool, str]:
     return ok, "zero-downtime upgrade: " + ("OK" if ok else "FAILED")
 
 
-def render(summary: Summary, opts: Options) -> str:
+def summary_rows(summary: Summary, opts: Options) -> list[tuple[str, str]]:
+    """The summary as (label, value) rows: printed by `render`, tabled in the report."""
     gaps, dups = summary.sse_gaps_and_duplicates()
     published = sum(len(v) for v in summary.events_published.values())
     received = sum(len(v) for v in summary.events_received.values())
@@ -626,6 +664,7 @@ def render(summary: Summary, opts: Options) -> str:
         ),
         ("SSE events published", str(published)),
         ("SSE events received", f"{received}  (gaps {gaps}, duplicates {dups})"),
+        ("SSE reconnects", _reconnects(summary)),
         ("sticky clients re-pinned", str(summary.sticky_repinned)),
         *_rollout_rows(summary),
         ("answered by", ", ".join(f"{k}: {v}" for k, v in sorted(summary.replicas_seen.items()))),
@@ -638,9 +677,66 @@ def render(summary: Summary, opts: Options) -> str:
                 f"out of pool {pool}, exited {stop.to_exit_s or 0:.2f} s (code {stop.exit_code})",
             )
         )
+    return rows
+
+
+def _reconnects(summary: Summary) -> str:
+    to = Counter(replica or "?" for _, replica, _ in summary.reconnects)
+    return f"{len(summary.reconnects)}" + (
+        f"  (to {', '.join(f'{k}: {v}' for k, v in sorted(to.items()))})" if to else ""
+    )
+
+
+def render(summary: Summary, opts: Options) -> str:
+    rows = summary_rows(summary, opts)
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 60)
     return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+
+
+def timeline(summary: Summary, opts: Options) -> UpgradeTimeline:
+    """The run as the upgrade report draws it (`sf_lifecycle.report`)."""
+    ok, line = verdict(summary, opts)
+    if opts.baseline:
+        title = "sf-lifecycle demo: plain uvicorn upgrade (baseline)"
+        line, ok = f"baseline: {summary.failed_total} requests failed", summary.failed_total == 0
+    elif opts.fail_rate:
+        title = "sf-lifecycle demo: a bad release, rolled back by the gate"
+    elif opts.flow == "rollout":
+        title = "sf-lifecycle demo: gated blue/green upgrade"
+    else:
+        title = "sf-lifecycle demo: zero-downtime upgrade"
+    tl = UpgradeTimeline(title, summary.t0_unix, verdict=line, ok=ok)
+    for t, replica, what in summary.outcomes:
+        failed = what != "ok"
+        tl.requests.append(Requests(t, replica or "", 1, int(failed), what if failed else ""))
+    for stop in summary.stops:
+        tl.instants.append(Instant(stop.at_s, stop.replica, "SIGTERM"))
+        if stop.to_pool_exit_s is not None:
+            tl.instants.append(
+                Instant(stop.at_s + stop.to_pool_exit_s, stop.replica, "out of pool")
+            )
+        if stop.to_exit_s is not None:
+            code = f"code {stop.exit_code}"
+            tl.instants.append(Instant(stop.at_s + stop.to_exit_s, stop.replica, "exit", code))
+    for t, replica, client in summary.reconnects:
+        tl.instants.append(Instant(t, replica or "", SSE_RECONNECT, client))
+    for w in summary.rollout_report.get("weights_timeline") or []:
+        at = float(w["t"]) - summary.t0_unix
+        tl.weights.append(Weights(at, dict(w["weights"]), str(w.get("note", ""))))
+    if tl.weights:
+        # Before the rollout, Traefik served the weights it started with.
+        tl.weights.insert(0, Weights(0.0, tl.weights[0].weights, "Traefik started"))
+        tl.pools = {"sf": "sf-v1", "sf-candidate": "sf-v2"}
+    tl.summary = summary_rows(summary, opts)
+    return tl
+
+
+def write_report(summary: Summary, opts: Options, path: Path) -> Path:
+    """Write the run's upgrade report to `path` (needs the `report` extra: plotly)."""
+    from sf_lifecycle.report import write_report as write
+
+    return write(timeline(summary, opts), path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -659,6 +755,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the candidate fails this share of /api/hello (default 0.3): watch the rollback",
     )
     p.add_argument("--hold", default="3s", help="rollout hold per step (default 3s)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=DEFAULT_REPORT,
+        metavar="FILE",
+        help=f"write the upgrade report here (default {DEFAULT_REPORT.relative_to(ROOT)})",
+    )
+    p.add_argument("--no-report", action="store_true", help="print the summary only")
     args = p.parse_args(argv)
     opts = Options(
         baseline=args.baseline,
@@ -675,12 +779,26 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: every process the demo started has been stopped", file=sys.stderr)
         return 130
     print(render(summary, opts))
+    if not args.no_report:
+        _print_report(summary, opts, args.report)
     if opts.baseline:
         print("baseline run: failures above are what a plain uvicorn upgrade costs")
         return 0
     ok, line = verdict(summary, opts)
     print(line)
     return 0 if ok else 1
+
+
+def _print_report(summary: Summary, opts: Options, path: Path) -> None:
+    from sf_lifecycle.report import ReportUnavailable
+
+    try:
+        written = write_report(summary, opts, path)
+    except (ReportUnavailable, OSError) as exc:
+        print(f"report not written: {exc}")
+        return
+    size = written.stat().st_size / 1e6
+    print(f"report: {written.resolve()} ({size:.1f} MB; opens offline in any browser)")
 
 
 if __name__ == "__main__":

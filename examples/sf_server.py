@@ -13,6 +13,10 @@ Routes:
   `Last-Event-ID`); `POST` to the same path publishes one.
 - `GET /api/slow?seconds=S` holds a request in flight (the demo and the tests use it across a
   SIGTERM); `GET /api/hello` is a cheap read.
+- `GET /?session=ID` is the live page (`live_page.html`, no external asset): an `EventSource` on
+  the session, each event shown with the replica whose stream delivered it, and a button that
+  publishes one. It asks its streams for `announce=1`: they then begin with `event: replica`
+  (`data:` the replica id), which a page cannot read from the `X-SF-Replica` header.
 
 Test-only switches:
 
@@ -30,12 +34,14 @@ import asyncio
 import os
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sf_lifecycle import (
     ConfigError,
@@ -51,6 +57,42 @@ from sf_lifecycle import (
 
 #: Longest `/api/slow` hold, so a typo cannot pin a worker for an hour.
 MAX_SLOW_S = 30.0
+LIVE_PAGE = (Path(__file__).parent / "live_page.html").read_bytes()
+EVENTS_PATH = "/api/session/events"
+
+
+async def live_page(request: Request) -> Response:
+    return HTMLResponse(LIVE_PAGE, headers={"cache-control": "no-store"})
+
+
+class AnnounceReplica:
+    """On a `GET /api/session/events?...&announce=1` stream, send `event: replica` first.
+
+    Pure ASGI: after the response starts (200, an event stream), one SSE message naming the
+    replica goes out before the first event. It has no `id:`, so the browser's Last-Event-ID
+    is unchanged; other clients (without `announce=1`) see the stream as before.
+    """
+
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self.app = app
+        self.hello = f"event: replica\ndata: {replica}\n\n".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["path"] != EVENTS_PATH
+            or scope["method"] != "GET"
+            or b"announce=1" not in scope.get("query_string", b"").split(b"&")
+        ):
+            await self.app(scope, receive, send)
+            return
+
+        async def announce(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.start" and message["status"] == 200:
+                await send({"type": "http.response.body", "body": self.hello, "more_body": True})
+
+        await self.app(scope, receive, announce)
 
 
 async def slow(request: Request) -> Response:
@@ -123,12 +165,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
+            Route("/", live_page),
             Route("/api/slow", slow),
             Route("/api/hello", _failing(rate) if rate > 0 else hello),
             *feedback_routes(queue, lifecycle),
             *session_event_routes(lifecycle, events),
         ]
     )
+    app.add_middleware(AnnounceReplica, replica=cfg.replica_id or "unnamed replica")
     return lifecycle.install(app)
 
 

@@ -2,6 +2,7 @@
 
     sf-lifecycle rollout --weights FILE --traefik URL [--steps 10,50,100] [--hold 30s]
                          [--max-error-rate 0.01] [--candidate-ready URL] [--dry-run] [--json]
+                         [--report FILE]
     sf-lifecycle rollout --weights FILE --abort
 
 `FILE` holds the weighted service that the production router points at (see `_weights.py`);
@@ -47,12 +48,18 @@ last; if someone else changed them (an `--abort`, an edit), the rollout stops an
 alone. `--abort` does not wait for the lock: an operator's abort always wins. It writes stable
 100 at once and, while a rollout still holds the lock, keeps it there until that rollout has
 noticed and exited (at most `ABORT_WAIT_S`).
+
+`--report FILE` also writes the upgrade report (`report.py`): each service's requests and 5xx
+from the metrics read during the holds, and the weights each time Traefik served new ones
+(`weights_timeline` in the JSON summary too), whatever the rollout's outcome once it started.
+It needs the `report` extra; without it the rollout refuses to start.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib.util
 import itertools
 import json
 import math
@@ -383,6 +390,8 @@ class Report:
     steps: list[Step] = field(default_factory=list)
     reason: str | None = None
     plan: list[str] = field(default_factory=list)
+    #: `{"t": unix time, "weights": {...}, "note": ...}` each time Traefik served new weights.
+    weights_timeline: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -422,6 +431,8 @@ class _Rollout:
         self.report = Report(
             "refused", str(opts.weights), wf.service, wf.stable, wf.candidate, wf.weights
         )
+        #: `(unix time, {service: (requests, 5xx)})` at each look at the metrics (the report).
+        self.samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
 
     def _weights(self, candidate: int) -> dict[str, int]:
         return {self.wf.stable: 100 - candidate, self.wf.candidate: candidate}
@@ -529,19 +540,36 @@ class _Rollout:
         self.wf = current.write(weights)
         self.report.weights_after = self.wf.weights
 
-    def _wait_loaded(self, weights: dict[str, int]) -> bool:
+    def _wait_loaded(self, weights: dict[str, int], note: str) -> bool:
         deadline = time.monotonic() + self.opts.load_timeout_s
         while time.monotonic() < deadline:
             try:
                 if self.traefik.weights(self.weighted) == weights:
+                    self._served(weights, note)
                     return True
             except (OSError, ValueError):
                 pass
             time.sleep(0.05)
+        self._served(weights, f"{note} (written; Traefik did not confirm)")
         return False
 
+    def _served(self, weights: Mapping[str, int], note: str) -> None:
+        entry = {"t": round(time.time(), 3), "weights": dict(weights), "note": note}
+        self.report.weights_timeline.append(entry)
+
     def _snapshot(self) -> Scrape:
-        return self.traefik.scrape()
+        scrape = self.traefik.scrape()
+        self.samples.append(
+            (
+                time.time(),
+                {
+                    name.split("@")[0]: (s.requests, s.errors)
+                    for name in (self.stable_q, self.candidate_q)
+                    if (s := scrape.stats.get(name)) is not None
+                },
+            )
+        )
+        return scrape
 
     def _hanging(self, limit_s: float) -> int:
         """The candidate's requests running for more than `limit_s` (summed over servers)."""
@@ -551,11 +579,12 @@ class _Rollout:
 
     def run(self) -> int:
         self.report.result = "promoted"
+        self._served(self.wf.weights, "start")
         started = self._snapshot()
         for i, weight in enumerate(self.opts.steps, 1):
             target = self._weights(weight)
             self._set(target)
-            if not self._wait_loaded(target):
+            if not self._wait_loaded(target, f"step {weight}%"):
                 return self._rollback(f"Traefik did not load weights {target} in time")
             step_start = self._snapshot()
             t0 = time.monotonic()
@@ -604,7 +633,7 @@ class _Rollout:
                 return self._rollback(reason)
         if self.opts.steps[-1] != 100:
             self._set(self._weights(100))
-            self._wait_loaded(self._weights(100))
+            self._wait_loaded(self._weights(100), "promoted")
         self.say(f"promoted: {self.wf.candidate} 100, {self.wf.stable} 0")
         return EXIT_PROMOTED
 
@@ -615,7 +644,7 @@ class _Rollout:
         self.signals.shield()  # the rollback is short; a second Ctrl-C must not cut it
         target = self._weights(0)
         self._set(target, force=True)
-        loaded = self._wait_loaded(target)
+        loaded = self._wait_loaded(target, "rollback")
         self.report.result, self.report.reason = result, reason
         self.say(f"ROLLBACK: {reason}")
         self.say(
@@ -705,6 +734,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dry-run", action="store_true", help="print the plan (and pre-flight), change nothing")
     a("--abort", action="store_true", help="set stable 100, candidate 0 and exit")
     a("--json", action="store_true", help="print one JSON summary on stdout")
+    a("--report", type=Path, metavar="FILE", help="write the upgrade report (HTML) to FILE")
 
 
 def _options(args: argparse.Namespace) -> Options:
@@ -718,6 +748,10 @@ def _options(args: argparse.Namespace) -> Options:
         steps = parse_steps(args.steps)
     except ValueError as exc:
         raise RolloutRefused(str(exc)) from None
+    if args.report is not None and importlib.util.find_spec("plotly") is None:
+        raise RolloutRefused(
+            f"--report {args.report}: the report needs plotly: pip install 'sf-lifecycle[report]'"
+        )
     hold = seconds("--hold", args.hold)
     interval = seconds("--interval", args.interval)
     floor = seconds("--latency-floor", args.latency_floor)
@@ -764,6 +798,7 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=progress, flush=True)
 
     report = Report("refused", str(args.weights))
+    samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
     code = EXIT_REFUSED
     lock: _DirLock | None = None
     signals = _Signals()
@@ -809,7 +844,7 @@ def run(args: argparse.Namespace) -> int:
                     f"another rollout is running on {wf.path} (it holds the lock on "
                     f"{lock.directory}); wait for it, or stop it with --abort"
                 )
-            code, report = _run_rollout(opts, wf, say, signals)
+            code, report, samples = _run_rollout(opts, wf, say, signals)
     except _Interrupted:
         # Before anything was written (pre-flight, plan): nothing to roll back.
         report.result, report.reason = "interrupted", "interrupted before the first step"
@@ -829,12 +864,32 @@ def run(args: argparse.Namespace) -> int:
             lock.close()
     if args.json:
         print(json.dumps(asdict(report), sort_keys=False))
+    if args.report is not None and report.result not in ("refused", "aborted", "dry_run"):
+        _write_report(args.report, report, samples, say)
     return code
+
+
+_Samples = list[tuple[float, dict[str, tuple[float, float]]]]
+
+
+def _write_report(
+    path: Path, report: Report, samples: _Samples, say: Callable[[str], None]
+) -> None:
+    from .report import ReportUnavailable, UpgradeTimeline, write_report
+
+    timeline = UpgradeTimeline.from_rollout(asdict(report), samples)
+    try:
+        written = write_report(timeline, path)
+    except (ReportUnavailable, OSError) as exc:
+        # The exit code still says what the rollout did.
+        print(f"rollout: report not written: {exc}", file=sys.stderr)
+        return
+    say(f"report: {written} ({written.stat().st_size / 1e6:.1f} MB)")
 
 
 def _run_rollout(
     opts: Options, wf: WeightsFile, say: Callable[[str], None], signals: _Signals
-) -> tuple[int, Report]:
+) -> tuple[int, Report, _Samples]:
     rollout = _Rollout(opts, wf, say, signals)
     rollout.preflight()
     for line in _describe_plan(opts, wf):
@@ -851,7 +906,7 @@ def _run_rollout(
         # Traefik unreachable, metrics unreadable, the file unreadable: judge nothing blind.
         code = rollout._rollback(f"stopped by an error: {exc}")
     rollout.report.weights_after = rollout.wf.weights
-    return code, rollout.report
+    return code, rollout.report, rollout.samples
 
 
 #: `(add_arguments, run)` for the `rollout` sub-command of `sf-lifecycle`.

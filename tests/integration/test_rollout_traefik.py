@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -174,16 +175,27 @@ def run_rollout(proxy: BlueGreenProxy, *args: str, timeout: float = 60) -> tuple
     return proc.returncode, out, err
 
 
+def report_data(path: Path) -> dict[str, Any]:
+    """The data embedded in an upgrade report, beside its chart."""
+    text = path.read_text()
+    m = re.search(r'<script type="application/json" id="sf-report-data">(.*?)</script>', text)
+    assert m is not None, f"no data in {path}"
+    data: dict[str, Any] = json.loads(m.group(1))
+    return data
+
+
 def test_good_candidate_is_promoted_step_by_step(
-    fresh: BlueGreenProxy, candidate_port: int
+    fresh: BlueGreenProxy, candidate_port: int, tmp_path: Path
 ) -> None:
     """Steps:
 
     1. A good candidate, UP in Traefik at weight 0; 40 requests/s through the proxy.
-    2. `rollout --steps 10,50,100 --hold 1500ms --json`.
+    2. `rollout --steps 10,50,100 --hold 1500ms --json --report FILE`.
     3. Assert: exit 0; three steps, each passed with candidate traffic measured from Traefik's
        metrics; the file and Traefik both say candidate 100; no request failed; once promoted,
-       every request (also the sticky client's) reaches the candidate.
+       every request (also the sticky client's) reaches the candidate. The report holds the
+       weights Traefik served at each step, in the JSON summary too, and both services'
+       requests with no failure.
     """
     with start_candidate(fresh, candidate_port) as cand, Load(fresh) as load:
         time.sleep(0.5)
@@ -191,6 +203,7 @@ def test_good_candidate_is_promoted_step_by_step(
             fresh,
             *("--steps", "10,50,100", "--hold", "1500ms", "--interval", "250ms"),
             *("--min-requests", "3", "--candidate-ready", f"{cand.url}/api/ready", "--json"),
+            *("--report", str(tmp_path / "rollout.html")),
         )
         promoted_at = time.monotonic()
         time.sleep(1.0)
@@ -213,20 +226,34 @@ def test_good_candidate_is_promoted_step_by_step(
     failed = [s for s in load.sent if s.status != 200]
     assert failed == []
     assert {s.replica for s in load.sent if s.at > promoted_at} == {"candidate"}
+    served = [(w["note"], w["weights"]["sf-candidate"]) for w in report["weights_timeline"]]
+    assert served == [("start", 0), ("step 10%", 10), ("step 50%", 50), ("step 100%", 100)]
+    assert f"report: {tmp_path / 'rollout.html'}" in err
+    data = report_data(tmp_path / "rollout.html")
+    assert [w["weights"] for w in data["weights"]] == [
+        w["weights"] for w in report["weights_timeline"]
+    ]
+    assert sum(data["requests"]["sf-candidate"]) >= sum(
+        s["candidate"]["requests"] for s in report["steps"]
+    )
+    assert sum(data["requests"]["sf"]) > 0
+    assert data["failures"] == []
+    assert data["verdict"] == "rollout promoted"
 
 
 def test_bad_candidate_is_rolled_back_within_one_hold(
-    fresh: BlueGreenProxy, candidate_port: int
+    fresh: BlueGreenProxy, candidate_port: int, tmp_path: Path
 ) -> None:
     """Steps:
 
     1. A candidate that answers 500 to half of /api/hello (SF_EXAMPLE_FAIL_RATE=0.5), UP in
        Traefik (its health check cannot see the fault); 40 requests/s; the weights file watched.
-    2. `rollout --steps 10,50,100 --hold 3s --max-error-rate 0.01 --min-requests 10`.
+    2. `rollout --steps 10,50,100 --hold 3s --max-error-rate 0.01 --min-requests 10 --report`.
     3. Assert: exit 1 with the breach reported; the file and Traefik are back at stable 100;
        the rollback was written within one hold of the first error a client saw; every error
        came from the candidate, after its weight was raised and before the rollback was loaded;
-       afterwards every request, the sticky client's too, reaches the stable and succeeds.
+       afterwards every request, the sticky client's too, reaches the stable and succeeds. The
+       report shows the candidate's 5xx as failures and the weights back at stable 100.
     """
     hold_s = 3.0
     with (
@@ -238,6 +265,7 @@ def test_bad_candidate_is_rolled_back_within_one_hold(
             fresh,
             *("--steps", "10,50,100", "--hold", f"{hold_s}s", "--interval", "250ms"),
             *("--max-error-rate", "0.01", "--min-requests", "10", "--json"),
+            *("--report", str(tmp_path / "rollback.html")),
         )
         rolled_back = time.monotonic()
         time.sleep(1.5)
@@ -268,6 +296,12 @@ def test_bad_candidate_is_rolled_back_within_one_hold(
     after = [s for s in load.sent if s.at > rolled_back + 0.5]
     assert len(after) >= 20
     assert {(s.status, s.replica) for s in after} == {(200, "stable")}
+    data = report_data(tmp_path / "rollback.html")
+    assert [w["note"] for w in data["weights"]] == ["start", "step 10%", "rollback"]
+    assert data["weights"][-1]["weights"] == STABLE_100
+    assert sum(f["failed"] for f in data["failures"]) >= step["candidate"]["errors"]
+    assert {k for f in data["failures"] for k in f["what"]} == {"HTTP 5xx (sf-candidate)"}
+    assert data["verdict"] == "rollout rolled_back"
 
 
 def test_candidate_not_ready_is_refused(fresh: BlueGreenProxy, candidate_port: int) -> None:

@@ -3,32 +3,51 @@ flow, smaller): candidate verified, `sf-lifecycle rollout` 10 -> 50 -> 100, old 
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from examples.demo import Options, Summary, run
+from examples.browser import PageWatch, chromium, open_report
+from examples.demo import Options, Summary, run, write_report
 
 pytestmark = pytest.mark.integration
 
 DRAIN_DELAY_S = 5.0
 
 
+OPTIONS = Options(
+    # Two of the four workers are cookie-less: at 10 % the candidate gets ~3 req/s.
+    rate=60,
+    workers=4,
+    sse_clients=2,
+    warmup_s=2.0,
+    cooldown_s=2.0,
+    quiet=True,
+    hold="2s",
+    min_requests=3,
+)
+
+
 @pytest.fixture(scope="module")
 def upgrade() -> Summary:
-    return run(
-        Options(
-            # Two of the four workers are cookie-less: at 10 % the candidate gets ~3 req/s.
-            rate=60,
-            workers=4,
-            sse_clients=2,
-            warmup_s=2.0,
-            cooldown_s=2.0,
-            quiet=True,
-            hold="2s",
-            min_requests=3,
-        )
-    )
+    return run(OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def report(upgrade: Summary, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The upgrade report of that run, as `make demo` writes it."""
+    return write_report(upgrade, OPTIONS, tmp_path_factory.mktemp("report") / "report.html")
+
+
+def report_data(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    start = text.index('<script type="application/json" id="sf-report-data">')
+    body = text[text.index(">", start) + 1 : text.index("</script>", start)]
+    data: dict[str, Any] = json.loads(body)
+    return data
 
 
 def test_candidate_verified_then_promoted_step_by_step(upgrade: Summary) -> None:
@@ -93,3 +112,74 @@ def test_no_process_left_behind(upgrade: Summary) -> None:
     for pid in upgrade.pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_report_shows_what_happened(upgrade: Summary, report: Path) -> None:
+    """The report's data (embedded beside the chart) is the run's: every answered request in
+    its replica's bins, the weights Traefik served at each step, each replica's SIGTERM, out of
+    pool and exit in that order, the SSE reconnects, and the summary table."""
+    data = report_data(report)
+    requests = data["requests"]
+    assert sum(map(sum, requests.values())) == sum(upgrade.replicas_seen.values())
+    assert {k: sum(v) for k, v in requests.items()} == dict(upgrade.replicas_seen)
+    bins = data["bins"]
+    assert bins[:3] == [0.0, 0.25, 0.5]
+    assert data["failures"] == []
+    weights = data["weights"]
+    assert [w["weights"]["sf-candidate"] for w in weights] == [0, 0, 10, 50, 100]
+    times = [w["t"] for w in weights]
+    assert times == sorted(times)
+    assert 0 <= times[-1] < upgrade.load_s + 10
+    instants = data["instants"]
+    for replica in ("sf-v1", "sf-v2"):
+        kinds = [
+            i["kind"] for i in instants if i["replica"] == replica and i["kind"] != "SSE reconnect"
+        ]
+        assert kinds == ["SIGTERM", "out of pool", "exit"], instants
+    reconnects = [i for i in instants if i["kind"] == "SSE reconnect"]
+    assert len(reconnects) == len(upgrade.reconnects) >= 1
+    summary = {label: value for label, value in data["summary"]}
+    assert summary["requests failed"] == "0"
+    assert summary["rollout"] == "promoted (exit 0)"
+    assert data["verdict"] == "gated blue/green upgrade: OK"
+    # plotly.js (~4.8 MB) is most of the file; the run's data adds little.
+    assert report.stat().st_size < 5_500_000
+
+
+def test_report_renders_offline_in_chromium(upgrade: Summary, report: Path) -> None:
+    """Steps: Debian's Chromium opens the report file (file://, nothing else reachable).
+    Assert: plotly drew the chart (the stacked areas of sf-v1 and sf-v2 have filled paths, the
+    weights and instants are plotted), the summary table is there, and the page had no
+    console error, no uncaught exception, and made no request beyond the file itself."""
+    with chromium() as browser:
+        page = browser.new_page()
+        watch = PageWatch.on(page)
+        open_report(page, report)
+        names = page.evaluate("() => document.getElementById('sf-timeline').data.map(t => t.name)")
+        # What plotly drew: each trace's name and the number of its SVG paths.
+        drawn = page.evaluate(
+            """() => Array.from(document.querySelectorAll('#sf-timeline .scatterlayer .trace'))
+                 .map(t => [t.__data__[0].trace.name, t.querySelectorAll('path').length])"""
+        )
+        fills = page.eval_on_selector_all(
+            "#sf-timeline .scatterlayer .trace path.js-fill",
+            "els => els.map(e => (e.getAttribute('d') || '').length)",
+        )
+        table = page.eval_on_selector_all(
+            "table tr td:first-child", "els => els.map(e => e.textContent)"
+        )
+        problems = watch.problems()
+        requests = list(watch.requests)
+        page.close()
+    assert names[:3] == ["sf-v1", "sf-v2", "failed (0)"]
+    assert "sf (sf-v1)" in names
+    assert "sf-candidate (sf-v2)" in names
+    assert {"SIGTERM", "out of pool", "exit"} <= set(names)
+    paths = dict(drawn)
+    assert all(paths[name] > 0 for name in ("sf-v1", "sf-v2", "SIGTERM", "out of pool", "exit"))
+    assert len(fills) >= 2
+    assert all(length > 100 for length in fills), fills
+    assert "requests failed" in table
+    assert "rollout" in table
+    assert problems == []
+    assert requests == [report.resolve().as_uri()]

@@ -673,3 +673,27 @@ def test_cli_absurd_arguments_are_refused(
     assert main(["rollout", "--weights", str(path), "--traefik", "http://127.0.0.1:9", *args]) == 2
     assert problem in capsys.readouterr().err
     assert path.read_bytes() == before
+
+
+def test_cli_report_without_plotly_refuses_before_changing_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--report` needs the `report` extra: without plotly the rollout refuses (exit 2) and
+    says how to install it, before touching the weights or Traefik."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "plotly" else real(name, *a)
+    )
+    path = write(tmp_path, REFERENCE_WEIGHTS.read_text())
+    before = path.read_bytes()
+    report = tmp_path / "report.html"
+    args = ["--traefik", "http://127.0.0.1:9", "--report", str(report)]
+    code = main(["rollout", "--weights", str(path), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"rollout: refused: --report {report}: the report needs plotly" in err
+    assert "pip install 'sf-lifecycle[report]'" in err
+    assert path.read_bytes() == before
+    assert not report.exists()
