@@ -773,6 +773,14 @@ def main(argv: list[str] | None = None) -> int:
         fail_rate=args.bad_candidate,
         hold=args.hold,
     )
+    if not args.no_report:
+        from sf_lifecycle.report import report_path_problem
+
+        # Before the run, not after it: a typo must not cost a whole demo.
+        problem = report_path_problem(args.report)
+        if problem:
+            print(f"demo: --report {args.report}: {problem}", file=sys.stderr)
+            return 2
     try:
         summary = run(opts)
     except KeyboardInterrupt:

@@ -22,7 +22,8 @@ Deliberate choices:
   plotly until a report is written; `ReportUnavailable` says how to install it.
 * **The data travels with the chart**: the same timeline, binned, is embedded as JSON
   (`<script type="application/json" id="sf-report-data">`), so a script or a test can read what
-  the picture shows without scraping it.
+  the picture shows without scraping it. Its `<`, `>`, `&`, U+2028 and U+2029 are written
+  `\\uXXXX`: no text in it can end the element early.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import html
 import json
 import math
 import os
+import re
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,6 +49,7 @@ __all__ = [
     "UpgradeTimeline",
     "Weights",
     "render_html",
+    "report_path_problem",
     "write_report",
 ]
 
@@ -267,12 +270,15 @@ def _figure(tl: UpgradeTimeline) -> Any:
             "lifecycle instants and SSE reconnects",
         ),
     )
-    centers = [round(s + tl.bin_s / 2, 6) for s in starts]
+    # Each bin drawn from its start to its end ("hv" steps from the bin's start; a last point
+    # closes the last bin), so a replica's traffic ends where its exit line is, not half a
+    # bin later.
+    edges = [*starts, round(starts[-1] + tl.bin_s, 6)]
     for replica, counts in per.items():
         fig.add_trace(
             go.Scatter(
-                x=centers,
-                y=counts,
+                x=edges,
+                y=[*counts, counts[-1]],
                 name=replica,
                 legendgroup="traffic",
                 legendgrouptitle_text="requests",
@@ -414,8 +420,7 @@ def render_html(tl: UpgradeTimeline) -> str:
     rows = "\n".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in tl.summary
     )
-    # `</script>` inside the JSON would end the element early: escape every `</`.
-    data = json.dumps(tl.to_json(), separators=(",", ":")).replace("</", "<\\/")
+    data = _script_json(tl.to_json())
     when = datetime.fromtimestamp(tl.started_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     verdict = (
         f'<p class="verdict {"ok" if tl.ok else "bad"}">{html.escape(tl.verdict)}</p>'
@@ -435,23 +440,77 @@ def render_html(tl: UpgradeTimeline) -> str:
     )
 
 
+#: Characters that must not appear raw inside a `<script>` element: `<` and `>` could open a
+#: comment or a tag (`<!--<script>` makes the HTML parser skip the closing `</script>`), `&`
+#: for good measure, U+2028/U+2029 end a line in older JavaScript.
+_SCRIPT_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+_SCRIPT_UNSAFE = re.compile("[<>&\u2028\u2029]")
+
+
+def _script_json(data: Any) -> str:
+    """`data` as JSON that is safe inside `<script>`: the characters above as `\\uXXXX`, which
+    JSON.parse reads back as the same text."""
+    text = json.dumps(data, separators=(",", ":"))
+    return _SCRIPT_UNSAFE.sub(lambda m: _SCRIPT_ESCAPES[m.group()], text)
+
+
+def report_path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a report cannot be written at `path`, or None: checked before an upgrade starts, so
+    a typo fails at once instead of after the run.
+
+    Missing directories are fine (`write_report` creates them) when the nearest existing one
+    takes new files; that is tried with an unnamed temporary file, which also catches a
+    read-only file system and permissions root does not bypass.
+    """
+    target = Path(path)
+    existing = target.parent
+    try:
+        if target.is_dir():
+            return "is a directory (give a file name)"
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{existing} is not a directory"
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return f"cannot create a file in {existing}: {exc.strerror or exc}"
+    return None
+
+
 def write_report(tl: UpgradeTimeline, path: str | os.PathLike[str]) -> Path:
     """Write the report to `path` atomically (a temporary file renamed over it); return it.
 
     Raises:
         ReportUnavailable: plotly is not installed.
-        OSError: the file cannot be written.
+        OSError: the file cannot be written; the message names `path` (not the temporary
+            file).
     """
     target = Path(path)
     document = render_html(tl)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    except OSError as exc:
+        raise _not_written(target, exc) from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(document)
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _not_written(target, exc) from exc
         raise
     return target
+
+
+def _not_written(target: Path, exc: OSError) -> OSError:
+    return OSError(f"cannot write {target}: {exc.strerror or exc}")

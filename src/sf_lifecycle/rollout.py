@@ -51,8 +51,11 @@ noticed and exited (at most `ABORT_WAIT_S`).
 
 `--report FILE` also writes the upgrade report (`report.py`): each service's requests and 5xx
 from the metrics read during the holds, and the weights each time Traefik served new ones
-(`weights_timeline` in the JSON summary too), whatever the rollout's outcome once it started.
-It needs the `report` extra; without it the rollout refuses to start.
+(`weights_timeline` in the JSON summary too), whatever the rollout's outcome once it started
+(its first weights written; a rollout refused or interrupted before that writes none). It
+needs the `report` extra, and FILE must be writable and outside the weights file's directory
+(Traefik watches it; the report must never replace the weights): otherwise the rollout refuses
+to start.
 """
 
 from __future__ import annotations
@@ -433,6 +436,8 @@ class _Rollout:
         )
         #: `(unix time, {service: (requests, 5xx)})` at each look at the metrics (the report).
         self.samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
+        #: A step's weights were (being) written: from here on the rollout has started.
+        self.started = False
 
     def _weights(self, candidate: int) -> dict[str, int]:
         return {self.wf.stable: 100 - candidate, self.wf.candidate: candidate}
@@ -537,6 +542,8 @@ class _Rollout:
             )
         else:
             current = self._current()
+            # Set before the write: an interrupt during it still counts as started.
+            self.started = True
         self.wf = current.write(weights)
         self.report.weights_after = self.wf.weights
 
@@ -800,6 +807,8 @@ def run(args: argparse.Namespace) -> int:
     report = Report("refused", str(args.weights))
     samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
     code = EXIT_REFUSED
+    started = False  # a first step's weights were written: the report is due
+    wf: WeightsFile | None = None
     lock: _DirLock | None = None
     signals = _Signals()
     try:
@@ -810,6 +819,8 @@ def run(args: argparse.Namespace) -> int:
         )
         report = Report("refused", str(wf.path), wf.service, wf.stable, wf.candidate, wf.weights)
         report.weights_after = wf.weights  # until something is written
+        if args.report is not None and not args.abort:
+            _check_report_path(args.report, wf)
         lock = _DirLock(wf.target.parent)
         if args.abort and args.dry_run:
             wf.check_rewritable()
@@ -844,7 +855,7 @@ def run(args: argparse.Namespace) -> int:
                     f"another rollout is running on {wf.path} (it holds the lock on "
                     f"{lock.directory}); wait for it, or stop it with --abort"
                 )
-            code, report, samples = _run_rollout(opts, wf, say, signals)
+            code, report, samples, started = _run_rollout(opts, wf, say, signals)
     except _Interrupted:
         # Before anything was written (pre-flight, plan): nothing to roll back.
         report.result, report.reason = "interrupted", "interrupted before the first step"
@@ -864,22 +875,65 @@ def run(args: argparse.Namespace) -> int:
             lock.close()
     if args.json:
         print(json.dumps(asdict(report), sort_keys=False))
-    if args.report is not None and report.result not in ("refused", "aborted", "dry_run"):
-        _write_report(args.report, report, samples, say)
+    if args.report is not None and started and wf is not None:
+        _write_report(args.report, wf, report, samples, say)
     return code
 
 
 _Samples = list[tuple[float, dict[str, tuple[float, float]]]]
 
 
+def _check_report_path(path: Path, wf: WeightsFile) -> None:
+    """Refuse a report path that could replace the weights file or land in the directory
+    Traefik watches (by name, symbolic link or hard link), or that cannot be written.
+
+    Raises:
+        RolloutRefused: naming `path` and why.
+    """
+    from .report import report_path_problem
+
+    out = path.resolve()
+    weights = {wf.path.resolve(), wf.target.resolve()}
+    watched = {Path(os.path.abspath(wf.path)).parent.resolve(), *(w.parent for w in weights)}
+    if out in weights or any(_same_file(path, w) for w in weights):
+        raise RolloutRefused(
+            f"--report {path}: that is the weights file {wf.path}; the report must never "
+            f"replace it: write the report elsewhere"
+        )
+    for d in sorted(watched):
+        if out == d or out.is_relative_to(d):
+            raise RolloutRefused(
+                f"--report {path}: in {d}, the weights file's directory, which Traefik "
+                f"watches: write the report elsewhere"
+            )
+    problem = report_path_problem(path)
+    if problem:
+        raise RolloutRefused(f"--report {path}: {problem}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # `a` does not exist yet
+        return False
+
+
 def _write_report(
-    path: Path, report: Report, samples: _Samples, say: Callable[[str], None]
+    path: Path,
+    wf: WeightsFile,
+    report: Report,
+    samples: _Samples,
+    say: Callable[[str], None],
 ) -> None:
     from .report import ReportUnavailable, UpgradeTimeline, write_report
 
     timeline = UpgradeTimeline.from_rollout(asdict(report), samples)
     try:
+        _check_report_path(path, wf)  # again: links may have moved during the rollout
         written = write_report(timeline, path)
+    except RolloutRefused as exc:
+        print(f"rollout: report not written: {exc}", file=sys.stderr)
+        return
     except (ReportUnavailable, OSError) as exc:
         # The exit code still says what the rollout did.
         print(f"rollout: report not written: {exc}", file=sys.stderr)
@@ -889,7 +943,9 @@ def _write_report(
 
 def _run_rollout(
     opts: Options, wf: WeightsFile, say: Callable[[str], None], signals: _Signals
-) -> tuple[int, Report, _Samples]:
+) -> tuple[int, Report, _Samples, bool]:
+    """Pre-flight and rollout: the exit code, the report, the metrics samples, and whether a
+    first step's weights were written (an interrupt before that propagates: nothing changed)."""
     rollout = _Rollout(opts, wf, say, signals)
     rollout.preflight()
     for line in _describe_plan(opts, wf):
@@ -906,7 +962,7 @@ def _run_rollout(
         # Traefik unreachable, metrics unreadable, the file unreadable: judge nothing blind.
         code = rollout._rollback(f"stopped by an error: {exc}")
     rollout.report.weights_after = rollout.wf.weights
-    return code, rollout.report, rollout.samples
+    return code, rollout.report, rollout.samples, rollout.started
 
 
 #: `(add_arguments, run)` for the `rollout` sub-command of `sf-lifecycle`.

@@ -1,5 +1,6 @@
 """The example server's live page in real headless Chromium, through real Traefik, across an
-upgrade. (The report is opened in Chromium by `test_upgrade_traefik.py`, on the demo's run.)
+upgrade; the page's refusal of an invalid session; a report with hostile text. (The demo's
+report is opened in Chromium by `test_upgrade_traefik.py`, on the demo's run.)
 
 Chromium is Debian's (`make chromium`); a missing browser fails these tests, it never skips them.
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import BrowserContext, Page
 
-from examples.browser import PageWatch, chromium
+from examples.browser import PageWatch, chromium, open_report
+from sf_lifecycle.report import Instant, Requests, UpgradeTimeline, Weights, write_report
 from sf_lifecycle.testing import BlueGreenProxy, ServerProcess, free_port
 
 pytestmark = pytest.mark.integration
@@ -177,3 +179,65 @@ def test_live_page_shows_every_event_once_across_an_upgrade(browser: BrowserCont
     assert connections == ["sf-v1", "sf-v2"]
     assert problems == []
     assert all(url.startswith(proxy.url) for url in watch.requests), watch.requests
+
+
+def test_an_invalid_session_shows_the_servers_message_and_stops_retrying(
+    browser: BrowserContext,
+) -> None:
+    """`/?session=a%20b`: the server answers the stream 400 with a message. EventSource gives
+    up without saying why; the page asks once more, shows that message, and stops: no request
+    every second for ever. (A 5xx or a network error is still retried: the upgrade test.)"""
+    with (
+        tempfile.TemporaryDirectory(prefix="sf-browser-") as tmp,
+        ServerProcess(state_dir=Path(tmp), env={"SF_REPLICA_ID": "sf-v1"}, cwd=ROOT) as server,
+    ):
+        server.wait_ready()
+        page = browser.new_page()
+        watch = PageWatch.on(page)
+        page.goto(f"{server.url}/?session=a%20b")
+        page.wait_for_selector("#status.failed", timeout=10_000)
+        page.wait_for_timeout(4000)  # the old page retried every second
+        status = page.text_content("#status")
+        streams = [u for u in watch.requests if "/api/session/events" in u]
+        page_errors = list(watch.page_errors)
+        page.close()
+    assert status == (
+        "stream refused: HTTP 400: invalid session id 'a b': use 1-128 characters from "
+        "A-Z a-z 0-9 _ -"
+    )
+    assert len(streams) == 2, streams  # the EventSource, and the one look at why it failed
+    assert page_errors == []
+
+
+#: Text that ends a `<script>` element early unless every `<` in it is escaped.
+HOSTILE = "<!--<script>\"'</script><img src=x onerror=alert(1)>&amp;\u2028\u2029%{x}"
+
+
+def test_report_data_parses_in_the_browser_whatever_the_text(
+    browser: BrowserContext, tmp_path: Path
+) -> None:
+    """Hostile text in every text field of a report (title, verdict, replicas, failures,
+    instants, weights, pools, summary): in Chromium the embedded data still parses with
+    JSON.parse to exactly what was written, the chart renders, nothing ran, nothing failed."""
+    tl = UpgradeTimeline(HOSTILE, 1_800_000_000.0, verdict=HOSTILE, ok=False)
+    tl.requests += [Requests(0.1, "sf-v1"), Requests(0.2, HOSTILE, 1, 1, HOSTILE)]
+    tl.instants += [Instant(0.3, HOSTILE, "SIGTERM", HOSTILE)]
+    tl.instants += [Instant(0.4, HOSTILE, "SSE reconnect", HOSTILE)]
+    tl.weights += [Weights(0.0, {HOSTILE: 100}, HOSTILE)]
+    tl.pools = {HOSTILE: HOSTILE}
+    tl.summary = [(HOSTILE, HOSTILE)]
+    path = write_report(tl, tmp_path / "report.html")
+    page = browser.new_page()
+    watch = PageWatch.on(page)
+    open_report(page, path)
+    parsed = page.evaluate(
+        "() => { try { return JSON.parse("
+        "document.getElementById('sf-report-data').textContent) }"
+        " catch (e) { return 'JSON.parse: ' + e.message } }"
+    )
+    injected = page.evaluate("() => document.querySelectorAll('img[src=x]').length")
+    problems = watch.problems()
+    page.close()
+    assert parsed == json.loads(json.dumps(tl.to_json()))
+    assert injected == 0
+    assert problems == []

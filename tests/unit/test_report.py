@@ -135,3 +135,90 @@ def test_without_plotly_the_error_says_how_to_install_it(
     with pytest.raises(ReportUnavailable, match=r"pip install 'sf-lifecycle\[report\]'"):
         write_report(small(), tmp_path / "report.html")
     assert list(tmp_path.iterdir()) == []
+
+
+#: Text that breaks out of a `<script>` element unless every `<` is escaped: `<!--<script>`
+#: makes the HTML parser skip the next `</script>`.
+HOSTILE = "<!--<script>\"'</script><img src=x onerror=alert(1)>&amp;\u2028\u2029%{x}"
+
+
+def hostile() -> UpgradeTimeline:
+    """Hostile text in every text field of a timeline."""
+    tl = UpgradeTimeline(HOSTILE, 1_800_000_000.0, verdict=HOSTILE, ok=False)
+    tl.requests += [Requests(0.1, "sf-v1"), Requests(0.2, HOSTILE, 1, 1, HOSTILE)]
+    tl.instants += [At(0.3, HOSTILE, "SIGTERM", HOSTILE), At(0.4, HOSTILE, HOSTILE, HOSTILE)]
+    tl.weights += [Weights(0.0, {HOSTILE: 100}, HOSTILE)]
+    tl.pools = {HOSTILE: HOSTILE}
+    tl.summary = [(HOSTILE, HOSTILE)]
+    return tl
+
+
+def test_embedded_json_escapes_every_character_that_could_end_the_script() -> None:
+    """`<`, `>`, `&`, U+2028 and U+2029 appear only as `\\uXXXX` in the embedded data, so no
+    text can end the element or open a comment in it; the JSON reads back unchanged."""
+    document = render_html(hostile())
+    start = document.index('<script type="application/json" id="sf-report-data">')
+    raw = document[document.index(">", start) + 1 : document.index("</script>", start)]
+    assert not set(raw) & {"<", ">", "&", "\u2028", "\u2029"}
+    data = json.loads(raw)
+    assert data["title"] == data["verdict"] == HOSTILE
+    assert data["summary"] == [[HOSTILE, HOSTILE]]
+    assert data["failures"][0]["what"] == {f"{HOSTILE} ({HOSTILE})": 1}
+    assert data["instants"][0]["detail"] == HOSTILE
+    assert data["weights"][0] == {"t": 0.0, "weights": {HOSTILE: 100}, "note": HOSTILE}
+    assert data["pools"] == {HOSTILE: HOSTILE}
+
+
+def test_traffic_is_drawn_from_each_bin_start_to_its_end() -> None:
+    """The stacked areas step ("hv") from each bin's start, and a last point closes the last
+    bin: a replica's traffic ends at the end of its last bin, not half a bin later."""
+    from sf_lifecycle.report import _figure
+
+    tl = small()
+    fig = _figure(tl)
+    traffic = {t.name: t for t in fig.data if t.stackgroup == "traffic"}
+    assert set(traffic) == {"sf-v1", "sf-v2"}
+    for name, trace in traffic.items():
+        assert list(trace.x) == [0.0, 0.25, 0.5, 0.75], name
+        assert trace.line.shape == "hv"
+    assert list(traffic["sf-v1"].y) == [2, 1, 0, 0]
+    assert list(traffic["sf-v2"].y) == [0, 1, 1, 1]
+
+
+def test_a_failed_write_names_the_report_path_not_the_temporary_file(tmp_path: Path) -> None:
+    target = tmp_path / "report.html"
+    target.mkdir()  # os.replace cannot put a file over a directory
+    with pytest.raises(OSError, match=r"^cannot write ") as caught:
+        write_report(small(), target)
+    assert str(caught.value) == f"cannot write {target}: Is a directory"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left
+
+
+def test_report_path_problem_says_why_a_path_cannot_take_the_report(tmp_path: Path) -> None:
+    from sf_lifecycle.report import report_path_problem
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert report_path_problem(tmp_path / "report.html") is None
+    assert report_path_problem(tmp_path / "new" / "dir" / "report.html") is None  # created
+    assert report_path_problem(tmp_path) == "is a directory (give a file name)"
+    assert report_path_problem(a_file / "report.html") == f"{a_file} is not a directory"
+    problem = report_path_problem("/proc/report.html")  # not writable, even by root
+    assert problem is not None
+    assert problem.startswith("cannot create a file in /proc: ")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # the check leaves nothing
+
+
+def test_the_demo_refuses_an_unwritable_report_path_before_it_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make demo --report DIR` fails at once (exit 2) naming the path and why, instead of
+    after a whole run with a message about a temporary file. (Were the check missing, this
+    would run the whole demo and return 0 or 1.)"""
+    from examples.demo import main
+
+    assert main(["--report", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"demo: --report {tmp_path}: is a directory (give a file name)\n"
+    assert out == ""
+    assert list(tmp_path.iterdir()) == []

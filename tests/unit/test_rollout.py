@@ -697,3 +697,98 @@ def test_cli_report_without_plotly_refuses_before_changing_anything(
     assert "pip install 'sf-lifecycle[report]'" in err
     assert path.read_bytes() == before
     assert not report.exists()
+
+
+@pytest.mark.parametrize("where", ["the file", "a link to it", "its directory", "beside it"])
+def test_cli_report_never_lands_on_the_weights_or_in_their_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """`--report` naming the weights file (or a link to it), the directory Traefik watches or
+    any file in it is refused (exit 2) before anything is written: the weights stay valid and
+    `--abort` still works."""
+    watched = tmp_path / "dynamic"
+    watched.mkdir()
+    path = write(watched, REFERENCE_WEIGHTS.read_text())
+    before = path.read_bytes()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "report.html").symlink_to(path)
+    report = {
+        "the file": path,
+        "a link to it": elsewhere / "report.html",
+        "its directory": watched,
+        "beside it": watched / "report.html",
+    }[where]
+    args = ["--traefik", "http://127.0.0.1:9", "--report", str(report)]
+    code = main(["rollout", "--weights", str(path), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    if where in ("the file", "a link to it"):
+        assert f"rollout: refused: --report {report}: that is the weights file {path}" in err
+    else:
+        assert f"rollout: refused: --report {report}: in {watched}, the weights file's" in err
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in watched.iterdir()) == ["weights.yaml"]
+    assert main(["rollout", "--weights", str(path), "--abort"]) == 0
+
+
+def test_cli_report_to_an_unwritable_path_is_refused_before_the_rollout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A report path that cannot be written fails at once (exit 2), naming the path and why,
+    before Traefik is asked anything (port 9 would fail later, with another message)."""
+    path = write(tmp_path, REFERENCE_WEIGHTS.read_text())
+    before = path.read_bytes()
+    out = tmp_path.parent / f"{tmp_path.name}-out"
+    out.mkdir()
+    (out / "notes.txt").write_text("x")
+    cases = {
+        out: "is a directory (give a file name)",
+        out / "notes.txt" / "r.html": f"{out / 'notes.txt'} is not a directory",
+        Path("/proc/r.html"): "cannot create a file in /proc: ",
+    }
+    for report, why in cases.items():
+        args = ["--traefik", "http://127.0.0.1:9", "--report", str(report)]
+        assert main(["rollout", "--weights", str(path), *args]) == 2
+        assert f"rollout: refused: --report {report}: {why}" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_cli_interrupted_before_the_first_step_writes_no_report(tmp_path: Path) -> None:
+    """Ctrl-C during the pre-flight (Traefik's API accepts the connection and never answers):
+    exit 130, nothing changed, and no report: the rollout never started (a report would have
+    no time zero and no data)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    path = write(tmp_path, REFERENCE_WEIGHTS.read_text())
+    before = path.read_bytes()
+    report = tmp_path.parent / f"{tmp_path.name}-report.html"
+    with socket.socket() as hang:
+        hang.bind(("127.0.0.1", 0))
+        hang.listen(1)
+        hang.settimeout(30)
+        cmd = [sys.executable, "-m", "sf_lifecycle", "rollout", "--weights", str(path)]
+        cmd += ["--traefik", f"http://127.0.0.1:{hang.getsockname()[1]}"]
+        proc = subprocess.Popen(
+            [*cmd, "--report", str(report)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            conn, _ = hang.accept()  # the pre-flight is asking Traefik for the service
+            with conn:
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted before the first step; nothing changed" in out
+    assert not report.exists()
+    assert path.read_bytes() == before
