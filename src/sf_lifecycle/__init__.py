@@ -19,10 +19,9 @@ from ._errors import (
     SfLifecycleError,
     UnsafePath,
 )
+from ._middleware import LifecycleMiddleware
 from .config import Settings
-from .health import HealthApp, health_routes
 from .lifecycle import Lifecycle
-from .middleware import LifecycleMiddleware
 from .runner import (
     EXIT_BUDGET_EXCEEDED,
     EXIT_FORCED,
@@ -84,7 +83,6 @@ __all__ = [
     "EventLog",
     "FeedbackQueue",
     "FileEventLog",
-    "HealthApp",
     "InvalidEventId",
     "InvalidSessionId",
     "Lifecycle",
@@ -100,7 +98,6 @@ __all__ = [
     "UnsafePath",
     "__version__",
     "feedback_routes",
-    "health_routes",
     "serve",
     "session_event_routes",
 ]

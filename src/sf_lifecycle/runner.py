@@ -44,6 +44,7 @@ from typing import Any
 import uvicorn
 from uvicorn.lifespan.on import LifespanOn
 
+from ._middleware import LifecycleMiddleware
 from ._watchdog import Watchdog
 from .config import Settings
 from .lifecycle import Lifecycle
@@ -422,8 +423,6 @@ def serve(
     # An app built with a lifecycle must start cleanly; a bare app may not speak lifespan.
     uvicorn_options.setdefault("lifespan", "on" if lifecycle is not None else "auto")
     if lifecycle is None:
-        from .middleware import LifecycleMiddleware
-
         lifecycle = Lifecycle(settings)
         app = LifecycleMiddleware(app, lifecycle)
     s = lifecycle.settings
