@@ -20,17 +20,10 @@ from ._errors import (
     UnsafePath,
 )
 from ._middleware import LifecycleMiddleware
+from ._runner import ExitCode, serve
 from .config import Settings
 from .lifecycle import Lifecycle
-from .runner import (
-    EXIT_BUDGET_EXCEEDED,
-    EXIT_FORCED,
-    EXIT_HOOK_FAILED,
-    EXIT_OK,
-    EXIT_STARTUP_FAILED,
-    serve,
-)
-from .state import Phase, ShutdownState
+from .state import Phase
 
 if TYPE_CHECKING:
     from .events import EventLog, FileEventLog
@@ -72,15 +65,11 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "EXIT_BUDGET_EXCEEDED",
-    "EXIT_FORCED",
-    "EXIT_HOOK_FAILED",
-    "EXIT_OK",
-    "EXIT_STARTUP_FAILED",
     "BudgetExceeded",
     "ConfigError",
     "DiskWriteError",
     "EventLog",
+    "ExitCode",
     "FeedbackQueue",
     "FileEventLog",
     "InvalidEventId",
@@ -92,7 +81,6 @@ __all__ = [
     "QueueError",
     "Settings",
     "SfLifecycleError",
-    "ShutdownState",
     "Sink",
     "SqliteSink",
     "UnsafePath",

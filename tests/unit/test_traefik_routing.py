@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+from sf_lifecycle._infra_check import check_documents
 from sf_lifecycle._infra_traefik import label_tree
-from sf_lifecycle.infra_check import check_documents
 from sf_lifecycle.testing import TraefikRouting
 
 LABELS = {
