@@ -1,8 +1,9 @@
-"""The layout a newcomer relies on: no import cycles between the modules."""
+"""The layout a newcomer relies on: no import cycles, every module in ARCHITECTURE.md."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -96,3 +97,24 @@ def test_no_module_imports_itself_back() -> None:
     """health -> lifecycle -> middleware -> health was one (through an import inside
     `Lifecycle.install`, which counts: it runs)."""
     assert find_cycle(import_graph()) is None
+
+
+ARCHITECTURE = SRC.parent / "ARCHITECTURE.md"
+
+
+def module_table() -> list[str]:
+    """The first column of ARCHITECTURE.md's module table, in order."""
+    rows = []
+    for line in ARCHITECTURE.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"\| `([\w/]+\.py)` \|", line)
+        if m:
+            rows.append(m.group(1))
+    return rows
+
+
+def test_architecture_lists_every_module_once() -> None:
+    """A newcomer finds each module in the table; a module added without a row fails here."""
+    modules = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py"))
+    rows = module_table()
+    assert sorted(rows) == modules
+    assert len(set(rows)) == len(rows)
