@@ -17,9 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sf_lifecycle.sse import EVENTS_PATH
+__all__ = ["EVENTS_PATH", "HEALTH_PATH", "QueueHub", "queue_hub_app"]
 
-__all__ = ["HEALTH_PATH", "QueueHub", "queue_hub_app"]
+#: The path `session_event_routes` serves by default; the baseline serves the same one.
+EVENTS_PATH = "/api/session/events"
 
 #: A plain 200 for `ServerProcess.wait_ready` (the events path would open a stream).
 HEALTH_PATH = "/healthz"

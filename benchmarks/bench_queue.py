@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import Stats, interleave, make_result
-from sf_lifecycle.queue import FeedbackQueue
-from sf_lifecycle.sink import SqliteSink
+from sf_lifecycle import FeedbackQueue, SqliteSink
 
 RECORD = {"kind": "feedback", "session": "s-0123456789", "text": "x" * 230}
 RAW = json.dumps({"id": "0" * 32, "ts": 0, "data": RECORD}).encode() + b"\n"  # ~300 bytes

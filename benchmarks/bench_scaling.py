@@ -49,11 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import ROOT, Stats, UvicornProcess, interleave, make_result
-from benchmarks._sse_baseline import HEALTH_PATH
+from benchmarks._sse_baseline import EVENTS_PATH, HEALTH_PATH
+from sf_lifecycle import FeedbackQueue, SqliteSink
 from sf_lifecycle._framing import encode
-from sf_lifecycle.queue import FeedbackQueue
-from sf_lifecycle.sink import SqliteSink
-from sf_lifecycle.sse import EVENTS_PATH
 from sf_lifecycle.testing import ServerProcess
 
 __all__ = ["SUPERLINEAR_X", "Scaling", "run", "scaling", "size_label"]

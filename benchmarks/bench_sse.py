@@ -39,10 +39,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from benchmarks._common import Stats, make_result
-from benchmarks._sse_baseline import QueueHub
-from sf_lifecycle import Lifecycle, Settings
-from sf_lifecycle.events import FileEventLog
-from sf_lifecycle.sse import EVENTS_PATH, session_event_routes
+from benchmarks._sse_baseline import EVENTS_PATH, QueueHub
+from sf_lifecycle import FileEventLog, Lifecycle, Settings, session_event_routes
 from sf_lifecycle.testing.process import free_port
 
 STREAMS = 100

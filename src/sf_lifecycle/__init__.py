@@ -19,19 +19,11 @@ from ._errors import (
     SfLifecycleError,
     UnsafePath,
 )
+from ._middleware import LifecycleMiddleware
+from ._runner import ExitCode, serve
 from .config import Settings
-from .health import HealthApp, health_routes
 from .lifecycle import Lifecycle
-from .middleware import LifecycleMiddleware
-from .runner import (
-    EXIT_BUDGET_EXCEEDED,
-    EXIT_FORCED,
-    EXIT_HOOK_FAILED,
-    EXIT_OK,
-    EXIT_STARTUP_FAILED,
-    serve,
-)
-from .state import Phase, ShutdownState
+from .state import Phase
 
 if TYPE_CHECKING:
     from .events import EventLog, FileEventLog
@@ -73,18 +65,13 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "EXIT_BUDGET_EXCEEDED",
-    "EXIT_FORCED",
-    "EXIT_HOOK_FAILED",
-    "EXIT_OK",
-    "EXIT_STARTUP_FAILED",
     "BudgetExceeded",
     "ConfigError",
     "DiskWriteError",
     "EventLog",
+    "ExitCode",
     "FeedbackQueue",
     "FileEventLog",
-    "HealthApp",
     "InvalidEventId",
     "InvalidSessionId",
     "Lifecycle",
@@ -94,13 +81,11 @@ __all__ = [
     "QueueError",
     "Settings",
     "SfLifecycleError",
-    "ShutdownState",
     "Sink",
     "SqliteSink",
     "UnsafePath",
     "__version__",
     "feedback_routes",
-    "health_routes",
     "serve",
     "session_event_routes",
 ]

@@ -30,17 +30,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._infra_common import Finding, lower_keys, scalar
+from ._infra_common import CANDIDATE_SUFFIX, Finding, lower_keys, scalar
 
 __all__ = [
     "BlueGreenModel",
     "StaticConfig",
     "check_bluegreen",
     "static_from_doc",
+    "static_from_flags",
     "verify_shares_child",
 ]
-
-CANDIDATE_SUFFIX = "-candidate"
 
 
 @dataclass(frozen=True, slots=True)

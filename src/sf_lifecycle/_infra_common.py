@@ -14,8 +14,10 @@ Severity = Literal["error", "warning"]
 DEFAULTS = Settings()
 GRACE_VAR, DELAY_VAR = "SF_RPC_SHUTDOWN_GRACE_MS", "SF_DRAIN_DELAY_MS"
 HEALTH_PATH = "/api/healthz"
-#: Traefik's defaults when a health check omits them.
-TRAEFIK_INTERVAL_MS, TRAEFIK_TIMEOUT_MS = 30_000, 5_000
+#: Name suffix of a blue/green candidate (service, workload, pool): `sf` and `sf-candidate`.
+CANDIDATE_SUFFIX = "-candidate"
+#: Traefik's defaults (Go durations) when a health check omits them.
+TRAEFIK_INTERVAL, TRAEFIK_TIMEOUT = "30s", "5s"
 #: Docker's default stop timeout when `stop_grace_period` is absent.
 COMPOSE_STOP_MS = 10_000
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "Pod"}

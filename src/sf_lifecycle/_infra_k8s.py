@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._infra_common import (
+    CANDIDATE_SUFFIX,
     DELAY_VAR,
     HEALTH_PATH,
     WORKLOAD_KINDS,
@@ -16,6 +17,8 @@ from ._infra_common import (
     fmt_ms,
     read_budget,
 )
+
+__all__ = ["check_k8s"]
 
 
 def _pod_spec(doc: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -35,7 +38,7 @@ def _prestop_sleep_s(container: Mapping[str, Any]) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]) -> None:
+def check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]) -> None:
     workload_labels: list[dict[str, str]] = []
     candidates: list[tuple[str, dict[str, str]]] = []
     for file, doc in docs:
@@ -49,7 +52,7 @@ def _check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]
         template_meta = ((doc.get("spec") or {}).get("template") or {}).get("metadata") or {}
         workload_labels.append(dict(template_meta.get("labels") or {}))
         name = str((doc.get("metadata") or {}).get("name", ""))
-        if name.endswith("-candidate"):
+        if name.endswith(CANDIDATE_SUFFIX):
             candidates.append((name, workload_labels[-1]))
         containers = list(spec.get("containers") or [])
         sf_containers = [
@@ -126,7 +129,7 @@ def _check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding]
         for cand, labels in candidates:
             if (
                 selector
-                and not svc_name.endswith(("-candidate", "-candidate-verify"))
+                and not svc_name.endswith((CANDIDATE_SUFFIX, f"{CANDIDATE_SUFFIX}-verify"))
                 and all(labels.get(k) == v for k, v in selector.items())
             ):
                 report.error(

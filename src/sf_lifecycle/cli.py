@@ -47,7 +47,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .runner import serve
+    from ._runner import serve
 
     for field in _SERVE_FLAGS:
         value = getattr(args, field)
@@ -67,9 +67,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _commands() -> dict[str, Command]:
-    from .infra_check import COMMAND as check_infra
+    from ._infra_check import COMMAND as check_infra
+    from ._rollout import COMMAND as rollout
     from .queue_cli import COMMAND as queue
-    from .rollout import COMMAND as rollout
 
     return {
         "serve": (_serve_args, _serve),

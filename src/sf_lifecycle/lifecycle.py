@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._background import stops_task
 from ._errors import BudgetExceeded, NotReady
+from ._middleware import LifecycleMiddleware
 from ._redact import describe_error
 from .config import Settings
 from .state import Phase, ShutdownState
@@ -355,8 +356,6 @@ class Lifecycle:
         `/api/version`, and wraps the app's lifespan so hooks run on shutdown. The runner finds
         the lifecycle again through `app.state.sf_lifecycle`.
         """
-        from .middleware import LifecycleMiddleware
-
         app.add_middleware(LifecycleMiddleware, lifecycle=self)
         inner = app.router.lifespan_context
 

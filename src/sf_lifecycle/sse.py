@@ -20,7 +20,8 @@ Deliberate choices:
   `state.wait_closing()`, after which the stream has `close_grace_s` to send its `retry:` before
   it is cancelled.
 * **Streams are counted in `state.streams`, not `in_flight`** (the middleware skips this path),
-  so an open stream never holds the in-flight wait; `/api/healthz` shows the count. Over
+  so an open stream never looks like a request that hangs (`in_flight_ages_s`, which
+  `sf-lifecycle rollout` reads); `/api/healthz` shows the count. Over
   `sse_max_streams` a new stream gets 503 with `Retry-After`.
 * **The publish body is checked while it is read**: the size limit applies to the bytes received,
   not to a `Content-Length` the client may not send.
@@ -222,7 +223,7 @@ def session_event_routes(
         lifecycle: Supplies the settings (`sse_*`, `feedback_max_bytes`) and the shutdown state.
         log: Where events are stored; `FileEventLog` or any `EventLog`.
         path: Keep the default unless you also pass it to the middleware's `exclude_paths`:
-            a stream counted as in flight would hold the shutdown until the grace budget ends.
+            a stream counted as in flight would look like a request that never ends.
         max_body_bytes: Largest publish body; `settings.feedback_max_bytes` when None.
         send_timeout_s: A client that takes longer to accept one event is disconnected.
         close_grace_s: After closing begins, how long a stream may take to send its `retry:`.

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from sf_lifecycle import EXIT_BUDGET_EXCEEDED
+from sf_lifecycle import ExitCode
 from sf_lifecycle.testing import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -164,7 +164,7 @@ def test_grace_budget_exceeded_exits_4_on_time_and_the_rest_is_recovered(
     servers: list[ServerProcess], tmp_path: Path
 ) -> None:
     """1. Grace budget 2 s; the sink takes 400 ms per batch of 5; post 50 records (4 s of drain).
-    2. SIGTERM: the process exits with EXIT_BUDGET_EXCEEDED (4) about 2 s later.
+    2. SIGTERM: the process exits with ExitCode.BUDGET_EXCEEDED (4) about 2 s later.
     3. Restart: the rest is recovered; every acked id delivered exactly once.
     """
     state = tmp_path / "state"
@@ -178,7 +178,7 @@ def test_grace_budget_exceeded_exits_4_on_time_and_the_rest_is_recovered(
     acked = post(first, 50)
     began = time.monotonic()
     first.send_signal(signal.SIGTERM)
-    assert first.wait(10) == EXIT_BUDGET_EXCEEDED, first.logs()
+    assert first.wait(10) == ExitCode.BUDGET_EXCEEDED, first.logs()
     took = time.monotonic() - began
     assert 1.8 < took < 3.5, took
     assert 0 < len(delivered(state)) < 50

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle import EXIT_BUDGET_EXCEEDED, EXIT_FORCED, EXIT_OK, EXIT_STARTUP_FAILED
-from sf_lifecycle.runner import TEARDOWN_S
+from sf_lifecycle import ExitCode
+from sf_lifecycle._runner import TEARDOWN_S
 from sf_lifecycle.testing import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -181,7 +181,7 @@ def test_drain_ends_after_the_nth_503_probe(server_factory: type[ServerProcess])
 
 def test_budget_exceeded_exits_with_its_code(server_factory: type[ServerProcess]) -> None:
     """Steps: grace 1.5 s, no drain delay; a 10 s request in flight; SIGTERM; the process gives
-    up at the budget and exits with EXIT_BUDGET_EXCEEDED, logging what was left undone."""
+    up at the budget and exits with ExitCode.BUDGET_EXCEEDED, logging what was left undone."""
     server = server_factory(
         env={"SF_DRAIN_DELAY_MS": "0", "SF_RPC_SHUTDOWN_GRACE_MS": "1500"}
     ).start()
@@ -190,7 +190,7 @@ def test_budget_exceeded_exits_with_its_code(server_factory: type[ServerProcess]
     wait_in_flight(server, 1)
     server.send_signal(signal.SIGTERM)
     sent = time.monotonic()
-    assert server.wait(10) == EXIT_BUDGET_EXCEEDED
+    assert server.wait(10) == ExitCode.BUDGET_EXCEEDED
     assert time.monotonic() - sent < 4
     assert "grace budget of 1500 ms exceeded" in server.logs()
     slow._t.join(5)
@@ -200,7 +200,7 @@ def test_budget_exceeded_exits_with_its_code(server_factory: type[ServerProcess]
 
 def test_second_sigint_forces_exit(server_factory: type[ServerProcess]) -> None:
     """Steps: a 10 s request in flight; SIGINT starts a drain that waits for it; a second
-    SIGINT exits at once with EXIT_FORCED."""
+    SIGINT exits at once with ExitCode.FORCED."""
     server = server_factory().start()
     server.wait_ready()
     Background(server, "/api/slow?seconds=10")
@@ -211,7 +211,7 @@ def test_second_sigint_forces_exit(server_factory: type[ServerProcess]) -> None:
     assert server.proc.poll() is None
     server.send_signal(signal.SIGINT)
     sent = time.monotonic()
-    assert server.wait(5) == EXIT_FORCED
+    assert server.wait(5) == ExitCode.FORCED
     assert time.monotonic() - sent < 1.5
 
 
@@ -291,7 +291,7 @@ def wait_for_log(server: ServerProcess, text: str, timeout: float = 15) -> None:
 
 
 @pytest.mark.parametrize(
-    ("second", "expected"), [(signal.SIGTERM, EXIT_OK), (signal.SIGINT, EXIT_FORCED)]
+    ("second", "expected"), [(signal.SIGTERM, ExitCode.OK), (signal.SIGINT, ExitCode.FORCED)]
 )
 def test_a_signal_during_teardown_keeps_the_handlers(
     second: signal.Signals, expected: int, server_factory: type[ServerProcess]
@@ -321,7 +321,7 @@ def test_a_signal_during_teardown_keeps_the_handlers(
     logs = server.logs()
     assert code == expected, logs
     assert "Traceback" not in logs
-    if expected == EXIT_FORCED:
+    if expected == ExitCode.FORCED:
         assert time.monotonic() - sent < 1.0, logs
     else:
         assert time.monotonic() - first < TEARDOWN_S + 1.5, logs
@@ -357,7 +357,7 @@ def test_a_signal_during_the_applications_startup_exits_3_promptly(
     code = server.wait(15)
     elapsed = time.monotonic() - sent
     logs = server.logs()
-    assert code == EXIT_STARTUP_FAILED, logs
+    assert code == ExitCode.STARTUP_FAILED, logs
     assert "Traceback" not in logs
     if startup == "hang":
         assert elapsed < 1.0, logs
@@ -372,12 +372,12 @@ def test_a_failed_startup_or_a_busy_port_exits_3(server_factory: type[ServerProc
     """Steps: an app whose start-up raises exits 3 and says so; a port another socket holds
     exits 3 (before the fix: 1, uvicorn's `sys.exit(1)` escaping the loop), saying why."""
     failing = server_factory(SHUTDOWN_APP, env={"SF_TEST_APP_STARTUP": "fail"}).start()
-    assert failing.wait(15) == EXIT_STARTUP_FAILED, failing.logs()
+    assert failing.wait(15) == ExitCode.STARTUP_FAILED, failing.logs()
     assert "the application's start-up failed (exit 3)" in failing.logs()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         blocked = server_factory(port=port).start()
-        assert blocked.wait(15) == EXIT_STARTUP_FAILED, blocked.logs()
+        assert blocked.wait(15) == ExitCode.STARTUP_FAILED, blocked.logs()
     assert "start-up failed: could not listen (exit 3)" in blocked.logs()

@@ -4,7 +4,7 @@
    timing-dependent class tests (crash points, budget, hooks, background tasks, paths, age) run
    `--rounds` times each;
 2. the random-SIGKILL loop for `--iterations` (5,000 by default);
-3. `--demo-runs` runs of the Traefik upgrade demo at `--rate` requests/s (item 7).
+3. `--demo-runs` runs of the Traefik upgrade demo at `--rate` requests/s.
 
 Each step prints its figures; the exit code is non-zero when any step failed.
 """

@@ -241,7 +241,8 @@ def _kill_at_random(server: ServerProcess, rng: random.Random, stats: KillStats)
 def random_kill_campaign(
     state: Path, iterations: int, *, seed: int = 0, blue_green_every: int = 5, posters: int = 4
 ) -> tuple[KillStats, Verdict]:
-    """The loop of item 2: kill a loaded server at a random instant, restart on the same state.
+    """The random-SIGKILL loop (`test_random_kill.py`): kill a loaded server at a random
+    instant, restart on the same state.
 
     Every `blue_green_every`-th iteration is blue/green: the old server gets SIGTERM and drains
     with a slow sink while a new one starts on the same state dir, recovers and takes the load;

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle import EXIT_OK
+from sf_lifecycle import ExitCode
 from sf_lifecycle.testing import ServerProcess
 
 from ._harness import BASE_ENV, ROOT, Oracle, leftovers, post_one, sink_rows
@@ -72,7 +72,7 @@ def test_startup_recovery_retries_after_a_sink_raised_a_base_exception(
     second = start(servers, state, {"SF_TEST_SINK": sink})
     assert len(sink_rows(state)) == 3, second.logs()
     assert "start-up task feedback-recovery failed (attempt 1)" in second.logs()
-    assert sigterm_exit(second) == EXIT_OK, second.logs()
+    assert sigterm_exit(second) == ExitCode.OK, second.logs()
     verdict = oracle.check(state)
     assert verdict.ok, f"{verdict}\n{second.logs()}"
     assert verdict.in_sink == 3
@@ -100,7 +100,7 @@ def test_background_drainer_lives_on_after_a_sink_raised_a_base_exception(
     assert server.proc.poll() is None, server.logs()
     assert "background drain failed" in server.logs()
     assert [post_one(server, oracle) for _ in range(2)] == [202] * 2
-    assert sigterm_exit(server) == EXIT_OK, server.logs()
+    assert sigterm_exit(server) == ExitCode.OK, server.logs()
     verdict = oracle.check(state)
     assert verdict.ok, f"{verdict}\n{server.logs()}"
     assert verdict.in_sink == 5

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle import EXIT_BUDGET_EXCEEDED, EXIT_FORCED
+from sf_lifecycle import ExitCode
 from sf_lifecycle.testing import ServerProcess
 
 from ._harness import BASE_ENV, ROOT, Oracle, clean_restart, post_one, sink_rows
@@ -107,7 +107,7 @@ def test_a_sink_that_never_returns_cannot_hold_the_exit(
     assert [post_one(server, oracle) for _ in range(5)] == [202] * 5
     code, elapsed = sigterm_and_time(server)
     logs = server.logs()
-    assert code == EXIT_BUDGET_EXCEEDED, logs
+    assert code == ExitCode.BUDGET_EXCEEDED, logs
     assert elapsed < BUDGET_MS / 1000 + SLACK_S, f"lived {elapsed:.2f} s after SIGTERM\n{logs}"
     assert sink_rows(state) == []
     assert_recovered(state, oracle)
@@ -141,7 +141,7 @@ def test_sqlite_sink_locked_by_another_process_cannot_hold_the_exit(
         time.sleep(0.3)  # let the background drainer block on the lock too
         code, elapsed = sigterm_and_time(server)
         logs = server.logs()
-        assert code == EXIT_BUDGET_EXCEEDED, logs
+        assert code == ExitCode.BUDGET_EXCEEDED, logs
         assert elapsed < BUDGET_MS / 1000 + SLACK_S, f"lived {elapsed:.2f} s after SIGTERM\n{logs}"
     finally:
         holder.execute("ROLLBACK")
@@ -176,7 +176,7 @@ def test_in_flight_requests_are_cut_at_the_exact_budget(
         time.sleep(0.02)
     code, elapsed = sigterm_and_time(server)
     t.join(5)
-    assert code == EXIT_BUDGET_EXCEEDED, server.logs()
+    assert code == ExitCode.BUDGET_EXCEEDED, server.logs()
     assert elapsed < 1.5 + 0.4, f"lived {elapsed:.2f} s after SIGTERM\n{server.logs()}"
     assert result
     assert result[0] != 200
@@ -206,7 +206,7 @@ def test_second_sigint_exits_at_once_during_a_long_hook(
     code = server.wait(30)
     elapsed = time.monotonic() - sent
     logs = server.logs()
-    assert code == EXIT_FORCED, logs
+    assert code == ExitCode.FORCED, logs
     assert elapsed < SLACK_S, f"exited {elapsed:.2f} s after the second SIGINT\n{logs}"
     assert "second SIGINT: exiting now" in logs
     assert_recovered(state, oracle)

@@ -1,4 +1,4 @@
-"""Item 5: real queue files truncated at every offset and hit by bit flips, then recovered.
+"""Real queue files truncated at every offset and hit by bit flips, then recovered.
 
 `tests/unit/test_framing.py` proves the properties on the framing alone; here the files are
 written by a real `FeedbackQueue`, recovered by another, and the log lines are checked: a torn

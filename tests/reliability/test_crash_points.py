@@ -1,4 +1,4 @@
-"""Item 1: SIGKILL at every named crash point of an append + drain + recover cycle.
+"""SIGKILL at every named crash point of an append + drain + recover cycle.
 
 Each case runs real server processes (`examples.sf_server:app`) on one state dir:
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle import EXIT_BUDGET_EXCEEDED, EXIT_HOOK_FAILED, EXIT_OK
+from sf_lifecycle import ExitCode
 from sf_lifecycle.testing import ServerProcess
 
 from ._harness import BASE_ENV, ROOT, Oracle, post_one
@@ -29,14 +29,14 @@ pytestmark = pytest.mark.integration
 BUDGET_MS = 3_000
 
 CASES = [
-    ("exception", EXIT_HOOK_FAILED),
-    ("cancelled", EXIT_HOOK_FAILED),  # raises CancelledError nobody sent it
-    ("keyboard", EXIT_HOOK_FAILED),
-    ("systemexit", EXIT_HOOK_FAILED),
-    ("baseexception", EXIT_HOOK_FAILED),
-    ("forever", EXIT_BUDGET_EXCEEDED),  # cancelled at half the budget; the drain gets the rest
-    ("ignores-cancel", EXIT_BUDGET_EXCEEDED),  # swallows cancellation: abandoned
-    ("block", EXIT_OK),  # blocks the loop 0.5 s: slow, not a failure
+    ("exception", ExitCode.HOOK_FAILED),
+    ("cancelled", ExitCode.HOOK_FAILED),  # raises CancelledError nobody sent it
+    ("keyboard", ExitCode.HOOK_FAILED),
+    ("systemexit", ExitCode.HOOK_FAILED),
+    ("baseexception", ExitCode.HOOK_FAILED),
+    ("forever", ExitCode.BUDGET_EXCEEDED),  # cancelled at half the budget; the drain gets the rest
+    ("ignores-cancel", ExitCode.BUDGET_EXCEEDED),  # swallows cancellation: abandoned
+    ("block", ExitCode.OK),  # blocks the loop 0.5 s: slow, not a failure
 ]
 
 
@@ -78,9 +78,9 @@ def test_a_misbehaving_hook_does_not_skip_the_final_drain(
     assert verdict.ok, f"{verdict}\n{logs}"
     assert verdict.in_sink == 5
     assert (state / "after-hook-ran").read_text() == "yes"
-    if expected == EXIT_HOOK_FAILED:
+    if expected == ExitCode.HOOK_FAILED:
         assert "shutdown hook bad-hook failed" in logs
         assert "shutdown hook(s) failed: bad-hook" in logs
-    elif expected == EXIT_BUDGET_EXCEEDED:
+    elif expected == ExitCode.BUDGET_EXCEEDED:
         assert "shutdown hook bad-hook cancelled" in logs
     assert "shutdown hook feedback-drain done" in logs

@@ -1,4 +1,4 @@
-"""Item 6: property-based fuzzing of every endpoint of the example app.
+"""Property-based fuzzing of every endpoint of the example app.
 
 Requests are raw ASGI calls (arbitrary header bytes, bodies, methods, query strings) against
 `create_app(Settings(state_dir=tmp))` with its lifespan running, on one event loop in a thread.

@@ -1,4 +1,4 @@
-"""Item 4: fail the N-th `write`, `fsync`, `rename`, `open`, `unlink` of a whole cycle, every N.
+"""Fail the N-th `write`, `fsync`, `rename`, `open`, `unlink` of a whole cycle, every N.
 
 Extends `tests/unit/test_queue.py` (one fault at the first call) to every call of an append +
 drain + append + drain + crash + recover cycle, with ENOSPC, EIO, EFBIG and short writes. For

@@ -1,4 +1,4 @@
-"""Item 3: simulated power loss, the ALICE way, on the queue's own file operations.
+"""Simulated power loss, the ALICE way, on the queue's own file operations.
 
 An append + drain cycle runs against the real disk while every file-system call the queue makes
 is also applied to a model of what a power cut may keep: appended bytes are durable only after

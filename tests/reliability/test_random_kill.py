@@ -1,4 +1,4 @@
-"""Item 2: real servers under concurrent appends, SIGKILLed at random instants, restarted.
+"""Real servers under concurrent appends, SIGKILLed at random instants, restarted.
 
 The bounded run of `make test`; `python -m tests.reliability kill --iterations N` is the long one.
 Every fifth iteration is blue/green: a second server starts on the same state dir and recovers

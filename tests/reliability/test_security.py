@@ -1,4 +1,4 @@
-"""Item 8: the state directory and the endpoints under a hostile neighbour or client.
+"""The state directory and the endpoints under a hostile neighbour or client.
 
 Threat model (RELIABILITY.md): someone who can write into the state directory but is not the
 service (another container on the shared volume) must not make it read, truncate or delete files

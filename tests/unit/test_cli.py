@@ -41,7 +41,7 @@ def test_flags_become_environment_for_the_app(monkeypatch: pytest.MonkeyPatch) -
 
     for var in ("SF_STATE_DIR", "SF_DRAIN_DELAY_MS"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr("sf_lifecycle.runner.serve", fake_serve)
+    monkeypatch.setattr("sf_lifecycle._runner.serve", fake_serve)
     code = cli.main(["serve", "pkg.mod:app", "--state-dir", "/tmp/s", "--drain-delay-ms", "1234"])
     assert code == 0
     assert seen == {

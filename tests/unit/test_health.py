@@ -10,7 +10,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from sf_lifecycle import HealthApp, Lifecycle, NotReady, Settings
+from sf_lifecycle import Lifecycle, LifecycleMiddleware, NotReady, Settings
 
 
 def make(settings: Settings | None = None) -> tuple[Lifecycle, Starlette]:
@@ -222,21 +222,18 @@ async def test_version_defaults_to_package_version() -> None:
     assert body["commit"] is None
 
 
-async def test_health_app_wraps_any_asgi_app() -> None:
+async def test_the_middleware_gives_any_asgi_app_the_health_paths() -> None:
     lc = Lifecycle(Settings())
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
         await PlainTextResponse("inner")(scope, receive, send)
 
-    app = HealthApp(lc, inner)
+    app = LifecycleMiddleware(inner, lc)
     await lc.startup()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
         assert (await c.get("/api/healthz")).status_code == 200
-        assert (await c.get("/other")).text == "inner"
-    alone = HealthApp(lc)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(alone), base_url="http://t") as c:
-        assert (await c.get("/other")).status_code == 404
         assert (await c.get("/api/ready")).status_code == 200
+        assert (await c.get("/other")).text == "inner"
 
 
 def test_lifecycle_is_found_from_the_app() -> None:

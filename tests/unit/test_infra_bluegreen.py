@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sf_lifecycle.infra_check import Finding, check_paths
+from sf_lifecycle._infra_check import Finding, check_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"

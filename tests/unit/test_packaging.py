@@ -1,8 +1,20 @@
 from __future__ import annotations
 
+import ast
+import re
 from importlib.metadata import version
+from pathlib import Path
 
 import sf_lifecycle
+
+ROOT = Path(__file__).resolve().parents[2]
+#: The modules a user imports from; every other module is private (a leading underscore, or
+#: not yet renamed: see ARCHITECTURE.md).
+PUBLIC_MODULES = ("sf_lifecycle", "sf_lifecycle.report", "sf_lifecycle.testing")
+#: The one exception left: the drain-scaling benchmark forges segment files with the framing
+#: encoder (and links them into the queue's directory), which no public API does yet. Exact,
+#: so the entry has to go when the benchmark stops needing it.
+KNOWN_PRIVATE = {"sf_lifecycle._framing": {"benchmarks/bench_scaling.py"}}
 
 
 def test_version_comes_from_package_metadata() -> None:
@@ -18,8 +30,31 @@ def test_public_api_is_small_sorted_and_importable() -> None:
         return kind, name
 
     assert names == sorted(names, key=isort_style)
-    assert len(set(names)) == len(names)
-    assert len(names) <= 40
+    assert names == [
+        "BudgetExceeded",
+        "ConfigError",
+        "DiskWriteError",
+        "EventLog",
+        "ExitCode",
+        "FeedbackQueue",
+        "FileEventLog",
+        "InvalidEventId",
+        "InvalidSessionId",
+        "Lifecycle",
+        "LifecycleMiddleware",
+        "NotReady",
+        "Phase",
+        "QueueError",
+        "Settings",
+        "SfLifecycleError",
+        "Sink",
+        "SqliteSink",
+        "UnsafePath",
+        "__version__",
+        "feedback_routes",
+        "serve",
+        "session_event_routes",
+    ]
     for name in names:
         assert getattr(sf_lifecycle, name) is not None
 
@@ -28,3 +63,48 @@ def test_typed_marker_is_shipped() -> None:
     from importlib.resources import files
 
     assert files("sf_lifecycle").joinpath("py.typed").is_file()
+
+
+def test_exit_codes_keep_their_values() -> None:
+    """Orchestrators and scripts compare the process's exit status with these numbers."""
+    assert {code.name: int(code) for code in sf_lifecycle.ExitCode} == {
+        "OK": 0,
+        "STARTUP_FAILED": 3,
+        "BUDGET_EXCEEDED": 4,
+        "HOOK_FAILED": 5,
+        "FORCED": 130,
+    }
+
+
+def _imported_modules(path: Path) -> set[str]:
+    if path.suffix == ".md":
+        text = path.read_text(encoding="utf-8")
+        return set(re.findall(r"^\s*from (sf_lifecycle[\w.]*) import", text, re.M))
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found |= {
+                f"{node.module}.{a.name}" if node.module == "sf_lifecycle" else node.module
+                for a in node.names
+            }
+            found.discard("sf_lifecycle.*")
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.split(".")[0] == "sf_lifecycle"}
+
+
+def test_docs_examples_and_benchmarks_use_the_public_api_only() -> None:
+    paths = [ROOT / "README.md", *ROOT.glob("examples/*.py"), *ROOT.glob("benchmarks/*.py")]
+    used: dict[str, set[str]] = {}
+    for path in paths:
+        for module in _imported_modules(path):
+            if module.startswith("sf_lifecycle.") and module.count(".") == 1:
+                name = module.partition(".")[2]
+                if hasattr(sf_lifecycle, name) and name in sf_lifecycle.__all__:
+                    continue  # `from sf_lifecycle import Name`
+            public = module == "sf_lifecycle" or any(
+                module == p or module.startswith(p + ".") for p in PUBLIC_MODULES[1:]
+            )
+            if not public:
+                used.setdefault(module, set()).add(path.relative_to(ROOT).as_posix())
+    assert used == KNOWN_PRIVATE

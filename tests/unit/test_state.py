@@ -3,7 +3,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from sf_lifecycle import Phase, ShutdownState
+from sf_lifecycle import Phase
+from sf_lifecycle.state import ShutdownState
 
 
 def test_starts_in_starting_with_timestamp() -> None:

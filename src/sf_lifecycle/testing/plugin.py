@@ -14,8 +14,9 @@ Every process either fixture started is reaped when the test ends, whatever its 
 (SIGTERM, then SIGKILL after the deadline), and when a test fails, the logs of its servers are
 attached to the report. Check delivery with `sf_lifecycle.testing.assert_delivered_once`.
 
-Imports of the harness are deferred to the fixtures, so the plugin costs nothing in a test
-session that does not use it.
+Loading the plugin imports the whole harness (`sf_lifecycle.testing`, and with it
+`sf_lifecycle`, Starlette, uvicorn and PyYAML) in every test session of an environment where
+sf-lifecycle is installed; nothing starts, and no binary is looked for, until a fixture is used.
 """
 
 from __future__ import annotations

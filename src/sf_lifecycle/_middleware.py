@@ -8,20 +8,25 @@ While draining it adds `Connection: close` to each response, so the proxy's pool
 connections to this replica end after their current response instead of being reused later, when
 the listener is gone. With a replica id configured every response carries `X-SF-Replica`.
 
-It also answers the health paths itself (`serve_health=True`, the default), before the wrapped
-app's router: a route list with the health routes in front costs every application request
-about 1.3 us of failed route matching, a set lookup here costs nothing measurable.
+It is also the one way to serve the health paths (`/api/healthz`, `/api/ready`, `/api/version`):
+it answers them itself, before the wrapped app's router. A route list with the health routes in
+front costs every application request about 1.3 us of failed route matching; a set lookup here
+costs nothing measurable. Wrapped around an app that is not Starlette (`LifecycleMiddleware(app,
+lifecycle)`) it gives any ASGI app the same health endpoints and drain.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .health import HEALTH_PATHS, HealthApp
-from .lifecycle import Lifecycle
+from ._health import HEALTH_PATHS, HealthEndpoints
 from .state import Phase
+
+if TYPE_CHECKING:
+    from .lifecycle import Lifecycle
 
 __all__ = ["DEFAULT_STREAM_PATHS", "LifecycleMiddleware"]
 
@@ -34,14 +39,14 @@ _DRAINING = Phase.DRAINING
 
 
 class LifecycleMiddleware:
-    """Count in-flight HTTP requests; add `Connection: close` while draining.
+    """Answer the health paths, count in-flight HTTP requests, add `Connection: close` while
+    draining.
 
     Args:
-        app: The application to wrap.
+        app: The application to wrap, any ASGI app.
         lifecycle: The process lifecycle whose state is read and counted into.
-        exclude_paths: Paths not counted as in flight (health probes, event streams).
-        serve_health: Answer `/api/healthz`, `/api/ready` and `/api/version` here rather than
-            in the wrapped app.
+        exclude_paths: Paths not counted as in flight (health probes, event streams); the
+            health paths among them are answered here, the others passed to `app`.
     """
 
     def __init__(
@@ -49,13 +54,12 @@ class LifecycleMiddleware:
         app: ASGIApp,
         lifecycle: Lifecycle,
         exclude_paths: Iterable[str] = HEALTH_PATHS | DEFAULT_STREAM_PATHS,
-        serve_health: bool = True,
     ) -> None:
         self.app = app
         self.lifecycle = lifecycle
         self._state = lifecycle.state
         self._exclude = frozenset(exclude_paths)
-        self._health = HealthApp(lifecycle) if serve_health else None
+        self._health = HealthEndpoints(lifecycle)
         replica = lifecycle.settings.replica_id
         self._replica = (b"x-sf-replica", replica.encode("latin-1")) if replica else None
 
@@ -84,7 +88,7 @@ class LifecycleMiddleware:
 
         path = scope["path"]
         if path in self._exclude:
-            if self._health is not None and path in HEALTH_PATHS:
+            if path in HEALTH_PATHS:
                 await self._health(scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)

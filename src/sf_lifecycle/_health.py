@@ -4,8 +4,10 @@
 moment SIGTERM lands. `ready` is stricter (start-up work done, every check passing) and is what an
 operator or a blue/green script waits for before moving traffic. `version` says what is running.
 
-Usable as Starlette routes (`health_routes(lifecycle)`) or as a plain ASGI app (`HealthApp`) in
-front of any other ASGI app.
+There is one way to serve them: `LifecycleMiddleware` (installed by `Lifecycle.install`, or
+wrapped around any ASGI app) answers the three paths with `HealthEndpoints` before the app's
+router sees the request. This module knows the lifecycle only as a type, so it imports nothing
+that imports it back.
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ import logging
 import time
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from .lifecycle import Lifecycle
 from .state import Phase
 
-__all__ = ["HEALTH_PATHS", "HealthApp", "health_routes"]
+if TYPE_CHECKING:
+    from .lifecycle import Lifecycle
+
+__all__ = ["HEALTH_PATHS", "HealthEndpoints"]
 
 logger = logging.getLogger("sf_lifecycle.health")
 
@@ -49,7 +52,9 @@ def _json(status: int, body: dict[str, Any], head: bool) -> Response:
     return response
 
 
-class _Endpoints:
+class HealthEndpoints:
+    """Plain ASGI for the three health paths (and only those), for the middleware to call."""
+
     def __init__(self, lifecycle: Lifecycle) -> None:
         self.lifecycle = lifecycle
         self._logged_first_503 = False
@@ -102,7 +107,6 @@ class _Endpoints:
         return _json(200, body, request.method == "HEAD")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Plain ASGI for the three paths, so the middleware answers them without a router."""
         handler = {HEALTHZ: self.healthz, READY: self.ready, VERSION: self.version}[scope["path"]]
         if scope["method"] not in ("GET", "HEAD"):
             body = {"error": f"method {scope['method']} not allowed; use GET or HEAD"}
@@ -111,31 +115,3 @@ class _Endpoints:
         else:
             response = await handler(Request(scope, receive))
         await response(scope, receive, send)
-
-
-def health_routes(lifecycle: Lifecycle) -> list[BaseRoute]:
-    """Starlette routes for the three health endpoints, to put in your app's route list."""
-    ep = _Endpoints(lifecycle)
-    methods = ["GET", "HEAD"]
-    return [
-        Route(HEALTHZ, ep.healthz, methods=methods),
-        Route(READY, ep.ready, methods=methods),
-        Route(VERSION, ep.version, methods=methods),
-    ]
-
-
-class HealthApp:
-    """Plain ASGI: answers the health paths, hands everything else to `app` (or 404s)."""
-
-    def __init__(self, lifecycle: Lifecycle, app: ASGIApp | None = None) -> None:
-        self.lifecycle = lifecycle
-        self.app = app
-        self._endpoints = _Endpoints(lifecycle)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in HEALTH_PATHS:
-            await self._endpoints(scope, receive, send)
-        elif self.app is not None:
-            await self.app(scope, receive, send)
-        elif scope["type"] == "http":
-            await _json(404, {"error": "not found"}, head=False)(scope, receive, send)

@@ -10,17 +10,17 @@ runner changes the order:
 3. Listeners close, open streams are told to end, in-flight requests finish, and the lifespan
    shutdown runs the shutdown hooks (the queue drain), all within `SF_RPC_SHUTDOWN_GRACE_MS` of
    the signal.
-4. Exit 0, `EXIT_BUDGET_EXCEEDED` when the budget ran out (what was undone is logged), or
-   `EXIT_HOOK_FAILED` when a shutdown hook raised.
+4. Exit 0, `ExitCode.BUDGET_EXCEEDED` when the budget ran out (what was undone is logged), or
+   `ExitCode.HOOK_FAILED` when a shutdown hook raised.
 
 SIGINT does the same without the drain delay (a person at a terminal wants it gone); a second
-SIGINT exits at once with `EXIT_FORCED`. A repeated SIGTERM is logged and ignored: orchestrators
+SIGINT exits at once with `ExitCode.FORCED`. A repeated SIGTERM is logged and ignored: orchestrators
 resend it, and restarting the drain would only delay the exit. Under the CLI these handlers stay
 installed until the process is gone, through asyncio's and the interpreter's teardown.
 
 A signal before the server listens (the application's start-up still running) has nothing to
 drain: nothing was accepted. The start-up is abandoned and the process exits at once with
-`EXIT_STARTUP_FAILED`, as when the start-up fails.
+`ExitCode.STARTUP_FAILED`, as when the start-up fails.
 
 The budget is a hard ceiling on the process's life, not a hope: from the first signal a
 watchdog thread (`_watchdog`) ends the process at the deadline plus `HARD_SLACK_S`, whatever
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import signal
 import socket
@@ -44,34 +45,37 @@ from typing import Any
 import uvicorn
 from uvicorn.lifespan.on import LifespanOn
 
+from ._middleware import LifecycleMiddleware
 from ._watchdog import Watchdog
 from .config import Settings
 from .lifecycle import Lifecycle
 from .state import Phase
 
 __all__ = [
-    "EXIT_BUDGET_EXCEEDED",
-    "EXIT_FORCED",
-    "EXIT_HOOK_FAILED",
-    "EXIT_OK",
-    "EXIT_STARTUP_FAILED",
+    "ExitCode",
     "LifecycleServer",
     "serve",
 ]
 
 logger = logging.getLogger("sf_lifecycle.runner")
 
-EXIT_OK = 0
-#: The server never listened: the application's start-up failed, its port could not be bound,
-#: or SIGTERM/SIGINT came before the start-up finished (nothing was accepted, nothing to drain).
-EXIT_STARTUP_FAILED = 3
-#: The grace budget ran out before in-flight requests or shutdown hooks finished.
-EXIT_BUDGET_EXCEEDED = 4
-#: A shutdown hook raised (any exception, `CancelledError` and `SystemExit` included); the
-#: later hooks still ran. Budget exceeded wins when both happened.
-EXIT_HOOK_FAILED = 5
-#: A second SIGINT cut the shutdown short (128 + SIGINT, as shells report it).
-EXIT_FORCED = 130
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of `serve` and of `sf-lifecycle serve`; ints, so `sys.exit(code)` works."""
+
+    OK = 0
+    #: The server never listened: the application's start-up failed, its port could not be
+    #: bound, or SIGTERM/SIGINT came before the start-up finished (nothing was accepted,
+    #: nothing to drain).
+    STARTUP_FAILED = 3
+    #: The grace budget ran out before in-flight requests or shutdown hooks finished.
+    BUDGET_EXCEEDED = 4
+    #: A shutdown hook raised (any exception, `CancelledError` and `SystemExit` included); the
+    #: later hooks still ran. Budget exceeded wins when both happened.
+    HOOK_FAILED = 5
+    #: A second SIGINT cut the shutdown short (128 + SIGINT, as shells report it).
+    FORCED = 130
+
 
 #: The watchdog ends the process this long after the grace deadline if it is still alive.
 HARD_SLACK_S = 0.3
@@ -103,7 +107,7 @@ class LifecycleServer(uvicorn.Server):
     ) -> None:
         super().__init__(config)
         self.lifecycle = lifecycle
-        self.exit_code = EXIT_OK
+        self.exit_code = ExitCode.OK
         self.watchdog = watchdog
         #: Keep SIGTERM/SIGINT handled after serving (the process ends right after `run`).
         self.hold_signals = hold_signals
@@ -150,7 +154,7 @@ class LifecycleServer(uvicorn.Server):
             if self._interrupts >= 2 and self.watchdog is not None:
                 self.watchdog.arm(
                     time.monotonic(),
-                    EXIT_FORCED,
+                    ExitCode.FORCED,
                     "second SIGINT: exiting now, without waiting for the rest of the teardown",
                 )
 
@@ -159,7 +163,7 @@ class LifecycleServer(uvicorn.Server):
         if self.watchdog is None:
             return
         plan = self.watchdog.plan
-        if plan is not None and plan[1] == EXIT_FORCED:
+        if plan is not None and plan[1] == ExitCode.FORCED:
             return  # a second SIGINT: already at once
         at = time.monotonic() + TEARDOWN_S
         self.watchdog.arm(
@@ -184,25 +188,25 @@ class LifecycleServer(uvicorn.Server):
                 # be blocked in it, the process ends anyway, shortly.
                 wd.arm(
                     now + TEARDOWN_S,
-                    EXIT_STARTUP_FAILED,
+                    ExitCode.STARTUP_FAILED,
                     f"{signal.Signals(sig).name} during start-up and the start-up did not stop "
                     "(a blocked loop?); nothing was served",
                 )
             elif wd is not None:
                 wd.arm(
                     now + self.lifecycle.settings.grace_ms / 1000 + HARD_SLACK_S,
-                    EXIT_BUDGET_EXCEEDED,
+                    ExitCode.BUDGET_EXCEEDED,
                     f"grace budget of {self.lifecycle.settings.grace_ms} ms exceeded and the "
                     "shutdown did not finish (a blocked loop, a stuck hook or sink); unfinished "
                     "work stays on disk for the next start",
                 )
         elif sig == signal.SIGINT and self._interrupts >= 2:
-            self.exit_code = EXIT_FORCED
+            self.exit_code = ExitCode.FORCED
             self.force_exit = True
             if wd is not None:
                 wd.arm(
                     now,
-                    EXIT_FORCED,
+                    ExitCode.FORCED,
                     "second SIGINT: exiting now; in-flight work and hooks are abandoned "
                     "(acknowledged records are on disk for the next start)",
                 )
@@ -231,11 +235,11 @@ class LifecycleServer(uvicorn.Server):
         self._skip_delay = sig == signal.SIGINT
         settings = self.lifecycle.settings
         wd = self.watchdog
-        if wd is not None and wd.plan is not None and wd.plan[1] == EXIT_STARTUP_FAILED:
+        if wd is not None and wd.plan is not None and wd.plan[1] == ExitCode.STARTUP_FAILED:
             # The handler saw the start-up running, but it finished meanwhile: a full drain.
             wd.arm(
                 now + settings.grace_ms / 1000 + HARD_SLACK_S,
-                EXIT_BUDGET_EXCEEDED,
+                ExitCode.BUDGET_EXCEEDED,
                 f"grace budget of {settings.grace_ms} ms exceeded and the shutdown did not finish",
             )
         self.lifecycle.deadline = now + settings.grace_ms / 1000
@@ -260,14 +264,14 @@ class LifecycleServer(uvicorn.Server):
         does not answer) would only sit out the grace budget. Abandon it and exit 3."""
         assert self._starting is not None
         self._startup_interrupted = True
-        self.exit_code = EXIT_STARTUP_FAILED
+        self.exit_code = ExitCode.STARTUP_FAILED
         self.lifecycle.state.begin_draining()
         logger.warning(
             "received %s during start-up, %.0f ms after the process started: nothing was "
             "served yet, so nothing to drain; abandoning the start-up (exit %d)",
             sig.name,
             (now - self.lifecycle.started_monotonic) * 1000,
-            EXIT_STARTUP_FAILED,
+            ExitCode.STARTUP_FAILED,
         )
         if isinstance(self.lifespan, LifespanOn):
             # Its task is cancelled with the loop's other tasks: a start-up given up on, not
@@ -296,17 +300,17 @@ class LifecycleServer(uvicorn.Server):
                 "the application's start-up failed"
                 if self.lifespan.should_exit
                 else "start-up failed: could not listen",
-                EXIT_STARTUP_FAILED,
+                ExitCode.STARTUP_FAILED,
             )
-            self.exit_code = EXIT_STARTUP_FAILED
+            self.exit_code = ExitCode.STARTUP_FAILED
             self.should_exit = True
             return
         finally:
             self._starting = None
         if not self.started:
-            if self.exit_code == EXIT_OK:
-                self.exit_code = EXIT_STARTUP_FAILED
-                logger.error("the application's start-up failed (exit %d)", EXIT_STARTUP_FAILED)
+            if self.exit_code == ExitCode.OK:
+                self.exit_code = ExitCode.STARTUP_FAILED
+                logger.error("the application's start-up failed (exit %d)", ExitCode.STARTUP_FAILED)
             return
         # An app that did not enter the lifecycle's lifespan (a bare ASGI app, wrapped by the
         # CLI) is made ready here, once the listeners are up.
@@ -350,7 +354,7 @@ class LifecycleServer(uvicorn.Server):
         if self.watchdog is not None and self.watchdog.plan is None:
             self.watchdog.arm(
                 deadline + HARD_SLACK_S,
-                EXIT_BUDGET_EXCEEDED,
+                ExitCode.BUDGET_EXCEEDED,
                 f"grace budget of {self.lifecycle.settings.grace_ms} ms exceeded and the "
                 "shutdown did not finish",
             )
@@ -365,15 +369,17 @@ class LifecycleServer(uvicorn.Server):
         if state.phase is not Phase.STOPPED and not self.force_exit:
             await self.lifecycle.shutdown()
         state.mark_stopped()
-        if self.exit_code == EXIT_OK and (self.lifecycle.unfinished or time.monotonic() > deadline):
-            self.exit_code = EXIT_BUDGET_EXCEEDED
+        if self.exit_code == ExitCode.OK and (
+            self.lifecycle.unfinished or time.monotonic() > deadline
+        ):
+            self.exit_code = ExitCode.BUDGET_EXCEEDED
             logger.error(
                 "grace budget of %d ms exceeded; unfinished: %s (left on disk for the next start)",
                 self.lifecycle.settings.grace_ms,
                 ", ".join(self.lifecycle.unfinished) or "in-flight requests",
             )
-        elif self.exit_code == EXIT_OK and self.lifecycle.failed:
-            self.exit_code = EXIT_HOOK_FAILED
+        elif self.exit_code == ExitCode.OK and self.lifecycle.failed:
+            self.exit_code = ExitCode.HOOK_FAILED
             logger.error(
                 "shutdown hook(s) failed: %s; the other hooks ran",
                 ", ".join(self.lifecycle.failed),
@@ -398,7 +404,7 @@ def serve(
     sock: socket.socket | None = None,
     own_process: bool = False,
     **uvicorn_options: Any,
-) -> int:
+) -> ExitCode:
     """Serve `app` until SIGTERM or SIGINT, drain, and return the process exit code.
 
     Args:
@@ -422,8 +428,6 @@ def serve(
     # An app built with a lifecycle must start cleanly; a bare app may not speak lifespan.
     uvicorn_options.setdefault("lifespan", "on" if lifecycle is not None else "auto")
     if lifecycle is None:
-        from .middleware import LifecycleMiddleware
-
         lifecycle = Lifecycle(settings)
         app = LifecycleMiddleware(app, lifecycle)
     s = lifecycle.settings

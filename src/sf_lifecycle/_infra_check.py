@@ -1,0 +1,210 @@
+"""Cross-checks of deployment files against the library's shutdown timings: `check-infra`.
+
+A zero-downtime upgrade depends on numbers spread over several files that nothing else compares:
+the orchestrator's kill timeout must outlast the grace budget (which includes the drain delay,
+shorter than it: the rule in `_infra_common.Budget`), the proxy's
+health probe must notice the 503 inside the drain delay, and every replica of a pool must carry
+the same proxy labels (Traefik's Docker provider drops a service whose containers disagree). Each
+file can be valid on its own and the set still drop requests or SIGKILL a queue drain. This
+module is the entry point and the report: it sorts the files it is given, hands each kind to its
+checker (`_infra_compose`, `_infra_k8s`, `_infra_traefik`, and `_infra_bluegreen` for the weighted
+routing across them), cross-checks compose labels against the file provider, and reports each
+mismatch as a `Finding`:
+
+- `error`: unsafe. Requests will fail or writes be cut off during an upgrade. Exit code 1.
+- `warning`: likely a mistake, or safe only under conditions the files cannot show.
+
+Values are read as the deployment would see them: `${VAR:-default}` resolves to the default
+unless `--env VAR=value` is given (the process environment is deliberately not read, so the
+result does not depend on the shell that runs the check), and a missing `SF_*` variable takes the
+library's default from `Settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ._infra_bluegreen import StaticConfig, check_bluegreen
+from ._infra_common import DEFAULTS, Finding, interpolate, parse_duration_ms, read_budget
+from ._infra_compose import (
+    ComposeService,
+    check_against_file_provider,
+    check_compose,
+    check_label_routers,
+)
+from ._infra_k8s import check_k8s
+from ._infra_traefik import check_traefik_static, file_provider_routing
+
+__all__ = [
+    "COMMAND",
+    "Finding",
+    "check_documents",
+    "check_paths",
+    "interpolate",
+    "parse_duration_ms",
+]
+
+
+# -- entry points -----------------------------------------------------------------------------
+def _classify(doc: Any) -> str | None:
+    if not isinstance(doc, Mapping):
+        return None
+    if "apiVersion" in doc and "kind" in doc:
+        return "k8s"
+    if isinstance(doc.get("services"), Mapping):
+        return "compose"
+    keys = {str(k).lower() for k in doc}
+    if "http" in keys or "tcp" in keys:
+        return "traefik-dynamic"
+    if keys & {"entrypoints", "providers"}:
+        return "traefik-static"
+    return None
+
+
+def check_documents(
+    documents: Sequence[tuple[str, Any]],
+    *,
+    env: Mapping[str, str] | None = None,
+    drain_delay_ms: int | None = None,
+) -> list[Finding]:
+    """Run every check over already parsed YAML documents.
+
+    Args:
+        documents: (file name, parsed document) pairs; unrecognised documents are ignored.
+        env: Values for `${VAR}` references in compose files (defaults apply otherwise).
+        drain_delay_ms: The drain delay assumed for Traefik file-provider configuration, which
+            does not say which replicas it fronts; the library default when None, or the delay
+            of the compose services when compose files are part of the set.
+
+    Returns:
+        The findings, errors and warnings, in file order.
+    """
+    env = dict(env or {})
+    out: list[Finding] = []
+    compose_apps: list[ComposeService] = []
+    k8s: list[tuple[str, Mapping[str, Any]]] = []
+    dynamic: list[tuple[str, Mapping[str, Any]]] = []
+    proxies: list[StaticConfig] = []
+    for file, doc in documents:
+        kind = _classify(doc)
+        if kind == "compose":
+            compose_apps += check_compose(doc, file, env, out, proxies)
+        elif kind == "k8s":
+            k8s.append((file, doc))
+        elif kind == "traefik-dynamic":
+            dynamic.append((file, doc))
+        elif kind == "traefik-static":
+            check_traefik_static(doc, file, out, proxies)
+    check_k8s(k8s, out)
+    model = check_bluegreen(dynamic, proxies, out)
+    check_label_routers(compose_apps, model, out)
+    if drain_delay_ms is None:
+        delays = [read_budget(a.env).delay_ms for a in compose_apps]
+        drain_delay_ms = min(delays) if delays else DEFAULTS.drain_delay_ms
+    for file, doc in dynamic:
+        routings = file_provider_routing(doc, file, drain_delay_ms, out, model.pinned)
+        check_against_file_provider(file, routings, compose_apps, out)
+    return out
+
+
+def _yaml_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[str, bool]]:
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            for f in sorted(path.rglob("*")):
+                if f.suffix in (".yaml", ".yml") and f.is_file():
+                    yield str(f), False
+        else:
+            yield str(path), True
+
+
+def check_paths(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    drain_delay_ms: int | None = None,
+) -> list[Finding]:
+    """Check files and directories (searched for `*.yaml`/`*.yml`) together.
+
+    Files are checked as a set so that compose labels can be compared with the file-provider
+    configuration and a Service with its Deployment. See `check_documents` for the arguments.
+    """
+    documents: list[tuple[str, Any]] = []
+    out: list[Finding] = []
+    for file, explicit in _yaml_files(paths):
+        try:
+            with open(file, encoding="utf-8") as f:
+                docs = [d for d in yaml.safe_load_all(f) if d is not None]
+        except (OSError, yaml.YAMLError) as exc:
+            out.append(Finding("error", file, f"cannot read: {exc}"))
+            continue
+        recognised = [d for d in docs if _classify(d)]
+        if explicit and not recognised:
+            out.append(
+                Finding(
+                    "warning", file, "not a compose file, Kubernetes manifest or Traefik config"
+                )
+            )
+        documents += [(file, d) for d in recognised]
+    return out + check_documents(documents, env=env, drain_delay_ms=drain_delay_ms)
+
+
+# -- command line -----------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `sf-lifecycle check-infra`."""
+    parser.description = (
+        "Check compose files, Kubernetes manifests and Traefik file-provider configuration "
+        "against sf-lifecycle's shutdown timings. Exit 1 when something is unsafe."
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="files or directories")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="value for ${VAR} in compose files (repeatable); defaults apply otherwise",
+    )
+    parser.add_argument(
+        "--drain-delay-ms",
+        type=int,
+        default=None,
+        help="drain delay assumed for Traefik file-provider configuration",
+    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    parser.add_argument("--quiet", action="store_true", help="print errors only")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `check-infra`; 0 safe, 1 unsafe (or warnings with `--strict`), 2 bad arguments."""
+    env: dict[str, str] = {}
+    for item in args.env:
+        if "=" not in item:
+            print(f"check-infra: --env expects VAR=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        key, value = item.split("=", 1)
+        env[key] = value
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        print(f"check-infra: no such file or directory: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    findings = check_paths(args.paths, env=env, drain_delay_ms=args.drain_delay_ms)
+    errors = [f for f in findings if f.severity == "error"]
+    warnings = [f for f in findings if f.severity == "warning"]
+    for f in findings:
+        if f.severity == "error" or not args.quiet:
+            print(f)
+    unsafe = bool(errors) or (args.strict and bool(warnings))
+    verdict = "UNSAFE" if unsafe else "ok"
+    print(f"check-infra: {verdict}: {len(errors)} error(s), {len(warnings)} warning(s)")
+    return 1 if unsafe else 0
+
+
+#: `(add_arguments, run)` for the `check-infra` sub-command of `sf-lifecycle`.
+COMMAND = (add_arguments, run)

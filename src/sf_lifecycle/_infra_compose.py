@@ -1,0 +1,251 @@
+"""`check-infra` for docker compose: stop timeout, stop signal, Traefik labels, shared pools.
+
+Each sf replica is a compose service with `SF_*` settings or Traefik labels. Docker SIGKILLs a
+container `stop_grace_period` after SIGTERM (10 s when absent), so that must outlast the grace
+budget; Traefik's Docker provider drops a service whose containers label it differently, so the
+replicas of a pool must agree label for label; and a candidate must never join the stable pool.
+The labels are read into the same routing model as the file provider (`TraefikRouting`), and
+`check_against_file_provider` compares the two when both are part of the set checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._infra_bluegreen import BlueGreenModel, StaticConfig, static_from_flags, verify_shares_child
+from ._infra_common import (
+    CANDIDATE_SUFFIX,
+    COMPOSE_STOP_MS,
+    DELAY_VAR,
+    GRACE_VAR,
+    HEALTH_PATH,
+    Finding,
+    Reporter,
+    as_dict,
+    interpolate,
+    parse_duration_ms,
+    read_budget,
+    scalar,
+)
+from ._infra_traefik import check_routing, label_tree
+from ._traefik_routing import TraefikRouting
+
+__all__ = [
+    "ComposeService",
+    "check_against_file_provider",
+    "check_compose",
+    "check_label_routers",
+]
+
+
+@dataclass
+class ComposeService:
+    """One sf replica of a compose file: its settings and its Traefik labels."""
+
+    name: str
+    file: str
+    env: dict[str, str]
+    labels: dict[str, str]
+    tree: dict[str, Any]
+    routed: bool = True
+    hosts: frozenset[str] = frozenset()
+
+    @property
+    def pools(self) -> set[str]:
+        services = self.tree.get("http", {}).get("services", {})
+        return set(services) if isinstance(services, dict) else set()
+
+    def routing(self, pool: str) -> TraefikRouting:
+        """The routing its labels give Traefik service `pool`.
+
+        Raises:
+            ValueError: an interval or timeout that is not a Go duration.
+        """
+        lb = self.tree["http"]["services"][pool].get("loadbalancer", {})
+        return TraefikRouting.from_load_balancer(lb, service=pool)
+
+
+def check_compose(
+    doc: Mapping[str, Any],
+    file: str,
+    env: Mapping[str, str],
+    out: list[Finding],
+    proxies: list[StaticConfig],
+) -> list[ComposeService]:
+    """Check one compose file; return its sf replicas and add its Traefik to `proxies`."""
+    report = Reporter(file, out)
+    services = doc.get("services") or {}
+    apps: list[ComposeService] = []
+    for name, svc in services.items():
+        if not isinstance(svc, Mapping):
+            continue
+        if "traefik" in str(svc.get("image", "")).lower():
+            command = svc.get("command") or []
+            if isinstance(command, str):
+                command = command.split()
+            proxies.append(static_from_flags(file, [interpolate(str(c), env) for c in command]))
+            continue  # the proxy, not an sf replica
+        svc_env = as_dict(svc.get("environment"), env)
+        labels = as_dict(svc.get("labels"), env)
+        labels.update(as_dict((svc.get("deploy") or {}).get("labels"), env))
+        tree = label_tree(labels)
+        # With exposedByDefault=false only `traefik.enable=true` routes; any http label
+        # shows the intent too. `traefik.enable=false` always wins.
+        enable = scalar(tree.get("enable", "")).lower()
+        routed = enable != "false" and (enable == "true" or "http" in tree)
+        if not routed and not any(k.startswith("SF_") for k in svc_env):
+            continue  # not an sf replica (Traefik itself, a database, ...)
+        hosts = frozenset({str(name), str(svc.get("container_name", name))})
+        app = ComposeService(str(name), file, svc_env, labels, tree, routed, hosts)
+        apps.append(app)
+        _check_service(app, svc, env, report)
+    _check_pools(apps, report)
+    return apps
+
+
+def _check_service(
+    app: ComposeService, svc: Mapping[str, Any], env: Mapping[str, str], report: Reporter
+) -> None:
+    where = f"service {app.name}"
+    budget = read_budget(app.env)
+    for problem in budget.problems:
+        report.error(f"{where}: {problem}")
+    raw_stop = svc.get("stop_grace_period")
+    try:
+        stop_ms = (
+            COMPOSE_STOP_MS
+            if raw_stop is None
+            else parse_duration_ms(interpolate(str(raw_stop), env))
+        )
+    except ValueError as exc:
+        report.error(f"{where}: stop_grace_period: {exc}")
+    else:
+        if stop_ms < budget.required_ms:
+            shown = "absent (Docker's default 10 s)" if raw_stop is None else f"{raw_stop}"
+            report.error(
+                f"{where}: stop_grace_period {shown} is shorter than {budget.describe()}: "
+                f"Docker would SIGKILL the replica while it still drains. Set "
+                f"stop_grace_period: {budget.required_ms // 1000 + 5}s or more."
+            )
+    signal_name = str(svc.get("stop_signal", "SIGTERM")).upper()
+    if signal_name not in ("SIGTERM", "TERM", "15"):
+        report.error(
+            f"{where}: stop_signal {signal_name}; the server drains on SIGTERM (SIGINT skips "
+            f"the drain delay). Remove stop_signal or set it to SIGTERM."
+        )
+    if (
+        app.env.get("SF_DRAIN_AFTER_PROBES")
+        and (svc.get("healthcheck") or {}).get("disable") is not True
+    ):
+        report.warning(
+            f"{where}: SF_DRAIN_AFTER_PROBES counts every 503 probe of {HEALTH_PATH}, also "
+            f"Docker's own healthcheck (compose or image HEALTHCHECK), which can end the "
+            f"drain delay before Traefik has looked. Unset it, or disable Docker's healthcheck."
+        )
+    if not app.routed:
+        return  # fine if a file-provider pool names it; see check_against_file_provider
+    routers = (app.tree.get("http") or {}).get("routers") or {}
+    elsewhere = bool(routers) and all(
+        "@" in str((r or {}).get("service", "")) for r in routers.values()
+    )
+    if not app.pools and not elsewhere:
+        report.error(
+            f"{where}: routed by Traefik without traefik.http.services.<name>.loadbalancer "
+            f"labels, so without a health check. Add the healthcheck and sticky labels."
+        )
+    for pool in sorted(app.pools):
+        try:
+            r = app.routing(pool)
+        except ValueError as exc:
+            report.error(f"{where}: Traefik service {pool}: {exc}")
+            continue
+        check_routing(r, f"{where}, Traefik service {pool}", budget.delay_ms, report, DELAY_VAR)
+
+
+def _check_pools(apps: Sequence[ComposeService], report: Reporter) -> None:
+    by_name = {a.name: a for a in apps}
+    for a in apps:
+        base = a.name.removesuffix(CANDIDATE_SUFFIX)
+        shared = a.pools & by_name[base].pools if base != a.name and base in by_name else set()
+        if shared:
+            report.error(
+                f"service {a.name} joins the stable pool {sorted(shared)[0]} of {base}: the "
+                f"candidate would take production traffic the moment Docker calls it healthy, "
+                f"before anyone verified it. Give it its own Traefik service and route "
+                f"production through a weighted service (see infra/traefik/compose/)."
+            )
+    seen: set[tuple[str, str]] = set()
+    for a in apps:
+        for b in apps:
+            if a.name >= b.name or not (a.pools & b.pools) or (a.name, b.name) in seen:
+                continue
+            seen.add((a.name, b.name))
+            la = {k.lower(): v for k, v in a.labels.items() if k.lower().startswith("traefik.")}
+            lb = {k.lower(): v for k, v in b.labels.items() if k.lower().startswith("traefik.")}
+            for key in sorted(la.keys() | lb.keys()):
+                if la.get(key) != lb.get(key):
+                    report.error(
+                        f"services {a.name} and {b.name} share Traefik service "
+                        f"{sorted(a.pools & b.pools)[0]} but label {key} differs "
+                        f"({la.get(key, '(absent)')!r} vs {lb.get(key, '(absent)')!r}): Traefik's "
+                        f"Docker provider drops a service defined differently by its containers."
+                    )
+            for var in (GRACE_VAR, DELAY_VAR, "SF_STATE_DIR"):
+                if a.env.get(var) != b.env.get(var):
+                    report.warning(
+                        f"services {a.name} and {b.name} share a pool but {var} differs "
+                        f"({a.env.get(var)!r} vs {b.env.get(var)!r})"
+                    )
+
+
+def check_label_routers(
+    apps: Sequence[ComposeService], model: BlueGreenModel, out: list[Finding]
+) -> None:
+    """Label routers that reach a weighted child of the file provider; replicas nobody routes."""
+    for app in apps:
+        for rname, router in ((app.tree.get("http") or {}).get("routers") or {}).items():
+            base, _, provider = str((router or {}).get("service", "")).lower().partition("@")
+            if provider == "file" and base in model.children:
+                out.append(
+                    verify_shares_child(app.file, f"label router {rname}", base, "(weights file)")
+                )
+    for app in apps:
+        if not app.routed and not (app.hosts & model.server_hosts):
+            out.append(
+                Finding(
+                    "warning",
+                    app.file,
+                    f"service {app.name}: has SF_* settings but no Traefik labels "
+                    f"(traefik.enable), and no file-provider pool in the files checked names it",
+                )
+            )
+
+
+def check_against_file_provider(
+    file: str,
+    routings: Mapping[str, TraefikRouting],
+    apps: Sequence[ComposeService],
+    out: list[Finding],
+) -> None:
+    """A pool defined both in a file-provider document and in compose labels: they must agree."""
+    for pool, r in routings.items():
+        for app in apps:
+            if pool not in app.pools:
+                continue
+            try:
+                theirs = app.routing(pool).drain_fields()
+            except ValueError:
+                continue
+            for key, value in r.drain_fields().items():
+                if theirs[key] != value:
+                    out.append(
+                        Finding(
+                            "error",
+                            file,
+                            f"Traefik service {pool}: {key} is {value!r} here but "
+                            f"{theirs[key]!r} in the labels of service {app.name} "
+                            f"({app.file}); the file provider and compose must agree",
+                        )
+                    )
