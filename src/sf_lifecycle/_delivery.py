@@ -5,27 +5,33 @@ listeners (the idempotency index) run after each commit, and only then is the fi
 moved to `quarantine/` when it had damage. Nothing is deleted before the sink has all of it; a
 deadline stops before a new batch starts and abandons a running sink call, leaving the file for
 the next attempt (a redelivery is a no-op: sinks are idempotent by record id).
+
+`drain_every` is the queue's background drainer: a drain each period while there is work, every
+failure counted for the ready body and retried next period, the task never dying of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _crashpoints as _cp
 from . import _fs
+from ._background import stops_task
+from ._redact import describe_error
 from ._segments import Loaded, NotASegment, Record, load_segment, quarantine_file
 from ._statefiles import state_subdir
 
 if TYPE_CHECKING:
     from .sink import Sink
 
-__all__ = ["Delivery", "DeliveryListener", "DrainResult"]
+__all__ = ["Delivery", "DeliveryListener", "DrainResult", "drain_every"]
 
 logger = logging.getLogger("sf_lifecycle.queue")
 
@@ -70,6 +76,36 @@ class Delivery:
         self.listeners: list[DeliveryListener] = []
         #: Records handed to the sink since the queue started.
         self.delivered = 0
+
+    async def files(
+        self, files: list[Path], sink: Sink, deadline: float | None, began: float
+    ) -> DrainResult:
+        """Deliver `files` in order (a drain, begun at monotonic `began`); stop at the first
+        that cannot be finished, leaving it and the rest on disk."""
+        result = DrainResult()
+        i = 0
+        try:
+            for i, path in enumerate(files):
+                if not await self.file(path, sink, deadline, result):
+                    result.complete = False
+                    result.files_left = len(files) - i
+                    break
+        except asyncio.CancelledError:
+            logger.warning(
+                "drain cancelled after %d record(s); %d file(s) left on disk as .draining",
+                result.delivered,
+                len(files) - i,
+            )
+            raise
+        result.elapsed_ms = (time.monotonic() - began) * 1000
+        if result.delivered or not result.complete:
+            logger.info(
+                "queue drained %d record(s) in %.0f ms%s",
+                result.delivered,
+                result.elapsed_ms,
+                "" if result.complete else f"; {result.files_left} file(s) left on disk",
+            )
+        return result
 
     async def file(
         self,
@@ -159,3 +195,37 @@ class Delivery:
             logger.error("cannot quarantine %s (%s); left for the next attempt", path.name, exc)
             return False
         return True
+
+
+async def drain_every(
+    interval_s: float,
+    stop: asyncio.Event,
+    has_work: Callable[[], bool],
+    drain: Callable[[], Awaitable[Any]],
+    state: dict[str, Any],
+) -> None:
+    """Run `drain()` every `interval_s` while `has_work()`, until `stop` is set.
+
+    `state` (the ready body's `drainer`) is updated in place: `{"failures": 0}` after a good
+    drain, the failure count and the last error (no path) after a failed one.
+    """
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+        if stop.is_set():
+            return
+        try:  # every failure is retried next period: this task must never die
+            if has_work():
+                await drain()
+        except BaseException as exc:  # a sink's CancelledError or SystemExit: `_background`
+            if stops_task(exc):
+                raise
+            failures = state.get("failures", 0) + 1
+            state.clear()
+            state.update(failures=failures, last_error=describe_error(exc))
+            logger.error(
+                "background drain failed; retrying in %.0f ms", interval_s * 1000, exc_info=exc
+            )
+        else:
+            state.clear()
+            state["failures"] = 0

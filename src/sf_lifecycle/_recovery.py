@@ -18,7 +18,7 @@ import contextlib
 import logging
 import stat
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from . import _crashpoints as _cp
 from . import _fs
 from ._background import stops_task
 from ._delivery import Delivery, DrainResult
+from ._errors import QueueError
 from ._redact import describe_error
 from ._segments import (
     Flock,
@@ -171,6 +172,30 @@ class OrphanRecovery:
             else:  # back off from a short first retry up to the period
                 delay = _RETRY_FIRST_S if delay >= period_s else delay * 2
                 delay = min(delay, period_s)
+
+    def startup_hook(
+        self, sink: Sink, start_drainer: Callable[[], None], start_sweeper: Callable[[], None]
+    ) -> Callable[[], Awaitable[None]]:
+        """Set `awaiting_startup`; return the start-up work that clears it once it succeeds.
+
+        That work starts the drainer, recovers, raises `QueueError` while recovery is
+        incomplete (the sink failed, a lock could not be taken: the lifecycle retries it with
+        backoff), then starts the periodic sweep.
+        """
+        self.awaiting_startup = True
+
+        async def recover_at_startup() -> None:
+            start_drainer()
+            result = await self.recover(sink)
+            if not result.complete:
+                raise QueueError(
+                    f"start-up recovery incomplete: {result.files_left} file(s) left "
+                    f"({result.delivered} record(s) delivered so far)"
+                )
+            self.awaiting_startup = False
+            start_sweeper()
+
+        return recover_at_startup
 
     def held_key(self, key: str) -> tuple[str, str] | None:
         """`(body hash, record id)` of `key` in another process's undelivered files, if seen."""

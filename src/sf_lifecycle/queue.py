@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -36,8 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _fs
-from ._background import stops_task
-from ._delivery import Delivery, DeliveryListener, DrainResult
+from ._delivery import Delivery, DeliveryListener, DrainResult, drain_every
 from ._errors import BudgetExceeded, NotReady, QueueError
 from ._framing import encode
 from ._ids import new_record_id
@@ -217,30 +217,7 @@ class FeedbackQueue:
             began = time.monotonic()
             # On the I/O thread, after the appends queued before it: the `.draining` set is fixed.
             files: list[Path] = await self._writer.call(self._writer.rotate)
-            result = DrainResult()
-            i = 0
-            try:
-                for i, path in enumerate(files):
-                    if not await self._delivery.file(path, sink, deadline, result):
-                        result.complete = False
-                        result.files_left = len(files) - i
-                        break
-            except asyncio.CancelledError:
-                logger.warning(
-                    "drain cancelled after %d record(s); %d file(s) left on disk as .draining",
-                    result.delivered,
-                    len(files) - i,
-                )
-                raise
-            result.elapsed_ms = (time.monotonic() - began) * 1000
-            if result.delivered or not result.complete:
-                logger.info(
-                    "queue drained %d record(s) in %.0f ms%s",
-                    result.delivered,
-                    result.elapsed_ms,
-                    "" if result.complete else f"; {result.files_left} file(s) left on disk",
-                )
-            return result
+            return await self._delivery.files(files, sink, deadline, began)
 
     def start_drainer(self, sink: Sink) -> None:
         """Deliver queued records every `drain_interval_ms` in the background."""
@@ -248,32 +225,12 @@ class FeedbackQueue:
             return
         self.sink = sink
         self._stop = asyncio.Event()
-        self._drainer = asyncio.create_task(self._drain_loop(sink), name="sf-queue-drainer")
+        drain = functools.partial(self.drain, sink)
+        loop = drain_every(self.drain_interval_s, self._stop, self._has_work, drain, self.drainer)
+        self._drainer = asyncio.create_task(loop, name="sf-queue-drainer")
 
-    async def _drain_loop(self, sink: Sink) -> None:
-        assert self._stop is not None
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.drain_interval_s)
-            if self._stop.is_set():
-                return
-            try:  # every failure is retried next period: this task must never die
-                if self._writer.queued or self._has_own_files():
-                    await self.drain(sink)
-            except BaseException as exc:  # a sink's CancelledError or SystemExit: `_background`
-                if stops_task(exc):
-                    raise
-                self.drainer = {
-                    "failures": self.drainer["failures"] + 1,
-                    "last_error": describe_error(exc),
-                }
-                logger.error(
-                    "background drain failed; retrying in %.0f ms",
-                    self.drain_interval_s * 1000,
-                    exc_info=exc,
-                )
-            else:
-                self.drainer = {"failures": 0}
+    def _has_work(self) -> bool:
+        return bool(self._writer.queued) or self._has_own_files()
 
     def _has_own_files(self) -> bool:
         return bool(list_segments(self.dir).get(self.token))
@@ -301,10 +258,6 @@ class FeedbackQueue:
     def sweep(self) -> dict[str, Any]:
         """Outcome of the last periodic orphan sweep, shown in the ready body."""
         return self._recovery.sweep
-
-    @sweep.setter
-    def sweep(self, value: dict[str, Any]) -> None:
-        self._recovery.sweep = value
 
     @property
     def recovering(self) -> bool:
@@ -364,20 +317,9 @@ class FeedbackQueue:
         retries it with backoff), then starts the periodic sweep. `recovering` is True from
         this call until it succeeded.
         """
-        self._recovery.awaiting_startup = True
-
-        async def recover_at_startup() -> None:
-            self.start_drainer(sink)
-            result = await self.recover(sink)
-            if not result.complete:
-                raise QueueError(
-                    f"start-up recovery incomplete: {result.files_left} file(s) left "
-                    f"({result.delivered} record(s) delivered so far)"
-                )
-            self._recovery.awaiting_startup = False
-            self.start_sweeper(sink)
-
-        return recover_at_startup
+        start_drainer = functools.partial(self.start_drainer, sink)
+        start_sweeper = functools.partial(self.start_sweeper, sink)
+        return self._recovery.startup_hook(sink, start_drainer, start_sweeper)
 
     # -- stats, wiring, close ------------------------------------------------------------------
     def stats(self) -> QueueStats:
@@ -402,10 +344,9 @@ class FeedbackQueue:
     def install(self, lifecycle: Lifecycle, sink: Sink | None = None) -> None:
         """Register with `lifecycle`: start-up recovery, the drainer, the sweep, the final drain.
 
-        Start-up recovery raises while it is incomplete (the sink failed, a lock could not be
-        taken), so the lifecycle retries it with backoff and `/api/ready` stays 503 naming it;
-        keyed writes answer 503 "recovering" until it succeeded. Then orphans are swept every
-        `orphan_sweep_ms`. The wiring itself is `_queue_hooks.install`.
+        Start-up recovery is retried with backoff until it succeeds (`/api/ready` is 503 and
+        keyed writes answer 503 "recovering" meanwhile); then orphans are swept every
+        `orphan_sweep_ms`. The wiring is `_queue_hooks.install`.
 
         Args:
             lifecycle: The application's lifecycle.
