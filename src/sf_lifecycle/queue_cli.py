@@ -1,8 +1,8 @@
 """`sf-lifecycle queue status|recover --state-dir DIR`: look at and repair a queue offline.
 
-`status` counts records by reading every segment (queued and draining for live owners, orphaned
-for dead ones, blocked behind a `.lock` that is not a regular file), the quarantined files and
-the records already in the default SQLite sink.
+`status` (`inspect_state_dir`, the offline census) counts records by reading every segment
+(queued and draining for live owners, orphaned for dead ones, blocked behind a `.lock` that is
+not a regular file), the quarantined files and the records already in the default SQLite sink.
 
 `recover` re-drains the orphans of dead owners exactly as a starting server would, with a
 progress line on stderr, and records each delivered `Idempotency-Key` in the idempotency index
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .queue import FeedbackQueue
 
-__all__ = ["COMMAND", "add_arguments", "run"]
+__all__ = ["COMMAND", "add_arguments", "inspect_state_dir", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,9 +122,65 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_recover(state_dir))
 
 
-def _status(state_dir: Path, as_json: bool) -> int:
-    from .queue import inspect_state_dir
+def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Offline census of a state directory for `sf-lifecycle queue status`.
 
+    Counts records by reading every segment; a token whose lock is free is reported orphaned
+    (probed read-only, without waiting). Nothing is created or written, and no link under the
+    state directory is followed.
+
+    Raises:
+        UnsafePath: `feedback`, `feedback/quarantine` or `feedback.sqlite3` (or its `-wal`,
+            `-shm`, `-journal`) is a link or of the wrong type.
+        sqlite3.DatabaseError: `feedback.sqlite3` is not a readable database.
+    """
+    from ._segments import NotASegment, count_entries, list_segments, load_segment, probe_lock
+    from ._statefiles import refuse_link
+
+    state = Path(state_dir)
+    directory = state / "feedback"
+    out: dict[str, Any] = {
+        "queued": 0,
+        "draining": 0,
+        "orphaned": 0,
+        "quarantined": 0,
+        "delivered": None,
+        "blocked": 0,
+        "files": {"live": 0, "orphaned": 0, "quarantined": 0, "blocked": 0},
+        "damaged": 0,
+    }
+    for token, files in list_segments(directory).items():
+        if not files:
+            continue
+        owner = probe_lock(directory / f"{token}.lock")
+        for _, kind, path in files:
+            try:
+                loaded = load_segment(path)
+            except (OSError, NotASegment):
+                continue
+            n = len(loaded.records)
+            out["damaged"] += len(loaded.problems)
+            if owner == "blocked":
+                out["blocked"] += n
+                out["files"]["blocked"] += 1
+            elif owner == "dead":
+                out["orphaned"] += n
+                out["files"]["orphaned"] += 1
+            else:
+                out["queued" if kind == "log" else "draining"] += n
+                out["files"]["live"] += 1
+    out["quarantined"] = out["files"]["quarantined"] = count_entries(state, "feedback/quarantine")
+    db = state / "feedback.sqlite3"
+    for name in (db.name, *(db.name + x for x in ("-wal", "-shm", "-journal"))):
+        refuse_link(db.with_name(name))  # never opened through a link (the server refuses too)
+    if os.path.lexists(db):
+        from .sink import count_records
+
+        out["delivered"] = count_records(db)
+    return out
+
+
+def _status(state_dir: Path, as_json: bool) -> int:
     info = inspect_state_dir(state_dir)
     if as_json:
         print(json.dumps(info, sort_keys=True))
@@ -150,7 +206,7 @@ def _recover_app(state_dir: Path, spec: str) -> int:
     """Import the app and recover through the queue it installed on `state_dir`."""
     from uvicorn.importer import ImportFromStringError, import_from_string
 
-    from .queue import installed_queues
+    from ._queue_hooks import installed_queues
 
     os.environ.setdefault("SF_STATE_DIR", str(state_dir))
     if "" not in sys.path and os.getcwd() not in sys.path:

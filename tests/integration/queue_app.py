@@ -40,7 +40,7 @@ def create_app() -> Starlette:
     lifecycle = Lifecycle()
     state_dir = lifecycle.settings.require_state_dir()
     queue = FeedbackQueue(state_dir, settings=lifecycle.settings)
-    queue._seq = int(os.environ.get("QUEUE_APP_START_SEQ", "0") or 0)
+    queue._start_segments_after(int(os.environ.get("QUEUE_APP_START_SEQ", "0") or 0))
     sink: Sink = SqliteSink(state_dir / os.environ.get("QUEUE_APP_SINK_DB", "app.sqlite3"))
     failures = int(os.environ.get("QUEUE_APP_SINK_FAILURES", "0") or 0)
     queue.install(lifecycle, FailingFirst(sink, failures) if failures else sink)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sf_lifecycle import SqliteSink
-from sf_lifecycle.queue import new_record_id
+from sf_lifecycle._ids import new_record_id
 from sf_lifecycle.testing import (
     LostWrites,
     assert_delivered_once,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle.queue import FeedbackQueue, inspect_state_dir
+from sf_lifecycle.queue import FeedbackQueue
+from sf_lifecycle.queue_cli import inspect_state_dir
 from sf_lifecycle.testing import ServerProcess
 
 from ._harness import BASE_ENV, ROOT, Oracle, post_one
@@ -33,28 +34,20 @@ OLD_OWNERS = [(0, 2), (999_997, 4), (9_999_997, 4), (99_999_998, 3)]
 
 def _die(q: FeedbackQueue) -> None:
     """What SIGKILL leaves: the files as they are, the flock dropped."""
-    if q._fd is not None:
-        os.close(q._fd)
-        q._fd = None
-    with q._cond:
-        q._stopping = True
-        q._cond.notify()
-    q._thread.join()
-    q._closed = True
-    q._lock.release()
+    q._simulate_crash()
 
 
 async def _build_old_state(state: Path, oracle: Oracle) -> list[str]:
     """Dead owners whose segments straddle each width boundary; returns the file names."""
     for start, segments in OLD_OWNERS:
         q = FeedbackQueue(state)
-        q._seq = start
+        q._start_segments_after(start)
         for s in range(segments):
             for _ in range(3):
                 nonce = oracle.nonce("old")
                 oracle.ack(nonce, await q.append({"nonce": nonce, "pad": "x" * 64}))
             if s < segments - 1:
-                await q._call_io(q._rotate)  # .draining, the next append opens a new .log
+                await q._seal_segment()  # .draining, the next append opens a new .log
         _die(q)
     # A token at the end of its 48-bit millisecond clock (the year 10889).
     q = FeedbackQueue(state)

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sf_lifecycle import queue as queue_mod
+from sf_lifecycle import _fs
 from sf_lifecycle._errors import DiskWriteError
 from sf_lifecycle.config import Settings
 from sf_lifecycle.queue import FeedbackQueue
@@ -182,7 +182,7 @@ def run_cycle(op: str | None, n: int, err: int, short: bool) -> tuple[Disk, int]
 
         async def go() -> int:
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(queue_mod, "os", disk.namespace())
+                mp.setattr(_fs, "os", disk.namespace())
                 acked, refused, sink = await cycle(state, disk)
             final = FeedbackQueue(state)
             result = await final.recover(sink)
@@ -240,7 +240,7 @@ async def test_http_answers_503_while_the_disk_fails_and_202_after(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     full.write = no_space
-    monkeypatch.setattr(queue_mod, "os", full)
+    monkeypatch.setattr(_fs, "os", full)
     try:
         for _ in range(5):
             r = await example.post("/api/feedback", content=b'{"n": 1}', headers=headers)

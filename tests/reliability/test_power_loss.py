@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from sf_lifecycle import queue as queue_mod
+from sf_lifecycle import _fs
 from sf_lifecycle.queue import FeedbackQueue
 from tests.unit.test_queue import ListSink
 
@@ -167,7 +167,7 @@ class RecordingSink(ListSink):
 async def recorded_cycle(state: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Recorder, set[str]]:
     q = FeedbackQueue(state, batch_records=2)
     rec = Recorder(q.dir)
-    monkeypatch.setattr(queue_mod, "os", rec.namespace())
+    monkeypatch.setattr(_fs, "os", rec.namespace())
     sink = RecordingSink(rec)
     appended: set[str] = set()
     for n in (3, 2, 2):

@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from sf_lifecycle._errors import ConfigError, UnsafePath
+from sf_lifecycle._ids import is_record_id
 from sf_lifecycle.config import Settings
 from sf_lifecycle.events import FileEventLog, InvalidSessionId
 from sf_lifecycle.feedback import IdempotencyIndex
-from sf_lifecycle.queue import is_record_id
 from sf_lifecycle.sink import SqliteSink
 
 from ._harness import example_create_app, leftovers, start_server

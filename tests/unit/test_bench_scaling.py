@@ -13,7 +13,8 @@ from benchmarks import bench_scaling
 from benchmarks._common import Stats
 from benchmarks._sse_client import Stream
 from benchmarks.bench_scaling import describe, scaling, series_rows, size_label, write_segments
-from sf_lifecycle.queue import _load, is_record_id
+from sf_lifecycle._ids import is_record_id
+from sf_lifecycle._segments import load_segment
 
 
 def test_flat_cost_is_linear() -> None:
@@ -121,7 +122,7 @@ def test_written_segments_are_what_the_queue_reads(
     monkeypatch.setattr(bench_scaling, "SEGMENT_RECORDS", 4)
     paths = write_segments(tmp_path, 10)
     assert len(paths) == 3
-    loaded = [_load(p) for p in paths]
+    loaded = [load_segment(p) for p in paths]
     assert [len(x.records) for x in loaded] == [4, 4, 2]
     assert all(not x.problems and x.torn_at is None for x in loaded)
     records = [r for x in loaded for r in x.records]

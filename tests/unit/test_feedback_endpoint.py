@@ -16,10 +16,11 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from sf_lifecycle import queue as queue_mod
+from sf_lifecycle import _fs
+from sf_lifecycle._ids import is_record_id
 from sf_lifecycle.config import Settings
 from sf_lifecycle.feedback import IdempotencyIndex, feedback_routes
-from sf_lifecycle.queue import FeedbackQueue, is_record_id
+from sf_lifecycle.queue import FeedbackQueue
 from sf_lifecycle.sink import SqliteSink
 
 JSON = {"content-type": "application/json"}
@@ -142,7 +143,7 @@ async def test_503_when_the_disk_refuses(
     def write(fd: int, data: bytes) -> int:
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(queue_mod, "os", types.SimpleNamespace(**{**vars(os), "write": write}))
+    monkeypatch.setattr(_fs, "os", types.SimpleNamespace(**{**vars(os), "write": write}))
     r = await app.post({"a": 1})
     assert r.status_code == 503
     assert r.json()["error"] == "disk_write_failed"
@@ -183,7 +184,7 @@ async def test_idempotency_key_replays_409_and_422(
         gate.wait(5)
         real_fsync(fd)
 
-    monkeypatch.setattr(queue_mod, "os", types.SimpleNamespace(**{**vars(os), "fsync": slow_fsync}))
+    monkeypatch.setattr(_fs, "os", types.SimpleNamespace(**{**vars(os), "fsync": slow_fsync}))
     slow_key = {"idempotency-key": "slow", **JSON}
     pending = asyncio.ensure_future(app.post({"s": 1}, slow_key))
     for _ in range(100):
@@ -236,7 +237,7 @@ async def test_idempotency_key_of_a_crashed_process_is_indexed_by_recovery(
 ) -> None:
     first = App(tmp_path)
     rid = (await first.post({"x": 1}, {"idempotency-key": "k2", **JSON})).json()["id"]
-    first.queue._lock.release()  # the process "dies" before any drain
+    first.queue._simulate_crash()  # the process "dies" before any drain
     second = App(tmp_path)
     try:
         await second.queue.recover(second.sink)
@@ -245,7 +246,6 @@ async def test_idempotency_key_of_a_crashed_process_is_indexed_by_recovery(
     finally:
         await second.close()
         await first.client.aclose()
-        first.queue._closed = True
         first.index.close()
         first.sink.close()
 
@@ -301,8 +301,7 @@ async def test_a_damaged_idempotency_index_is_quarantined_and_rebuilt(
 
     first = App(tmp_path)
     rid = (await first.post({"x": 1}, {"idempotency-key": "k-orphan", **JSON})).json()["id"]
-    first.queue._lock.release()  # the process dies before any drain
-    first.queue._closed = True
+    first.queue._simulate_crash()  # the process dies before any drain
     await first.client.aclose()
     first.index.close()
     first.sink.close()

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -19,12 +20,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sf_lifecycle import queue as queue_mod
+from sf_lifecycle import _fs
 from sf_lifecycle._errors import BudgetExceeded, DiskWriteError, QueueError
 from sf_lifecycle._framing import encode
+from sf_lifecycle._ids import is_record_id, new_record_id
 from sf_lifecycle.config import Settings
 from sf_lifecycle.lifecycle import Lifecycle
-from sf_lifecycle.queue import FeedbackQueue, is_record_id, new_record_id
+from sf_lifecycle.queue import FeedbackQueue
 
 
 class ListSink:
@@ -59,15 +61,7 @@ async def q(tmp_path: Path) -> Any:
 
 def die(q: FeedbackQueue) -> None:
     """What SIGKILL leaves: files as they are, the flock released by the kernel."""
-    if q._fd is not None:
-        os.close(q._fd)
-        q._fd = None
-    with q._cond:
-        q._stopping = True
-        q._cond.notify()
-    q._thread.join()
-    q._closed = True
-    q._lock.release()
+    q._simulate_crash()
 
 
 def test_record_ids_are_uuid7_hex_and_time_ordered() -> None:
@@ -147,7 +141,7 @@ async def test_recover_delivers_dead_owner_files_and_never_touches_a_live_one(
 ) -> None:
     dead = FeedbackQueue(tmp_path)
     dead_ids = [await dead.append({"d": i}) for i in range(4)]
-    await dead._call_io(dead._rotate)  # one .draining file ...
+    await dead._seal_segment()  # one .draining file ...
     dead_ids.append(await dead.append({"d": "log"}))  # ... and one active .log
     die(dead)
     live = FeedbackQueue(tmp_path)
@@ -242,7 +236,7 @@ async def test_group_commit_acknowledges_only_after_the_shared_fsync(
         gate.wait(5)
         real_fsync(fd)
 
-    monkeypatch.setattr(queue_mod, "os", types.SimpleNamespace(**{**vars(os), "fsync": slow_fsync}))
+    monkeypatch.setattr(_fs, "os", types.SimpleNamespace(**{**vars(os), "fsync": slow_fsync}))
     first = asyncio.ensure_future(q.append({"n": 0}))
     await asyncio.to_thread(entered.wait, 5)
     rest = [asyncio.ensure_future(q.append({"n": i})) for i in range(1, 8)]
@@ -301,7 +295,7 @@ async def test_disk_fault_is_never_acknowledged_and_queue_stays_usable(
     if call == "open":
         await q.drain(ListSink())  # the next append must create a segment
         before = []
-    monkeypatch.setattr(queue_mod, "os", faulty_os(call, err, short=short))
+    monkeypatch.setattr(_fs, "os", faulty_os(call, err, short=short))
     with pytest.raises(DiskWriteError) as info:
         await q.append({"doomed": True})
     assert info.value.errno == err
@@ -319,7 +313,7 @@ async def test_disk_fault_is_never_acknowledged_and_queue_stays_usable(
 async def test_short_write_is_completed_not_failed(
     q: FeedbackQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(queue_mod, "os", faulty_os("write", None, short=True))
+    monkeypatch.setattr(_fs, "os", faulty_os("write", None, short=True))
     rid = await q.append({"long": "x" * 500})
     monkeypatch.undo()
     sink = ListSink()
@@ -339,7 +333,7 @@ async def test_directory_fsync_failure_on_a_new_segment_is_not_acknowledged(
             raise OSError(errno.EIO, "dir")
         real(fd)
 
-    monkeypatch.setattr(queue_mod, "os", types.SimpleNamespace(**{**vars(os), "fsync": fsync}))
+    monkeypatch.setattr(_fs, "os", types.SimpleNamespace(**{**vars(os), "fsync": fsync}))
     with pytest.raises(DiskWriteError):
         await q.append({"x": 1})
     monkeypatch.undo()
@@ -347,6 +341,25 @@ async def test_directory_fsync_failure_on_a_new_segment_is_not_acknowledged(
     sink = ListSink()
     await q.drain(sink)
     assert list(sink.deliveries) == [rid]
+
+
+async def test_explicit_arguments_win_over_settings(tmp_path: Path) -> None:
+    """Steps: settings say batches of 7 and 0640 files; the caller passes batches of 3 and
+    0600; 7 records drain in 3 sink calls and the queue's files are 0600. What the caller
+    left out (`dir_mode`) still comes from the settings. Before issue 15 settings won."""
+    cfg = Settings(state_dir=tmp_path, drain_batch_records=7, file_mode=0o640, dir_mode=0o750)
+    q = FeedbackQueue(tmp_path / "s", settings=cfg, batch_records=3, file_mode=0o600)
+    try:
+        for i in range(7):
+            await q.append({"i": i})
+        modes = {stat.S_IMODE(p.stat().st_mode) for p in q.dir.iterdir() if p.is_file()}
+        sink = ListSink()
+        assert (await q.drain(sink)).delivered == 7
+        assert sink.calls == 3  # 3 + 3 + 1
+        assert modes == {0o600}  # the lock and the segment
+        assert stat.S_IMODE(q.dir.stat().st_mode) == 0o750
+    finally:
+        q._release()
 
 
 async def test_install_recovers_at_startup_and_drains_at_shutdown(tmp_path: Path) -> None:
@@ -485,10 +498,10 @@ def test_any_history_of_appends_drains_and_crashes_delivers_every_ack(
 
 async def test_sequence_past_999999_is_drained_recovered_and_counted(tmp_path: Path) -> None:
     """Segment numbers outgrow six digits after ~55 h of traffic: nothing may go unseen."""
-    from sf_lifecycle.queue import inspect_state_dir
+    from sf_lifecycle.queue_cli import inspect_state_dir
 
     q = FeedbackQueue(tmp_path)
-    q._seq = 999_998
+    q._start_segments_after(999_998)
     sink = ListSink()
     acked = []
     for i in range(4):  # segments 999999, 1000000, 1000001, 1000002
@@ -498,12 +511,12 @@ async def test_sequence_past_999999_is_drained_recovered_and_counted(tmp_path: P
     assert files(q, ".log") == files(q, ".draining") == []
 
     dead = FeedbackQueue(tmp_path)
-    dead._seq = 999_997
+    dead._start_segments_after(999_997)
     dead_ids = []
     for i in range(4):  # 999998 and 999999 (old width) beside 1000000 and 1000001
         dead_ids.append(await dead.append({"d": i}))
         if i < 3:
-            await dead._call_io(dead._rotate)
+            await dead._seal_segment()
     die(dead)
     own = [n for n in os.listdir(dead.dir) if n.startswith(dead.token + ".") and n[-5:] != ".lock"]
     assert sorted(n.split(".")[1] for n in own) == ["1000000", "1000001", "999998", "999999"]
@@ -657,18 +670,17 @@ async def test_background_drainer_survives_a_directory_listing_failure(
     """An OSError while the drainer looks for files is retried next period, never fatal."""
     q = FeedbackQueue(tmp_path, drain_interval_ms=10)
     sink = ListSink()
-    real = queue_mod._segments
     failures = {"n": 0}
 
-    def flaky(directory: Path) -> Any:
+    def flaky(fd: Any) -> Any:
         if failures["n"] < 3:
             failures["n"] += 1
-            raise OSError(errno.EIO, "Input/output error", str(directory))
-        return real(directory)
+            raise OSError(errno.EIO, "Input/output error")
+        return os.listdir(fd)
 
     rid = await q.append({"x": 1})
-    q._queued = 0  # only the directory listing can tell the drainer there is work
-    monkeypatch.setattr(queue_mod, "_segments", flaky)
+    await q._seal_segment()  # only the directory listing can tell the drainer there is work
+    monkeypatch.setattr(_fs, "os", types.SimpleNamespace(**{**vars(os), "listdir": flaky}))
     q.start_drainer(sink)
     for _ in range(300):
         if rid in sink.deliveries:

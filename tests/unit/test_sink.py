@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle.queue import new_record_id
+from sf_lifecycle._ids import new_record_id
 from sf_lifecycle.sink import Sink, SqliteSink, count_records
 
 

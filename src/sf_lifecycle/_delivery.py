@@ -1,0 +1,231 @@
+"""Delivering one segment file to a sink: the step a drain and a recovery share.
+
+A file is read whole, its records handed to the sink in batches of `batch_records`, the delivery
+listeners (the idempotency index) run after each commit, and only then is the file removed, or
+moved to `quarantine/` when it had damage. Nothing is deleted before the sink has all of it; a
+deadline stops before a new batch starts and abandons a running sink call, leaving the file for
+the next attempt (a redelivery is a no-op: sinks are idempotent by record id).
+
+`drain_every` is the queue's background drainer: a drain each period while there is work, every
+failure counted for the ready body and retried next period, the task never dying of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _crashpoints as _cp
+from . import _fs
+from ._background import stops_task
+from ._redact import describe_error
+from ._segments import Loaded, NotASegment, Record, load_segment, quarantine_file
+from ._statefiles import state_subdir
+
+if TYPE_CHECKING:
+    from .sink import Sink
+
+__all__ = ["Delivery", "DeliveryListener", "DrainResult", "drain_every"]
+
+logger = logging.getLogger("sf_lifecycle.queue")
+
+#: Called after the sink committed a batch, before its file may be unlinked.
+DeliveryListener = Callable[[Sequence[Record]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class DrainResult:
+    """What one `drain()` or `recover()` did.
+
+    Attributes:
+        delivered: Records the sink committed.
+        files_done: Segment files fully delivered and removed (or quarantined).
+        files_left: `.draining` files left on disk (deadline reached or the sink failed).
+        quarantined: Files moved to quarantine because of corruption.
+        complete: True when nothing this call was responsible for was left behind.
+        elapsed_ms: Duration of the call.
+    """
+
+    delivered: int = 0
+    files_done: int = 0
+    files_left: int = 0
+    quarantined: int = 0
+    complete: bool = True
+    elapsed_ms: float = 0.0
+
+
+class Delivery:
+    """Delivers segment files of one queue; counts what it delivered.
+
+    Args:
+        state_dir: The state directory (checked for links before each unlink or move).
+        batch_records: Records per sink call.
+        dir_mode: Mode of the folders it re-creates (quarantine).
+    """
+
+    def __init__(self, state_dir: Path, batch_records: int, dir_mode: int) -> None:
+        self.state_dir = state_dir
+        self.batch_records = batch_records
+        self.dir_mode = dir_mode
+        self.listeners: list[DeliveryListener] = []
+        #: Records handed to the sink since the queue started.
+        self.delivered = 0
+
+    async def files(
+        self, files: list[Path], sink: Sink, deadline: float | None, began: float
+    ) -> DrainResult:
+        """Deliver `files` in order (a drain, begun at monotonic `began`); stop at the first
+        that cannot be finished, leaving it and the rest on disk."""
+        result = DrainResult()
+        i = 0
+        try:
+            for i, path in enumerate(files):
+                if not await self.file(path, sink, deadline, result):
+                    result.complete = False
+                    result.files_left = len(files) - i
+                    break
+        except asyncio.CancelledError:
+            logger.warning(
+                "drain cancelled after %d record(s); %d file(s) left on disk as .draining",
+                result.delivered,
+                len(files) - i,
+            )
+            raise
+        result.elapsed_ms = (time.monotonic() - began) * 1000
+        if result.delivered or not result.complete:
+            logger.info(
+                "queue drained %d record(s) in %.0f ms%s",
+                result.delivered,
+                result.elapsed_ms,
+                "" if result.complete else f"; {result.files_left} file(s) left on disk",
+            )
+        return result
+
+    async def file(
+        self,
+        path: Path,
+        sink: Sink,
+        deadline: float | None,
+        result: DrainResult,
+        on_read: Callable[[Path, Loaded], None] | None = None,
+    ) -> bool:
+        """Deliver `path`; True when it is done (removed or quarantined).
+
+        `on_read(path, loaded)` runs after the file was read, before its first batch.
+        """
+        try:
+            loaded = await asyncio.to_thread(load_segment, path)
+        except FileNotFoundError:
+            return True  # delivered by someone who held the lock before us
+        except NotASegment as exc:
+            # Moved aside, never followed or deleted: an operator decides what it was.
+            if not await self._set_aside(path, [(0, str(exc))]):
+                return False
+            result.quarantined += 1
+            result.files_done += 1
+            return True
+        except OSError as exc:  # EIO reading: leave the file for the next attempt
+            logger.error("cannot read %s (%s); left on disk for the next attempt", path, exc)
+            return False
+        if on_read is not None:
+            on_read(path, loaded)
+        records = loaded.records
+        step = self.batch_records
+        for start in range(0, len(records), step):
+            batch = records[start : start + step]
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                async with asyncio.timeout(remaining):
+                    await sink(batch)
+                    if _cp.ARMED:
+                        _cp.hit("drain.after_sink_commit")
+                    for listener in self.listeners:
+                        await listener(batch)
+            except TimeoutError:
+                logger.warning("deadline reached while delivering %s; left on disk", path.name)
+                return False
+            except Exception:
+                logger.exception("sink failed on %s; the file stays and is retried", path.name)
+                return False
+            result.delivered += len(batch)
+            self.delivered += len(batch)
+        if loaded.torn_at is not None:
+            logger.info(
+                "%s: dropped a torn tail of %d byte(s) at offset %d (a write cut by a crash, "
+                "never acknowledged)",
+                path.name,
+                loaded.size - loaded.torn_at,
+                loaded.torn_at,
+            )
+        if _cp.ARMED:
+            _cp.hit("drain.before_unlink")
+        if loaded.problems:
+            if not await self._set_aside(path, loaded.problems):
+                return False
+            result.quarantined += 1
+        else:
+            try:
+                state_subdir(self.state_dir, "feedback", self.dir_mode)  # not through a link
+                _fs.os.unlink(path)  # no directory fsync: a resurrected file is only redelivered
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # delivered, but it stays: redelivered (a no-op) next time
+                logger.error("cannot remove delivered %s (%s); retried later", path.name, exc)
+                return False
+        if _cp.ARMED:
+            _cp.hit("drain.after_unlink")
+        result.files_done += 1
+        return True
+
+    async def _set_aside(self, path: Path, problems: list[tuple[int, str]]) -> bool:
+        """Quarantine `path`; False (logged, the file left for the next attempt) if that fails."""
+        try:
+            await asyncio.to_thread(quarantine_file, path, problems, self.state_dir, self.dir_mode)
+        except FileNotFoundError:
+            return True  # another recoverer moved it first
+        except OSError as exc:
+            logger.error("cannot quarantine %s (%s); left for the next attempt", path.name, exc)
+            return False
+        return True
+
+
+async def drain_every(
+    interval_s: float,
+    stop: asyncio.Event,
+    has_work: Callable[[], bool],
+    drain: Callable[[], Awaitable[Any]],
+    state: dict[str, Any],
+) -> None:
+    """Run `drain()` every `interval_s` while `has_work()`, until `stop` is set.
+
+    `state` (the ready body's `drainer`) is updated in place: `{"failures": 0}` after a good
+    drain, the failure count and the last error (no path) after a failed one.
+    """
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+        if stop.is_set():
+            return
+        try:  # every failure is retried next period: this task must never die
+            if has_work():
+                await drain()
+        except BaseException as exc:  # a sink's CancelledError or SystemExit: `_background`
+            if stops_task(exc):
+                raise
+            failures = state.get("failures", 0) + 1
+            state.clear()
+            state.update(failures=failures, last_error=describe_error(exc))
+            logger.error(
+                "background drain failed; retrying in %.0f ms", interval_s * 1000, exc_info=exc
+            )
+        else:
+            state.clear()
+            state["failures"] = 0

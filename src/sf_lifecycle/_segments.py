@@ -1,0 +1,313 @@
+"""The on-disk layout of the feedback queue: names, listing, reading, locks, quarantine.
+
+`<state_dir>/feedback/` holds, per process token (12 hex digits of a millisecond clock, then
+10 random ones):
+
+- `<token>.lock`: held with `flock` by the owner for its lifetime, taken before its first
+  segment exists; the kernel drops it when the process dies, which is how everyone else learns
+  that the token's segments are orphans (never by PID or file age);
+- `<token>.<seq>.log`: the segment being appended to, then `<token>.<seq>.draining` once a
+  drain renamed it. `seq` is printed with at least six digits and read with any number,
+  ordered numerically (issue 11: a fixed width strands every file past 999,999, ~55 h of steady
+  traffic for one process);
+- `quarantine/`: files with damage, moved aside after their good records were delivered, never
+  deleted.
+
+Nothing here is opened through a symbolic link: a segment or lock name that is not a regular
+file is refused (`NotASegment`, `LockRefused`) and left for an operator. Every `os` call goes
+through `_fs.os`, the seam the fault-injection and power-loss tests replace.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import re
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _fs
+from ._framing import scan
+from ._ids import ID_RE
+from ._statefiles import DEFAULT_FILE_MODE, open_state_dir, state_subdir
+
+__all__ = [
+    "LOCK_RE",
+    "SEG_RE",
+    "Flock",
+    "Loaded",
+    "LockRefused",
+    "NotASegment",
+    "Record",
+    "count_entries",
+    "fsync_dir",
+    "list_segments",
+    "load_segment",
+    "lock_path",
+    "new_token",
+    "probe_lock",
+    "quarantine_file",
+    "segment_path",
+    "try_lock",
+]
+
+logger = logging.getLogger("sf_lifecycle.queue")
+
+Record = dict[str, Any]
+
+SEG_RE = re.compile(r"(?P<token>[0-9a-f]{22})\.(?P<seq>[0-9]{6,})\.(?P<kind>log|draining)\Z")
+LOCK_RE = re.compile(r"(?P<token>[0-9a-f]{22})\.lock\Z")
+
+
+def new_token() -> str:
+    """A process token: a 48-bit millisecond clock (names sort by age) and 40 random bits."""
+    return f"{time.time_ns() // 1_000_000:012x}{_fs.os.urandom(5).hex()}"
+
+
+def segment_path(directory: Path, token: str, seq: int) -> Path:
+    """The `.log` segment number `seq` of `token`."""
+    return directory / f"{token}.{seq:06d}.log"
+
+
+def lock_path(directory: Path, token: str) -> Path:
+    """The lock file of `token`."""
+    return directory / f"{token}.lock"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder `path` (a create, rename or unlink) survive a power cut."""
+    os = _fs.os
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_segments(directory: Path) -> dict[str, list[tuple[int, str, Path]]]:
+    """token -> [(seq, kind, path)] sorted by seq; lock-only tokens map to []."""
+    out: dict[str, list[tuple[int, str, Path]]] = {}
+    try:
+        fd = open_state_dir(directory.parent, directory.name, None)  # UnsafePath: a link
+    except FileNotFoundError:
+        return out
+    try:
+        names = _fs.os.listdir(fd)  # the folder just checked, whatever its name points to now
+    finally:
+        _fs.os.close(fd)
+    for name in names:
+        m = SEG_RE.match(name)
+        if m is not None:
+            out.setdefault(m["token"], []).append((int(m["seq"]), m["kind"], directory / name))
+            continue
+        m = LOCK_RE.match(name)
+        if m is not None:
+            out.setdefault(m["token"], [])
+    for files in out.values():
+        files.sort()
+    return out
+
+
+def count_entries(state_dir: Path, rel: str) -> int:
+    """Entries of `<state_dir>/<rel>` (0 when missing), listed without following a link."""
+    try:
+        fd = open_state_dir(state_dir, rel, None)
+    except FileNotFoundError:
+        return 0
+    try:
+        return len(_fs.os.listdir(fd))
+    finally:
+        _fs.os.close(fd)
+
+
+# -- reading -------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Loaded:
+    """A decoded segment: its good records and where it is damaged or torn."""
+
+    records: list[Record] = field(default_factory=list)
+    problems: list[tuple[int, str]] = field(default_factory=list)
+    torn_at: int | None = None
+    size: int = 0
+
+
+class NotASegment(Exception):
+    """A directory entry named like a segment that is not a regular file (refused, never read)."""
+
+
+def load_segment(path: Path) -> Loaded:
+    """Read and decode a whole segment (worker thread). Never raises for bad content.
+
+    Opened without following a symbolic link and without blocking (a FIFO), then checked to be a
+    regular file: anything else in the queue directory is someone else's doing, and reading
+    through a link could deliver (then unlink) files outside the state directory.
+
+    Raises:
+        NotASegment: a symbolic link, directory, FIFO or device under a segment's name.
+    """
+    os = _fs.os
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotASegment(
+                "a symbolic link (refused: the state directory holds no links)"
+            ) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotASegment("not a regular file")
+    with open(fd, "rb") as f:
+        data = f.read()
+    result = scan(data)
+    out = Loaded(torn_at=result.torn_at, size=result.size)
+    out.problems = [(d.offset, d.reason) for d in result.damage]
+    loads = json.loads
+    valid_id = ID_RE.match
+    append = out.records.append
+    for offset, payload in result.records:
+        try:
+            record = loads(payload)
+        except ValueError as exc:
+            out.problems.append((offset, f"bad JSON: {exc}"))
+            continue
+        rid = record.get("id") if type(record) is dict else None
+        if type(rid) is not str or valid_id(rid) is None:
+            out.problems.append((offset, "record without a valid id"))
+            continue
+        append(record)
+    out.problems.sort()
+    return out
+
+
+def quarantine_file(
+    path: Path, problems: list[tuple[int, str]], state_dir: Path, dir_mode: int
+) -> None:
+    """Move `path` into `<state_dir>/feedback/quarantine/` (a free name), fsync both folders.
+
+    Raises:
+        OSError: the move failed; the file stays where it was.
+    """
+    for offset, reason in problems:
+        logger.warning("corrupt record in %s at offset %d: %s", path, offset, reason)
+    state_subdir(state_dir, "feedback/quarantine", dir_mode)  # no link, anywhere
+    quarantine_dir = state_dir / "feedback" / "quarantine"
+    target = quarantine_dir / path.name
+    n = 0
+    while target.exists():
+        n += 1
+        target = quarantine_dir / f"{path.name}.{n}"
+    _fs.os.rename(path, target)
+    fsync_dir(quarantine_dir)
+    fsync_dir(quarantine_dir.parent)
+    logger.warning(
+        "quarantined %s as %s after delivering its good records (%d problem(s), first at "
+        "offset %d: %s)",
+        path.name,
+        target,
+        len(problems),
+        problems[0][0],
+        problems[0][1],
+    )
+
+
+# -- locks ---------------------------------------------------------------------------------------
+class LockRefused(Exception):
+    """A `.lock` name that is not a regular file: never opened through, its token skipped."""
+
+
+class Flock:
+    """An exclusive `flock` on an open lock file; the kernel drops it when the process dies."""
+
+    __slots__ = ("fd", "lock_file")
+
+    def __init__(self, lock_file: Path, fd: int) -> None:
+        self.lock_file = lock_file
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        """Close the descriptor, which drops the lock (the file stays)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            _fs.os.close(fd)  # closing the only descriptor releases the flock
+
+
+def try_lock(path: Path, mode: int = DEFAULT_FILE_MODE) -> Flock | None:
+    """Take `path`'s flock without waiting; None when someone holds it.
+
+    Created when missing; never opened through a link, and anything but a regular file (a
+    directory, FIFO, device) is refused before it is opened for real.
+
+    Raises:
+        LockRefused: `path` is a symbolic link, directory or other non-regular file.
+        OSError: any other failure (EACCES, EMFILE, EIO...).
+    """
+    os = _fs.os
+    try:
+        st_mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(st_mode):
+            raise LockRefused(_kind(st_mode))
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LockRefused("a symbolic link") from None
+        if exc.errno == errno.EISDIR:
+            raise LockRefused("a directory") from None
+        raise
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(st_mode):  # swapped in between the lstat and the open
+            raise LockRefused(_kind(st_mode))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return Flock(path, fd)
+
+
+def probe_lock(path: Path) -> str:
+    """`"alive"`, `"dead"` or `"blocked"` for a token's lock, without creating or writing it.
+
+    Read-only (a shared, non-blocking flock on an `O_RDONLY` descriptor): `queue status` works
+    on a read-only volume and leaves the state directory as it found it. A missing lock file
+    means a dead owner (an owner takes its lock before its first segment and keeps it).
+    """
+    os = _fs.os
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "dead"
+    except OSError:
+        return "blocked"  # a link (ELOOP), or unreadable: recovery could not take it either
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "blocked"
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "alive"
+    finally:
+        os.close(fd)  # also drops the shared lock
+    return "dead"
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    return "not a regular file"
