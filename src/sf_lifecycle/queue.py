@@ -65,6 +65,7 @@ from ._statefiles import (
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .idempotency import IdempotencyIndex
     from .lifecycle import Lifecycle
     from .sink import Sink
 
@@ -478,6 +479,8 @@ class FeedbackQueue:
         self.orphan_sweep_s = orphan_sweep_ms / 1000
         self.token = _new_token()
         self.sink: Sink | None = None
+        #: The idempotency index `install` wires beside the queue (`feedback_routes` uses it).
+        self.idempotency: IdempotencyIndex | None = None
         # The state directory is the operator's (it may be a link); below it nothing is followed.
         os.makedirs(self.state_dir, mode=dir_mode, exist_ok=True)
         state_subdir(self.state_dir, "feedback/quarantine", dir_mode)  # UnsafePath: refused
@@ -1194,7 +1197,12 @@ class FeedbackQueue:
             lifecycle: The application's lifecycle.
             sink: Where records go; a `SqliteSink` at `<state_dir>/feedback.sqlite3` when None.
         """
+        from .idempotency import IdempotencyIndex
         from .sink import SqliteSink
+
+        if self.idempotency is None:
+            # Before recovery: re-delivered keyed orphans record their keys in it.
+            self.idempotency = IdempotencyIndex.for_queue(self)
 
         if sink is None:
             own = SqliteSink(
