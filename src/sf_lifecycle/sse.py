@@ -30,6 +30,7 @@ Deliberate choices:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -44,7 +45,7 @@ from starlette.types import Receive, Scope, Send
 from ._errors import DiskWriteError, UnsafePath
 from ._jsonbody import BodyError, read_json_body
 from ._problem import ProblemRoute, problem
-from .events import LOST, EventLog, InvalidEventId, InvalidSessionId, parse_event_id
+from .events import LOST, EventLog, InvalidEventId, InvalidSessionId, follow, parse_event_id
 from .events import validate_session_id as _validate_session
 from .lifecycle import Lifecycle
 from .state import ShutdownState
@@ -85,6 +86,19 @@ class _LifecycleEventSourceResponse(EventSourceResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._sf_state.streams -= 1
+
+
+class _Closing:
+    """The replica's closing as the `Flag` that ends `follow()`."""
+
+    def __init__(self, state: ShutdownState) -> None:
+        self._state = state
+
+    def is_set(self) -> bool:
+        return self._state.closing
+
+    async def wait(self) -> None:
+        await self._state.wait_closing()
 
 
 class _Endpoints:
@@ -150,39 +164,22 @@ class _Endpoints:
         )
 
     async def _events(self, session: str, cursor: str | None) -> AsyncIterator[ServerSentEvent]:
-        state = self.state
-        log = self.log
-        closing = asyncio.ensure_future(state.wait_closing())
-        try:
-            while not state.closing:
-                try:
-                    batch = await log.read_after(session, cursor)
-                except UnsafePath as exc:  # the client retries; an operator must fix the folder
-                    logger.error("session %s: stream ended: %s", session, exc)
-                    break
-                for event in batch:
-                    if state.closing:
-                        break
+        events = follow(self.log, session, cursor, until=_Closing(self.state))
+        async with contextlib.aclosing(events):
+            try:
+                async for event in events:
                     yield ServerSentEvent(
                         data=event.data_json,
                         id=event.id,
                         event=LOST if event.kind == LOST else None,
                     )
-                    cursor = event.id
-                if batch or state.closing:
-                    continue
-                waiter = asyncio.ensure_future(log.wait(session, cursor, 5.0))
-                try:
-                    await asyncio.wait((waiter, closing), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
-            # Closing: tell the client how soon to come back, then end the response cleanly.
-            yield ServerSentEvent(
-                comment="replica closing; reconnect with Last-Event-ID",
-                retry=self.lifecycle.settings.sse_retry_ms,
-            )
-        finally:
-            closing.cancel()
+            except UnsafePath as exc:  # the client retries; an operator must fix the folder
+                logger.error("session %s: stream ended: %s", session, exc)
+        # Closing: tell the client how soon to come back, then end the response cleanly.
+        yield ServerSentEvent(
+            comment="replica closing; reconnect with Last-Event-ID",
+            retry=self.lifecycle.settings.sse_retry_ms,
+        )
 
     async def publish(self, request: Request) -> Response:
         session = request.query_params.get("session", "")

@@ -19,7 +19,8 @@ import pytest
 
 from sf_lifecycle._errors import ConfigError, UnsafePath
 from sf_lifecycle.config import Settings
-from sf_lifecycle.events import FileEventLog, InvalidSessionId
+from sf_lifecycle.events import InvalidSessionId
+from sf_lifecycle.events_file import FileEventLog
 from sf_lifecycle.idempotency import IdempotencyIndex
 from sf_lifecycle.queue import is_record_id
 from sf_lifecycle.sink import SqliteSink

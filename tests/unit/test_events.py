@@ -15,13 +15,13 @@ from sf_lifecycle.events import (
     LOST,
     Event,
     EventLog,
-    FileEventLog,
     InvalidEventId,
     InvalidSessionId,
     follow,
     parse_event_id,
     validate_session_id,
 )
+from sf_lifecycle.events_file import FileEventLog
 
 
 def seqs(events: list[Event]) -> list[int]:
