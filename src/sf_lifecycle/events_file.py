@@ -42,7 +42,8 @@ Deliberate choices:
   an old id receives a `lost` event. A torn last line (a writer killed mid-`write`) is ignored by
   readers and truncated by the next appender, under the lock.
 
-File layout (`<state_dir>/sessions/<session>.log`), one JSON object per line::
+File layout (`<state_dir>/sessions/<session>.log`), one JSON object per line (parsed and
+encoded in `_sessionview.py`, with the retention rules: this module is the I/O and the locks)::
 
     {"sf_session_log":1,"epoch":1718000000000,"floor":0,"gen":"9f2c..."}   ids <= floor dropped
     {"seq":1,"ts":1718000000123,"data":{"any":"json"}}
@@ -60,45 +61,35 @@ import fcntl
 import json
 import logging
 import os
-import re
 import stat
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ._errors import DiskWriteError, UnsafePath
+from ._sessionview import (
+    EMPTY,
+    MAX_NUMBER,
+    Corrupt,
+    Retention,
+    View,
+    encode_header,
+    encode_line,
+    has_after,
+    parse_header,
+    parse_lines,
+)
 from ._statefiles import open_state_dir, state_subdir
-from .events import Event, lost_event, parse_event_id, validate_session_id
+from .events import Event, parse_event_id, validate_session_id
 
 __all__ = ["FileEventLog"]
 
 logger = logging.getLogger("sf_lifecycle.events.file")
 
-_LINE_RE = re.compile(rb'\{"seq":([0-9]{1,18}),"ts":(-?[0-9]{1,18}),"data":')
-_HEADER_KEY = "sf_session_log"
-
 
 # -- in memory --------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _View:
-    """A consistent snapshot of one session file; replaced whole on reload or compaction."""
-
-    epoch: int | None  # None: no file
-    floor: int
-    seqs: list[int]  # appended to in place (after `events`), so readers bisect safely
-    events: list[Event]
-
-    @property
-    def head(self) -> int:
-        return self.seqs[-1] if self.seqs else self.floor
-
-
-_EMPTY = _View(None, 0, [], [])
 
 
 class _Session:
@@ -110,7 +101,7 @@ class _Session:
         self.tmp_name = f"{name}.log.tmp"
         self.mutex = threading.Lock()  # in-process: refresh and append of this session
         self.alock = asyncio.Lock()  # one refresh at a time per process
-        self.view = _EMPTY
+        self.view = EMPTY
         self.loaded = False
         self.consumed = 0  # bytes parsed (end of the last complete line)
         self.header = b""  # header line of the file `view` was read from: its identity
@@ -130,10 +121,6 @@ def _sig(st: os.stat_result) -> tuple[int, int, int]:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-class _Corrupt(Exception):
-    pass
 
 
 class FileEventLog:
@@ -174,6 +161,7 @@ class FileEventLog:
         self.dir_mode = dir_mode
         self.retention_events = retention_events
         self.retention_ms = retention_ms
+        self.retention = Retention(retention_events, retention_ms)
         self.poll_s = poll_ms / 1000
         self.fsync = fsync
         self.max_cached_sessions = max_cached_sessions
@@ -222,7 +210,7 @@ class FileEventLog:
                         raise
                     except OSError as exc:  # a stream must not die: serve what is known
                         logger.error("session %s: cannot refresh: %s", s.name, exc)
-        return self._select(s.view, last_id, position, _now_ms())
+        return self.retention.select(s.view, last_id, position, _now_ms())
 
     async def wait(self, session: str, last_id: str | None, timeout_s: float) -> bool:
         """See `EventLog.wait`: wakes on a local append at once, on another process's within
@@ -230,7 +218,7 @@ class FileEventLog:
         position = None if last_id is None else parse_event_id(last_id)
         s = self._session(session)
         event = self._changed(s)
-        if self._stale(s) or _has_after(s.view, position):
+        if self._stale(s) or has_after(s.view, position):
             return True
         s.waiters += 1
         self._ensure_poller()
@@ -257,51 +245,7 @@ class FileEventLog:
         with s.mutex, self._open_dir() as dfd, self._locked(s, dfd):
             self._refresh_sync(s, dfd)
             if s.view.epoch is not None:
-                self._rewrite(s, dfd, self._floor(s.view, _now_ms()))
-
-    # -- selection (pure, on a snapshot) ---------------------------------------------------
-    def _floor(self, view: _View, now_ms: int) -> int:
-        """Highest seq a reader can no longer get, counting retention by number and age."""
-        floor = max(view.floor, view.head - self.retention_events)
-        cutoff = now_ms - self.retention_ms
-        events = view.events
-        i, n = 0, len(view.seqs)
-        while i < n and events[i].ts_ms < cutoff:
-            i += 1
-        if i:
-            floor = max(floor, view.seqs[i - 1])
-        return floor
-
-    def _select(
-        self, view: _View, last_id: str | None, pos: tuple[int, int] | None, now_ms: int
-    ) -> list[Event]:
-        if view.epoch is None:
-            if pos is None:
-                return []
-            return [lost_event(None, now_ms, "reset", last_id, None)]
-        epoch = view.epoch
-        floor = self._floor(view, now_ms)
-        out: list[Event] = []
-        if pos is None:
-            seq = view.floor  # a new client: everything retained, with no notice
-            if floor > seq:
-                seq = floor
-        elif pos[0] != epoch:
-            out.append(lost_event(f"{epoch}-{floor}", now_ms, "reset", last_id, None))
-            seq = floor
-        else:
-            seq = pos[1]
-            head = view.head
-            if seq > head:
-                # The log is behind the client (its tail was lost in a crash without fsync).
-                return [lost_event(f"{epoch}-{head}", now_ms, "ahead", last_id, None)]
-            if seq < floor:
-                out.append(lost_event(f"{epoch}-{floor}", now_ms, "expired", last_id, floor - seq))
-                seq = floor
-        n = len(view.seqs)
-        start = bisect.bisect_right(view.seqs, seq, 0, n)
-        out.extend(view.events[start:n])
-        return out
+                self._rewrite(s, dfd, self.retention.floor(s.view, _now_ms()))
 
     # -- in-memory bookkeeping -------------------------------------------------------------
     def _session(self, session: str) -> _Session:
@@ -456,7 +400,7 @@ class FileEventLog:
             try:
                 fd = os.open(s.log_name, _READ_FLAGS, dir_fd=dfd)
             except FileNotFoundError:
-                s.view, s.consumed, s.sig, s.header, s.loaded = _EMPTY, 0, None, b"", True
+                s.view, s.consumed, s.sig, s.header, s.loaded = EMPTY, 0, None, b"", True
                 return
             except OSError as exc:
                 # A link (ELOOP), a socket (ENXIO), a device: moved aside, never followed.
@@ -481,7 +425,7 @@ class FileEventLog:
                         with open(fd, "rb", closefd=False) as f:
                             self._read(s, f, st)
                         return
-                    except _Corrupt as exc:
+                    except Corrupt as exc:
                         reason = str(exc)
                     except OSError as exc:
                         logger.error("session %s: cannot read %s: %s", s.name, s.path, exc)
@@ -510,8 +454,8 @@ class FileEventLog:
             f.seek(s.consumed)
             chunk = f.read()
             try:
-                used = _parse_lines(chunk, view, s.path)
-            except _Corrupt as exc:
+                used = parse_lines(chunk, view, s.path)
+            except Corrupt as exc:
                 # Never a reason to call a file corrupt: it is judged from its first byte.
                 logger.warning(
                     "session %s: unexpected data after byte %d (%s); re-reading the file",
@@ -530,20 +474,10 @@ class FileEventLog:
         raw = f.read()
         nl = raw.find(b"\n")
         if nl < 0:
-            raise _Corrupt("no header line")
-        try:
-            header = json.loads(raw[:nl])
-            epoch, floor = header["epoch"], header["floor"]
-            if (
-                header.get(_HEADER_KEY) != 1
-                or not (isinstance(epoch, int) and 0 <= epoch <= _MAX_NUMBER)
-                or not (isinstance(floor, int) and 0 <= floor <= _MAX_NUMBER)
-            ):
-                raise ValueError("unexpected header fields")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise _Corrupt(f"bad header: {exc}") from None
-        view = _View(epoch, floor, [], [])
-        used = _parse_lines(raw[nl + 1 :], view, s.path)
+            raise Corrupt("no header line")
+        epoch, floor = parse_header(raw[:nl])
+        view = View(epoch, floor, [], [])
+        used = parse_lines(raw[nl + 1 :], view, s.path)
         s.view, s.consumed, s.header, s.loaded = view, nl + 1 + used, raw[: nl + 1], True
         self._seen(s, st)
         s.last_epoch = max(s.last_epoch, epoch)
@@ -563,7 +497,7 @@ class FileEventLog:
             try:
                 now = os.stat(s.log_name, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
-                s.view, s.consumed, s.sig, s.header, s.loaded = _EMPTY, 0, None, b"", True
+                s.view, s.consumed, s.sig, s.header, s.loaded = EMPTY, 0, None, b"", True
                 return True
             if judged is not None and (now.st_dev, now.st_ino) != (judged.st_dev, judged.st_ino):
                 return False
@@ -578,7 +512,7 @@ class FileEventLog:
                 logger.error(
                     "session %s: corrupt (%s) and cannot quarantine: %s", s.name, reason, exc
                 )
-                s.sig, s.header, s.view, s.loaded = _sig(now), b"", _EMPTY, True
+                s.sig, s.header, s.view, s.loaded = _sig(now), b"", EMPTY, True
                 return True
         logger.error(
             "session %s: log corrupt (%s); moved to %s, the session starts a new epoch",
@@ -586,7 +520,7 @@ class FileEventLog:
             reason,
             target,
         )
-        s.view, s.consumed, s.sig, s.header, s.loaded = _EMPTY, 0, None, b"", True
+        s.view, s.consumed, s.sig, s.header, s.loaded = EMPTY, 0, None, b"", True
         return True
 
     def _append_sync(self, s: _Session, data_json: str) -> str:
@@ -595,9 +529,9 @@ class FileEventLog:
                 self._refresh_sync(s, dfd)
                 if s.view.epoch is None:
                     self._create(s, dfd)
-                elif s.view.head >= _MAX_NUMBER:  # 10**18 events: ids stay 18 digits wide
+                elif s.view.head >= MAX_NUMBER:  # 10**18 events: ids stay 18 digits wide
                     logger.warning("session %s: sequence exhausted; new epoch", s.name)
-                    self._write_file(s, dfd, _View(self._new_epoch(s), 0, [], []), create=False)
+                    self._write_file(s, dfd, View(self._new_epoch(s), 0, [], []), create=False)
                 elif s.sig is not None and s.sig[1] > s.consumed:
                     # A torn last line: its writer died mid-write (we hold the lock, so nobody
                     # is writing now). Cut it off so this line does not glue onto it.
@@ -614,7 +548,7 @@ class FileEventLog:
                 view = s.view
                 assert view.epoch is not None
                 seq, ts = view.head + 1, _now_ms()
-                line = f'{{"seq":{seq},"ts":{ts},"data":{data_json}}}\n'.encode()
+                line = encode_line(seq, ts, data_json)
                 fd = os.open(s.log_name, os.O_WRONLY | os.O_APPEND | _NOFOLLOW, dir_fd=dfd)
                 try:
                     _write_all(fd, line)
@@ -628,9 +562,9 @@ class FileEventLog:
                 view.seqs.append(seq)
                 s.consumed += len(line)
                 self._seen(s, st)
-                if self._needs_compaction(view, ts):
+                if self.retention.needs_compaction(view, ts):
                     try:
-                        self._rewrite(s, dfd, self._floor(view, ts))
+                        self._rewrite(s, dfd, self.retention.floor(view, ts))
                     except OSError as exc:  # the event is stored: say so, retry next time
                         logger.error("session %s: compaction failed: %s", s.name, exc)
                 return event.id  # type: ignore[return-value]
@@ -641,26 +575,20 @@ class FileEventLog:
                 exc.errno, f"session {s.name}: append failed: {exc.strerror or exc}"
             ) from exc
 
-    def _needs_compaction(self, view: _View, now_ms: int) -> bool:
-        slack = max(1, self.retention_events // 4)
-        if len(view.seqs) > self.retention_events + slack:
-            return True
-        return bool(view.events) and view.events[0].ts_ms < now_ms - self.retention_ms * 5 // 4
-
     def _new_epoch(self, s: _Session) -> int:
         epoch = max(_now_ms(), s.last_epoch + 1)
         # An epoch at the id width (a clock far in the future once): ids stay parseable, and
         # a client holding an old id still gets its `reset` (epochs are compared for equality).
-        return epoch if epoch <= _MAX_NUMBER else _now_ms()
+        return epoch if epoch <= MAX_NUMBER else _now_ms()
 
     def _create(self, s: _Session, dfd: int) -> None:
-        self._write_file(s, dfd, _View(self._new_epoch(s), 0, [], []), create=True)
+        self._write_file(s, dfd, View(self._new_epoch(s), 0, [], []), create=True)
 
     def _rewrite(self, s: _Session, dfd: int, floor: int) -> None:
         view = s.view
         assert view.epoch is not None
         start = bisect.bisect_right(view.seqs, floor)
-        kept = _View(view.epoch, max(floor, view.floor), view.seqs[start:], view.events[start:])
+        kept = View(view.epoch, max(floor, view.floor), view.seqs[start:], view.events[start:])
         self._write_file(s, dfd, kept, create=False)
         logger.info(
             "session %s: compacted to %d event(s) after %s-%d",
@@ -670,25 +598,17 @@ class FileEventLog:
             kept.floor,
         )
 
-    def _write_file(self, s: _Session, dfd: int, view: _View, *, create: bool) -> None:
+    def _write_file(self, s: _Session, dfd: int, view: View, *, create: bool) -> None:
         """Write a whole log to a temp file and rename it into place (caller holds the lock).
 
         The header carries a fresh random `gen`: it is what tells a reader that the file under
         the name is another incarnation, whatever inode number the file system handed out.
         `create` never replaces an existing file (a corrupt one that could not be moved aside).
         """
-        header = json.dumps(
-            {
-                _HEADER_KEY: 1,
-                "epoch": view.epoch,
-                "floor": view.floor,
-                "gen": os.urandom(8).hex(),
-            },
-            separators=(",", ":"),
-        ).encode()
+        header = encode_header(view)
         parts = [header, b"\n"]
         for seq, ev in zip(view.seqs, view.events, strict=True):
-            parts.append(f'{{"seq":{seq},"ts":{ev.ts_ms},"data":{ev.data_json}}}\n'.encode())
+            parts.append(encode_line(seq, ev.ts_ms, ev.data_json))
         blob = b"".join(parts)
         try:
             leftover = os.stat(s.tmp_name, dir_fd=dfd, follow_symlinks=False)
@@ -726,8 +646,6 @@ _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOE
 #: Within this of a file's mtime, an unchanged stat does not prove an unchanged file (a
 #: file-system clock ticks every few ms; a peer on another host may be a little off).
 _RACY_NS = 1_000_000_000
-#: Largest epoch or sequence number: ids stay `<18 digits>-<18 digits>`.
-_MAX_NUMBER = 10**18 - 1
 
 
 def _pread(fd: int, n: int, offset: int) -> bytes:
@@ -789,44 +707,3 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def _parse_lines(chunk: bytes, view: _View, path: Path) -> int:
-    """Parse the complete lines of `chunk` into `view`; return the bytes consumed."""
-    end = chunk.rfind(b"\n")
-    if end < 0:
-        return 0
-    epoch = view.epoch
-    prev = view.head
-    new_events: list[Event] = []
-    new_seqs: list[int] = []
-    pos = 0
-    while pos <= end:
-        nl = chunk.index(b"\n", pos)
-        m = _LINE_RE.match(chunk, pos)
-        if m is None or chunk[nl - 1 : nl] != b"}":
-            raise _Corrupt(f"unparseable line at byte {pos} of the new data in {path.name}")
-        seq, ts = int(m.group(1)), int(m.group(2))
-        if seq <= prev:
-            raise _Corrupt(f"sequence {seq} after {prev} in {path.name}")
-        try:
-            data_json = chunk[m.end() : nl - 1].decode()
-            json.loads(data_json)
-        except ValueError as exc:  # UnicodeDecodeError is a ValueError
-            raise _Corrupt(f"bad data for seq {seq}: {exc}") from None
-        new_events.append(Event(f"{epoch}-{seq}", data_json, ts))
-        new_seqs.append(seq)
-        prev = seq
-        pos = nl + 1
-    # Events before seqs: a reader bisecting `seqs` never indexes past `events`.
-    view.events.extend(new_events)
-    view.seqs.extend(new_seqs)
-    return end + 1
-
-
-def _has_after(view: _View, pos: tuple[int, int] | None) -> bool:
-    if view.epoch is None:
-        return False
-    if pos is None:
-        return bool(view.seqs)
-    return pos[0] != view.epoch or view.head != pos[1]
