@@ -334,8 +334,8 @@ class Lifecycle:
             if not done:
                 self.unfinished.append(hook.name)
                 logger.error(
-                    "grace budget exceeded: shutdown hook %s still running after %.0f ms and "
-                    "ignoring its cancellation; abandoned",
+                    "grace budget exceeded: shutdown hook %s cancelled after %.0f ms and still "
+                    "running (it ignores cancellation); abandoned",
                     hook.name,
                     elapsed_ms,
                 )
