@@ -57,7 +57,7 @@ from .idempotency import IdempotencyIndex
 from .lifecycle import Lifecycle
 from .queue import FeedbackQueue
 
-__all__ = ["errno_name", "feedback_routes"]
+__all__ = ["feedback_routes"]
 
 logger = logging.getLogger("sf_lifecycle.feedback")
 

@@ -1188,6 +1188,9 @@ class FeedbackQueue:
     def install(self, lifecycle: Lifecycle, sink: Sink | None = None) -> None:
         """Register with `lifecycle`: start-up recovery, the drainer, the sweep, the final drain.
 
+        Also wires the idempotency index beside the queue (`self.idempotency`, in
+        `<state_dir>/feedback/`), which `feedback_routes` then uses.
+
         Start-up recovery raises while it is incomplete (the sink failed, a lock could not be
         taken), so the lifecycle retries it with backoff and `/api/ready` stays 503 naming it;
         keyed writes answer 503 "recovering" until it succeeded. Then orphans are swept every
