@@ -76,7 +76,6 @@ TITLES: Mapping[str, str] = {
     "unsafe_state_dir": "State directory unsafe",
     # any route of the library
     "method_not_allowed": "Method not allowed",
-    "not_found": "Not found",
 }
 
 

@@ -1,8 +1,7 @@
 """One error contract: every error body the library answers is an RFC 9457 problem.
 
 In-process (httpx's ASGI transport) against an app wired the way the README shows: the
-lifecycle's middleware (health), the feedback route, the session event routes; plus
-`health_routes` and a bare `HealthApp`, the other two ways health is served.
+lifecycle's middleware (which serves health), the feedback route, the session event routes.
 """
 
 from __future__ import annotations
@@ -18,11 +17,9 @@ from starlette.applications import Starlette
 from sf_lifecycle import (
     FeedbackQueue,
     FileEventLog,
-    HealthApp,
     Lifecycle,
     Settings,
     feedback_routes,
-    health_routes,
     session_event_routes,
 )
 from sf_lifecycle._problem import TITLES, TYPE_PREFIX
@@ -104,27 +101,15 @@ async def test_session_event_errors_are_problems(
     assert r.headers["retry-after"] == "1"
 
 
-async def test_health_errors_are_problems_however_health_is_served(
-    client_lc: tuple[httpx.AsyncClient, Lifecycle], tmp_path: Path
+async def test_health_errors_are_problems(
+    client_lc: tuple[httpx.AsyncClient, Lifecycle],
 ) -> None:
     client, _ = client_lc
-    r = await client.post("/api/healthz")  # answered by the middleware
-    assert_problem(r, 405, "method_not_allowed")
-    assert r.headers["allow"] == "GET, HEAD"
-    assert "POST" in r.json()["detail"]
-
-    lifecycle = Lifecycle(Settings(state_dir=tmp_path))
-    as_routes = Starlette(routes=health_routes(lifecycle))
-    bare = HealthApp(lifecycle)
-    for app in (as_routes, bare):
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://t"
-        ) as c:
-            r = await c.delete("/api/ready")
-            assert_problem(r, 405, "method_not_allowed")
-            assert r.headers["allow"] == "GET, HEAD"
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=bare), base_url="http://t") as c:
-        assert_problem(await c.get("/elsewhere"), 404, "not_found")
+    for path in ("/api/healthz", "/api/ready", "/api/version"):
+        r = await client.post(path)  # answered by the middleware, before the app's router
+        assert_problem(r, 405, "method_not_allowed")
+        assert r.headers["allow"] == "GET, HEAD"
+        assert "POST" in r.json()["detail"]
 
 
 def test_every_code_has_a_title_and_is_documented() -> None:
