@@ -26,7 +26,8 @@ from .lifecycle import Lifecycle
 from .state import Phase
 
 if TYPE_CHECKING:
-    from .events import EventLog, FileEventLog
+    from .events import EventLog
+    from .events_file import FileEventLog
     from .feedback import feedback_routes
     from .queue import FeedbackQueue
     from .sink import Sink, SqliteSink
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 #: Public name -> the module that defines it, imported on first access.
 _LAZY = {
     "EventLog": "events",
-    "FileEventLog": "events",
+    "FileEventLog": "events_file",
     "FeedbackQueue": "queue",
     "Sink": "sink",
     "SqliteSink": "sink",

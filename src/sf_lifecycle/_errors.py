@@ -8,11 +8,19 @@ The tree, so that callers can catch as broadly or narrowly as they need::
     ├── InvalidEventId(ValueError)      a Last-Event-ID this log never handed out
     ├── NotReady                        a readiness check says "not yet"; carries the reason
     ├── BudgetExceeded(TimeoutError)    the shutdown grace budget ran out
-    ├── UnsafePath(OSError)             a link where the state directory keeps a file
-    └── QueueError
-        └── DiskWriteError(OSError)     the disk refused an append; nothing was acknowledged
+    ├── QueueError                      the feedback queue is closed, or its token is taken
+    ├── StorageError(OSError)           the state directory refused an operation
+    │   ├── DiskWriteError              the disk refused a write (queue append, event append);
+    │   │                               nothing was acknowledged
+    │   └── UnsafePath                  a link where the state directory keeps a file
+    │
+    │   in sf_lifecycle.testing, for tests of a service (AssertionError: a test failure):
+    ├── CrashPointMissed(AssertionError)  the process did not die at the armed crash point
+    └── LostWrites(AssertionError)        the sink lacks an acknowledged write, or holds one twice
 
-Damaged data on disk raises nothing: it is quarantined with a log line (see ARCHITECTURE.md).
+`StorageError` is what the queue, the event log, the sink and the idempotency index raise for
+the disk: catch it to answer 503 (the HTTP layer does) or to alert an operator. Damaged data on
+disk raises nothing: it is quarantined with a log line (see ARCHITECTURE.md).
 
 Every exception pickles, so it can cross a process boundary (multiprocessing, test harnesses).
 """
@@ -28,6 +36,8 @@ __all__ = [
     "NotReady",
     "QueueError",
     "SfLifecycleError",
+    "StorageError",
+    "UnsafePath",
 ]
 
 
@@ -67,13 +77,21 @@ class BudgetExceeded(SfLifecycleError, TimeoutError):
 
 
 class QueueError(SfLifecycleError):
-    """Base class of feedback-queue errors."""
+    """The feedback queue cannot take the call: it is closed, or its process token is taken."""
 
 
-class DiskWriteError(QueueError, OSError):
-    """The disk refused a write (ENOSPC, EIO, ...). The record was not acknowledged.
+class StorageError(SfLifecycleError, OSError):
+    """The state directory refused an operation; `errno` says why when the OS did.
 
-    Retry later; the HTTP layer answers 503 so clients do the same.
+    Raised by every part that keeps state on disk (queue, event log, sink, idempotency index),
+    so one `except StorageError` covers disk trouble wherever it happens.
+    """
+
+
+class DiskWriteError(StorageError):
+    """The disk refused a write (ENOSPC, EIO, ...). Nothing was acknowledged.
+
+    Retry later; the HTTP layer answers 503 (`disk_write_failed`) so clients do the same.
     """
 
 
@@ -85,7 +103,7 @@ class InvalidEventId(SfLifecycleError, ValueError):
     """A `Last-Event-ID` is not of the form `<epoch>-<seq>` this log hands out."""
 
 
-class UnsafePath(SfLifecycleError, OSError):
+class UnsafePath(StorageError):
     """A symbolic link (or another non-regular file) where the library keeps its state.
 
     Refused rather than followed: whoever can write into the state directory must not be able to

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from ._problem import method_not_allowed
 from .state import Phase
 
 if TYPE_CHECKING:
@@ -109,9 +110,7 @@ class HealthEndpoints:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = {HEALTHZ: self.healthz, READY: self.ready, VERSION: self.version}[scope["path"]]
         if scope["method"] not in ("GET", "HEAD"):
-            body = {"error": f"method {scope['method']} not allowed; use GET or HEAD"}
-            response = _json(405, body, head=False)
-            response.headers["allow"] = "GET, HEAD"
+            response = method_not_allowed(scope["method"], "GET, HEAD")
         else:
             response = await handler(Request(scope, receive))
         await response(scope, receive, send)

@@ -25,7 +25,9 @@ import re
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
+
+from ._problem import problem
 
 __all__ = ["MAX_DEPTH", "BodyError", "read_json_body"]
 
@@ -41,18 +43,21 @@ _CHARSET = re.compile(r"charset\s*=\s*\"?([^\";\s]+)", re.IGNORECASE)
 
 
 class BodyError(Exception):
-    """Why a body was refused: the status, a stable code for programs, a sentence for people."""
+    """Why a body was refused: the status, a stable code for programs, a sentence for people.
 
-    def __init__(self, status: int, error: str, detail: str, **extra: Any) -> None:
+    Internal to the HTTP layer (never reaches a caller of the library): `response()` turns it
+    into the problem the endpoint answers.
+    """
+
+    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
         super().__init__(detail)
         self.status = status
-        self.error = error
+        self.code = code
         self.detail = detail
         self.extra = extra
 
-    def response(self) -> JSONResponse:
-        body = {"error": self.error, "detail": self.detail, **self.extra}
-        return JSONResponse(body, self.status, headers={"cache-control": "no-store"})
+    def response(self) -> Response:
+        return problem(self.status, self.code, self.detail, **self.extra)
 
 
 def _no_constants(name: str) -> Any:

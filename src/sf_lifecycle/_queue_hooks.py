@@ -9,7 +9,9 @@ under a name the ready body and the logs show:
 - `feedback-queue` (readiness): recovery, sweep and drainer state and the queue's counters;
 - `feedback-drain` (shutdown): `close(deadline)`, the final drain within the grace budget.
 
-It also remembers the queue (weakly), so `sf-lifecycle queue recover --app` finds the queue an
+Before any of it, it wires the idempotency index beside the queue (`queue.idempotency`), so
+keyed records that recovery re-delivers have their keys recorded. It also remembers the queue
+(weakly), so `sf-lifecycle queue recover --app` finds the queue an
 application installed and delivers through its sink and listeners.
 """
 
@@ -41,8 +43,12 @@ def install(queue: FeedbackQueue, lifecycle: Lifecycle, sink: Sink | None = None
         sink: Where records go; a `SqliteSink` at `<state_dir>/feedback.sqlite3` (closed with
             the queue) when None.
     """
+    from .idempotency import IdempotencyIndex
     from .sink import SqliteSink
 
+    if queue.idempotency is None:
+        # Before recovery: re-delivered keyed orphans record their keys in it.
+        queue.idempotency = IdempotencyIndex.for_queue(queue)
     if sink is None:
         own = SqliteSink(
             queue.state_dir / "feedback.sqlite3",

@@ -47,6 +47,10 @@ STARTUP_RETRY_MAX_S = 5.0
 
 #: How long a hook cancelled at the end of its share may take to unwind before it is abandoned.
 _HOOK_CANCEL_GRACE_S = 0.1
+#: How long past its share a hook may take to finish before it is cancelled: one that watches
+#: its deadline is giving up by itself then (raising `BudgetExceeded` once it has put its
+#: files back), and is reported as that, not cut off mid-way and reported "cancelled".
+_HOOK_GIVE_UP_S = 0.05
 
 
 async def _guarded(hook: ShutdownHook, deadline: float) -> BaseException | None:
@@ -136,8 +140,10 @@ class Lifecycle:
         reported in `failed`, and the later hooks still run. So that one stuck hook cannot
         starve the ones after it (the final queue drain above all), a hook followed by others
         gets at most half of the budget left when it starts; the last gets all of it. A hook
-        receives the monotonic deadline of its share; still running then, it is cancelled and
-        reported in `unfinished`.
+        receives the monotonic deadline of its share; still running 50 ms after it (time for a
+        hook that watches its deadline to give up by itself), it is cancelled. Either way it is
+        reported in `unfinished`, and the log says which (cancelled, or the `BudgetExceeded` it
+        raised, naming what it left undone).
         """
         self._hooks.append(_Hook(name, hook))
 
@@ -309,6 +315,8 @@ class Lifecycle:
             try:
                 done, _ = await asyncio.wait({task}, timeout=share)
                 if not done:
+                    done, _ = await asyncio.wait({task}, timeout=_HOOK_GIVE_UP_S)
+                if not done:
                     task.cancel()
                     grace = min(_HOOK_CANCEL_GRACE_S, max(0.0, self.deadline - time.monotonic()))
                     done, _ = await asyncio.wait({task}, timeout=grace)
@@ -323,21 +331,36 @@ class Lifecycle:
                 )
                 raise
             elapsed_ms = (time.monotonic() - began) * 1000
-            if not done or task.cancelled():
+            if not done:
                 self.unfinished.append(hook.name)
                 logger.error(
-                    "grace budget exceeded: shutdown hook %s cancelled after %.0f ms%s",
+                    "grace budget exceeded: shutdown hook %s cancelled after %.0f ms and still "
+                    "running (it ignores cancellation); abandoned",
                     hook.name,
                     elapsed_ms,
-                    "" if done else " (it ignores cancellation; abandoned)",
+                )
+                continue
+            if task.cancelled():
+                self.unfinished.append(hook.name)
+                logger.error(
+                    "grace budget exceeded: shutdown hook %s cancelled after %.0f ms",
+                    hook.name,
+                    elapsed_ms,
                 )
                 continue
             exc = task.result()
             if exc is None:
                 logger.info("shutdown hook %s done in %.0f ms", hook.name, elapsed_ms)
             elif isinstance(exc, BudgetExceeded):
+                # The hook gave up by itself (at its deadline, or when told to stop): say what
+                # it left undone, not that it was cancelled.
                 self.unfinished.append(hook.name)
-                logger.error("shutdown hook %s ran out of budget: %s", hook.name, exc)
+                logger.error(
+                    "grace budget exceeded: shutdown hook %s gave up after %.0f ms: %s",
+                    hook.name,
+                    elapsed_ms,
+                    exc,
+                )
             else:
                 self.failed.append(hook.name)
                 logger.error(

@@ -49,6 +49,7 @@ from ._writer import SegmentWriter
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .idempotency import IdempotencyIndex
     from .lifecycle import Lifecycle
     from .sink import Sink
 
@@ -139,6 +140,8 @@ class FeedbackQueue:
         self.orphan_sweep_s = orphan_sweep_ms / 1000
         self.token = new_token()
         self.sink: Sink | None = None
+        #: The idempotency index `install` wires beside the queue (`feedback_routes` uses it).
+        self.idempotency: IdempotencyIndex | None = None
         # The state directory is the operator's (it may be a link); below it nothing is followed.
         _fs.os.makedirs(self.state_dir, mode=dir_mode, exist_ok=True)
         state_subdir(self.state_dir, "feedback/quarantine", self.dir_mode)  # UnsafePath: refused
@@ -344,9 +347,11 @@ class FeedbackQueue:
     def install(self, lifecycle: Lifecycle, sink: Sink | None = None) -> None:
         """Register with `lifecycle`: start-up recovery, the drainer, the sweep, the final drain.
 
-        Start-up recovery is retried with backoff until it succeeds (`/api/ready` is 503 and
-        keyed writes answer 503 "recovering" meanwhile); then orphans are swept every
-        `orphan_sweep_ms`. The wiring is `_queue_hooks.install`.
+        Also wires the idempotency index beside the queue (`self.idempotency`, in
+        `<state_dir>/feedback/`), which `feedback_routes` then uses. Start-up recovery is
+        retried with backoff until it succeeds (`/api/ready` is 503 and keyed writes answer 503
+        "recovering" meanwhile); then orphans are swept every `orphan_sweep_ms`. The wiring is
+        `_queue_hooks.install`.
 
         Args:
             lifecycle: The application's lifecycle.

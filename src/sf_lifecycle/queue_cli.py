@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE:ATTR",
         help="the app served with `sf-lifecycle serve` (importable from the current directory): "
         "deliver into the sink its FeedbackQueue was installed with, through its listeners "
-        "(the idempotency index of feedback_routes)",
+        "(the idempotency index of the queue)",
     )
 
 
@@ -228,7 +228,7 @@ def _recover_app(state_dir: Path, spec: str) -> int:
 
 
 async def _recover(state_dir: Path) -> int:
-    from .feedback import IdempotencyIndex
+    from .idempotency import IdempotencyIndex
     from .queue import FeedbackQueue
     from .sink import SqliteSink
 
@@ -236,12 +236,8 @@ async def _recover(state_dir: Path) -> int:
     sink = SqliteSink(state_dir / "feedback.sqlite3")
     queue.sink = sink
     queue.on_close(sink.close)
-    # What the server's feedback_routes does: a retried key finds its original id afterwards.
-    index = IdempotencyIndex(
-        queue.dir / "idempotency.sqlite3", file_mode=queue.file_mode, state_dir=state_dir
-    )
-    queue.add_delivery_listener(index.record_delivered)
-    queue.on_close(index.close)
+    # What the server's queue wiring does: a retried key finds its original id afterwards.
+    queue.idempotency = IdempotencyIndex.for_queue(queue)
     return await _recover_with(queue)
 
 

@@ -30,20 +30,22 @@ Deliberate choices:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator
 from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
 from ._errors import DiskWriteError, UnsafePath
 from ._jsonbody import BodyError, read_json_body
-from .events import LOST, EventLog, InvalidEventId, InvalidSessionId, parse_event_id
+from ._problem import ProblemRoute, problem
+from .events import LOST, EventLog, InvalidEventId, InvalidSessionId, follow, parse_event_id
 from .events import validate_session_id as _validate_session
 from .lifecycle import Lifecycle
 from .state import ShutdownState
@@ -86,8 +88,17 @@ class _LifecycleEventSourceResponse(EventSourceResponse):
             self._sf_state.streams -= 1
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status, headers={**_NO_STORE, **(headers or {})})
+class _Closing:
+    """The replica's closing as the `Flag` that ends `follow()`."""
+
+    def __init__(self, state: ShutdownState) -> None:
+        self._state = state
+
+    def is_set(self) -> bool:
+        return self._state.closing
+
+    async def wait(self) -> None:
+        await self._state.wait_closing()
 
 
 class _Endpoints:
@@ -106,8 +117,8 @@ class _Endpoints:
         self.send_timeout_s = send_timeout_s
         self.close_grace_s = close_grace_s
 
-    def _retry_after(self) -> dict[str, str]:
-        return {"retry-after": str(max(1, math.ceil(self.lifecycle.settings.sse_retry_ms / 1000)))}
+    def _retry_after_s(self) -> int:
+        return max(1, math.ceil(self.lifecycle.settings.sse_retry_ms / 1000))
 
     async def stream(self, request: Request) -> Response:
         settings = self.lifecycle.settings
@@ -115,7 +126,7 @@ class _Endpoints:
         try:
             _validate_session(session)
         except InvalidSessionId as exc:
-            return _error(400, str(exc))
+            return problem(400, "invalid_session_id", str(exc))
         last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         if last_id is not None:
             last_id = last_id.strip() or None
@@ -123,16 +134,23 @@ class _Endpoints:
             try:
                 parse_event_id(last_id)
             except InvalidEventId as exc:
-                return _error(400, str(exc))
+                return problem(400, "invalid_event_id", str(exc))
         state = self.state
         if state.closing:
-            return _error(503, "replica is shutting down; reconnect", self._retry_after())
+            return problem(
+                503,
+                "shutting_down",
+                "replica is shutting down; reconnect",
+                retry_after_s=self._retry_after_s(),
+            )
         if state.streams >= settings.sse_max_streams:
             logger.warning("stream limit reached (%d open); answering 503", state.streams)
-            return _error(
+            return problem(
                 503,
+                "too_many_streams",
                 f"too many open streams on this replica (limit {settings.sse_max_streams})",
-                self._retry_after(),
+                retry_after_s=self._retry_after_s(),
+                limit=settings.sse_max_streams,
             )
         # Counted here, with no await since the check; the response's __call__ uncounts it.
         state.streams += 1
@@ -146,65 +164,52 @@ class _Endpoints:
         )
 
     async def _events(self, session: str, cursor: str | None) -> AsyncIterator[ServerSentEvent]:
-        state = self.state
-        log = self.log
-        closing = asyncio.ensure_future(state.wait_closing())
-        try:
-            while not state.closing:
-                try:
-                    batch = await log.read_after(session, cursor)
-                except UnsafePath as exc:  # the client retries; an operator must fix the folder
-                    logger.error("session %s: stream ended: %s", session, exc)
-                    break
-                for event in batch:
-                    if state.closing:
-                        break
+        events = follow(self.log, session, cursor, until=_Closing(self.state))
+        async with contextlib.aclosing(events):
+            try:
+                async for event in events:
                     yield ServerSentEvent(
                         data=event.data_json,
                         id=event.id,
                         event=LOST if event.kind == LOST else None,
                     )
-                    cursor = event.id
-                if batch or state.closing:
-                    continue
-                waiter = asyncio.ensure_future(log.wait(session, cursor, 5.0))
-                try:
-                    await asyncio.wait((waiter, closing), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
-            # Closing: tell the client how soon to come back, then end the response cleanly.
-            yield ServerSentEvent(
-                comment="replica closing; reconnect with Last-Event-ID",
-                retry=self.lifecycle.settings.sse_retry_ms,
-            )
-        finally:
-            closing.cancel()
+            except UnsafePath as exc:  # the client retries; an operator must fix the folder
+                logger.error("session %s: stream ended: %s", session, exc)
+        # Closing: tell the client how soon to come back, then end the response cleanly.
+        yield ServerSentEvent(
+            comment="replica closing; reconnect with Last-Event-ID",
+            retry=self.lifecycle.settings.sse_retry_ms,
+        )
 
     async def publish(self, request: Request) -> Response:
         session = request.query_params.get("session", "")
         try:
             _validate_session(session)
         except InvalidSessionId as exc:
-            return _error(400, str(exc))
+            return problem(400, "invalid_session_id", str(exc))
         try:
             data = await read_json_body(request, self.max_body_bytes)
-        except BodyError as exc:
-            return _error(exc.status, exc.detail)
-        except ClientDisconnect:
-            return _error(400, "client disconnected before the body was complete")
+        except BodyError as exc:  # a client that went away mid-body too
+            return exc.response()
         try:
             event_id = await self.log.append(session, data)
         except UnsafePath as exc:
             logger.error("session %s: event not stored: %s", session, exc)
-            return _error(
+            return problem(
                 503,
+                "unsafe_state_dir",
                 f"event not stored: the state directory is unsafe ({exc.strerror}); "
                 "an operator must fix it",
-                self._retry_after(),
+                retry_after_s=self._retry_after_s(),
             )
         except DiskWriteError as exc:
             logger.error("session %s: event not stored: %s", session, exc)
-            return _error(503, "event not stored (disk error); retry later", self._retry_after())
+            return problem(
+                503,
+                "disk_write_failed",
+                "event not stored (disk error); retry later",
+                retry_after_s=self._retry_after_s(),
+            )
         return JSONResponse({"id": event_id, "session": session}, 201, headers=_NO_STORE)
 
 
@@ -230,7 +235,8 @@ def session_event_routes(
     """
     limit = lifecycle.settings.feedback_max_bytes if max_body_bytes is None else max_body_bytes
     ep = _Endpoints(lifecycle, log, limit, send_timeout_s, close_grace_s)
+    allow = ["GET", "HEAD", "POST"]
     return [
-        Route(path, ep.stream, methods=["GET"]),
-        Route(path, ep.publish, methods=["POST"]),
+        ProblemRoute(path, ep.stream, methods=["GET"], allow=allow),
+        ProblemRoute(path, ep.publish, methods=["POST"], allow=allow),
     ]

@@ -392,7 +392,7 @@ def test_startup_recovery_that_fails_is_retried_and_keyed_retries_keep_their_id(
     assert "sink unavailable" in second.logs()
     assert str(tmp_path) not in "".join(reasons)
     assert keyed, "no keyed request was sent while recovery was being retried"
-    assert {(s, b["error"]) for s, b in keyed} == {(503, "recovering")}
+    assert {(s, b["code"]) for s, b in keyed} == {(503, "recovering")}
     status, body = post_keyed(second, "order-1", {"n": 1})
     assert (status, body["id"]) == (202, rid)
     second.send_signal(signal.SIGTERM)

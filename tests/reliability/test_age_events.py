@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle.events import LOST, FileEventLog, parse_event_id
+from sf_lifecycle.events import LOST, parse_event_id
+from sf_lifecycle.events_file import FileEventLog
 
 MAX = 10**18 - 1
 

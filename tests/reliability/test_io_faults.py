@@ -246,7 +246,7 @@ async def test_http_answers_503_while_the_disk_fails_and_202_after(
             r = await example.post("/api/feedback", content=b'{"n": 1}', headers=headers)
             assert r.status_code == 503
             assert r.headers["retry-after"] == "1"
-            assert r.json()["error"] == "disk_write_failed"
+            assert r.json()["code"] == "disk_write_failed"
             assert r.json()["errno"] == "ENOSPC"
         health = await example.get("/api/healthz")
         assert health.status_code == 200  # the server keeps serving

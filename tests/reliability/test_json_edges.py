@@ -19,7 +19,7 @@ import pytest
 
 from sf_lifecycle._jsonbody import MAX_DEPTH
 from sf_lifecycle.config import Settings
-from sf_lifecycle.events import FileEventLog
+from sf_lifecycle.events_file import FileEventLog
 
 from ._harness import example_create_app
 

@@ -138,8 +138,8 @@ def test_a_folder_swapped_for_a_link_at_run_time_is_refused_and_nothing_is_lost(
     if folder == "sessions":
         status, body = post(server, "/api/session/events?session=s1", {"e": 2})
         assert status == 503, body
-        assert "state directory is unsafe" in str(body["error"]), body
-        assert "'sessions'" in str(body["error"])
+        assert "state directory is unsafe" in str(body["detail"]), body
+        assert "'sessions'" in str(body["detail"])
         assert str(state) not in str(body)  # no absolute path
         acked = ["n1"]
     else:
@@ -148,7 +148,7 @@ def test_a_folder_swapped_for_a_link_at_run_time_is_refused_and_nothing_is_lost(
         # folder): then it is acknowledged and must not be lost; a new file is refused.
         assert status in (202, 503), body
         if status == 503:
-            assert body["error"] == "disk_write_failed", body
+            assert body["code"] == "disk_write_failed", body
         acked = ["n1"] + (["n2"] if status == 202 else [])
     assert listing(outside) == before
 

@@ -20,8 +20,9 @@ import pytest
 from sf_lifecycle._errors import ConfigError, UnsafePath
 from sf_lifecycle._ids import is_record_id
 from sf_lifecycle.config import Settings
-from sf_lifecycle.events import FileEventLog, InvalidSessionId
-from sf_lifecycle.feedback import IdempotencyIndex
+from sf_lifecycle.events import InvalidSessionId
+from sf_lifecycle.events_file import FileEventLog
+from sf_lifecycle.idempotency import IdempotencyIndex
 from sf_lifecycle.sink import SqliteSink
 
 from ._harness import example_create_app, leftovers, start_server
@@ -169,7 +170,7 @@ async def test_ids_cannot_name_paths(tmp_path: Path) -> None:
                         method, f"/api/session/events?session={bad}", content=b"{}", headers=JSON
                     )
                     assert r.status_code == 400, (bad, method)
-                    assert "session" in r.json()["error"]
+                    assert "session" in r.json()["detail"]
             # An idempotency key is a database key, never a path: "../" is just characters.
             r = await c.post(
                 "/api/feedback", content=b"{}", headers={**JSON, "idempotency-key": "../../evil"}

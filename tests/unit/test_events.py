@@ -15,13 +15,13 @@ from sf_lifecycle.events import (
     LOST,
     Event,
     EventLog,
-    FileEventLog,
     InvalidEventId,
     InvalidSessionId,
     follow,
     parse_event_id,
     validate_session_id,
 )
+from sf_lifecycle.events_file import FileEventLog
 
 
 def seqs(events: list[Event]) -> list[int]:
@@ -171,6 +171,44 @@ async def test_follow_replays_then_streams_live(tmp_path: Path) -> None:
     live = [await log.append("s", "a"), await log.append("s", "b")]
     await asyncio.wait_for(task, 5)
     assert seen == [*ids[1:], *live]
+    await log.aclose()
+
+
+async def test_follow_ends_once_until_is_set_while_waiting_and_between_events(
+    tmp_path: Path,
+) -> None:
+    """Steps: follow with an `until` flag; it yields the backlog, waits; the flag is set: the
+    iteration ends at once (not after `idle_s`), with nothing more yielded; a second follow
+    whose flag is set mid-batch stops before the next event."""
+    log = FileEventLog(tmp_path)
+    ids = await fill(log, "s", 3)
+    until = asyncio.Event()
+    seen: list[str | None] = []
+
+    async def consume() -> None:
+        async for event in follow(log, "s", None, idle_s=30, until=until):
+            seen.append(event.id)
+
+    task = asyncio.create_task(consume())
+    for _ in range(200):
+        if len(seen) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert seen == ids
+    began = time.monotonic()
+    until.set()
+    await asyncio.wait_for(task, 5)
+    assert time.monotonic() - began < 1  # not the 30 s idle wait
+    await log.append("s", "after")
+    assert seen == ids
+
+    stop = asyncio.Event()
+    got: list[str | None] = []
+    async for event in follow(log, "s", None, until=stop):
+        got.append(event.id)
+        if len(got) == 2:
+            stop.set()
+    assert got == ids[:2]
     await log.aclose()
 
 

@@ -19,7 +19,8 @@ from starlette.applications import Starlette
 from sf_lifecycle import _fs
 from sf_lifecycle._ids import is_record_id
 from sf_lifecycle.config import Settings
-from sf_lifecycle.feedback import IdempotencyIndex, feedback_routes
+from sf_lifecycle.feedback import feedback_routes
+from sf_lifecycle.idempotency import IdempotencyIndex
 from sf_lifecycle.queue import FeedbackQueue
 from sf_lifecycle.sink import SqliteSink
 
@@ -85,7 +86,7 @@ async def test_202_with_an_id_once_durable(app: App) -> None:
 async def test_400_names_the_problem(app: App, body: bytes, error: str, detail: str) -> None:
     r = await app.post(body)
     assert r.status_code == 400
-    assert r.json()["error"] == error
+    assert r.json()["code"] == error
     assert detail in r.json()["detail"]
     assert app.queue.stats().queued == 0
 
@@ -98,7 +99,7 @@ async def test_415_for_non_json_content_types(app: App, ctype: str | None) -> No
     headers = {} if ctype is None else {"content-type": ctype}
     r = await app.post({"a": 1}, headers=headers)
     assert r.status_code == 415
-    assert r.json()["error"] == "unsupported_media_type"
+    assert r.json()["code"] == "unsupported_media_type"
 
 
 @pytest.mark.parametrize(
@@ -146,7 +147,7 @@ async def test_503_when_the_disk_refuses(
     monkeypatch.setattr(_fs, "os", types.SimpleNamespace(**{**vars(os), "write": write}))
     r = await app.post({"a": 1})
     assert r.status_code == 503
-    assert r.json()["error"] == "disk_write_failed"
+    assert r.json()["code"] == "disk_write_failed"
     assert r.json()["errno"] == errno.errorcode[err]
     assert r.headers["retry-after"] == "1"
     monkeypatch.undo()
@@ -160,7 +161,7 @@ async def test_503_when_the_queue_is_closed(app: App) -> None:
     await app.queue.close()
     r = await app.post({"a": 1})
     assert r.status_code == 503
-    assert r.json()["error"] == "queue_closed"
+    assert r.json()["code"] == "queue_closed"
 
 
 async def test_idempotency_key_replays_409_and_422(
@@ -175,7 +176,7 @@ async def test_idempotency_key_replays_409_and_422(
     assert again.headers["idempotent-replayed"] == "true"
     other = await app.post({"a": 999}, key)
     assert other.status_code == 422
-    assert other.json()["error"] == "idempotency_key_reused"
+    assert other.json()["code"] == "idempotency_key_reused"
 
     gate = threading.Event()
     real_fsync = os.fsync
@@ -193,7 +194,7 @@ async def test_idempotency_key_replays_409_and_422(
         if conflict.status_code == 409:
             break
     assert conflict.status_code == 409
-    assert conflict.json()["error"] == "in_flight"
+    assert conflict.json()["code"] == "in_flight"
     gate.set()
     assert (await pending).status_code == 202
     await app.queue.drain(app.sink)
@@ -208,7 +209,7 @@ async def test_400_for_a_malformed_idempotency_key(app: App, bad: bytes) -> None
         headers=[(b"idempotency-key", bad), (b"content-type", b"application/json")],
     )
     assert r.status_code == 400
-    assert r.json()["error"] == "invalid_idempotency_key"
+    assert r.json()["code"] == "invalid_idempotency_key"
 
 
 async def test_idempotency_survives_a_restart(tmp_path: Path) -> None:
@@ -274,7 +275,7 @@ async def test_503_not_500_and_not_ready_while_the_idempotency_index_cannot_be_u
                 await asyncio.sleep(0.02)
             r = await c.post("/api/feedback", json={"x": 1}, headers={"idempotency-key": "k"})
             assert r.status_code == 503
-            assert r.json()["error"] == "idempotency_unavailable"
+            assert r.json()["code"] == "idempotency_unavailable"
             assert str(tmp_path) not in r.text
             assert (await c.post("/api/feedback", json={"x": 1})).status_code == 202
             ok, body = await lifecycle.readiness()
@@ -355,7 +356,7 @@ async def test_an_expired_key_is_forgotten_and_purged_in_bounded_batches(
     import sqlite3
     import time
 
-    from sf_lifecycle import feedback as feedback_mod
+    from sf_lifecycle import idempotency as feedback_mod
 
     monkeypatch.setattr(feedback_mod, "PURGE_BATCH", 3)
     path = tmp_path / "idem.sqlite3"

@@ -90,7 +90,7 @@ async def test_post_to_healthz_is_405(client_and_lc: tuple[httpx.AsyncClient, Li
     r = await c.post("/api/healthz")
     assert r.status_code == 405
     assert r.headers["allow"] == "GET, HEAD"
-    assert "POST" in r.json()["error"]
+    assert "POST" in r.json()["detail"]
 
 
 async def test_ready_follows_phase_with_reason(

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from starlette.applications import Starlette
 
-from sf_lifecycle import Lifecycle, Phase, Settings
+from sf_lifecycle import BudgetExceeded, Lifecycle, Phase, Settings
 
 
 async def test_hooks_run_in_order_with_the_deadline_then_stopped() -> None:
@@ -65,6 +66,41 @@ async def test_hook_past_the_deadline_is_cancelled_and_reported(
     assert ran_after == ["later"]
     assert "grace budget exceeded: shutdown hook slow-drain" in caplog.text
     assert lc.state.phase is Phase.STOPPED
+
+
+@pytest.mark.parametrize("last", [True, False])
+async def test_a_hook_giving_up_at_its_deadline_is_logged_as_budget_exceeded(
+    caplog: pytest.LogCaptureFixture, last: bool
+) -> None:
+    """Steps: a hook that stops at its deadline, as the queue's final drain does (abandons
+    the sink call, then puts its files back, in a thread), and raises `BudgetExceeded`; as
+    the last hook (its share ends at the deadline) and before another; shutdown. It is
+    reported unfinished and logged as what it is, the work it left, not as a hook that was
+    cancelled (it was not: it gave up by itself)."""
+    lc = Lifecycle(Settings(grace_ms=300, drain_delay_ms=0))
+
+    async def drain(deadline: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await asyncio.sleep(10)  # the sink call, abandoned at the deadline
+        await asyncio.to_thread(time.sleep, 0.005)  # bookkeeping on disk
+        raise BudgetExceeded("2 file(s) not delivered before the deadline")
+
+    async def after(deadline: float) -> None:
+        pass
+
+    lc.on_shutdown("final-drain", drain)
+    if not last:
+        lc.on_shutdown("after", after)
+    with caplog.at_level(logging.ERROR, logger="sf_lifecycle.lifecycle"):
+        await lc.shutdown()
+    assert lc.unfinished == ["final-drain"]
+    assert lc.failed == []
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1, lines
+    assert "shutdown hook final-drain gave up after" in lines[0], lines
+    assert "2 file(s) not delivered before the deadline" in lines[0], lines
+    assert "cancel" not in lines[0], lines
 
 
 async def test_failing_hook_is_reported_and_the_next_still_runs() -> None:

@@ -606,7 +606,7 @@ async def test_recovery_that_fails_is_retried_and_keyed_posts_wait_for_it(
     from sf_lifecycle.feedback import feedback_routes
 
     first = FeedbackQueue(tmp_path)
-    from sf_lifecycle.feedback import IdempotencyIndex
+    from sf_lifecycle.idempotency import IdempotencyIndex
 
     index = IdempotencyIndex(first.dir / "idempotency.sqlite3")
     first.add_delivery_listener(index.record_delivered)
@@ -652,7 +652,7 @@ async def test_recovery_that_fails_is_retried_and_keyed_posts_wait_for_it(
                     r = await c.post(
                         "/api/feedback", json={"x": 1}, headers={"idempotency-key": "k-retry"}
                     )
-                    assert (r.status_code, r.json()["error"]) == (503, "recovering"), r.text
+                    assert (r.status_code, r.json()["code"]) == (503, "recovering"), r.text
                 await asyncio.sleep(0.05)
             assert ok, body
             assert seen_503
@@ -736,7 +736,8 @@ async def test_a_keyed_retry_gets_its_id_while_someone_else_holds_the_orphan(
     import httpx
     from starlette.applications import Starlette
 
-    from sf_lifecycle.feedback import IdempotencyIndex, feedback_routes
+    from sf_lifecycle.feedback import feedback_routes
+    from sf_lifecycle.idempotency import IdempotencyIndex
 
     first = FeedbackQueue(tmp_path)
     index = IdempotencyIndex(first.dir / "idempotency.sqlite3")

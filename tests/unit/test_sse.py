@@ -17,7 +17,8 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from starlette.applications import Starlette
 
 from sf_lifecycle import Lifecycle, Settings
-from sf_lifecycle.events import FileEventLog, parse_event_id
+from sf_lifecycle.events import parse_event_id
+from sf_lifecycle.events_file import FileEventLog
 from sf_lifecycle.sse import EVENTS_PATH, session_event_routes
 from sf_lifecycle.testing.process import free_port
 
@@ -171,7 +172,7 @@ async def test_max_streams_answers_503_with_retry_after(tmp_path: Path) -> None:
             r = await c.get(URL, params={"session": "s"})
             assert r.status_code == 503
             assert r.headers["retry-after"] == "1"
-            assert "limit 2" in r.json()["error"]
+            assert "limit 2" in r.json()["detail"]
         await asyncio.sleep(0.2)
         async with aconnect_sse(c, "GET", URL, params={"session": "s"}) as src:
             assert src.response.status_code == 200
@@ -219,7 +220,7 @@ async def test_bad_publish_input_gets_a_clear_4xx(
         headers = {"content-type": content_type} if content_type else {}
         r = await c.post(URL, params={"session": "s"}, content=body, headers=headers)
         assert r.status_code == status, r.text
-        assert words in r.json()["error"]
+        assert words in r.json()["detail"]
         assert await srv.log.read_after("s", None) == []
 
 
@@ -259,7 +260,7 @@ async def test_bad_session_or_position_is_400(
     async with running(tmp_path) as srv, client(srv) as c:
         r = await c.request(method, URL, params=params, headers=headers, content=b"{}")
         assert r.status_code == 400
-        assert words in r.json()["error"]
+        assert words in r.json()["detail"]
 
 
 async def test_disk_error_on_publish_is_503(tmp_path: Path) -> None:
@@ -275,7 +276,7 @@ async def test_disk_error_on_publish_is_503(tmp_path: Path) -> None:
             await asyncio.to_thread(subprocess.run, ["chattr", "-i", str(log)], check=True)
         assert r.status_code == 503
         assert r.headers["retry-after"] == "1"
-        assert "disk" in r.json()["error"]
+        assert "disk" in r.json()["detail"]
 
 
 async def test_a_folder_named_like_the_log_never_cuts_a_stream(tmp_path: Path) -> None:

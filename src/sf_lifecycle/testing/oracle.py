@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._errors import SfLifecycleError
+
 __all__ = [
     "DeliveryReport",
     "LostWrites",
@@ -38,10 +40,11 @@ __all__ = [
 _MAX_LISTED = 50
 
 
-class LostWrites(AssertionError):
+class LostWrites(SfLifecycleError, AssertionError):
     """The sink does not hold every acknowledged write exactly once.
 
-    An `AssertionError`, so pytest shows it as a test failure with the message in full.
+    An `AssertionError`, so pytest shows it as a test failure with the message in full; an
+    `SfLifecycleError` like every exception of the library (the tree is in `_errors`).
 
     Attributes:
         report: The `DeliveryReport` that failed.
