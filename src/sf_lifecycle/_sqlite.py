@@ -17,6 +17,7 @@ writing into the quarantined copy.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -203,14 +204,15 @@ class SqliteThread:
             self._executor, lambda: self._call(fn)
         )
 
-    def close(self) -> None:
-        """Close the connection and the thread, without waiting for either.
+    def close(self, wait_s: float = 0.0) -> None:
+        """Close the connection and the thread, waiting at most `wait_s` for them.
 
         Calls already submitted finish first, then the connection closes on its thread. Not
-        waiting matters at shutdown: this runs on the event loop, and a call blocked on another
-        process's lock (up to `busy_timeout_ms`) would otherwise block the loop past the grace
-        budget. A call cut by the deadline commits nothing; the runner's watchdog does not let
-        the thread hold the exit.
+        waiting (the default) matters at shutdown: this runs on the event loop, and a call
+        blocked on another process's lock (up to `busy_timeout_ms`) would otherwise block the
+        loop past the grace budget. A call cut by the deadline commits nothing; the runner's
+        watchdog does not let the thread hold the exit. Code off the loop that reuses the file
+        at once (a CLI, a test) passes `wait_s` so the connection is really closed first.
         """
 
         def shut() -> None:
@@ -221,5 +223,8 @@ class SqliteThread:
         if self._closed:
             return
         self._closed = True
-        self._executor.submit(shut)
+        closed = self._executor.submit(shut)
         self._executor.shutdown(wait=False)
+        if wait_s > 0:
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                closed.result(timeout=wait_s)

@@ -289,5 +289,6 @@ class IdempotencyIndex:
             if known is not None and known.id == rid:
                 del self._memory[key]
 
-    def close(self) -> None:
-        self._db.close()
+    def close(self, wait_s: float = 0.0) -> None:
+        """Close the database (see `SqliteThread.close` for `wait_s`)."""
+        self._db.close(wait_s)
