@@ -1,8 +1,23 @@
-"""Suite-wide rules: a skipped test counts as a failure (a skip proves nothing)."""
+"""Suite-wide rules and fixtures: a skipped test counts as a failure (a skip proves nothing)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+
+from sf_lifecycle.testing import ServerProcess
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ServerProcess]]:
+    """Servers a test starts (append each one): every one is closed, by PID, whatever happens."""
+    started: list[ServerProcess] = []
+    try:
+        yield started
+    finally:
+        for s in started:
+            s.close()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +23,6 @@ from sf_lifecycle.testing import ServerProcess
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 JSON = {"content-type": "application/json"}
-
-
-@pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    try:
-        yield started
-    finally:
-        for s in started:
-            s.close()
 
 
 def start(

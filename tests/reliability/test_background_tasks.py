@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,16 +26,6 @@ pytestmark = pytest.mark.integration
 APP = "tests.integration.shutdown_app:app"
 KINDS = ["cancelled-once", "systemexit-once", "keyboard-once"]
 NO_BACKGROUND_DRAIN = {"SF_DRAIN_INTERVAL_MS": "3600000"}
-
-
-@pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    try:
-        yield started
-    finally:
-        for s in started:
-            s.close()
 
 
 def start(servers: list[ServerProcess], state: Path, env: dict[str, str]) -> ServerProcess:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,16 +35,6 @@ BUDGET_MS = 2_000
 SLACK_S = 1.0
 #: Only the final drain delivers (no background drain before SIGTERM).
 NO_BACKGROUND_DRAIN = {"SF_DRAIN_INTERVAL_MS": "3600000"}
-
-
-@pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    try:
-        yield started
-    finally:
-        for s in started:
-            s.close()
 
 
 def start(
