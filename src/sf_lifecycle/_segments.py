@@ -81,12 +81,13 @@ def lock_path(directory: Path, token: str) -> Path:
 
 def fsync_dir(path: Path) -> None:
     """Make the entries of folder `path` (a create, rename or unlink) survive a power cut."""
-    os = _fs.os
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = _fs.os.open(
+        path, _fs.os.O_RDONLY | _fs.os.O_DIRECTORY | _fs.os.O_NOFOLLOW | _fs.os.O_CLOEXEC
+    )
     try:
-        os.fsync(fd)
+        _fs.os.fsync(fd)
     finally:
-        os.close(fd)
+        _fs.os.close(fd)
 
 
 def list_segments(directory: Path) -> dict[str, list[tuple[int, str, Path]]]:
@@ -150,17 +151,18 @@ def load_segment(path: Path) -> Loaded:
     Raises:
         NotASegment: a symbolic link, directory, FIFO or device under a segment's name.
     """
-    os = _fs.os
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = _fs.os.open(
+            path, _fs.os.O_RDONLY | _fs.os.O_NOFOLLOW | _fs.os.O_NONBLOCK | _fs.os.O_CLOEXEC
+        )
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NotASegment(
                 "a symbolic link (refused: the state directory holds no links)"
             ) from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
+    if not stat.S_ISREG(_fs.os.fstat(fd).st_mode):
+        _fs.os.close(fd)
         raise NotASegment("not a regular file")
     with open(fd, "rb") as f:
         data = f.read()
@@ -247,17 +249,18 @@ def try_lock(path: Path, mode: int = DEFAULT_FILE_MODE) -> Flock | None:
         LockRefused: `path` is a symbolic link, directory or other non-regular file.
         OSError: any other failure (EACCES, EMFILE, EIO...).
     """
-    os = _fs.os
     try:
-        st_mode = os.lstat(path).st_mode
+        st_mode = _fs.os.lstat(path).st_mode
     except FileNotFoundError:
         pass
     else:
         if not stat.S_ISREG(st_mode):
             raise LockRefused(_kind(st_mode))
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    flags = (
+        _fs.os.O_RDWR | _fs.os.O_CREAT | _fs.os.O_NOFOLLOW | _fs.os.O_NONBLOCK | _fs.os.O_CLOEXEC
+    )
     try:
-        fd = os.open(path, flags, mode)
+        fd = _fs.os.open(path, flags, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise LockRefused("a symbolic link") from None
@@ -265,15 +268,15 @@ def try_lock(path: Path, mode: int = DEFAULT_FILE_MODE) -> Flock | None:
             raise LockRefused("a directory") from None
         raise
     try:
-        st_mode = os.fstat(fd).st_mode
+        st_mode = _fs.os.fstat(fd).st_mode
         if not stat.S_ISREG(st_mode):  # swapped in between the lstat and the open
             raise LockRefused(_kind(st_mode))
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
+        _fs.os.close(fd)
         return None
     except BaseException:
-        os.close(fd)
+        _fs.os.close(fd)
         raise
     return Flock(path, fd)
 
@@ -285,21 +288,22 @@ def probe_lock(path: Path) -> str:
     on a read-only volume and leaves the state directory as it found it. A missing lock file
     means a dead owner (an owner takes its lock before its first segment and keeps it).
     """
-    os = _fs.os
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = _fs.os.open(
+            path, _fs.os.O_RDONLY | _fs.os.O_NOFOLLOW | _fs.os.O_NONBLOCK | _fs.os.O_CLOEXEC
+        )
     except FileNotFoundError:
         return "dead"
     except OSError:
         return "blocked"  # a link (ELOOP), or unreadable: recovery could not take it either
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(_fs.os.fstat(fd).st_mode):
             return "blocked"
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return "alive"
     finally:
-        os.close(fd)  # also drops the shared lock
+        _fs.os.close(fd)  # also drops the shared lock
     return "dead"
 
 

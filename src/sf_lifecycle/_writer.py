@@ -224,9 +224,10 @@ class SegmentWriter:
         state_subdir(self.state_dir, "feedback", self.dir_mode)  # never create through a link
         self._seq += 1
         path = segment_path(self.dir, self.token, self._seq)
-        os = _fs.os
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        self._fd = os.open(path, flags, self.file_mode)
+        flags = (
+            _fs.os.O_WRONLY | _fs.os.O_CREAT | _fs.os.O_EXCL | _fs.os.O_APPEND | _fs.os.O_CLOEXEC
+        )
+        self._fd = _fs.os.open(path, flags, self.file_mode)
         self._seg_path, self._seg_size, self._seg_new = path, 0, True
         if _cp.ARMED:
             _cp.hit("append.after_open")

@@ -42,6 +42,28 @@ def test_queue_modules_call_the_file_system_only_through_the_seam(name: str) -> 
     assert direct == [], f"{name} calls the real os directly: {direct}"
 
 
+@pytest.mark.parametrize("name", QUEUE_MODULES)
+def test_queue_modules_never_bind_a_local_os(name: str) -> None:
+    """The seam is written out at each use (`_fs.os.fsync(fd)`): a local `os = _fs.os` or an
+    `import os` inside a function would make `os.<call>` mean either module, and the check
+    above could not tell them apart."""
+    module = importlib.import_module(f"sf_lifecycle.{name}")
+    assert module.__file__ is not None
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    top = set(map(id, tree.body))
+    bound = [
+        f"line {node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(tree)
+        if (isinstance(node, ast.Name) and node.id == "os" and isinstance(node.ctx, ast.Store))
+        or (
+            isinstance(node, ast.Import | ast.ImportFrom)
+            and id(node) not in top
+            and any((a.asname or a.name) == "os" for a in node.names)
+        )
+    ]
+    assert bound == [], f"{name} binds a local os: {bound}"
+
+
 async def test_replacing_the_seam_fails_every_kind_of_queue_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
