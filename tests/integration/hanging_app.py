@@ -1,5 +1,6 @@
 """The example server whose `/api/hello` hangs for `SF_TEST_HANG_S` seconds on a share
-`SF_TEST_HANG_RATE` of requests: a bad release that Traefik's metrics cannot see until the
+`SF_TEST_HANG_RATE` of requests (exactly that share, evenly spread, so a test with a handful of
+requests is not left to chance): a bad release that Traefik's metrics cannot see until the
 requests end. The hang sits in the route, inside the lifecycle middleware, as an application's
 own would."""
 
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -16,13 +16,15 @@ from examples.sf_server import app
 
 _rate = float(os.environ.get("SF_TEST_HANG_RATE", "0"))
 _hang_s = float(os.environ.get("SF_TEST_HANG_S", "0"))
-_rng = random.Random()
+_seen = 0
 _route = next(r for r in app.router.routes if isinstance(r, Route) and r.path == "/api/hello")
 _hello = _route.app
 
 
 async def _hanging(scope: Scope, receive: Receive, send: Send) -> None:
-    if _rng.random() < _rate:
+    global _seen
+    _seen += 1
+    if int(_seen * _rate) > int((_seen - 1) * _rate):  # the share `_rate`, evenly spread
         await asyncio.sleep(_hang_s)
     await _hello(scope, receive, send)
 

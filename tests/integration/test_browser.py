@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,8 @@ from playwright.sync_api import BrowserContext, Page
 from examples.browser import PageWatch, chromium, open_report
 from sf_lifecycle.report import Instant, Requests, UpgradeTimeline, Weights, write_report
 from sf_lifecycle.testing import BlueGreenProxy, ServerProcess, free_port
+
+from ._loop import BackgroundLoop
 
 pytestmark = pytest.mark.integration
 
@@ -36,23 +37,16 @@ def browser() -> Iterator[BrowserContext]:
         yield context
 
 
-class Publisher:
+class Publisher(BackgroundLoop):
     """A client publishing to the session through Traefik every 100 ms, ids in order."""
+
+    name = "publisher"
 
     def __init__(self, proxy: BlueGreenProxy) -> None:
         self.proxy = proxy
         self.ids: list[str] = []
         self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-
-    def __enter__(self) -> Publisher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
+        super().__init__()
 
     def _run(self) -> None:
         n = 0

@@ -29,6 +29,8 @@ from sf_lifecycle._prometheus import ServiceStats, service_stats
 from sf_lifecycle.testing import BlueGreenProxy, ServerProcess, free_port
 from sf_lifecycle.testing.process import reap
 
+from ._loop import BackgroundLoop
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,24 +46,17 @@ class Sent:
     replica: str | None
 
 
-class Load:
+class Load(BackgroundLoop):
     """GETs of /api/hello through the proxy at a fixed rate; every other one from a client
     that keeps the `sf-aff` cookie Traefik gave it."""
+
+    name = "load"
 
     def __init__(self, proxy: BlueGreenProxy) -> None:
         self.proxy = proxy
         self.cookie = ""
         self.sent: list[Sent] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="load", daemon=True)
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
+        super().__init__()
 
     def _run(self) -> None:
         n, next_at = 0, time.monotonic()
@@ -83,23 +78,20 @@ class Load:
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
 
-class WeightsWatch:
+class WeightsWatch(BackgroundLoop):
     """Polls the weights file; records when each new set of weights appeared."""
+
+    name = "weights"
+    join_s = 5.0
 
     def __init__(self, proxy: BlueGreenProxy) -> None:
         self.proxy = proxy
         self.changes: list[tuple[float, dict[str, int]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="weights", daemon=True)
+        super().__init__()
 
     def __enter__(self) -> WeightsWatch:
         self.changes.append((time.monotonic(), self.proxy.file_weights()))
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        return super().__enter__()
 
     def _run(self) -> None:
         while not self._stop.wait(0.01):
@@ -448,7 +440,7 @@ def test_a_candidate_whose_requests_hang_fails_its_step(
 ) -> None:
     """Steps:
 
-    1. A candidate whose /api/hello hangs 8 s on a fifth of its requests (inside the lifecycle
+    1. A candidate whose /api/hello hangs 8 s on every second request (inside the lifecycle
        middleware, as an application's own hang would); Traefik's health check cannot see it.
     2. 30 requests/s, each on its own connection, none waiting on another.
     3. `rollout --steps 10,50,100 --hold 3s --min-requests 3`: no hanging request ends within
@@ -457,7 +449,7 @@ def test_a_candidate_whose_requests_hang_fails_its_step(
        limit; stable 100 in the file and in Traefik.
     """
     env = {
-        "SF_TEST_HANG_RATE": "0.2",
+        "SF_TEST_HANG_RATE": "0.5",
         "SF_TEST_HANG_S": "8",
         "SF_RPC_SHUTDOWN_GRACE_MS": "1000",
     }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from sf_lifecycle.testing import ServerProcess, TraefikProxy, TraefikRouting
+
+from ._loop import BackgroundLoop
 
 pytestmark = pytest.mark.integration
 
@@ -37,24 +38,17 @@ class Sent:
     error: str | None = None
 
 
-class Load:
+class Load(BackgroundLoop):
     """Sequential GETs through the proxy at a fixed rate, alternating an anonymous client and a
     sticky one that keeps whatever `sf-aff` cookie Traefik last gave it."""
+
+    name = "load"
 
     def __init__(self, proxy: TraefikProxy, cookie: str) -> None:
         self.proxy = proxy
         self.cookie = cookie
         self.sent: list[Sent] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="load", daemon=True)
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
+        super().__init__()
 
     def _run(self) -> None:
         n = 0
