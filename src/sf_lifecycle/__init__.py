@@ -17,6 +17,7 @@ from ._errors import (
     NotReady,
     QueueError,
     SfLifecycleError,
+    StorageError,
     UnsafePath,
 )
 from ._middleware import LifecycleMiddleware
@@ -84,6 +85,7 @@ __all__ = [
     "SfLifecycleError",
     "Sink",
     "SqliteSink",
+    "StorageError",
     "UnsafePath",
     "__version__",
     "feedback_routes",

@@ -8,9 +8,10 @@ The tree, so that callers can catch as broadly or narrowly as they need::
     ├── InvalidEventId(ValueError)      a Last-Event-ID this log never handed out
     ├── NotReady                        a readiness check says "not yet"; carries the reason
     ├── BudgetExceeded(TimeoutError)    the shutdown grace budget ran out
-    ├── QueueError                      the feedback queue is closed, or its token is taken
+    ├── QueueError                      the feedback queue cannot take the call: closed, its
+    │                                   token taken, or (DiskWriteError) the disk refused it
     ├── StorageError(OSError)           the state directory refused an operation
-    │   ├── DiskWriteError              the disk refused a write (queue append, event append);
+    │   ├── DiskWriteError(QueueError)  the disk refused a write (queue append, event append);
     │   │                               nothing was acknowledged
     │   └── UnsafePath                  a link where the state directory keeps a file
     │
@@ -18,9 +19,13 @@ The tree, so that callers can catch as broadly or narrowly as they need::
     ├── CrashPointMissed(AssertionError)  the process did not die at the armed crash point
     └── LostWrites(AssertionError)        the sink lacks an acknowledged write, or holds one twice
 
-`StorageError` is what the queue, the event log, the sink and the idempotency index raise for
-the disk: catch it to answer 503 (the HTTP layer does) or to alert an operator. Damaged data on
-disk raises nothing: it is quarantined with a log line (see ARCHITECTURE.md).
+`StorageError` is raised for a write the disk refused (the queue's and the event log's appends:
+`DiskWriteError`) and for a link or non-regular file where state is kept (`UnsafePath`, any
+part): catch it to answer 503 (the HTTP layer does) or to alert an operator. `DiskWriteError` is
+also a `QueueError`, so `except QueueError` around `FeedbackQueue.append` catches a full disk as
+well as a closed queue. Errors of SQLite (the sink, the idempotency index) are not converted:
+they are `sqlite3.Error` as SQLite raised it, or `OSError` when the file cannot be opened. Damaged
+data on disk raises nothing: it is quarantined with a log line (see ARCHITECTURE.md).
 
 Every exception pickles, so it can cross a process boundary (multiprocessing, test harnesses).
 """
@@ -77,21 +82,28 @@ class BudgetExceeded(SfLifecycleError, TimeoutError):
 
 
 class QueueError(SfLifecycleError):
-    """The feedback queue cannot take the call: it is closed, or its process token is taken."""
+    """The feedback queue cannot take the call: it is closed, or its process token is taken.
+
+    A refused write is a `QueueError` too (`DiskWriteError`), so one `except QueueError` around
+    `FeedbackQueue.append` covers every reason nothing was acknowledged.
+    """
 
 
 class StorageError(SfLifecycleError, OSError):
     """The state directory refused an operation; `errno` says why when the OS did.
 
-    Raised by every part that keeps state on disk (queue, event log, sink, idempotency index),
-    so one `except StorageError` covers disk trouble wherever it happens.
+    Raised for writes the disk refused (`DiskWriteError`: the queue's and the event log's
+    appends) and for links where state is kept (`UnsafePath`). SQLite's errors (the sink, the
+    idempotency index) are not converted: catch `sqlite3.Error` for those.
     """
 
 
-class DiskWriteError(StorageError):
+class DiskWriteError(StorageError, QueueError):
     """The disk refused a write (ENOSPC, EIO, ...). Nothing was acknowledged.
 
-    Retry later; the HTTP layer answers 503 (`disk_write_failed`) so clients do the same.
+    Retry later; the HTTP layer answers 503 (`disk_write_failed`) so clients do the same. Both a
+    `StorageError` (an `OSError` with its `errno`) and a `QueueError`: code written against
+    either catches it.
     """
 
 

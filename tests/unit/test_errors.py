@@ -58,6 +58,20 @@ def _all_classes() -> set[type[BaseException]]:
     return found | {CrashPointMissed, LostWrites}
 
 
+def test_a_disk_write_error_is_an_os_error_and_a_queue_error() -> None:
+    """Built as `OSError(errno, strerror)` is, caught by `except OSError`, `StorageError` and
+    `QueueError` alike, and the same after a pickle round trip."""
+    exc = DiskWriteError(errno.ENOSPC, "append failed: No space left on device")
+    assert (exc.errno, exc.strerror) == (errno.ENOSPC, "append failed: No space left on device")
+    back = pickle.loads(pickle.dumps(exc))
+    for e in (exc, back):
+        for cls in (OSError, StorageError, QueueError, SfLifecycleError):
+            with pytest.raises(cls):
+                raise e
+    assert back.errno == errno.ENOSPC
+    assert DiskWriteError.__mro__.index(StorageError) < DiskWriteError.__mro__.index(QueueError)
+
+
 def test_every_exception_class_is_covered() -> None:
     assert {type(e) for e in INSTANCES} == _all_classes()
 
@@ -82,8 +96,10 @@ def test_the_tree_is_the_one_drawn() -> None:
     assert issubclass(DiskWriteError, StorageError)
     assert issubclass(UnsafePath, StorageError)
     assert issubclass(StorageError, OSError)
-    # The event log raises DiskWriteError too: it is not a queue error.
-    assert not issubclass(DiskWriteError, QueueError)
+    # `except QueueError` around an append catches a full disk as well as a closed queue.
+    assert issubclass(DiskWriteError, QueueError)
+    assert not issubclass(StorageError, QueueError)
+    assert not issubclass(UnsafePath, QueueError)
     assert issubclass(BudgetExceeded, TimeoutError)
     assert issubclass(ConfigError, ValueError)
     assert issubclass(CrashPointMissed, AssertionError)

@@ -49,6 +49,7 @@ def test_public_api_is_small_sorted_and_importable() -> None:
         "SfLifecycleError",
         "Sink",
         "SqliteSink",
+        "StorageError",
         "UnsafePath",
         "__version__",
         "feedback_routes",

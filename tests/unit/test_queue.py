@@ -296,8 +296,10 @@ async def test_disk_fault_is_never_acknowledged_and_queue_stays_usable(
         await q.drain(ListSink())  # the next append must create a segment
         before = []
     monkeypatch.setattr(_fs, "os", faulty_os(call, err, short=short))
-    with pytest.raises(DiskWriteError) as info:
+    # What code around `append` catches: a refused write is a QueueError, like a closed queue.
+    with pytest.raises(QueueError) as info:
         await q.append({"doomed": True})
+    assert isinstance(info.value, DiskWriteError)
     assert info.value.errno == err
     monkeypatch.undo()
     after = await q.append({"after": True})  # usable again, on a fresh segment
