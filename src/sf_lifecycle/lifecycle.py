@@ -47,14 +47,15 @@ STARTUP_RETRY_MAX_S = 5.0
 
 #: How long a hook cancelled at the end of its share may take to unwind before it is abandoned.
 _HOOK_CANCEL_GRACE_S = 0.1
-#: How long past its share a hook may take to finish before it is cancelled: one that watches
-#: its deadline is giving up by itself then (raising `BudgetExceeded` once it has put its
-#: files back), and is reported as that, not cut off mid-way and reported "cancelled".
+#: Taken off the end of each hook's share (at most a quarter of it): the deadline a hook receives
+#: comes this long before its share ends, so one that watches its deadline can give up by itself
+#: (raising `BudgetExceeded` once it has put its files back) and be reported as that, not cut
+#: off mid-way and reported "cancelled", without the shutdown running past its deadline.
 _HOOK_GIVE_UP_S = 0.05
 
 
-async def _guarded(hook: ShutdownHook, deadline: float) -> BaseException | None:
-    """Run `hook`; return what it raised instead of raising it.
+async def _guarded(hook: ShutdownHook, deadline: float) -> tuple[BaseException | None, float]:
+    """Run `hook`; return what it raised instead of raising it, and when it ended (monotonic).
 
     Everything is caught, `BaseException` included: raised inside a task, `SystemExit` and
     `KeyboardInterrupt` would escape the event loop. A real Ctrl-C reaches the runner as a
@@ -68,8 +69,8 @@ async def _guarded(hook: ShutdownHook, deadline: float) -> BaseException | None:
     except BaseException as exc:
         if stops_task(exc):
             raise
-        return exc
-    return None
+        return exc, time.monotonic()
+    return None, time.monotonic()
 
 
 @dataclass(slots=True)
@@ -140,10 +141,12 @@ class Lifecycle:
         reported in `failed`, and the later hooks still run. So that one stuck hook cannot
         starve the ones after it (the final queue drain above all), a hook followed by others
         gets at most half of the budget left when it starts; the last gets all of it. A hook
-        receives the monotonic deadline of its share; still running 50 ms after it (time for a
-        hook that watches its deadline to give up by itself), it is cancelled. Either way it is
-        reported in `unfinished`, and the log says which (cancelled, or the `BudgetExceeded` it
-        raised, naming what it left undone).
+        receives a monotonic deadline 50 ms (at most a quarter of the share) before its share
+        ends: time to give up by itself; still running when the share ends, it is cancelled.
+        The budget is a ceiling: no hook runs past the shutdown's deadline. A hook that finished
+        after the deadline it received, gave up (`BudgetExceeded`) or was cancelled is reported
+        in `unfinished` with an error line saying which (naming what it left undone, for a
+        `BudgetExceeded`).
         """
         self._hooks.append(_Hook(name, hook))
 
@@ -307,15 +310,18 @@ class Lifecycle:
                 logger.error("grace budget spent: shutdown hook %s not run", hook.name)
                 continue
             share = remaining / 2 if i < len(hooks) - 1 else remaining
+            # The time to give up comes out of the share: the hook's deadline is before the
+            # share's end, which is never past the shutdown's deadline.
+            hook_deadline = began + share - min(_HOOK_GIVE_UP_S, share / 4)
             # Each hook runs in a task of its own, so that a hook which ignores cancellation
             # can be abandoned and the ones after it still run.
             task = asyncio.create_task(
-                _guarded(hook.fn, began + share), name=f"sf-hook-{hook.name}"
+                _guarded(hook.fn, hook_deadline), name=f"sf-hook-{hook.name}"
             )
             try:
-                done, _ = await asyncio.wait({task}, timeout=share)
-                if not done:
-                    done, _ = await asyncio.wait({task}, timeout=_HOOK_GIVE_UP_S)
+                done, _ = await asyncio.wait(
+                    {task}, timeout=max(0.0, began + share - time.monotonic())
+                )
                 if not done:
                     task.cancel()
                     grace = min(_HOOK_CANCEL_GRACE_S, max(0.0, self.deadline - time.monotonic()))
@@ -348,8 +354,19 @@ class Lifecycle:
                     elapsed_ms,
                 )
                 continue
-            exc = task.result()
-            if exc is None:
+            exc, ended = task.result()
+            late_ms = (ended - hook_deadline) * 1000
+            if exc is None and late_ms > 0:
+                # Its work is done, but the budget it was given was overrun: say so.
+                self.unfinished.append(hook.name)
+                logger.error(
+                    "grace budget exceeded: shutdown hook %s finished after %.0f ms, %.0f ms "
+                    "past its deadline",
+                    hook.name,
+                    elapsed_ms,
+                    late_ms,
+                )
+            elif exc is None:
                 logger.info("shutdown hook %s done in %.0f ms", hook.name, elapsed_ms)
             elif isinstance(exc, BudgetExceeded):
                 # The hook gave up by itself (at its deadline, or when told to stop): say what

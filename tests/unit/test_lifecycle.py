@@ -103,6 +103,64 @@ async def test_a_hook_giving_up_at_its_deadline_is_logged_as_budget_exceeded(
     assert "cancel" not in lines[0], lines
 
 
+async def test_a_last_hook_that_never_finishes_ends_the_shutdown_at_the_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Steps: grace 200 ms, one hook that never finishes; shutdown. The budget is a ceiling:
+    the hook's deadline (with its time to give up) lies inside the budget, the shutdown
+    returns at the deadline, not after it, and the hook is reported unfinished with an error
+    line."""
+    lc = Lifecycle(Settings(grace_ms=200, drain_delay_ms=0))
+    given: list[float] = []
+
+    async def stuck(deadline: float) -> None:
+        given.append(deadline)
+        await asyncio.sleep(60)
+
+    lc.on_shutdown("stuck", stuck)
+    with caplog.at_level(logging.ERROR, logger="sf_lifecycle.lifecycle"):
+        await lc.shutdown()
+    ended = time.monotonic()
+    assert lc.deadline is not None
+    assert ended - lc.deadline < 0.025, f"{(ended - lc.deadline) * 1000:.0f} ms past the deadline"
+    assert given[0] < lc.deadline  # its time to give up comes out of the budget
+    assert lc.unfinished == ["stuck"]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1, lines
+    assert "grace budget exceeded: shutdown hook stuck cancelled after" in lines[0], lines
+
+
+@pytest.mark.parametrize("last", [True, False])
+async def test_a_hook_that_finishes_after_its_deadline_is_reported_unfinished(
+    caplog: pytest.LogCaptureFixture, last: bool
+) -> None:
+    """Steps: a hook that ignores its deadline and finishes 20 ms after it (inside its share);
+    shutdown. It overran the budget it was given: reported in `unfinished` (not `failed`) with
+    an error line saying by how much, and the hook after it still runs."""
+    lc = Lifecycle(Settings(grace_ms=400, drain_delay_ms=0))
+    ran: list[str] = []
+
+    async def late(deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()) + 0.02)
+        ran.append("late")
+
+    async def after(deadline: float) -> None:
+        ran.append("after")
+
+    lc.on_shutdown("late", late)
+    if not last:
+        lc.on_shutdown("after", after)
+    with caplog.at_level(logging.ERROR, logger="sf_lifecycle.lifecycle"):
+        await lc.shutdown()
+    assert ran == (["late"] if last else ["late", "after"])
+    assert lc.unfinished == ["late"]
+    assert lc.failed == []
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1, lines
+    assert "grace budget exceeded: shutdown hook late finished after" in lines[0], lines
+    assert "past its deadline" in lines[0], lines
+
+
 async def test_failing_hook_is_reported_and_the_next_still_runs() -> None:
     lc = Lifecycle(Settings())
     ran: list[str] = []
