@@ -1,12 +1,14 @@
 """Wiring a `FeedbackQueue` into a `Lifecycle`: start-up recovery, readiness, the final drain.
 
-`FeedbackQueue.install(lifecycle, sink)` calls `install` here. It registers three things, each
+`FeedbackQueue.install(lifecycle, sink)` calls `install` here. It registers four things, each
 under a name the ready body and the logs show:
 
 - `feedback-recovery` (start-up): start the drainer, recover dead peers' files, raise while that
   is incomplete (the lifecycle retries with backoff; keyed writes answer 503 meanwhile), then
   sweep for orphans every `orphan_sweep_ms`;
 - `feedback-queue` (readiness): recovery, sweep and drainer state and the queue's counters;
+- `idempotency-index` (readiness): not ready while the index cannot be used (keyed writes
+  answer 503 then);
 - `feedback-drain` (shutdown): `close(deadline)`, the final drain within the grace budget.
 
 Before any of it, it wires the idempotency index beside the queue (`queue.idempotency`), so
@@ -46,9 +48,10 @@ def install(queue: FeedbackQueue, lifecycle: Lifecycle, sink: Sink | None = None
     from .idempotency import IdempotencyIndex
     from .sink import SqliteSink
 
-    if queue.idempotency is None:
+    index = queue.idempotency
+    if index is None:
         # Before recovery: re-delivered keyed orphans record their keys in it.
-        queue.idempotency = IdempotencyIndex.for_queue(queue)
+        index = queue.idempotency = IdempotencyIndex.for_queue(queue)
     if sink is None:
         own = SqliteSink(
             queue.state_dir / "feedback.sqlite3",
@@ -74,6 +77,7 @@ def install(queue: FeedbackQueue, lifecycle: Lifecycle, sink: Sink | None = None
 
     lifecycle.on_startup("feedback-recovery", recover_at_startup)
     lifecycle.add_readiness_check("feedback-queue", readiness)
+    lifecycle.add_readiness_check("idempotency-index", index.check)
     lifecycle.on_shutdown("feedback-drain", final_drain)
 
 

@@ -183,9 +183,9 @@ def feedback_routes(
 ) -> list[BaseRoute]:
     """The `POST /api/feedback` route, storing into `queue`.
 
-    Creates no index: it is `index`, or the one the queue's wiring made
-    (`queue.install(lifecycle)` puts one in `<state_dir>/feedback/`). Given a `Lifecycle`,
-    `/api/ready` also reports that index (`idempotency-index`): keyed writes depend on it.
+    Only builds the route: it creates no index and registers nothing. The index is `index`, or
+    the one the queue's wiring made (`queue.install(lifecycle)` puts one in
+    `<state_dir>/feedback/` and reports it in `/api/ready` as `idempotency-index`).
 
     Args:
         queue: The durable queue (install it on the lifecycle so it drains).
@@ -195,7 +195,8 @@ def feedback_routes(
             the queue's deliveries); `queue.idempotency` when None.
 
     Raises:
-        ValueError: no index given and the queue is not installed (so it has none).
+        ValueError: no index given and the queue is not installed (so it has none); the
+            message says what to do.
     """
     settings = (
         lifecycle_or_settings.settings
@@ -205,10 +206,10 @@ def feedback_routes(
     chosen = index if index is not None else queue.idempotency
     if chosen is None:
         raise ValueError(
-            "feedback_routes: the queue has no idempotency index; call "
-            "queue.install(lifecycle) first, or pass index=IdempotencyIndex.for_queue(queue)"
+            "feedback_routes: the queue has no idempotency index yet; call "
+            "queue.install(lifecycle) before feedback_routes(queue, ...), or pass "
+            "index=IdempotencyIndex.for_queue(queue) "
+            "(from sf_lifecycle.idempotency import IdempotencyIndex)"
         )
-    if isinstance(lifecycle_or_settings, Lifecycle):
-        lifecycle_or_settings.add_readiness_check("idempotency-index", chosen.check)
     endpoint = _FeedbackEndpoint(queue, settings, chosen)
     return [ProblemRoute(path, endpoint.handle, methods=["POST"])]

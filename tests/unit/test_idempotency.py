@@ -83,3 +83,42 @@ async def test_the_queue_wiring_makes_the_index_and_records_delivered_keys(
         assert await fresh.lookup("k") == KnownKey("sha", rid)
     finally:
         fresh.close()
+
+
+async def test_install_reports_the_index_in_readiness(tmp_path: Path) -> None:
+    """The queue's wiring, not the routes, puts `idempotency-index` in `/api/ready`: keyed
+    writes depend on the index whoever builds the routes."""
+    settings = Settings(state_dir=tmp_path)
+    lifecycle = Lifecycle(settings)
+    queue = FeedbackQueue(tmp_path, settings=settings)
+    queue.install(lifecycle)
+    await lifecycle.startup()
+    try:
+        _, body = await lifecycle.readiness()
+        assert body["checks"]["idempotency-index"] == {"ok": True}, body
+    finally:
+        await lifecycle.shutdown()
+
+
+async def test_feedback_routes_only_builds_routes(tmp_path: Path) -> None:
+    """No side effects: given a lifecycle and an index, `feedback_routes` registers nothing on
+    the lifecycle; with neither an index nor an installed queue it refuses, saying what to do."""
+    from sf_lifecycle import feedback_routes
+
+    settings = Settings(state_dir=tmp_path)
+    lifecycle = Lifecycle(settings)
+    queue = FeedbackQueue(tmp_path, settings=settings)
+    index = IdempotencyIndex(queue.dir / "idempotency.sqlite3")
+    try:
+        with pytest.raises(ValueError, match="no idempotency index") as info:
+            feedback_routes(queue, lifecycle)
+        assert "call queue.install(lifecycle) before feedback_routes" in str(info.value)
+        assert "or pass index=IdempotencyIndex.for_queue(queue)" in str(info.value)
+        assert len(feedback_routes(queue, lifecycle, index=index)) == 1
+        await lifecycle.startup()
+        ok, body = await lifecycle.readiness()
+        assert (ok, "checks" in body) == (True, False), body
+    finally:
+        await lifecycle.shutdown()
+        await queue.close()
+        index.close()
