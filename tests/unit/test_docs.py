@@ -1,4 +1,5 @@
-"""The README's configuration table must not drift from `Settings`."""
+"""The README's configuration table must not drift from `Settings`, nor its logger table from
+the loggers the library logs under."""
 
 from __future__ import annotations
 
@@ -45,3 +46,17 @@ def test_readme_first_screen_gives_the_two_commands() -> None:
     head = "\n".join(README.read_text().splitlines()[:12])
     assert "make demo" in head
     assert "make test" in head
+
+
+def test_the_readme_lists_every_logger_the_library_logs_under() -> None:
+    """A renamed logger breaks a user's logging configuration silently: the README's table
+    is the list of names, so it must be exactly the loggers the modules log through."""
+    src = README.parent / "src" / "sf_lifecycle"
+    used = set()
+    for path in src.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        m = re.search(r'^logger = logging\.getLogger\("([\w.]+)"\)', text, re.M)
+        if m and re.search(r"\blogger\.(debug|info|warning|error|exception|log)\(", text):
+            used.add(m.group(1))
+    documented = set(re.findall(r"^\| `(sf_lifecycle(?:\.[\w]+)+)` \|", README.read_text(), re.M))
+    assert documented == used
