@@ -601,7 +601,9 @@ async def test_a_lock_name_that_is_not_a_regular_file_never_blocks_recovery(
 async def test_recovery_that_fails_is_retried_and_keyed_posts_wait_for_it(
     tmp_path: Path,
 ) -> None:
-    """A sink failing its first call: ready 503 naming recovery, then 200 once the retry worked."""
+    """A sink failing its first call: ready 503 naming recovery and a keyed POST 503
+    "recovering" (the retry is held until then, so it cannot win the race), then ready and the
+    first id once the retry worked."""
     import httpx
     from starlette.applications import Starlette
 
@@ -624,11 +626,14 @@ async def test_recovery_that_fails_is_retried_and_keyed_posts_wait_for_it(
     die(first)
     index.close()
 
+    retry_may_run = asyncio.Event()
+
     class FailingOnce(ListSink):
         async def __call__(self, records: Sequence[Mapping[str, Any]]) -> None:
             self.calls += 1
             if self.calls == 1:
                 raise OSError(errno.EIO, "the sink is not there yet")
+            await retry_may_run.wait()  # the retry waits for the test's 503 checks
             for rec in records:
                 self.deliveries[rec["id"]] += 1
 
@@ -648,13 +653,14 @@ async def test_recovery_that_fails_is_retried_and_keyed_posts_wait_for_it(
                 ok, body = await lifecycle.readiness()
                 if ok:
                     break
-                if sink.calls >= 1:
+                if sink.calls >= 1 and not seen_503:
                     seen_503 = True
                     assert "feedback-recovery" in body["reason"], body
                     r = await c.post(
                         "/api/feedback", json={"x": 1}, headers={"idempotency-key": "k-retry"}
                     )
                     assert (r.status_code, r.json()["code"]) == (503, "recovering"), r.text
+                    retry_may_run.set()
                 await asyncio.sleep(0.05)
             assert ok, body
             assert seen_503
