@@ -100,6 +100,7 @@ class SqliteThread:
         self.file_mode = file_mode
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        self._shut: concurrent.futures.Future[None] | None = None  # the close, once submitted
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
 
     def connection(self) -> sqlite3.Connection:
@@ -204,7 +205,7 @@ class SqliteThread:
             self._executor, lambda: self._call(fn)
         )
 
-    def close(self, wait_s: float = 0.0) -> None:
+    def close(self, wait_s: float = 0.0) -> bool:
         """Close the connection and the thread, waiting at most `wait_s` for them.
 
         Calls already submitted finish first, then the connection closes on its thread. Not
@@ -212,7 +213,12 @@ class SqliteThread:
         blocked on another process's lock (up to `busy_timeout_ms`) would otherwise block the
         loop past the grace budget. A call cut by the deadline commits nothing; the runner's
         watchdog does not let the thread hold the exit. Code off the loop that reuses the file
-        at once (a CLI, a test) passes `wait_s` so the connection is really closed first.
+        at once (a CLI, a test) passes `wait_s` so the connection is really closed first: a
+        connection closed later still writes (its WAL checkpoint) into whatever the file is
+        by then.
+
+        Returns:
+            True when the connection is closed by the time this returns.
         """
 
         def shut() -> None:
@@ -221,10 +227,11 @@ class SqliteThread:
                 self._conn = None
 
         if self._closed:
-            return
+            return self._shut is not None and self._shut.done()
         self._closed = True
-        closed = self._executor.submit(shut)
+        self._shut = self._executor.submit(shut)
         self._executor.shutdown(wait=False)
         if wait_s > 0:
             with contextlib.suppress(concurrent.futures.TimeoutError):
-                closed.result(timeout=wait_s)
+                self._shut.result(timeout=wait_s)
+        return self._shut.done()

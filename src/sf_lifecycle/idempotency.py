@@ -289,6 +289,6 @@ class IdempotencyIndex:
             if known is not None and known.id == rid:
                 del self._memory[key]
 
-    def close(self, wait_s: float = 0.0) -> None:
-        """Close the database (see `SqliteThread.close` for `wait_s`)."""
-        self._db.close(wait_s)
+    def close(self, wait_s: float = 0.0) -> bool:
+        """Close the database; True once it is closed (see `SqliteThread.close` for `wait_s`)."""
+        return self._db.close(wait_s)

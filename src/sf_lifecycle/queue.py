@@ -157,7 +157,7 @@ class FeedbackQueue:
         self._delivery = Delivery(self.state_dir, batch_records, self.dir_mode)
         self._recovery = OrphanRecovery(self.dir, self.token, self.file_mode, self._delivery)
         self._drain_lock: asyncio.Lock | None = None
-        self._close_callbacks: list[Callable[[], None]] = []
+        self._close_callbacks: list[Callable[[], object]] = []
         self._drainer: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -195,8 +195,9 @@ class FeedbackQueue:
         return rid
 
     # -- drain ---------------------------------------------------------------------------------
-    def on_close(self, callback: Callable[[], None]) -> None:
-        """Call `callback()` when the queue closes (to close what was opened for it)."""
+    def on_close(self, callback: Callable[[], object]) -> None:
+        """Call `callback()` when the queue closes (to close what was opened for it; what it
+        returns is ignored)."""
         self._close_callbacks.append(callback)
 
     def add_delivery_listener(self, listener: DeliveryListener) -> None:

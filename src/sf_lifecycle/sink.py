@@ -124,14 +124,17 @@ class SqliteSink:
             lambda conn: [row[0] for row in conn.execute("SELECT id FROM feedback ORDER BY id")]
         )
 
-    def close(self, wait_s: float = 0.0) -> None:
+    def close(self, wait_s: float = 0.0) -> bool:
         """Close the connection and the thread (pending calls finish first).
 
         Args:
             wait_s: How long to wait for the connection to be closed; 0 (the default, right
                 on an event loop) does not wait.
+
+        Returns:
+            True when the connection is closed by the time this returns.
         """
-        self._db.close(wait_s)
+        return self._db.close(wait_s)
 
 
 def count_records(path: str | os.PathLike[str]) -> int:
