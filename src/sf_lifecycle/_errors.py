@@ -85,7 +85,7 @@ class QueueError(SfLifecycleError):
     """The feedback queue cannot take the call: it is closed, or its process token is taken.
 
     A refused write is a `QueueError` too (`DiskWriteError`), so one `except QueueError` around
-    `FeedbackQueue.append` covers every reason nothing was acknowledged.
+    `FeedbackQueue.append` covers a closed queue and a full disk alike.
     """
 
 
