@@ -34,7 +34,7 @@ from typing import Any
 from . import _fs
 from ._framing import scan
 from ._ids import ID_RE
-from ._statefiles import DEFAULT_FILE_MODE, open_state_dir, state_subdir
+from ._statefiles import DEFAULT_FILE_MODE, file_kind, open_state_dir, state_subdir
 
 __all__ = [
     "LOCK_RE",
@@ -308,10 +308,5 @@ def probe_lock(path: Path) -> str:
 
 
 def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    return "not a regular file"
+    kind = file_kind(mode)
+    return kind if stat.S_ISLNK(mode) else f"{kind}, not a regular file"

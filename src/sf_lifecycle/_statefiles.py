@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_DIR_MODE",
     "DEFAULT_FILE_MODE",
     "create_private",
+    "file_kind",
     "open_state_dir",
     "refuse_link",
     "state_subdir",
@@ -39,16 +40,21 @@ DEFAULT_DIR_MODE = 0o700
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a directory"
+def file_kind(mode: int) -> str:
+    """What an entry is, for an error or log line: "a symbolic link", "a FIFO", ...
+
+    Every refusal of an entry under the state directory names its kind the same way.
+    """
+    for test, kind in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "a device"
 
 
 def _open_component(parent: int, name: str, shown: str, mode: int | None) -> int:
@@ -65,7 +71,7 @@ def _open_component(parent: int, name: str, shown: str, mode: int | None) -> int
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
             try:
-                what = _kind(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+                what = file_kind(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
             except OSError:
                 what = "not a directory"
             raise UnsafePath(

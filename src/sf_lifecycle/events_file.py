@@ -81,7 +81,7 @@ from ._sessionview import (
     parse_header,
     parse_lines,
 )
-from ._statefiles import open_state_dir, state_subdir
+from ._statefiles import file_kind, open_state_dir, state_subdir
 from .events import Event, parse_event_id, validate_session_id
 
 __all__ = ["FileEventLog"]
@@ -661,13 +661,7 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
 def _kind(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "a symbolic link (refused: the state directory holds no links)"
-    if stat.S_ISDIR(mode):
-        return "a folder, not a regular file"
-    if stat.S_ISSOCK(mode):
-        return "a socket, not a regular file"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO, not a regular file"
-    return "not a regular file"
+    return f"{file_kind(mode)}, not a regular file"
 
 
 def _set_aside(dfd: int, name: str, judged: os.stat_result | None) -> None:
