@@ -8,6 +8,7 @@ the health routes and the drain does not pay for SQLite, filelock and sse-starle
 
 from typing import TYPE_CHECKING, Any
 
+from ._config import Settings
 from ._errors import (
     BudgetExceeded,
     ConfigError,
@@ -20,31 +21,30 @@ from ._errors import (
     StorageError,
     UnsafePath,
 )
+from ._lifecycle import Lifecycle
 from ._middleware import LifecycleMiddleware
 from ._runner import ExitCode, serve
-from .config import Settings
-from .lifecycle import Lifecycle
-from .state import Phase
+from ._state import Phase
 
 if TYPE_CHECKING:
-    from .events import EventLog
-    from .events_file import FileEventLog
-    from .feedback import feedback_routes
-    from .queue import FeedbackQueue
-    from .sink import Sink, SqliteSink
-    from .sse import session_event_routes
+    from ._events import EventLog
+    from ._events_file import FileEventLog
+    from ._feedback import feedback_routes
+    from ._queue import FeedbackQueue
+    from ._sink import Sink, SqliteSink
+    from ._sse import session_event_routes
 
     __version__: str
 
 #: Public name -> the module that defines it, imported on first access.
 _LAZY = {
-    "EventLog": "events",
-    "FileEventLog": "events_file",
-    "FeedbackQueue": "queue",
-    "Sink": "sink",
-    "SqliteSink": "sink",
-    "feedback_routes": "feedback",
-    "session_event_routes": "sse",
+    "EventLog": "_events",
+    "FileEventLog": "_events_file",
+    "FeedbackQueue": "_queue",
+    "Sink": "_sink",
+    "SqliteSink": "_sink",
+    "feedback_routes": "_feedback",
+    "session_event_routes": "_sse",
 }
 
 

@@ -8,9 +8,15 @@ from pathlib import Path
 import sf_lifecycle
 
 ROOT = Path(__file__).resolve().parents[2]
-#: The modules a user imports from; every other module is private (a leading underscore, or
-#: not yet renamed: see ARCHITECTURE.md).
-PUBLIC_MODULES = ("sf_lifecycle", "sf_lifecycle.report", "sf_lifecycle.testing")
+#: The modules a user imports from; every other module is private (a leading underscore: see
+#: ARCHITECTURE.md). README tells an app that builds its own idempotency index to import
+#: `IdempotencyIndex` from `sf_lifecycle.idempotency`, so that module is public too.
+PUBLIC_MODULES = (
+    "sf_lifecycle",
+    "sf_lifecycle.idempotency",
+    "sf_lifecycle.report",
+    "sf_lifecycle.testing",
+)
 #: The one exception left: the drain-scaling benchmark forges segment files with the framing
 #: encoder (and links them into the queue's directory), which no public API does yet. Exact,
 #: so the entry has to go when the benchmark stops needing it.

@@ -2,7 +2,7 @@
 
 One append-only file per session, so the new replica of an upgrade (another process on the same
 volume) replays what the old one wrote. The protocol, the ids and the follow loop are in
-`events.py`; this is one backend of it.
+`_events.py`; this is one backend of it.
 
 Deliberate choices:
 
@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ._errors import DiskWriteError, UnsafePath
+from ._events import Event, parse_event_id, validate_session_id
 from ._sessionview import (
     EMPTY,
     MAX_NUMBER,
@@ -82,7 +83,6 @@ from ._sessionview import (
     parse_lines,
 )
 from ._statefiles import open_state_dir, state_subdir
-from .events import Event, parse_event_id, validate_session_id
 
 __all__ = ["FileEventLog"]
 
