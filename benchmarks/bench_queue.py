@@ -38,6 +38,7 @@ from typing import Any
 
 from benchmarks._common import Stats, interleave, make_result
 from sf_lifecycle import FeedbackQueue, SqliteSink
+from sf_lifecycle.testing import crash_queue
 
 RECORD = {"kind": "feedback", "session": "s-0123456789", "text": "x" * 230}
 RAW = json.dumps({"id": "0" * 32, "ts": 0, "data": RECORD}).encode() + b"\n"  # ~300 bytes
@@ -66,7 +67,7 @@ def sf_appends(writers: int, n: int) -> float:
         began = time.perf_counter()
         await asyncio.gather(*(writer(per) for _ in range(writers)))
         took = time.perf_counter() - began
-        q._release()  # no drain: only the append path is measured
+        await q.close()  # no sink installed: nothing drained, only the append path is measured
         return per * writers / took
 
     with _Tmp() as state:
@@ -160,7 +161,7 @@ def sf_drain(n: int) -> float:
         result = await q.drain(noop)
         took = time.perf_counter() - began
         assert result.delivered == n // 100 * 100, result
-        q._release()
+        await q.close()
         return result.delivered / took
 
     with _Tmp() as state:
@@ -224,10 +225,10 @@ def startup_scan() -> tuple[float, float]:
             await q.recover(sink)
             samples.append((time.perf_counter() - began) * 1000)
             began = time.perf_counter()
-            os.listdir(q.dir)
+            os.listdir(state / "feedback")
             base.append((time.perf_counter() - began) * 1000)
-        peer._release()
-        q._release()
+        await peer.close()
+        await q.close()
         return statistics.median(samples), statistics.median(base)
 
     with _Tmp() as state:
@@ -240,7 +241,7 @@ def recovery_vs_sink(n: int) -> tuple[float, float]:
     async def main(state: Path) -> tuple[float, float]:
         dead = FeedbackQueue(state)
         await _fill(dead, n)
-        dead._release()  # as if killed: files stay, the lock is free
+        crash_queue(dead)  # as if killed: files stay, the lock is free
         sink = SqliteSink(state / "feedback.sqlite3")
         q = FeedbackQueue(state, batch_records=1000)
         began = time.perf_counter()
@@ -255,7 +256,7 @@ def recovery_vs_sink(n: int) -> tuple[float, float]:
         for k in range(n // 1000):
             await alone([{**r, "id": f"{k:08x}{r['id'][8:]}"} for r in batch])
         base = time.perf_counter() - began
-        q._release()
+        await q.close()
         sink.close()
         alone.close()
         return took, base

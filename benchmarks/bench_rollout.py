@@ -31,8 +31,7 @@ from typing import Any
 
 from benchmarks._common import Stats, interleave, make_result
 from examples import demo
-from sf_lifecycle.testing import BlueGreenProxy, ServerProcess, TraefikProxy, free_port
-from sf_lifecycle.testing.process import reap
+from sf_lifecycle.testing import BlueGreenProxy, ServerProcess, TraefikProxy, free_port, reap
 
 ROOT = Path(__file__).resolve().parents[1]
 REACTION_S = 10.0
@@ -93,10 +92,8 @@ def gated(fail: float) -> tuple[int, int | None]:
         before = summary.failed_total
         cand = stack.enter_context(_replica(state, "candidate", port, fail))
         cand.wait_ready()
-        proxy._poll(
-            lambda: set(proxy.candidate_status().values()) == {"UP"},
-            time.monotonic() + 10,
-            "candidate UP",
+        proxy.wait_until(
+            lambda: set(proxy.candidate_status().values()) == {"UP"}, 10, "candidate UP"
         )
         cmd = [
             *(sys.executable, "-m", "sf_lifecycle", "rollout"),

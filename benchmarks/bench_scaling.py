@@ -8,9 +8,10 @@ at a smaller size (so a fixed start-up cost that makes the smallest size dear ca
 further up). The goal column of every row says "linear"; `met` is False for a flagged series.
 
 1. **Drain** to a no-op sink at 1k, 100k and 1M queued records (quick: 1k, 100k). Segments are
-   written once per size with the framing encoder (segments of at most `SEGMENT_RECORDS`), kept
-   as master files, and hard-linked into the queue directory under the queue's own token before
-   each round: the drain renames and unlinks its link, the master stays. Baseline: splitting and
+   written once per size with `sf_lifecycle.testing.write_segment` (segments of at most
+   `SEGMENT_RECORDS`), kept as master files, and hard-linked into the queue directory as the
+   queue's own segments before each round (`link_segments`): the drain renames and unlinks its
+   link, the master stays. Baseline: splitting and
    parsing the same records as JSON lines held in memory, one segment's worth at a time like
    the drain (the floor of any JSON-based queue; in memory so the 1M case needs only its 322 MB
    of segments on disk).
@@ -51,8 +52,7 @@ from typing import Any
 from benchmarks._common import ROOT, Stats, UvicornProcess, interleave, make_result
 from benchmarks._sse_baseline import EVENTS_PATH, HEALTH_PATH
 from sf_lifecycle import FeedbackQueue, SqliteSink
-from sf_lifecycle._framing import encode
-from sf_lifecycle.testing import ServerProcess
+from sf_lifecycle.testing import ServerProcess, link_segments, write_segment
 
 __all__ = ["SUPERLINEAR_X", "Scaling", "run", "scaling", "size_label"]
 
@@ -190,7 +190,7 @@ def series_rows(
     return rows
 
 
-# -- segments written straight with the framing encoder ----------------------------------------
+# -- segments written straight, without the append path ---------------------------------------
 def _record_payloads(n: int, tag: int) -> list[bytes]:
     """`n` queue envelopes (valid, distinct UUIDv7-shaped ids) as the queue would write them."""
     ms = time.time_ns() // 1_000_000
@@ -206,16 +206,9 @@ def write_segments(directory: Path, n: int, tag: int = 0) -> list[Path]:
     paths = []
     payloads = _record_payloads(n, tag)
     for k, start in enumerate(range(0, n, SEGMENT_RECORDS)):
-        path = directory / f"master-{n}-{k:04d}"
-        with open(path, "wb") as f:
-            f.write(b"".join([encode(p) for p in payloads[start : start + SEGMENT_RECORDS]]))
-        paths.append(path)
+        chunk = payloads[start : start + SEGMENT_RECORDS]
+        paths.append(write_segment(directory / f"master-{n}-{k:04d}", chunk))
     return paths
-
-
-def _link(masters: Sequence[Path], directory: Path, token: str, kind: str) -> None:
-    for seq, master in enumerate(masters, 1):
-        os.link(master, directory / f"{token}.{seq:06d}.{kind}")
 
 
 async def _noop(records: Sequence[Mapping[str, Any]]) -> None:
@@ -228,12 +221,12 @@ def drain_once(state: Path, masters: Sequence[Path], n: int) -> float:
     async def main() -> float:
         q = FeedbackQueue(state)
         try:
-            _link(masters, q.dir, q.token, "log")
+            link_segments(q, masters)
             began = time.perf_counter()
             result = await q.drain(_noop)
             took = time.perf_counter() - began
         finally:
-            q._release()
+            await q.close()  # no sink installed: releases the files, drains nothing
         if result.delivered != n or not result.complete:
             raise RuntimeError(f"drain delivered {result.delivered} of {n}: {result}")
         return n / took
@@ -262,19 +255,18 @@ def jsonl_once(chunks: Sequence[bytes], n: int) -> float:
 
 def recover_once(state: Path, masters: Sequence[Path], n: int) -> float:
     """Seconds to recover `n` orphaned records (a dead owner's `.draining`) into SQLite."""
-    dead_token = f"{time.time_ns() // 1_000_000 - 60_000:012x}{os.urandom(5).hex()}"
     db = state / "feedback.sqlite3"
 
     async def main() -> float:
         q = FeedbackQueue(state)
         sink = SqliteSink(db)
         try:
-            _link(masters, q.dir, dead_token, "draining")
+            link_segments(q, masters, orphaned=True)
             began = time.perf_counter()
             result = await q.recover(sink)
             took = time.perf_counter() - began
         finally:
-            q._release()
+            await q.close()
             sink.close()
         if result.delivered != n or not result.complete:
             raise RuntimeError(f"recovery delivered {result.delivered} of {n}: {result}")
@@ -404,7 +396,7 @@ def _warm(port: int, session: str) -> None:
             got += chunk
         if not got.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(f"warm-up stream answered {got[:40]!r}")
-        from sf_lifecycle.testing.process import http_get
+        from sf_lifecycle.testing import http_get
 
         status, _, _ = http_get(
             "127.0.0.1",

@@ -500,10 +500,8 @@ def _run_rollout(opts: Options) -> Summary:
         bad = f", SF_EXAMPLE_FAIL_RATE={opts.fail_rate:g}" if opts.fail_rate else ""
         say(f"starting the new version (sf-v2{bad}) in the candidate pool, weight 0")
         cand = start("sf-v2", candidate_port, {"SF_EXAMPLE_FAIL_RATE": str(opts.fail_rate)})
-        proxy._poll(
-            lambda: set(proxy.candidate_status().values()) == {"UP"},
-            time.monotonic() + 10,
-            "candidate UP in Traefik",
+        proxy.wait_until(
+            lambda: set(proxy.candidate_status().values()) == {"UP"}, 10, "candidate UP in Traefik"
         )
         for path in ("/api/ready", "/api/version"):
             code, _, body = proxy.candidate_request(path)

@@ -1,6 +1,17 @@
 """sf-lifecycle: upgrade an ASGI service behind a reverse proxy without dropping a request.
 
-The public API is what `__all__` lists; the modules behind it are private.
+The public API is what `__all__` lists; the modules behind it are private (a leading underscore),
+except `sf_lifecycle.testing`, `sf_lifecycle.report` and `sf_lifecycle.idempotency`
+(`IdempotencyIndex`, for an app that builds its own index for `feedback_routes`).
+
+The top level names what a user writes in code: the app's wiring (`Lifecycle`, the middleware,
+`serve`, the routes, the queue, sinks and event logs with their protocols, `Settings`, `Phase`,
+`ExitCode`) and the exceptions worth catching or raising. Four leaves of the exception tree are
+left out on purpose: `DiskWriteError` is caught as its base `StorageError`; `QueueError` (a closed
+queue, a process token taken) is a wiring or shutdown fault, caught as `SfLifecycleError` when at
+all; `InvalidSessionId` and `InvalidEventId` are answered by the endpoints as 400 problems
+(`invalid_session_id`, `invalid_event_id`), and a caller of `FileEventLog` catches them as
+`ValueError`. All four are in the tree drawn in `_errors.py` and still pickle.
 
 The queue, the sink and the event streams load on first use (PEP 562), so an app that only wants
 the health routes and the drain does not pay for SQLite, filelock and sse-starlette at import.
@@ -8,43 +19,39 @@ the health routes and the drain does not pay for SQLite, filelock and sse-starle
 
 from typing import TYPE_CHECKING, Any
 
+from ._config import Settings
 from ._errors import (
     BudgetExceeded,
     ConfigError,
-    DiskWriteError,
-    InvalidEventId,
-    InvalidSessionId,
     NotReady,
-    QueueError,
     SfLifecycleError,
     StorageError,
     UnsafePath,
 )
+from ._lifecycle import Lifecycle
 from ._middleware import LifecycleMiddleware
 from ._runner import ExitCode, serve
-from .config import Settings
-from .lifecycle import Lifecycle
-from .state import Phase
+from ._state import Phase
 
 if TYPE_CHECKING:
-    from .events import EventLog
-    from .events_file import FileEventLog
-    from .feedback import feedback_routes
-    from .queue import FeedbackQueue
-    from .sink import Sink, SqliteSink
-    from .sse import session_event_routes
+    from ._events import EventLog
+    from ._events_file import FileEventLog
+    from ._feedback import feedback_routes
+    from ._queue import FeedbackQueue
+    from ._sink import Sink, SqliteSink
+    from ._sse import session_event_routes
 
     __version__: str
 
 #: Public name -> the module that defines it, imported on first access.
 _LAZY = {
-    "EventLog": "events",
-    "FileEventLog": "events_file",
-    "FeedbackQueue": "queue",
-    "Sink": "sink",
-    "SqliteSink": "sink",
-    "feedback_routes": "feedback",
-    "session_event_routes": "sse",
+    "EventLog": "_events",
+    "FileEventLog": "_events_file",
+    "FeedbackQueue": "_queue",
+    "Sink": "_sink",
+    "SqliteSink": "_sink",
+    "feedback_routes": "_feedback",
+    "session_event_routes": "_sse",
 }
 
 
@@ -69,18 +76,14 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BudgetExceeded",
     "ConfigError",
-    "DiskWriteError",
     "EventLog",
     "ExitCode",
     "FeedbackQueue",
     "FileEventLog",
-    "InvalidEventId",
-    "InvalidSessionId",
     "Lifecycle",
     "LifecycleMiddleware",
     "NotReady",
     "Phase",
-    "QueueError",
     "Settings",
     "SfLifecycleError",
     "Sink",

@@ -29,7 +29,7 @@ from ._segments import Loaded, NotASegment, Record, load_segment, quarantine_fil
 from ._statefiles import state_subdir
 
 if TYPE_CHECKING:
-    from .sink import Sink
+    from ._sink import Sink
 
 __all__ = ["Delivery", "DeliveryListener", "DrainResult", "drain_every"]
 

@@ -3,7 +3,7 @@
 Every `os` call the queue makes on its own files (open, write, fsync, rename, unlink, ftruncate,
 close, stat, listdir) goes through this module's `os` name, written out and looked up at each
 use (`_fs.os.fsync(fd)`, never a local `os = _fs.os` alias), in `_segments`, `_writer`,
-`_delivery`, `_recovery` and `queue`. A test replaces this single name to see or fail all of
+`_delivery`, `_recovery` and `_queue`. A test replaces this single name to see or fail all of
 them: the fault-injection tests (`tests/reliability/test_io_faults.py`,
 `tests/unit/test_queue.py`) fail the N-th call of one kind, and the power-loss test
 (`tests/reliability/test_power_loss.py`) mirrors them into a model of what a power cut keeps.

@@ -24,10 +24,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ._problem import method_not_allowed
-from .state import Phase
+from ._state import Phase
 
 if TYPE_CHECKING:
-    from .lifecycle import Lifecycle
+    from ._lifecycle import Lifecycle
 
 __all__ = ["HEALTH_PATHS", "HealthEndpoints"]
 

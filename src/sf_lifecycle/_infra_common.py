@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .config import Settings
+from ._config import Settings
 
 Severity = Literal["error", "warning"]
 

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._health import HEALTH_PATHS, HealthEndpoints
-from .state import Phase
+from ._state import Phase
 
 if TYPE_CHECKING:
-    from .lifecycle import Lifecycle
+    from ._lifecycle import Lifecycle
 
 __all__ = ["DEFAULT_STREAM_PATHS", "LifecycleMiddleware"]
 

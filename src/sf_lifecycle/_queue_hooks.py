@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .lifecycle import Lifecycle
-    from .queue import FeedbackQueue
-    from .sink import Sink
+    from ._lifecycle import Lifecycle
+    from ._queue import FeedbackQueue
+    from ._sink import Sink
 
 __all__ = ["install", "installed_queues"]
 
@@ -45,8 +45,8 @@ def install(queue: FeedbackQueue, lifecycle: Lifecycle, sink: Sink | None = None
         sink: Where records go; a `SqliteSink` at `<state_dir>/feedback.sqlite3` (closed with
             the queue) when None.
     """
+    from ._sink import SqliteSink
     from .idempotency import IdempotencyIndex
-    from .sink import SqliteSink
 
     index = queue.idempotency
     if index is None:

@@ -41,7 +41,7 @@ from ._segments import (
 )
 
 if TYPE_CHECKING:
-    from .sink import Sink
+    from ._sink import Sink
 
 __all__ = ["OrphanRecovery"]
 

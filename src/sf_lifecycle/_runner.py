@@ -45,11 +45,11 @@ from typing import Any
 import uvicorn
 from uvicorn.lifespan.on import LifespanOn
 
+from ._config import Settings
+from ._lifecycle import Lifecycle
 from ._middleware import LifecycleMiddleware
+from ._state import Phase
 from ._watchdog import Watchdog
-from .config import Settings
-from .lifecycle import Lifecycle
-from .state import Phase
 
 __all__ = [
     "ExitCode",

@@ -1,8 +1,8 @@
 """One session's events as data: the line format of a session file, and retention.
 
-Pure (no I/O, no locks): `FileEventLog` (`events_file.py`) reads bytes into a `View`, asks
+Pure (no I/O, no locks): `FileEventLog` (`_events_file.py`) reads bytes into a `View`, asks
 `Retention` what a reader may still get, and writes what `encode_header` and `encode_line`
-make (the file layout is drawn in `events_file.py`). Split from it so that the backend is
+make (the file layout is drawn in `_events_file.py`). Split from it so that the backend is
 the I/O and the concurrency, and what a reader may see is decided here, testable on data.
 """
 
@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .events import Event, lost_event
+from ._events import Event, lost_event
 
 __all__ = [
     "EMPTY",

@@ -33,7 +33,7 @@ from ._sqlite import SqliteThread
 from ._statefiles import DEFAULT_FILE_MODE
 
 if TYPE_CHECKING:
-    from .queue import FeedbackQueue
+    from ._queue import FeedbackQueue
 
 __all__ = ["IDEMPOTENCY_TTL_S", "PURGE_BATCH", "IdempotencyIndex", "KnownKey"]
 

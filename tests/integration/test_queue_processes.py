@@ -196,8 +196,8 @@ def test_two_servers_start_at_the_same_instant_on_a_fresh_state_dir(
 
 WRITER = r"""
 import asyncio, json, os, sys
-from sf_lifecycle.queue import FeedbackQueue
-from sf_lifecycle.sink import SqliteSink
+from sf_lifecycle._queue import FeedbackQueue
+from sf_lifecycle._sink import SqliteSink
 
 state, n, mode, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 
@@ -223,8 +223,8 @@ asyncio.run(main())
 
 RECOVERER = r"""
 import asyncio, os, sys
-from sf_lifecycle.queue import FeedbackQueue
-from sf_lifecycle.sink import SqliteSink
+from sf_lifecycle._queue import FeedbackQueue
+from sf_lifecycle._sink import SqliteSink
 
 state, stop = sys.argv[1], sys.argv[2]
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from sf_lifecycle.events import parse_event_id
+from sf_lifecycle._events import parse_event_id
 from sf_lifecycle.testing import ServerProcess
 
 pytestmark = pytest.mark.integration

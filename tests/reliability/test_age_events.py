@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle.events import LOST, parse_event_id
-from sf_lifecycle.events_file import FileEventLog
+from sf_lifecycle._events import LOST, parse_event_id
+from sf_lifecycle._events_file import FileEventLog
 
 MAX = 10**18 - 1
 

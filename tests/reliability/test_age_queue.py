@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle.queue import FeedbackQueue
-from sf_lifecycle.queue_cli import inspect_state_dir
+from sf_lifecycle._queue import FeedbackQueue
+from sf_lifecycle._queue_cli import inspect_state_dir
 from sf_lifecycle.testing import ServerProcess
 
 from ._harness import BASE_ENV, ROOT, Oracle, post_one

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sf_lifecycle._framing import scan
-from sf_lifecycle.queue import FeedbackQueue
+from sf_lifecycle._queue import FeedbackQueue
 from tests.unit.test_queue import ListSink, die
 
 from ._harness import Oracle, clean_restart, leftovers, post_one, start_server

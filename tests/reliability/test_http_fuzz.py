@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sf_lifecycle.config import Settings
+from sf_lifecycle._config import Settings
 
 from ._harness import example_create_app, sink_rows
 

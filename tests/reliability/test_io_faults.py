@@ -24,9 +24,9 @@ import httpx
 import pytest
 
 from sf_lifecycle import _fs
+from sf_lifecycle._config import Settings
 from sf_lifecycle._errors import DiskWriteError
-from sf_lifecycle.config import Settings
-from sf_lifecycle.queue import FeedbackQueue
+from sf_lifecycle._queue import FeedbackQueue
 from tests.unit.test_queue import ListSink, die
 
 from ._harness import example_create_app, sink_rows

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sf_lifecycle._config import Settings
+from sf_lifecycle._events_file import FileEventLog
 from sf_lifecycle._jsonbody import MAX_DEPTH
-from sf_lifecycle.config import Settings
-from sf_lifecycle.events_file import FileEventLog
 
 from ._harness import example_create_app
 

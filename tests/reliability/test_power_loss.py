@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from sf_lifecycle import _fs
-from sf_lifecycle.queue import FeedbackQueue
+from sf_lifecycle._queue import FeedbackQueue
 from tests.unit.test_queue import ListSink
 
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sf_lifecycle._config import Settings
 from sf_lifecycle._errors import ConfigError, UnsafePath
+from sf_lifecycle._events import InvalidSessionId
+from sf_lifecycle._events_file import FileEventLog
 from sf_lifecycle._ids import is_record_id
-from sf_lifecycle.config import Settings
-from sf_lifecycle.events import InvalidSessionId
-from sf_lifecycle.events_file import FileEventLog
+from sf_lifecycle._sink import SqliteSink
 from sf_lifecycle.idempotency import IdempotencyIndex
-from sf_lifecycle.sink import SqliteSink
 
 from ._harness import example_create_app, leftovers, start_server
 

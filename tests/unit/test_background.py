@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from sf_lifecycle._background import stops_task
-from sf_lifecycle.config import Settings
-from sf_lifecycle.lifecycle import Lifecycle
-from sf_lifecycle.queue import FeedbackQueue
+from sf_lifecycle._config import Settings
+from sf_lifecycle._lifecycle import Lifecycle
+from sf_lifecycle._queue import FeedbackQueue
 
 KINDS = ["cancelled", "systemexit", "keyboard"]
 

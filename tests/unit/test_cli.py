@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle import cli
+from sf_lifecycle import _cli as cli
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from sf_lifecycle import ConfigError, Settings
-from sf_lifecycle.config import ENV_VARS
+from sf_lifecycle._config import ENV_VARS
 
 
 def test_defaults_match_the_reference_deployment() -> None:

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from sf_lifecycle import Settings
-from sf_lifecycle.config import ENV_VARS
+from sf_lifecycle._config import ENV_VARS
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle.events import (
+from sf_lifecycle._events import (
     LOST,
     Event,
     EventLog,
@@ -21,7 +21,7 @@ from sf_lifecycle.events import (
     parse_event_id,
     validate_session_id,
 )
-from sf_lifecycle.events_file import FileEventLog
+from sf_lifecycle._events_file import FileEventLog
 
 
 def seqs(events: list[Event]) -> list[int]:

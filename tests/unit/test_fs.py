@@ -14,9 +14,9 @@ import pytest
 
 from sf_lifecycle import _fs
 from sf_lifecycle._errors import DiskWriteError
-from sf_lifecycle.queue import FeedbackQueue
+from sf_lifecycle._queue import FeedbackQueue
 
-QUEUE_MODULES = ("_segments", "_writer", "_delivery", "_recovery", "_queue_hooks", "queue")
+QUEUE_MODULES = ("_segments", "_writer", "_delivery", "_recovery", "_queue_hooks", "_queue")
 
 
 @pytest.mark.parametrize("name", QUEUE_MODULES)

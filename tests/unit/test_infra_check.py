@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from sf_lifecycle._config import Settings
 from sf_lifecycle._infra_check import (
     COMMAND,
     Finding,
@@ -24,7 +25,6 @@ from sf_lifecycle._infra_check import (
     interpolate,
     parse_duration_ms,
 )
-from sf_lifecycle.config import Settings
 from sf_lifecycle.testing import TraefikRouting
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -86,10 +86,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_the_imports_that_run() -> None:
     graph = import_graph()
-    assert "sf_lifecycle._middleware" in graph["sf_lifecycle.lifecycle"]
+    assert "sf_lifecycle._middleware" in graph["sf_lifecycle._lifecycle"]
     assert "sf_lifecycle._health" in graph["sf_lifecycle._middleware"]
     # Imports for annotations only do not run, so they are no edge.
-    assert "sf_lifecycle.lifecycle" not in graph["sf_lifecycle._health"]
+    assert "sf_lifecycle._lifecycle" not in graph["sf_lifecycle._health"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
@@ -118,3 +118,20 @@ def test_architecture_lists_every_module_once() -> None:
     rows = module_table()
     assert sorted(rows) == modules
     assert len(set(rows)) == len(rows)
+
+
+def data_path_steps() -> list[str]:
+    """The module of each step of ARCHITECTURE.md's two data-path diagrams, in order."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    section = text.split("## The two data paths", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^  [├└]─ (\w+) ", section, re.M)
+
+
+def test_the_data_paths_name_modules_that_exist() -> None:
+    """A newcomer follows the diagrams into the code: a renamed or split module must not leave
+    a step pointing nowhere."""
+    steps = data_path_steps()
+    assert steps[0] == "_middleware"  # the write path starts at the request
+    assert steps.index("_writer") < steps.index("_runner")  # then the shutdown
+    assert steps[-1] == "_runner"  # which ends with the exit code
+    assert sorted(set(steps) - {p.stem for p in PACKAGE.glob("*.py")}) == []

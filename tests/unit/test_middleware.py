@@ -11,7 +11,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from sf_lifecycle import Lifecycle, LifecycleMiddleware, Settings
-from sf_lifecycle.state import ShutdownState
+from sf_lifecycle._state import ShutdownState
 
 SEEN_WHILE_STREAMING: list[int] = []
 

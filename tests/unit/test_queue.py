@@ -21,12 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sf_lifecycle import _fs
+from sf_lifecycle._config import Settings
 from sf_lifecycle._errors import BudgetExceeded, DiskWriteError, QueueError
 from sf_lifecycle._framing import encode
 from sf_lifecycle._ids import is_record_id, new_record_id
-from sf_lifecycle.config import Settings
-from sf_lifecycle.lifecycle import Lifecycle
-from sf_lifecycle.queue import FeedbackQueue
+from sf_lifecycle._lifecycle import Lifecycle
+from sf_lifecycle._queue import FeedbackQueue
 
 
 class ListSink:
@@ -417,7 +417,7 @@ async def test_queue_cli_status_and_recover(
     import argparse
     import json as _json
 
-    from sf_lifecycle import queue_cli
+    from sf_lifecycle import _queue_cli as queue_cli
 
     def run(*argv: str) -> int:
         parser = argparse.ArgumentParser()
@@ -442,7 +442,7 @@ async def test_queue_cli_status_and_recover(
     out = capsys.readouterr().out
     assert "orphaned            0" in out
     assert "delivered           5" in out
-    from sf_lifecycle.sink import SqliteSink
+    from sf_lifecycle._sink import SqliteSink
 
     sink = SqliteSink(tmp_path / "feedback.sqlite3")
     assert await sink.ids() == ids
@@ -502,7 +502,7 @@ def test_any_history_of_appends_drains_and_crashes_delivers_every_ack(
 
 async def test_sequence_past_999999_is_drained_recovered_and_counted(tmp_path: Path) -> None:
     """Segment numbers outgrow six digits after ~55 h of traffic: nothing may go unseen."""
-    from sf_lifecycle.queue_cli import inspect_state_dir
+    from sf_lifecycle._queue_cli import inspect_state_dir
 
     q = FeedbackQueue(tmp_path)
     q._start_segments_after(999_998)
@@ -609,7 +609,7 @@ async def test_recovery_that_fails_is_retried_and_keyed_posts_wait_for_it(
     import httpx
     from starlette.applications import Starlette
 
-    from sf_lifecycle.feedback import feedback_routes
+    from sf_lifecycle._feedback import feedback_routes
 
     first = FeedbackQueue(tmp_path)
     from sf_lifecycle.idempotency import IdempotencyIndex
@@ -746,7 +746,7 @@ async def test_a_keyed_retry_gets_its_id_while_someone_else_holds_the_orphan(
     import httpx
     from starlette.applications import Starlette
 
-    from sf_lifecycle.feedback import feedback_routes
+    from sf_lifecycle._feedback import feedback_routes
     from sf_lifecycle.idempotency import IdempotencyIndex
 
     first = FeedbackQueue(tmp_path)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sf_lifecycle import queue_cli
-from sf_lifecycle.queue import FeedbackQueue
+from sf_lifecycle import _queue_cli as queue_cli
+from sf_lifecycle._queue import FeedbackQueue
 
 from .test_queue import die
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sf_lifecycle._cli import main
 from sf_lifecycle._prometheus import (
     ServiceStats,
     histogram_quantile,
@@ -21,7 +22,6 @@ from sf_lifecycle._prometheus import (
 )
 from sf_lifecycle._rollout import Gate, parse_steps, qualify
 from sf_lifecycle._weights import WeightsError, WeightsFile, split_provider
-from sf_lifecycle.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_WEIGHTS = ROOT / "infra" / "traefik" / "dynamic" / "weights.yaml"

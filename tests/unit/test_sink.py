@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sf_lifecycle._ids import new_record_id
-from sf_lifecycle.sink import Sink, SqliteSink, count_records
+from sf_lifecycle._sink import Sink, SqliteSink, count_records
 
 
 def rec(data: object, key: str | None = None) -> dict[str, object]:

@@ -17,9 +17,9 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from starlette.applications import Starlette
 
 from sf_lifecycle import Lifecycle, Settings
-from sf_lifecycle.events import parse_event_id
-from sf_lifecycle.events_file import FileEventLog
-from sf_lifecycle.sse import EVENTS_PATH, session_event_routes
+from sf_lifecycle._events import parse_event_id
+from sf_lifecycle._events_file import FileEventLog
+from sf_lifecycle._sse import EVENTS_PATH, session_event_routes
 from sf_lifecycle.testing.process import free_port
 
 URL = EVENTS_PATH

@@ -4,7 +4,7 @@ import asyncio
 import threading
 
 from sf_lifecycle import Phase
-from sf_lifecycle.state import ShutdownState
+from sf_lifecycle._state import ShutdownState
 
 
 def test_starts_in_starting_with_timestamp() -> None:

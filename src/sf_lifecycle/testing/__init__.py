@@ -1,7 +1,10 @@
 """Helpers for testing services built on sf-lifecycle with real processes.
 
 `ServerProcess` starts an app under `sf-lifecycle serve` on a free 127.0.0.1 port and always reaps
-it. The library's own integration tests, the demo and the benchmarks use it.
+it; `reap` does the same for any other process a test starts. The library's own integration
+tests, the demo and the benchmarks use them. `write_segment`, `link_segments` and `crash_queue`
+build a queue's files in process, for benchmarks of the drain and of recovery at sizes the append
+path would take minutes to fill.
 """
 
 from .bluegreen import BlueGreenProxy
@@ -12,7 +15,8 @@ from .oracle import (
     check_delivery,
     sqlite_sink_ids,
 )
-from .process import ServerProcess, free_port, http_get
+from .process import ServerProcess, free_port, http_get, reap
+from .queue_files import crash_queue, link_segments, write_segment
 from .service import CrashPointMissed, Service, ServiceFactory, Shutdown
 from .timeline import Timeline, TimelineEvent, parse_timeline
 from .traefik import TraefikProxy, TraefikRouting, find_traefik
@@ -32,9 +36,13 @@ __all__ = [
     "TraefikRouting",
     "assert_delivered_once",
     "check_delivery",
+    "crash_queue",
     "find_traefik",
     "free_port",
     "http_get",
+    "link_segments",
     "parse_timeline",
+    "reap",
     "sqlite_sink_ids",
+    "write_segment",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["ServerProcess", "free_port", "http_get"]
+__all__ = ["ServerProcess", "free_port", "http_get", "reap"]
 
 
 def free_port() -> int:

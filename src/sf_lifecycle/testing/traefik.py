@@ -380,6 +380,17 @@ class TraefikProxy:
 
         self._poll(listed, deadline, f"Traefik's API lists servers {want}")
 
+    def wait_until(
+        self, predicate: Callable[[], bool], timeout_s: float, what: str, interval: float = 0.05
+    ) -> None:
+        """Return once `predicate()` is true (an `OSError` or HTTP error in it counts as not yet).
+
+        Raises:
+            RuntimeError: Traefik exited meanwhile; the message holds its log.
+            TimeoutError: `timeout_s` passed; the message names `what` and ends with the log.
+        """
+        self._poll(predicate, time.monotonic() + timeout_s, what, interval)
+
     def _poll(
         self,
         predicate: Callable[[], bool],

@@ -48,10 +48,10 @@ from ._statefiles import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, state_subdir
 from ._writer import SegmentWriter
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from ._config import Settings
+    from ._lifecycle import Lifecycle
+    from ._sink import Sink
     from .idempotency import IdempotencyIndex
-    from .lifecycle import Lifecycle
-    from .sink import Sink
 
 __all__ = ["DeliveryListener", "DrainResult", "FeedbackQueue", "QueueStats"]
 

@@ -2,8 +2,8 @@
 
 An `EventLog` has three operations: `append` an event to a session and get its id, `read_after`
 an id, and `wait` for something newer. `follow()` builds "replay, then live" on top of those
-three, and the SSE layer (`sse.py`) streams what it yields, so another backend (PostgreSQL,
-Redis Streams: XADD / XRANGE / XREAD BLOCK) plugs in beside `FileEventLog` (`events_file.py`)
+three, and the SSE layer (`_sse.py`) streams what it yields, so another backend (PostgreSQL,
+Redis Streams: XADD / XRANGE / XREAD BLOCK) plugs in beside `FileEventLog` (`_events_file.py`)
 without touching the SSE layer.
 
 Deliberate choices:

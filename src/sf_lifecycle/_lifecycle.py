@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._background import stops_task
+from ._config import Settings
 from ._errors import BudgetExceeded, NotReady
 from ._middleware import LifecycleMiddleware
 from ._redact import describe_error
-from .config import Settings
-from .state import Phase, ShutdownState
+from ._state import Phase, ShutdownState
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette

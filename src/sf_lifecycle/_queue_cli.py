@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .queue import FeedbackQueue
+    from ._queue import FeedbackQueue
 
 __all__ = ["COMMAND", "add_arguments", "inspect_state_dir", "run"]
 
@@ -69,8 +69,8 @@ class _Refused(Exception):
 def _check_state_dir(state_dir: Path, *, sink: bool) -> None:
     """The checks a server makes, without creating anything; `_Refused` naming the problem."""
     from ._errors import UnsafePath
+    from ._sink import count_records
     from ._statefiles import open_state_dir, refuse_link
-    from .sink import count_records
 
     try:
         os.close(open_state_dir(state_dir, "feedback", None))
@@ -174,7 +174,7 @@ def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
     for name in (db.name, *(db.name + x for x in ("-wal", "-shm", "-journal"))):
         refuse_link(db.with_name(name))  # never opened through a link (the server refuses too)
     if os.path.lexists(db):
-        from .sink import count_records
+        from ._sink import count_records
 
         out["delivered"] = count_records(db)
     return out
@@ -228,9 +228,9 @@ def _recover_app(state_dir: Path, spec: str) -> int:
 
 
 async def _recover(state_dir: Path) -> int:
+    from ._queue import FeedbackQueue
+    from ._sink import SqliteSink
     from .idempotency import IdempotencyIndex
-    from .queue import FeedbackQueue
-    from .sink import SqliteSink
 
     queue = FeedbackQueue(state_dir)
     sink = SqliteSink(state_dir / "feedback.sqlite3")

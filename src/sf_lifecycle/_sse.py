@@ -43,12 +43,12 @@ from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
 from ._errors import DiskWriteError, UnsafePath
+from ._events import LOST, EventLog, InvalidEventId, InvalidSessionId, follow, parse_event_id
+from ._events import validate_session_id as _validate_session
 from ._jsonbody import BodyError, read_json_body
+from ._lifecycle import Lifecycle
 from ._problem import ProblemRoute, problem
-from .events import LOST, EventLog, InvalidEventId, InvalidSessionId, follow, parse_event_id
-from .events import validate_session_id as _validate_session
-from .lifecycle import Lifecycle
-from .state import ShutdownState
+from ._state import ShutdownState
 
 __all__ = ["EVENTS_PATH", "session_event_routes"]
 

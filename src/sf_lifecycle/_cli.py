@@ -18,8 +18,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from ._config import ENV_VARS, Settings
 from ._errors import ConfigError, UnsafePath
-from .config import ENV_VARS, Settings
 
 __all__ = ["main"]
 
@@ -68,8 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _commands() -> dict[str, Command]:
     from ._infra_check import COMMAND as check_infra
+    from ._queue_cli import COMMAND as queue
     from ._rollout import COMMAND as rollout
-    from .queue_cli import COMMAND as queue
 
     return {
         "serve": (_serve_args, _serve),

@@ -17,12 +17,12 @@ import pytest
 from starlette.applications import Starlette
 
 from sf_lifecycle import _fs
+from sf_lifecycle._config import Settings
+from sf_lifecycle._feedback import feedback_routes
 from sf_lifecycle._ids import is_record_id
-from sf_lifecycle.config import Settings
-from sf_lifecycle.feedback import feedback_routes
+from sf_lifecycle._queue import FeedbackQueue
+from sf_lifecycle._sink import SqliteSink
 from sf_lifecycle.idempotency import IdempotencyIndex
-from sf_lifecycle.queue import FeedbackQueue
-from sf_lifecycle.sink import SqliteSink
 
 JSON = {"content-type": "application/json"}
 
@@ -256,7 +256,7 @@ async def test_503_not_500_and_not_ready_while_the_idempotency_index_cannot_be_u
 ) -> None:
     """An index that cannot be opened (a folder in its place) answers 503 JSON naming no path,
     and `/api/ready` is not 200 meanwhile: keyed writes are failing for a local reason."""
-    from sf_lifecycle.lifecycle import Lifecycle
+    from sf_lifecycle._lifecycle import Lifecycle
 
     (tmp_path / "feedback" / "idempotency.sqlite3").mkdir(parents=True)
     cfg = Settings(state_dir=tmp_path)
@@ -298,7 +298,7 @@ async def test_a_damaged_idempotency_index_is_quarantined_and_rebuilt(
     delivered: the file is moved to `feedback/quarantine/` (same bytes, logged with the
     reason), an empty index replaces it, recovery completes, the replica becomes ready, and
     the key is recorded again."""
-    from sf_lifecycle.lifecycle import Lifecycle
+    from sf_lifecycle._lifecycle import Lifecycle
 
     first = App(tmp_path)
     rid = (await first.post({"x": 1}, {"idempotency-key": "k-orphan", **JSON})).json()["id"]

@@ -49,13 +49,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
+from ._config import Settings
 from ._errors import DiskWriteError, QueueError
 from ._jsonbody import BodyError, check_json_content_type, read_json_body
+from ._lifecycle import Lifecycle
 from ._problem import ProblemRoute, problem
-from .config import Settings
+from ._queue import FeedbackQueue
 from .idempotency import IdempotencyIndex
-from .lifecycle import Lifecycle
-from .queue import FeedbackQueue
 
 __all__ = ["feedback_routes"]
 

@@ -1,0 +1,246 @@
+"""`FileEventLog`: session events in files under `<state_dir>/sessions/`, shared by replicas.
+
+One append-only file per session, so the new replica of an upgrade (another process on the same
+volume) replays what the old one wrote. The protocol, the ids and the follow loop are in
+`_events.py`; this is one backend of it.
+
+Deliberate choices:
+
+* **A lock around append, not byte offsets as ids.** The next `seq` is read and the line written
+  under an `flock` on `<session>.lock` (the lock `filelock` takes too), so two replicas
+  appending to one session never reuse a number. Offsets as ids would avoid the lock, but
+  retention rewrites the file, and the offsets would then change meaning; the lock is held for
+  one `write()` (microseconds).
+* **A file's identity is its header, not its inode.** Compaction writes a new file and
+  renames it over the old one, and ext4 often gives the new file an inode number the name had
+  before: a reader that tracked `(inode, size)` would read a new file from an old offset. Every
+  file written gets a random `gen` in its header; a reader continues from its offset only when
+  the header it finds (read on the same descriptor as the new bytes) is the one it parsed, and
+  otherwise re-reads the file from the start, which is transparent to streams since ids keep
+  their meaning. A stat that looks unchanged is trusted only once the file is older than one
+  second (a compaction within one clock tick can match inode, size and mtime); until then the
+  header decides. Only a file that fails to parse from its first byte is quarantined, and only
+  if its name still refers to the file that was judged.
+* **No link is followed under the state directory.** The `sessions` folder is opened one
+  component at a time with `O_NOFOLLOW` (see `_statefiles`) for every disk operation, and every
+  name is resolved relative to that descriptor: `sessions -> /elsewhere` is refused with
+  `UnsafePath` (503 on publish) and nothing is created, renamed or deleted there.
+* **Retention is exact for readers, lazy on disk.** A reader sees an event only while it is one
+  of the newest `retention_events` and younger than `retention_ms`; asking for an older position
+  yields a `lost` event naming how many events were dropped. The file is rewritten (temp file,
+  then `os.replace`) when it holds 25 % more than that, so compaction is amortised.
+* **Live delivery across processes polls.** A process learns of its own appends at once; it
+  learns of another process's appends by `stat()`-ing the files that have waiting streams every
+  `poll_ms` (50 ms by default: one `stat` per watched session per tick, however many streams
+  watch it). `benchmarks/bench_sse.py` measures the latency; no inotify, so it works on any
+  volume type that shows another writer's appends.
+* **No fsync by default.** An upgrade is a graceful process swap on one host: the page cache is
+  shared, so the new replica sees every byte the old one wrote. Events are notifications, not
+  the durable writes the feedback queue protects; `fsync=True` buys power-loss durability.
+* **Corruption is quarantined, not fatal.** A file that fails to parse is renamed to
+  `<session>.corrupt-<ms>` with an error log; the session starts a new epoch, so a client holding
+  an old id receives a `lost` event. A torn last line (a writer killed mid-`write`) is ignored by
+  readers and truncated by the next appender, under the lock.
+
+Three modules below this one: `_sessiondisk.py` reads and appends the files (on worker
+threads), `_sessionfile.py` holds one session's record, its lock, its rewrite (compaction) and
+quarantine, `_sessionview.py` the line format and the retention rules as pure data; this module is
+the API, the cache of sessions and the poller.
+
+File layout (`<state_dir>/sessions/<session>.log`), one JSON object per line::
+
+    {"sf_session_log":1,"epoch":1718000000000,"floor":0,"gen":"9f2c..."}   ids <= floor dropped
+    {"seq":1,"ts":1718000000123,"data":{"any":"json"}}
+    {"seq":2,"ts":1718000000456,"data":[1,2,3]}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from ._errors import UnsafePath
+from ._events import Event, parse_event_id, validate_session_id
+from ._sessiondisk import SessionDisk
+from ._sessionfile import Session, now_ms
+from ._sessionview import Retention, has_after
+from ._statefiles import state_subdir
+
+__all__ = ["FileEventLog"]
+
+logger = logging.getLogger("sf_lifecycle.events.file")
+
+
+class FileEventLog:
+    """Session events in files under `<state_dir>/sessions/`, shared by every replica.
+
+    Args:
+        state_dir: The state directory (the volume that outlives a replica).
+        retention_events: Events per session a reader can still resume from.
+        retention_ms: Age after which an event can no longer be resumed from.
+        poll_ms: How often files with waiting streams are checked for other processes' appends.
+        fsync: fsync each append (and compaction) for power-loss durability.
+        max_cached_sessions: Sessions kept parsed in memory when nobody streams them.
+        file_mode: Mode of the log and lock files created (no file is opened through a link).
+        dir_mode: Mode of the `sessions` folder when it is created.
+
+    Raises:
+        UnsafePath: `sessions` under the state directory is a link or not a folder.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path | str,
+        retention_events: int = 10_000,
+        retention_ms: int = 3_600_000,
+        *,
+        poll_ms: int = 50,
+        fsync: bool = False,
+        max_cached_sessions: int = 256,
+        file_mode: int = 0o600,
+        dir_mode: int = 0o700,
+    ) -> None:
+        if retention_events < 1 or retention_ms < 1 or poll_ms < 1:
+            raise ValueError("retention_events, retention_ms and poll_ms must be positive")
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+        self.dir = state_subdir(self.state_dir, "sessions", dir_mode)
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
+        self.retention_events = retention_events
+        self.retention_ms = retention_ms
+        self.retention = Retention(retention_events, retention_ms)
+        self.poll_s = poll_ms / 1000
+        self.fsync = fsync
+        self.max_cached_sessions = max_cached_sessions
+        self._disk = SessionDisk(
+            self.state_dir, self.retention, fsync=fsync, file_mode=file_mode, dir_mode=dir_mode
+        )
+        self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
+        self._guard = threading.Lock()
+        self._poller: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kwargs: Any) -> FileEventLog:
+        """Build from `Settings` (state dir and the two `sse_retention_*` settings)."""
+        return cls(
+            settings.require_state_dir(),
+            settings.sse_retention_events,
+            settings.sse_retention_ms,
+            **{"file_mode": settings.file_mode, "dir_mode": settings.dir_mode, **kwargs},
+        )
+
+    # -- public API ----------------------------------------------------------------------
+    async def append(self, session: str, data: Any) -> str:
+        """Append a JSON value to `session`; returns its id once written.
+
+        Raises:
+            InvalidSessionId: the session id cannot name a file.
+            ValueError, TypeError: `data` is not JSON (NaN and Infinity included).
+            UnsafePath: `sessions` (or the session's file) is a link or of the wrong type;
+                nothing was written anywhere.
+            DiskWriteError: the disk refused the write; nothing was appended.
+        """
+        s = self._session(session)
+        data_json = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        event_id = await asyncio.to_thread(self._disk.append, s, data_json)
+        self._notify(s)
+        return event_id
+
+    async def read_after(self, session: str, last_id: str | None) -> list[Event]:
+        """See `EventLog.read_after`. Raises `InvalidEventId` for a malformed `last_id`, and
+        `UnsafePath` when `sessions` is a link or not a folder."""
+        position = None if last_id is None else parse_event_id(last_id)
+        s = self._session(session)
+        if self._disk.stale(s):
+            async with s.alock:
+                if self._disk.stale(s):
+                    try:
+                        await asyncio.to_thread(self._disk.refresh, s)
+                    except UnsafePath:
+                        raise
+                    except OSError as exc:  # a stream must not die: serve what is known
+                        logger.error("session %s: cannot refresh: %s", s.name, exc)
+        return self.retention.select(s.view, last_id, position, now_ms())
+
+    async def wait(self, session: str, last_id: str | None, timeout_s: float) -> bool:
+        """See `EventLog.wait`: wakes on a local append at once, on another process's within
+        about `poll_ms`."""
+        position = None if last_id is None else parse_event_id(last_id)
+        s = self._session(session)
+        event = self._changed(s)
+        if self._disk.stale(s) or has_after(s.view, position):
+            return True
+        s.waiters += 1
+        self._ensure_poller()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
+        except TimeoutError:
+            return False
+        finally:
+            s.waiters -= 1
+        return True
+
+    async def aclose(self) -> None:
+        """Stop the background poller (streams still waiting fall back to their timeouts)."""
+        task, self._poller = self._poller, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def compact(self, session: str) -> None:
+        """Drop what retention allows from one session file now (normally done on append)."""
+        self._disk.compact(self._session(session))
+
+    # -- in-memory bookkeeping -------------------------------------------------------------
+    def _session(self, session: str) -> Session:
+        validate_session_id(session)
+        with self._guard:
+            s = self._sessions.get(session)
+            if s is None:
+                s = Session(session, self.dir / f"{session}.log")
+                self._sessions[session] = s
+                if len(self._sessions) > self.max_cached_sessions:
+                    for name in list(self._sessions)[: -self.max_cached_sessions]:
+                        if self._sessions[name].waiters == 0:
+                            del self._sessions[name]
+            else:
+                self._sessions.move_to_end(session)
+            return s
+
+    def _changed(self, s: Session) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        if s.changed is None or s.loop is not loop:
+            s.changed, s.loop = asyncio.Event(), loop
+        return s.changed
+
+    def _notify(self, s: Session) -> None:
+        event = s.changed
+        if event is not None and s.loop is asyncio.get_running_loop():
+            s.changed = asyncio.Event()
+            event.set()
+
+    def _ensure_poller(self) -> None:
+        loop = asyncio.get_running_loop()
+        task = self._poller
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._poller = loop.create_task(self._poll(), name="sf-events-poller")
+
+    async def _poll(self) -> None:
+        """Wake waiters of files another process changed. Exits when nobody waits."""
+        idle = 0
+        while idle < 20:
+            await asyncio.sleep(self.poll_s)
+            watched = [s for s in list(self._sessions.values()) if s.waiters > 0]
+            idle = 0 if watched else idle + 1
+            for s in watched:
+                if self._disk.stale(s):
+                    self._notify(s)
