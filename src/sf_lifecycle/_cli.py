@@ -69,7 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _commands() -> dict[str, Command]:
     from ._infra_check import COMMAND as check_infra
     from ._queue_cli import COMMAND as queue
-    from ._rollout import COMMAND as rollout
+    from ._rollout_cli import COMMAND as rollout
 
     return {
         "serve": (_serve_args, _serve),

@@ -14,13 +14,15 @@ import pytest
 import yaml
 
 from sf_lifecycle._cli import main
+from sf_lifecycle._gate import Gate
 from sf_lifecycle._prometheus import (
     ServiceStats,
     histogram_quantile,
     parse_samples,
     service_stats,
 )
-from sf_lifecycle._rollout import Gate, parse_steps, qualify
+from sf_lifecycle._rollout_cli import parse_steps
+from sf_lifecycle._traefik_api import qualify
 from sf_lifecycle._weights import WeightsError, WeightsFile, split_provider
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -440,7 +442,7 @@ def test_a_traefik_restart_is_seen_by_its_start_time() -> None:
     """A restart whose counters already passed their old values: only Traefik's start time
     (`process_start_time_seconds`) tells; the window is then everything since the restart."""
     from sf_lifecycle._prometheus import process_start
-    from sf_lifecycle._rollout import Scrape
+    from sf_lifecycle._traefik_api import Scrape
 
     old = Scrape(1000.0, {"c@file": ServiceStats(100, 0, {math.inf: 100})})
     new = Scrape(2000.0, {"c@file": ServiceStats(150, 40, {math.inf: 150})})
@@ -642,7 +644,7 @@ def test_a_second_rollout_on_the_same_file_is_refused(
         assert code == 2
         assert f"another rollout is running on {path}" in capsys.readouterr().err
         assert path.read_bytes() == before
-        monkeypatch.setattr("sf_lifecycle._rollout.ABORT_WAIT_S", 0.3)
+        monkeypatch.setattr("sf_lifecycle._rollout_lock.ABORT_WAIT_S", 0.3)
         path.write_text(path.read_text().replace("weight: 100", "weight: 50"))
         assert main(["rollout", "--weights", str(path), "--abort"]) == 0
         assert WeightsFile.load(path).weights == {"sf": 100, "sf-candidate": 0}

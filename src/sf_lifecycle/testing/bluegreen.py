@@ -12,14 +12,13 @@ the rollout under test (or to `set_weights`).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._traefik_api import TraefikAPI, TraefikAPIError
 from .._weights import WeightsFile
-from .process import http_get
 from .traefik import TraefikProxy, TraefikRouting
 
 __all__ = ["BlueGreenProxy"]
@@ -73,23 +72,18 @@ class BlueGreenProxy(TraefikProxy):
 
     def served_weights(self) -> dict[str, int] | None:
         """The weights Traefik's API reports for the weighted service (None: absent/disabled)."""
-        name = f"{self.routing.weighted_service}@file"
-        status, _, body = self._api_get(f"/api/http/services/{name}")
-        if status != 200:
+        try:
+            return self.api.weights(f"{self.routing.weighted_service}@file")
+        except TraefikAPIError:
             return None
-        doc: dict[str, Any] = json.loads(body)
-        if doc.get("status") != "enabled":
-            return None
-        return {str(c["name"]): int(c["weight"]) for c in doc["weighted"]["services"]}
 
     # -- the candidate -----------------------------------------------------------------------
     def candidate_status(self) -> dict[str, str]:
         """Traefik's health view of the candidate pool: URL -> `UP` / `DOWN`."""
-        name = f"{self.routing.candidate_service}@file"
-        status, _, body = self._api_get(f"/api/http/services/{name}")
-        if status != 200:
+        try:
+            return self.api.server_status(f"{self.routing.candidate_service}@file")
+        except TraefikAPIError:
             return {}
-        return dict(json.loads(body).get("serverStatus") or {})
 
     def candidate_request(
         self, path: str, *, headers: Mapping[str, str] | None = None, timeout: float = 5.0
@@ -100,7 +94,7 @@ class BlueGreenProxy(TraefikProxy):
 
     def metrics_text(self) -> str:
         """Traefik's `/metrics` on the internal entrypoint."""
-        status, _, body = http_get(self.host, self.api_port, "/metrics", timeout=5.0)
+        status, body = TraefikAPI(self.api_url, timeout_s=5.0).get("/metrics")
         if status != 200:
             raise RuntimeError(f"/metrics answered {status}")
         return body.decode()

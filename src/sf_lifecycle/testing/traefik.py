@@ -17,6 +17,8 @@ Deliberate choices:
   races the provider's reload.
 - `server_status()` is Traefik's own view (`serverStatus` of `/api/http/services/<name>@file`): the
   moment a draining replica turns `DOWN` there is the moment Traefik stopped picking it.
+- Traefik's API is read through `TraefikAPI` (`_traefik_api.py`), the client `sf-lifecycle
+  rollout` uses: the harness sees Traefik exactly as the rollout does.
 - The process is reaped by PID (SIGTERM, then SIGKILL) whatever happens, also when start-up fails
   and, through `atexit`, when a script never calls `close()`.
 """
@@ -26,7 +28,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import http.client
-import json
 import os
 import shutil
 import subprocess
@@ -41,6 +42,7 @@ from typing import IO, Any
 import yaml
 
 from .._infra_common import HEALTH_PATH
+from .._traefik_api import TraefikAPI, TraefikAPIError
 from .._traefik_routing import TraefikRouting
 from .process import free_port, http_get, reap
 
@@ -110,6 +112,8 @@ class TraefikProxy:
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.api_port = api_port or free_port()
+        #: Traefik's API and `/metrics`: the client `sf-lifecycle rollout` uses.
+        self.api = TraefikAPI(self.api_url, timeout_s=2.0)
         self.log_level = log_level
         self.access_log = access_log
         self.reap_s = reap_s
@@ -216,7 +220,7 @@ class TraefikProxy:
         atexit.register(self.stop)
         try:
             deadline = time.monotonic() + timeout
-            self._poll(lambda: self._api_get("/ping")[0] == 200, deadline, "/ping answers 200")
+            self._poll(lambda: self.api.get("/ping")[0] == 200, deadline, "/ping answers 200")
             self._wait_servers(self.backends, deadline)
             if wait_up and self.backends:
                 self.wait_status(
@@ -286,13 +290,10 @@ class TraefikProxy:
 
     def service(self) -> dict[str, Any] | None:
         """Traefik's API view of the pool (`/api/http/services/<name>@file`), or None if absent."""
-        status, _, body = self._api_get(f"/api/http/services/{self.routing.service}@file")
-        if status == 404:
-            return None
-        if status != 200:
-            raise RuntimeError(f"Traefik API answered {status}: {body[:200]!r}")
-        doc: dict[str, Any] = json.loads(body)
-        return doc
+        try:
+            return self.api.service(f"{self.routing.service}@file")
+        except TraefikAPIError as exc:
+            raise RuntimeError(f"Traefik API answered {exc.status}: {exc.body[:200]!r}") from None
 
     def server_status(self) -> dict[str, str]:
         """Traefik's health view of each server in the pool: base URL -> `UP` or `DOWN`.
@@ -365,9 +366,6 @@ class TraefikProxy:
         return None
 
     # -- internals -------------------------------------------------------------------------
-    def _api_get(self, path: str) -> tuple[int, dict[str, str], bytes]:
-        return http_get(self.host, self.api_port, path, timeout=2.0)
-
     def _wait_servers(self, backends: Sequence[str], deadline: float) -> None:
         want = sorted(url.rstrip("/") for url in backends)
 
