@@ -41,7 +41,7 @@ from starlette.applications import Starlette
 from benchmarks._common import Stats, make_result
 from benchmarks._sse_baseline import EVENTS_PATH, QueueHub
 from sf_lifecycle import FileEventLog, Lifecycle, Settings, session_event_routes
-from sf_lifecycle.testing.process import free_port
+from sf_lifecycle.testing import free_port
 
 STREAMS = 100
 SAME_P50_GOAL_MS = 10.0

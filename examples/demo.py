@@ -52,9 +52,7 @@ import httpx
 from httpx_sse import connect_sse
 
 from sf_lifecycle.report import SSE_RECONNECT, Instant, Requests, UpgradeTimeline, Weights
-from sf_lifecycle.testing import BlueGreenProxy, ServerProcess, free_port
-from sf_lifecycle.testing.process import reap
-from sf_lifecycle.testing.traefik import TraefikProxy
+from sf_lifecycle.testing import BlueGreenProxy, ServerProcess, TraefikProxy, free_port, reap
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Where `make demo` writes the upgrade report.

@@ -55,6 +55,11 @@ _LAZY = {
 }
 
 
+def __dir__() -> list[str]:
+    # The lazily loaded names too, so `dir()`, `help()` and completion show the whole API.
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str) -> Any:
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from ._config import ENV_VARS, Settings
 from ._errors import ConfigError, UnsafePath
+from ._runner import ExitCode
 
 __all__ = ["main"]
 
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return runners[args.command](args)
     except ConfigError as exc:
         print(f"sf-lifecycle: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

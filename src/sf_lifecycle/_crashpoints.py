@@ -15,14 +15,12 @@ error at import so a typo cannot make a crash test pass without crashing.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
 
 __all__ = ["ARMED", "POINTS", "arm", "hit"]
 
-logger = logging.getLogger("sf_lifecycle.crashpoints")
 
 #: Every crash point the library declares, in the order a record meets them.
 POINTS = frozenset(

@@ -64,6 +64,9 @@ class ExitCode(enum.IntEnum):
     """Exit codes of `serve` and of `sf-lifecycle serve`; ints, so `sys.exit(code)` works."""
 
     OK = 0
+    #: Invalid configuration (an `SF_*` variable, a flag, the state directory): the message
+    #: names what to change; nothing was started.
+    CONFIG_ERROR = 2
     #: The server never listened: the application's start-up failed, its port could not be
     #: bound, or SIGTERM/SIGINT came before the start-up finished (nothing was accepted,
     #: nothing to drain).

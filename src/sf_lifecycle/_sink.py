@@ -15,7 +15,6 @@ transaction per batch.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -28,7 +27,6 @@ from ._statefiles import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE
 
 __all__ = ["Sink", "SqliteSink", "count_records"]
 
-logger = logging.getLogger("sf_lifecycle.sink")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (

@@ -68,6 +68,7 @@ def test_exit_codes_keep_their_values() -> None:
     """Orchestrators and scripts compare the process's exit status with these numbers."""
     assert {code.name: int(code) for code in sf_lifecycle.ExitCode} == {
         "OK": 0,
+        "CONFIG_ERROR": 2,
         "STARTUP_FAILED": 3,
         "BUDGET_EXCEEDED": 4,
         "HOOK_FAILED": 5,

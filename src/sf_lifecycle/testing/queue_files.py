@@ -13,12 +13,12 @@ for real).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._framing import encode
+from .._segments import new_token, segment_path
 
 if TYPE_CHECKING:
     from .._queue import FeedbackQueue
@@ -47,18 +47,17 @@ def link_segments(
     By default they become `queue`'s own segments 1..N, delivered by `queue.drain`: call it
     before the queue's first `append`, whose segment would otherwise take one of their numbers.
     With `orphaned=True` they become the `.draining` files of a dead owner (a token no live
-    queue holds, a minute older than now), delivered by `queue.recover` or any queue's sweep.
+    queue holds), delivered by `queue.recover` or any queue's sweep.
     The queue unlinks a link once delivered; `files` stay, on the same file system as the
     state directory. Returns the links made.
     """
-    if orphaned:
-        token = f"{time.time_ns() // 1_000_000 - 60_000:012x}{os.urandom(5).hex()}"
-        kind = "draining"
-    else:
-        token, kind = queue.token, "log"
+    # The queue's own naming, so these files are exactly what it would have written.
+    token = new_token() if orphaned else queue.token
     links = []
     for seq, master in enumerate(files, 1):
-        link = queue.dir / f"{token}.{seq:06d}.{kind}"
+        link = segment_path(queue.dir, token, seq)
+        if orphaned:  # a dead owner's rotated segment (no live queue holds this token)
+            link = link.with_suffix(".draining")
         os.link(master, link)
         links.append(link)
     return links
