@@ -267,7 +267,9 @@ def test_bad_candidate_is_rolled_back_within_one_hold(
     assert len(report["steps"]) == 1
     step = report["steps"][0]
     assert (step["weight"], step["verdict"]) == (10, "breach")
-    assert step["held_s"] < hold_s
+    # Judged during the hold, or at its end when the candidate had not yet served
+    # --min-requests (a loaded machine): never held past it.
+    assert step["held_s"] <= hold_s + 0.25
     assert "candidate answered 5xx" in report["reason"]
     assert step["candidate"]["errors"] >= 1
     assert "ROLLBACK: candidate answered 5xx" in err
