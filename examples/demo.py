@@ -414,6 +414,21 @@ def _replicas(opts: Options, summary: Summary) -> Iterator[_Start]:
             server.close()
 
 
+def _start_load(
+    stack: contextlib.ExitStack, url: str, opts: Options, summary: Summary, say: _Say
+) -> Load:
+    """Start the mixed load through the proxy (stopped with `stack`), print the live page's
+    URL, and let the load warm up."""
+    load = Load(url, opts, summary)
+    stack.callback(load.stop.set)
+    load.start()
+    say(f"load: {load.workers} HTTP workers at ~{opts.rate:g} req/s, {opts.sse_clients} SSE")
+    summary.live_url = f"{url}/?session={load.sessions[0]}"
+    say(f"live page (open it in a browser, watch it cross the upgrade): {summary.live_url}")
+    time.sleep(opts.warmup_s)
+    return load
+
+
 def run(opts: Options) -> Summary:
     """Run the whole upgrade flow and return what happened."""
     if opts.flow == "rollout" and not opts.baseline:
@@ -432,13 +447,7 @@ def run(opts: Options) -> Summary:
         summary.pids.append(proxy.pid)
         say(f"Traefik {proxy.url} -> sf; health check every {proxy.routing.health_interval}")
 
-        load = Load(proxy.url, opts, summary)
-        stack.callback(load.stop.set)
-        load.start()
-        say(f"load: {load.workers} HTTP workers at ~{opts.rate:g} req/s, {opts.sse_clients} SSE")
-        summary.live_url = f"{proxy.url}/?session={load.sessions[0]}"
-        say(f"live page (open it in a browser, watch it cross the upgrade): {summary.live_url}")
-        time.sleep(opts.warmup_s)
+        load = _start_load(stack, proxy.url, opts, summary, say)
 
         def join_pool(name: str, port: int, beside: ServerProcess) -> ServerProcess:
             """Start a replica, wait for /api/ready, add it to the pool, wait until it is UP."""
@@ -487,13 +496,7 @@ def _run_rollout(opts: Options) -> Summary:
         summary.pids.append(proxy.pid)
         say(f"Traefik {proxy.url} -> sf-weighted {proxy.file_weights()}, API :{proxy.api_port}")
 
-        load = Load(proxy.url, opts, summary)
-        stack.callback(load.stop.set)
-        load.start()
-        say(f"load: {load.workers} HTTP workers at ~{opts.rate:g} req/s, {opts.sse_clients} SSE")
-        summary.live_url = f"{proxy.url}/?session={load.sessions[0]}"
-        say(f"live page (open it in a browser, watch it cross the upgrade): {summary.live_url}")
-        time.sleep(opts.warmup_s)
+        load = _start_load(stack, proxy.url, opts, summary, say)
 
         bad = f", SF_EXAMPLE_FAIL_RATE={opts.fail_rate:g}" if opts.fail_rate else ""
         say(f"starting the new version (sf-v2{bad}) in the candidate pool, weight 0")

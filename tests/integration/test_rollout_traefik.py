@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICK_STOP = {"SF_DRAIN_DELAY_MS": "100"}
 RATE_PER_S = 40.0
 STABLE_100 = {"sf": 100, "sf-candidate": 0}
+#: What the first step (10 %) writes.
+STEP_1 = {"sf": 90, "sf-candidate": 10}
 
 
 @dataclass
@@ -150,6 +152,24 @@ def rollout_cmd(proxy: BlueGreenProxy, *args: str) -> list[str]:
         proxy.api_url,
         *args,
     ]
+
+
+@contextlib.contextmanager
+def rollout_at_step_1(
+    proxy: BlueGreenProxy, *args: str, stderr: int = subprocess.DEVNULL
+) -> Iterator[subprocess.Popen[str]]:
+    """`rollout ARGS` running, once Traefik serves its first step; reaped by PID on the way out."""
+    proc = subprocess.Popen(
+        rollout_cmd(proxy, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True
+    )
+    try:
+        proxy._poll(lambda: proxy.served_weights() == STEP_1, time.monotonic() + 15, "step 1")
+        yield proc
+    finally:
+        reap(proc, 5)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def run_rollout(proxy: BlueGreenProxy, *args: str, timeout: float = 60) -> tuple[int, str, str]:
@@ -336,23 +356,13 @@ def test_killed_mid_step_keeps_the_last_weights_until_abort(
     4. `rollout --abort`: exit 0; file and Traefik at stable 100; requests reach the stable only.
     """
     with start_candidate(fresh, candidate_port):
-        proc = subprocess.Popen(
-            rollout_cmd(fresh, "--steps", "10,50,100", "--hold", "30s"),
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            first = {"sf": 90, "sf-candidate": 10}
-            fresh._poll(lambda: fresh.served_weights() == first, time.monotonic() + 15, "step 1")
+        with rollout_at_step_1(fresh, "--steps", "10,50,100", "--hold", "30s") as proc:
             time.sleep(0.5)  # mid-hold
             proc.send_signal(signal.SIGKILL)
             assert proc.wait(5) == -signal.SIGKILL
-        finally:
-            reap(proc, 5)
-        assert fresh.file_weights() == first
+        assert fresh.file_weights() == STEP_1
         time.sleep(0.3)
-        assert fresh.served_weights() == first
+        assert fresh.served_weights() == STEP_1
 
         before = time.monotonic()
         code, out, err = run_rollout(fresh, "--abort")
@@ -393,21 +403,12 @@ def test_unknown_service_and_malformed_file_change_nothing(fresh: BlueGreenProxy
 def test_sigterm_mid_step_rolls_back(fresh: BlueGreenProxy, candidate_port: int) -> None:
     """Steps: a good candidate; `rollout --hold 30s`; once Traefik serves step 1, SIGTERM the
     command. Assert: exit 130, `interrupted` reported, stable 100 in the file and in Traefik."""
-    with start_candidate(fresh, candidate_port):
-        proc = subprocess.Popen(
-            rollout_cmd(fresh, "--hold", "30s", "--json"),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        try:
-            first = {"sf": 90, "sf-candidate": 10}
-            fresh._poll(lambda: fresh.served_weights() == first, time.monotonic() + 15, "step 1")
-            proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=20)
-        finally:
-            reap(proc, 5)
+    with (
+        start_candidate(fresh, candidate_port),
+        rollout_at_step_1(fresh, "--hold", "30s", "--json") as proc,
+    ):
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 130
     report = json.loads(out)
     assert report["result"] == "interrupted"
@@ -535,28 +536,21 @@ def test_abort_wins_over_a_running_rollout(fresh: BlueGreenProxy, candidate_port
     4. Assert: the running rollout notices within its interval, stops without writing (exit 1,
        `stopped`); stable 100 in the file and in Traefik.
     """
-    with start_candidate(fresh, candidate_port):
-        proc = subprocess.Popen(
-            rollout_cmd(fresh, "--hold", "30s", "--interval", "250ms", "--json"),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            first = {"sf": 90, "sf-candidate": 10}
-            fresh._poll(lambda: fresh.served_weights() == first, time.monotonic() + 15, "step 1")
-            code, _, err = run_rollout(fresh, "--hold", "1s")
-            assert code == 2
-            assert "another rollout is running on" in err
-            started = time.monotonic()
-            code, out, err = run_rollout(fresh, "--abort")
-            assert code == 0, err
-            assert "aborted" in out
-            out, err = proc.communicate(timeout=10)
-            assert time.monotonic() - started < 10
-        finally:
-            reap(proc, 5)
+    with (
+        start_candidate(fresh, candidate_port),
+        rollout_at_step_1(
+            fresh, "--hold", "30s", "--interval", "250ms", "--json", stderr=subprocess.PIPE
+        ) as proc,
+    ):
+        code, _, err = run_rollout(fresh, "--hold", "1s")
+        assert code == 2
+        assert "another rollout is running on" in err
+        started = time.monotonic()
+        code, out, err = run_rollout(fresh, "--abort")
+        assert code == 0, err
+        assert "aborted" in out
+        out, err = proc.communicate(timeout=10)
+        assert time.monotonic() - started < 10
     assert proc.returncode == 1, err
     report = json.loads(out)
     assert report["result"] == "stopped"
@@ -571,24 +565,15 @@ def test_a_second_signal_during_the_rollback_is_ignored(
     """Steps: a good candidate; `rollout --hold 30s --json`; once Traefik serves step 1, SIGINT
     and SIGTERM back to back (an impatient operator). Assert: exit 130, one JSON report
     `interrupted`, no traceback, stable 100 in the file and in Traefik."""
-    with start_candidate(fresh, candidate_port):
-        proc = subprocess.Popen(
-            rollout_cmd(fresh, "--hold", "30s", "--json"),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            first = {"sf": 90, "sf-candidate": 10}
-            fresh._poll(lambda: fresh.served_weights() == first, time.monotonic() + 15, "step 1")
-            proc.send_signal(signal.SIGINT)
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=20)
-        finally:
-            reap(proc, 5)
+    with (
+        start_candidate(fresh, candidate_port),
+        rollout_at_step_1(fresh, "--hold", "30s", "--json", stderr=subprocess.PIPE) as proc,
+    ):
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     report = json.loads(out)
