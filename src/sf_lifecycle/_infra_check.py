@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from ._infra_backends import check_compose_backends, check_k8s_storage
 from ._infra_bluegreen import StaticConfig, check_bluegreen
 from ._infra_common import DEFAULTS, Finding, interpolate, parse_duration_ms, read_budget
 from ._infra_compose import (
@@ -38,6 +39,8 @@ from ._infra_compose import (
     check_against_file_provider,
     check_compose,
     check_label_routers,
+    compose_base,
+    merge_compose,
 )
 from ._infra_k8s import check_k8s
 from ._infra_traefik import check_traefik_static, file_provider_routing
@@ -92,17 +95,27 @@ def check_documents(
     k8s: list[tuple[str, Mapping[str, Any]]] = []
     dynamic: list[tuple[str, Mapping[str, Any]]] = []
     proxies: list[StaticConfig] = []
+    compose_docs = {file: doc for file, doc in documents if _classify(doc) == "compose"}
+    overlays: list[tuple[str, Mapping[str, Any], str]] = []
     for file, doc in documents:
         kind = _classify(doc)
-        if kind == "compose":
-            compose_apps += check_compose(doc, file, env, out, proxies)
+        base = compose_base(file)
+        if kind == "compose" and base in compose_docs:
+            overlays.append((file, doc, base))
+        elif kind == "compose":
+            apps = check_compose(doc, file, env, out, proxies)
+            check_compose_backends(doc, apps, file, out)
+            compose_apps += apps
         elif kind == "k8s":
             k8s.append((file, doc))
         elif kind == "traefik-dynamic":
             dynamic.append((file, doc))
         elif kind == "traefik-static":
             check_traefik_static(doc, file, out, proxies)
+    for file, doc, base in overlays:
+        _check_overlay(file, merge_compose(compose_docs[base], doc), base, env, out)
     check_k8s(k8s, out)
+    check_k8s_storage(k8s, out)
     model = check_bluegreen(dynamic, proxies, out)
     check_label_routers(compose_apps, model, out)
     if drain_delay_ms is None:
@@ -112,6 +125,18 @@ def check_documents(
         routings = file_provider_routing(doc, file, drain_delay_ms, out, model.pinned)
         check_against_file_provider(file, routings, compose_apps, out)
     return out
+
+
+def _check_overlay(
+    file: str, merged: Mapping[str, Any], base: str, env: Mapping[str, str], out: list[Finding]
+) -> None:
+    """An overlay as compose sees it, merged onto its base; only what the base alone lacks is
+    reported (the base's own findings are already there, under its name)."""
+    own: list[Finding] = []
+    apps = check_compose(merged, file, env, own, [])
+    check_compose_backends(merged, apps, file, own)
+    known = {f.message for f in out if f.file == base}
+    out += [f for f in own if f.message not in known]
 
 
 def _yaml_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[str, bool]]:
@@ -138,7 +163,14 @@ def check_paths(
     """
     documents: list[tuple[str, Any]] = []
     out: list[Finding] = []
-    for file, explicit in _yaml_files(paths):
+    files = list(_yaml_files(paths))
+    given = {os.path.normpath(f) for f, _ in files}
+    for file, _ in list(files):
+        base = compose_base(file)
+        if base and os.path.normpath(base) not in given and Path(base).is_file():
+            files.append((base, False))  # an overlay means nothing without its base
+            given.add(os.path.normpath(base))
+    for file, explicit in files:
         try:
             with open(file, encoding="utf-8") as f:
                 docs = [d for d in yaml.safe_load_all(f) if d is not None]

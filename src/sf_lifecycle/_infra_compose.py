@@ -10,8 +10,11 @@ The labels are read into the same routing model as the file provider (`TraefikRo
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 from ._infra_bluegreen import BlueGreenModel, StaticConfig, static_from_flags, verify_shares_child
@@ -37,6 +40,9 @@ __all__ = [
     "check_against_file_provider",
     "check_compose",
     "check_label_routers",
+    "compose_base",
+    "merge_compose",
+    "raw_mapping",
 ]
 
 
@@ -249,3 +255,88 @@ def check_against_file_provider(
                             f"({app.file}); the file provider and compose must agree",
                         )
                     )
+
+
+# -- overlays ---------------------------------------------------------------------------------
+_OVERLAY = re.compile(r"((?:docker-)?compose)\.[^.]+\.(ya?ml)")
+
+
+def compose_base(file: str) -> str | None:
+    """The base file an overlay such as `docker-compose.multihost.yaml` is merged onto.
+
+    `docker compose -f docker-compose.yaml -f docker-compose.X.yaml` is how an overlay is used,
+    and what `check-infra` checks: the base alone, and the base with each overlay merged in.
+    """
+    m = _OVERLAY.fullmatch(PurePath(file).name)
+    return str(PurePath(file).with_name(f"{m.group(1)}.{m.group(2)}")) if m else None
+
+
+def raw_mapping(value: object) -> dict[str, object]:
+    """Compose `environment`/`labels` as a mapping, values NOT interpolated (`KEY=VALUE` lists
+    too)."""
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    if isinstance(value, list):
+        return dict(str(item).partition("=")[::2] for item in value)
+    return {}
+
+
+def _depends_mapping(value: object) -> dict[str, object]:
+    if isinstance(value, list):
+        return {str(v): {"condition": "service_started"} for v in value}
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _target(volume: object) -> str:
+    if isinstance(volume, Mapping):
+        return str(volume.get("target", ""))
+    parts = str(volume).split(":")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _deep_merge(old: object, new: object) -> object:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        merged = dict(old)
+        for k, v in new.items():
+            merged[k] = _deep_merge(old.get(k), v)
+        return merged
+    if isinstance(old, list) and isinstance(new, list):
+        return old + [v for v in new if v not in old]
+    return copy.deepcopy(new)
+
+
+def _merge_service(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        old = out.get(key)
+        if key in ("environment", "labels"):
+            out[key] = {**raw_mapping(old), **raw_mapping(value)}
+        elif key == "depends_on":
+            out[key] = {**_depends_mapping(old), **_depends_mapping(value)}
+        elif key == "volumes" and isinstance(old, list) and isinstance(value, list):
+            by_target = {_target(v): v for v in old}  # a mount of the same target replaces
+            by_target.update({_target(v): v for v in value})
+            out[key] = list(by_target.values())
+        elif key == "healthcheck" and isinstance(old, Mapping) and isinstance(value, Mapping):
+            out[key] = {**old, **value}
+        elif key in ("command", "entrypoint"):
+            out[key] = copy.deepcopy(value)
+        else:
+            out[key] = _deep_merge(old, value)
+    return out
+
+
+def merge_compose(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """`overlay` merged onto `base` as `docker compose -f base -f overlay` does: mappings merge,
+    `environment`/`labels`/`depends_on` merge by key, `volumes` by target, `command` and
+    `entrypoint` are replaced, other lists are appended to."""
+    out = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if key == "services" and isinstance(value, Mapping):
+            services = dict(out.get("services") or {})
+            for name, svc in value.items():
+                services[name] = _merge_service(services.get(name) or {}, svc or {})
+            out["services"] = services
+        else:
+            out[key] = _deep_merge(out.get(key), value)
+    return out

@@ -42,8 +42,8 @@ def check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding])
     workload_labels: list[dict[str, str]] = []
     candidates: list[tuple[str, dict[str, str]]] = []
     for file, doc in docs:
-        if doc.get("kind") not in WORKLOAD_KINDS:
-            continue
+        if doc.get("kind") not in WORKLOAD_KINDS or doc.get("kind") == "Job":
+            continue  # a Job serves nothing (the recovery Job: `_infra_backends`)
         report = Reporter(file, out)
         spec = _pod_spec(doc)
         if spec is None:
@@ -119,7 +119,7 @@ def check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding])
         report = Reporter(file, out)
         spec = doc.get("spec") or {}
         where = f"Service/{(doc.get('metadata') or {}).get('name', '?')}"
-        if spec.get("sessionAffinity") != "ClientIP":
+        if spec.get("sessionAffinity") != "ClientIP" and spec.get("clusterIP") != "None":
             report.warning(
                 f"{where}: sessionAffinity is not ClientIP; reconnecting SSE clients may land on "
                 f"another pod (or use cookie affinity in your ingress)"
