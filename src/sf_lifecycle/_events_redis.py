@@ -35,10 +35,11 @@ Deliberate choices:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ._errors import ConfigError, EventStoreUnavailable
@@ -53,7 +54,6 @@ __all__ = ["REDIS_SCHEMES", "RedisEventLog", "check_redis_url"]
 
 #: URL schemes redis-py accepts (`unix://` for a socket path).
 REDIS_SCHEMES = ("redis", "rediss", "unix")
-_T = TypeVar("_T")
 
 # KEYS[1]: the stream. ARGV: now_ms, data_json, maxlen, idle_ttl_ms. Returns the new id.
 _APPEND = """
@@ -72,18 +72,21 @@ return id
 """
 
 
-def check_redis_url(url: str, variable: str = "SF_REDIS_URL") -> str:
+def check_redis_url(url: object, variable: str = "SF_REDIS_URL") -> str:
     """Return `url` if redis-py can use it, else raise `ConfigError` naming `variable`.
 
     The message shows the URL without its password.
     """
-    scheme = urlsplit(url).scheme.lower() if isinstance(url, str) else ""
-    if scheme not in REDIS_SCHEMES or (scheme != "unix" and not urlsplit(url).hostname):
-        shown = redact_url(url) if isinstance(url, str) else url
-        raise ConfigError(
-            variable, shown, "a Redis URL: redis://[:password@]host[:port][/db], rediss://, unix://"
-        )
-    return url
+    if isinstance(url, str):
+        parts = urlsplit(url)
+        if parts.scheme.lower() == "unix" or (
+            parts.scheme.lower() in REDIS_SCHEMES and parts.hostname
+        ):
+            return url
+    shown = redact_url(url) if isinstance(url, str) else url
+    raise ConfigError(
+        variable, shown, "a Redis URL: redis://[:password@]host[:port][/db], rediss://, unix://"
+    )
 
 
 def _text(value: Any) -> str:
@@ -276,7 +279,7 @@ class RedisEventLog:
             self._loop = loop
         return self._pool, self._reader
 
-    async def _call(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+    async def _call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         from redis.exceptions import RedisError
 
         try:
@@ -295,8 +298,9 @@ class RedisEventLog:
         the seq they follow (raised past every dropped event)."""
         pool, _ = self._clients()
         while True:
-            entries = await self._call(
-                lambda: pool.xrange(key, min=f"({epoch}-{start}", count=self.read_batch)
+            after = f"({epoch}-{start}"
+            entries: list[Any] = await self._call(
+                functools.partial(pool.xrange, key, min=after, count=self.read_batch)
             )
             events: list[Event] = []
             for raw_id, fields in entries:

@@ -196,9 +196,10 @@ class StreamReader:
                 if key == self._wake_key:
                     self._wake_id = entry_id
                     continue
-                watched = self._sessions.get(key)
-                if watched is None:
+                found = self._sessions.get(key)
+                if found is None:
                     continue
+                watched = found
                 epoch, _, seq = entry_id.partition("-")
                 pos = (int(epoch), int(seq))
                 if watched.newest is None or pos > watched.newest:

