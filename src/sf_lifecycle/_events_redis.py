@@ -182,7 +182,8 @@ class RedisEventLog:
         data_json = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         self._clients()
         args = [_now_ms(), data_json, self.retention_events, self.idle_ttl_ms]
-        return _text(await self._call(lambda: self._append(keys=[key], args=args)))
+        script = functools.partial(self._append, keys=[key], args=args)
+        return _text(await self._call(script, idempotent=False))
 
     async def read_after(self, session: str, last_id: str | None) -> list[Event]:
         """See `EventLog.read_after`. Raises `InvalidEventId` for a malformed `last_id` and
@@ -254,20 +255,29 @@ class RedisEventLog:
     def _clients(self) -> tuple[Redis, StreamReader]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._pool is None or self._reader is None:
-            from redis.asyncio import Redis
+            from redis.asyncio import BlockingConnectionPool, Redis
             from redis.backoff import ExponentialBackoff
+            from redis.exceptions import ConnectionError, TimeoutError
             from redis.retry import Retry
 
+            # A connection idle for a second is PINGed before use, so one that a restarted
+            # Redis closed is replaced before a write goes out on it.
             options: dict[str, Any] = {
                 "socket_connect_timeout": self.timeout_s,
                 "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+                "retry_on_error": [ConnectionError, TimeoutError],
+                "health_check_interval": 1,
             }
-            self._pool = Redis.from_url(
+            # Blocking: a burst of appends waits (up to the timeout) for a free connection
+            # rather than failing with "Too many connections".
+            pool = BlockingConnectionPool.from_url(
                 self.url,
                 socket_timeout=self.timeout_s,
                 max_connections=self.max_connections,
+                timeout=self.timeout_s,
                 **options,
             )
+            self._pool = Redis.from_pool(pool)
             blocking = Redis.from_url(
                 self.url,
                 socket_timeout=self.block_ms / 1000 + self.timeout_s,
@@ -279,12 +289,23 @@ class RedisEventLog:
             self._loop = loop
         return self._pool, self._reader
 
-    async def _call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
-        from redis.exceptions import RedisError
+    async def _call(self, fn: Callable[[], Awaitable[Any]], *, idempotent: bool = True) -> Any:
+        """Run one Redis call; `EventStoreUnavailable` for any failure.
+
+        A read is tried once more on a connection error: a pooled connection that a restarted
+        Redis closed fails once (redis-py's own retry does not cover it). An append is not:
+        whether it was applied is unknown, and the client's retry of the 503 is the retry.
+        """
+        from redis.exceptions import ConnectionError, RedisError
 
         try:
             async with asyncio.timeout(self.timeout_s * 2 + 1):
-                return await fn()
+                try:
+                    return await fn()
+                except ConnectionError:
+                    if not idempotent:
+                        raise
+                    return await fn()
         except (RedisError, OSError, TimeoutError) as exc:
             raise EventStoreUnavailable(
                 f"event store (Redis at {redact_url(self.url)}) unavailable: "
