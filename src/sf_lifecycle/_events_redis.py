@@ -151,6 +151,7 @@ class RedisEventLog:
         self._pool: Redis | None = None
         self._reader: StreamReader | None = None
         self._append: Any = None
+        self._reads: dict[tuple[str, str | None], asyncio.Future[list[Event]]] = {}
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> RedisEventLog:
@@ -187,9 +188,30 @@ class RedisEventLog:
 
     async def read_after(self, session: str, last_id: str | None) -> list[Event]:
         """See `EventLog.read_after`. Raises `InvalidEventId` for a malformed `last_id` and
-        `EventStoreUnavailable` when Redis cannot answer."""
+        `EventStoreUnavailable` when Redis cannot answer.
+
+        Concurrent calls for the same session and position share one round trip: a thousand
+        streams of one session woken by one append make one `XRANGE`, not a thousand.
+        """
         pos = None if last_id is None else parse_event_id(last_id)
         key = self._key(session)
+        self._clients()
+        shared = self._reads.get((key, last_id))
+        if shared is None:
+            shared = asyncio.ensure_future(self._read(key, last_id, pos))
+            self._reads[(key, last_id)] = shared
+            shared.add_done_callback(functools.partial(self._read_done, (key, last_id)))
+        return list(await asyncio.shield(shared))
+
+    def _read_done(self, k: tuple[str, str | None], done: asyncio.Future[list[Event]]) -> None:
+        if self._reads.get(k) is done:
+            del self._reads[k]
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have gone (a stream closed)
+
+    async def _read(
+        self, key: str, last_id: str | None, pos: tuple[int, int] | None
+    ) -> list[Event]:
         pool, _ = self._clients()
 
         async def ends() -> list[Any]:
@@ -286,6 +308,7 @@ class RedisEventLog:
             )
             self._reader = StreamReader(blocking, self._pool, self.key_prefix, self.block_ms)
             self._append = self._pool.register_script(_APPEND)
+            self._reads = {}
             self._loop = loop
         return self._pool, self._reader
 

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,7 @@ async def make_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         server = request.getfixturevalue("sf_redis")
     prefix = f"t-{uuid.uuid4().hex[:12]}:"
 
-    def make(**kwargs: int) -> AnyLog:
+    def make(**kwargs: Any) -> AnyLog:
         log: AnyLog
         if server is None:
             log = FileEventLog(tmp_path, **kwargs)
