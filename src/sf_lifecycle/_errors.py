@@ -30,8 +30,9 @@ they are `sqlite3.Error` as SQLite raised it, or `OSError` when the file cannot 
 data on disk raises nothing: it is quarantined with a log line (see ARCHITECTURE.md).
 
 Every exception pickles, so it can cross a process boundary (multiprocessing, test harnesses).
-`sf_lifecycle` exports all but `DiskWriteError`, `QueueError`, `InvalidSessionId` and
-`InvalidEventId`, which callers catch as a base (why: the package's docstring).
+`sf_lifecycle` exports all but `DiskWriteError`, `QueueError`, `InvalidSessionId`,
+`InvalidEventId` and `EventStoreUnavailable` (caught as `ConnectionError`, or answered 503 by
+the HTTP layer), which callers catch as a base (why: the package's docstring).
 """
 
 from __future__ import annotations
