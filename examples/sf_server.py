@@ -10,7 +10,9 @@ Routes:
 - `POST /api/feedback`: a JSON object into the durable queue; 202 with its id once fsynced; drained
   to `<state_dir>/feedback.sqlite3` in the background and on shutdown.
 - `GET /api/session/events?session=ID` streams a session's events (SSE, resumable with
-  `Last-Event-ID`); `POST` to the same path publishes one.
+  `Last-Event-ID`); `POST` to the same path publishes one. The events live in Redis when
+  `SF_REDIS_URL` is set (`RedisEventLog`, shared by replicas on any host; `/api/ready` then
+  checks Redis), in files under the state directory otherwise.
 - `GET /api/slow?seconds=S` holds a request in flight (the demo and the tests use it across a
   SIGTERM); `GET /api/hello` is a cheap read.
 - `GET /?session=ID` is the live page (`live_page.html`, no external asset): an `EventSource` on
@@ -45,9 +47,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sf_lifecycle import (
     ConfigError,
+    EventLog,
     FeedbackQueue,
     FileEventLog,
     Lifecycle,
+    RedisEventLog,
     Settings,
     Sink,
     SqliteSink,
@@ -161,7 +165,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     delay_ms = int(os.environ.get("SF_EXAMPLE_SINK_DELAY_MS", "0") or 0)
     queue.install(lifecycle, _delayed(sink, delay_ms) if delay_ms > 0 else sink)
-    events = FileEventLog.from_settings(lifecycle.settings)
+    events: EventLog
+    if cfg.redis_url:
+        redis_log = RedisEventLog.from_settings(cfg)
+        lifecycle.add_readiness_check("redis", redis_log.ping, timeout_s=1.0)
+        lifecycle.on_shutdown("redis", lambda deadline: redis_log.aclose())
+        events = redis_log
+    else:
+        events = FileEventLog.from_settings(cfg)
 
     app = Starlette(
         routes=[

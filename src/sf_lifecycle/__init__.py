@@ -36,6 +36,7 @@ from ._state import Phase
 if TYPE_CHECKING:
     from ._events import EventLog
     from ._events_file import FileEventLog
+    from ._events_redis import RedisEventLog
     from ._feedback import feedback_routes
     from ._queue import FeedbackQueue
     from ._sink import Sink, SqliteSink
@@ -48,6 +49,7 @@ _LAZY = {
     "EventLog": "_events",
     "FileEventLog": "_events_file",
     "FeedbackQueue": "_queue",
+    "RedisEventLog": "_events_redis",
     "Sink": "_sink",
     "SqliteSink": "_sink",
     "feedback_routes": "_feedback",
@@ -89,6 +91,7 @@ __all__ = [
     "LifecycleMiddleware",
     "NotReady",
     "Phase",
+    "RedisEventLog",
     "Settings",
     "SfLifecycleError",
     "Sink",

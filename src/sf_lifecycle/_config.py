@@ -69,6 +69,9 @@ class Settings:
         file_mode: Permissions of files the library creates in the state directory (octal in
             `SF_FILE_MODE`; the umask still applies). Owner read and write are required.
         dir_mode: Permissions of directories it creates there (octal; owner rwx required).
+        redis_url: Redis for session events shared across hosts (`RedisEventLog`; the
+            `redis` extra): `redis://[:password@]host[:port][/db]`, `rediss://` or `unix://`.
+            Left out of `repr()`, and shown without its password in errors and logs.
     """
 
     grace_ms: int = 600_000
@@ -92,6 +95,7 @@ class Settings:
     sse_retention_ms: int = 3_600_000
     file_mode: int = FileMode(0o600)
     dir_mode: int = FileMode(0o700)
+    redis_url: str | None = field(default=None, repr=False)
     _sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -249,6 +253,7 @@ ENV_VARS: dict[str, str] = {
     "sse_retention_ms": "SF_SSE_RETENTION_MS",
     "file_mode": "SF_FILE_MODE",
     "dir_mode": "SF_DIR_MODE",
+    "redis_url": "SF_REDIS_URL",
 }
 
 # (minimum, maximum) for integer settings; None means unbounded above.
@@ -347,5 +352,9 @@ def _validate(name: str, value: object, source: str) -> None:
             raise ConfigError(
                 source, value, "an IP address or a host name (no port, no scheme, no path)"
             )
+    elif name == "redis_url" and value is not None:
+        from ._events_redis import check_redis_url  # no redis-py import: the URL's shape only
+
+        check_redis_url(value, source)
     elif name == "state_dir" and value is not None and not isinstance(value, Path):
         raise ConfigError(source, value, "a filesystem path")

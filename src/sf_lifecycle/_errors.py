@@ -14,6 +14,8 @@ The tree, so that callers can catch as broadly or narrowly as they need::
     │   ├── DiskWriteError(QueueError)  the disk refused a write (queue append, event append);
     │   │                               nothing was acknowledged
     │   └── UnsafePath                  a link where the state directory keeps a file
+    ├── EventStoreUnavailable(ConnectionError)  a networked event store (Redis) cannot be
+    │                                   reached or refused the command; nothing was appended
     │
     │   in sf_lifecycle.testing, for tests of a service (AssertionError: a test failure):
     ├── CrashPointMissed(AssertionError)  the process did not die at the armed crash point
@@ -28,8 +30,9 @@ they are `sqlite3.Error` as SQLite raised it, or `OSError` when the file cannot 
 data on disk raises nothing: it is quarantined with a log line (see ARCHITECTURE.md).
 
 Every exception pickles, so it can cross a process boundary (multiprocessing, test harnesses).
-`sf_lifecycle` exports all but `DiskWriteError`, `QueueError`, `InvalidSessionId` and
-`InvalidEventId`, which callers catch as a base (why: the package's docstring).
+`sf_lifecycle` exports all but `DiskWriteError`, `QueueError`, `InvalidSessionId`,
+`InvalidEventId` and `EventStoreUnavailable` (caught as `ConnectionError`, or answered 503 by
+the HTTP layer), which callers catch as a base (why: the package's docstring).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "BudgetExceeded",
     "ConfigError",
     "DiskWriteError",
+    "EventStoreUnavailable",
     "InvalidEventId",
     "InvalidSessionId",
     "NotReady",
@@ -106,6 +110,15 @@ class DiskWriteError(StorageError, QueueError):
     Retry later; the HTTP layer answers 503 (`disk_write_failed`) so clients do the same. Both a
     `StorageError` (an `OSError` with its `errno`) and a `QueueError`: code written against
     either catches it.
+    """
+
+
+class EventStoreUnavailable(SfLifecycleError, ConnectionError):
+    """A networked event store (`RedisEventLog`) cannot be reached, timed out or refused.
+
+    Nothing was appended. The HTTP layer answers a publish with 503 (`event_store_unavailable`)
+    and ends open streams with a `retry:` hint, so clients come back (with `Last-Event-ID`)
+    once the store is.
     """
 
 

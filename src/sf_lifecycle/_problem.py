@@ -74,6 +74,7 @@ TITLES: Mapping[str, str] = {
     "shutting_down": "Replica shutting down",
     "too_many_streams": "Too many open streams",
     "unsafe_state_dir": "State directory unsafe",
+    "event_store_unavailable": "Event store unavailable",
     # any route of the library
     "method_not_allowed": "Method not allowed",
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["describe_error"]
+__all__ = ["describe_error", "redact_url"]
 
 #: A URL: scheme, optional userinfo (credentials), host, and the rest (path, query).
 _URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*)://(?:[^\s/@'\"]*@)?([^\s/?#'\"]*)(\S*)")
@@ -23,6 +23,16 @@ _QUOTED_PATH = re.compile(r"'[^']*[/\\][^']*'|\"[^\"]*[/\\][^\"]*\"")
 _PATH = re.compile(
     r"(?:(?<![\w<>])~?/|(?<![\w<>])\.{1,2}/|\b[A-Za-z]:\\|(?<![<\w])[\w.-]+[/\\])[^:;,'\"]*"
 )
+
+
+def redact_url(url: str) -> str:
+    """`url` with its credentials replaced by `***`, for logs and error messages.
+
+    Host, port and path stay (an operator needs them to see which server is meant); the
+    password, and the user name with it, never appear.
+    """
+    url = re.sub(r"(?i)^([a-z][a-z0-9+.-]*://)[^/@?#]*@", r"\1***@", url.strip())
+    return _SECRET.sub(r"\1=***", url)  # `unix:///path?password=...`
 
 
 def _redact_url(m: re.Match[str]) -> str:

@@ -23,6 +23,10 @@ Deliberate choices:
   so an open stream never looks like a request that hangs (`in_flight_ages_s`, which
   `sf-lifecycle rollout` reads); `/api/healthz` shows the count. Over
   `sse_max_streams` a new stream gets 503 with `Retry-After`.
+* **A store that cannot be reached is a 503, and a stream that ends.** A publish that the event
+  store refuses (`DiskWriteError`, `EventStoreUnavailable`: Redis down) answers 503 problem+json
+  with `Retry-After`; an open stream whose store fails ends with the same `retry:` hint as at
+  closing, and the client resumes from its `Last-Event-ID` once the store is back.
 * **The publish body is checked while it is read**: the size limit applies to the bytes received,
   not to a `Content-Length` the client may not send.
 """
@@ -42,7 +46,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
-from ._errors import DiskWriteError, UnsafePath
+from ._errors import DiskWriteError, EventStoreUnavailable, UnsafePath
 from ._events import LOST, EventLog, InvalidEventId, InvalidSessionId, follow, parse_event_id
 from ._events import validate_session_id as _validate_session
 from ._jsonbody import BodyError, read_json_body
@@ -175,6 +179,8 @@ class _Endpoints:
                     )
             except UnsafePath as exc:  # the client retries; an operator must fix the folder
                 logger.error("session %s: stream ended: %s", session, exc)
+            except EventStoreUnavailable as exc:  # Redis down: the client resumes once it is back
+                logger.warning("session %s: stream ended: %s", session, exc)
         # Closing: tell the client how soon to come back, then end the response cleanly.
         yield ServerSentEvent(
             comment="replica closing; reconnect with Last-Event-ID",
@@ -208,6 +214,14 @@ class _Endpoints:
                 503,
                 "disk_write_failed",
                 "event not stored (disk error); retry later",
+                retry_after_s=self._retry_after_s(),
+            )
+        except EventStoreUnavailable as exc:
+            logger.error("session %s: event not stored: %s", session, exc)
+            return problem(
+                503,
+                "event_store_unavailable",
+                "event not stored: the event store cannot be reached; retry later",
                 retry_after_s=self._retry_after_s(),
             )
         return JSONResponse({"id": event_id, "session": session}, 201, headers=_NO_STORE)

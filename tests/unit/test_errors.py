@@ -12,6 +12,7 @@ from sf_lifecycle._errors import (
     BudgetExceeded,
     ConfigError,
     DiskWriteError,
+    EventStoreUnavailable,
     InvalidEventId,
     InvalidSessionId,
     NotReady,
@@ -44,6 +45,7 @@ INSTANCES: list[BaseException] = [
     StorageError(errno.EIO, "cannot list the state directory"),
     DiskWriteError(errno.ENOSPC, "append failed: No space left on device"),
     UnsafePath(errno.ELOOP, "sessions is a symbolic link; refusing to follow it"),
+    EventStoreUnavailable("event store (Redis at redis://h:6379/0) unavailable: ConnectionError"),
     CrashPointMissed("the process exited 0 instead of dying at drain.after_rename"),
     LostWrites(_REPORT),
 ]

@@ -1,4 +1,9 @@
-"""Session event log: ids, resume, retention, two replicas on one directory, corruption."""
+"""Session event log: ids, resume, retention, two replicas on one store, corruption.
+
+The tests before the file-specific ones run against every backend (`make_log`): the file log on
+a temporary directory and `RedisEventLog` on a real redis-server (`sf_redis`), each test with its
+own key prefix.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,10 @@ import json
 import logging
 import os
 import time
+import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,18 +30,46 @@ from sf_lifecycle._events import (
     validate_session_id,
 )
 from sf_lifecycle._events_file import FileEventLog
+from sf_lifecycle._events_redis import RedisEventLog
+from sf_lifecycle.testing import RedisServer
+
+AnyLog = FileEventLog | RedisEventLog
+LogFactory = Callable[..., AnyLog]
+
+
+@pytest.fixture(params=["file", "redis"])
+async def make_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LogFactory]:
+    """Factory of logs of one backend; two logs it makes share a store, like two replicas."""
+    logs: list[AnyLog] = []
+    server: RedisServer | None = None
+    if request.param == "redis":
+        server = request.getfixturevalue("sf_redis")
+    prefix = f"t-{uuid.uuid4().hex[:12]}:"
+
+    def make(**kwargs: Any) -> AnyLog:
+        log: AnyLog
+        if server is None:
+            log = FileEventLog(tmp_path, **kwargs)
+        else:
+            log = RedisEventLog(server.url, key_prefix=prefix, **kwargs)
+        logs.append(log)
+        return log
+
+    yield make
+    for log in logs:
+        await log.aclose()
 
 
 def seqs(events: list[Event]) -> list[int]:
     return [parse_event_id(e.id)[1] for e in events if e.id is not None and e.kind != LOST]
 
 
-async def fill(log: FileEventLog, session: str, n: int) -> list[str]:
+async def fill(log: EventLog, session: str, n: int) -> list[str]:
     return [await log.append(session, {"n": i}) for i in range(1, n + 1)]
 
 
-async def test_ids_are_dense_and_strictly_increasing(tmp_path: Path) -> None:
-    log = FileEventLog(tmp_path)
+async def test_ids_are_dense_and_strictly_increasing(make_log: LogFactory) -> None:
+    log = make_log()
     ids = await fill(log, "s1", 25)
     parsed = [parse_event_id(i) for i in ids]
     assert {e for e, _ in parsed} == {parsed[0][0]}
@@ -45,8 +81,8 @@ async def test_ids_are_dense_and_strictly_increasing(tmp_path: Path) -> None:
     assert isinstance(log, EventLog)
 
 
-async def test_resume_from_every_position(tmp_path: Path) -> None:
-    log = FileEventLog(tmp_path)
+async def test_resume_from_every_position(make_log: LogFactory) -> None:
+    log = make_log()
     ids = await fill(log, "s", 12)
     for k in range(len(ids) + 1):
         after = None if k == 0 else ids[k - 1]
@@ -55,8 +91,8 @@ async def test_resume_from_every_position(tmp_path: Path) -> None:
         assert [e.data for e in got] == [{"n": i} for i in range(k + 1, 13)]
 
 
-async def test_retention_by_count_reports_exactly_what_was_lost(tmp_path: Path) -> None:
-    log = FileEventLog(tmp_path, retention_events=5)
+async def test_retention_by_count_reports_exactly_what_was_lost(make_log: LogFactory) -> None:
+    log = make_log(retention_events=5)
     ids = await fill(log, "s", 12)
     epoch = parse_event_id(ids[0])[0]
     # A new client gets the retained window, with no notice.
@@ -79,14 +115,19 @@ async def test_retention_by_count_reports_exactly_what_was_lost(tmp_path: Path) 
     got = await log.read_after("s", f"{epoch}-7")
     assert seqs(got) == [8, 9, 10, 11, 12]
     assert got[0].kind != LOST
-    # Compaction keeps the file bounded (retention + 25 % slack, at least 1).
+
+
+async def test_file_compaction_keeps_the_file_bounded(tmp_path: Path) -> None:
+    log = FileEventLog(tmp_path, retention_events=5)
+    await fill(log, "s", 12)
+    # Retention + 25 % slack, at least 1.
     lines = (tmp_path / "sessions" / "s.log").read_text().splitlines()
     assert len(lines) - 1 <= 5 + 1
     assert json.loads(lines[0])["floor"] >= 6
 
 
-async def test_retention_by_age(tmp_path: Path) -> None:
-    log = FileEventLog(tmp_path, retention_ms=300)
+async def test_retention_by_age(make_log: LogFactory) -> None:
+    log = make_log(retention_ms=300)
     ids = await fill(log, "s", 3)
     await asyncio.sleep(0.4)
     fresh = await log.append("s", "fresh")
@@ -98,8 +139,8 @@ async def test_retention_by_age(tmp_path: Path) -> None:
     assert [e.id for e in await log.read_after("s", ids[2])] == [fresh]
 
 
-async def test_other_epoch_and_future_ids_get_a_lost_event(tmp_path: Path) -> None:
-    log = FileEventLog(tmp_path)
+async def test_other_epoch_and_future_ids_get_a_lost_event(make_log: LogFactory) -> None:
+    log = make_log()
     ids = await fill(log, "s", 3)
     epoch = parse_event_id(ids[0])[0]
     got = await log.read_after("s", f"{epoch - 5}-2")
@@ -119,8 +160,8 @@ async def test_other_epoch_and_future_ids_get_a_lost_event(tmp_path: Path) -> No
     assert await log.read_after("nobody", None) == []
 
 
-async def test_two_instances_on_one_directory_act_like_two_replicas(tmp_path: Path) -> None:
-    a, b = FileEventLog(tmp_path, poll_ms=20), FileEventLog(tmp_path, poll_ms=20)
+async def test_two_instances_on_one_store_act_like_two_replicas(make_log: LogFactory) -> None:
+    a, b = make_log(), make_log()
     ids = []
     for i in range(10):
         ids.append(await (a if i % 2 else b).append("s", i))
@@ -134,8 +175,8 @@ async def test_two_instances_on_one_directory_act_like_two_replicas(tmp_path: Pa
     assert seqs(await b.read_after("s", None)) == list(range(1, 51))
 
 
-async def test_wait_wakes_on_another_instances_append(tmp_path: Path) -> None:
-    a, b = FileEventLog(tmp_path, poll_ms=20), FileEventLog(tmp_path, poll_ms=20)
+async def test_wait_wakes_on_another_instances_append(make_log: LogFactory) -> None:
+    a, b = make_log(), make_log()
     first = await a.append("s", 0)
     assert await b.read_after("s", first) == []
     assert await b.wait("s", first, 0.1) is False  # nothing new: times out
@@ -155,8 +196,8 @@ async def test_wait_wakes_on_another_instances_append(tmp_path: Path) -> None:
     await b.aclose()
 
 
-async def test_follow_replays_then_streams_live(tmp_path: Path) -> None:
-    log = FileEventLog(tmp_path)
+async def test_follow_replays_then_streams_live(make_log: LogFactory) -> None:
+    log = make_log()
     ids = await fill(log, "s", 3)
     seen: list[str | None] = []
 
@@ -175,12 +216,12 @@ async def test_follow_replays_then_streams_live(tmp_path: Path) -> None:
 
 
 async def test_follow_ends_once_until_is_set_while_waiting_and_between_events(
-    tmp_path: Path,
+    make_log: LogFactory,
 ) -> None:
     """Steps: follow with an `until` flag; it yields the backlog, waits; the flag is set: the
     iteration ends at once (not after `idle_s`), with nothing more yielded; a second follow
     whose flag is set mid-batch stops before the next event."""
-    log = FileEventLog(tmp_path)
+    log = make_log()
     ids = await fill(log, "s", 3)
     until = asyncio.Event()
     seen: list[str | None] = []

@@ -43,6 +43,7 @@ def test_public_api_is_small_sorted_and_importable() -> None:
         "LifecycleMiddleware",
         "NotReady",
         "Phase",
+        "RedisEventLog",
         "Settings",
         "SfLifecycleError",
         "Sink",

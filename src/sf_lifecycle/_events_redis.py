@@ -1,0 +1,358 @@
+"""`RedisEventLog`: session events in Redis Streams, shared by replicas on any number of hosts.
+
+One stream per session (`<key_prefix><session>`), so replicas share no file: a client that
+reconnects to a replica on another host resumes there. The protocol, the ids and the follow
+loop are in `_events.py`; this is one backend of it, beside `FileEventLog`. Needs the `redis`
+extra (`pip install sf-lifecycle[redis]`: redis-py's asyncio client).
+
+Deliberate choices:
+
+* **The stream id is the SSE id, and it is `<epoch>-<seq>`.** An append runs one Lua script
+  that reads the stream's last id and `XADD`s the next one explicitly: `epoch` is the
+  millisecond the stream was created, `seq` counts 1, 2, 3... So ids are dense (a `lost` event
+  says exactly how many events a client missed), compare as the file backend's do, and an id
+  from another log (the file backend, or a stream that expired and was created again) has
+  another epoch and is answered with a `lost` event (`reset`), never a silent replay from an
+  unrelated position. The script is atomic: replicas appending at once never reuse a number.
+* **Retention: `XADD MAXLEN ~` by count, exact for readers, and an idle expiry.** Approximate
+  trimming (whole radix-tree nodes) keeps memory bounded cheaply; a reader still sees only the
+  newest `retention_events`, younger than `retention_ms`, as with files. Ids are not time-based,
+  so `MINID` cannot trim by age; instead the key expires `idle_ttl_ms` after its last append
+  (twice the age retention by default), so an idle session holds no memory.
+* **Live events: one `XREAD BLOCK` per process** (`_redis_reader.StreamReader`) over every
+  session with a waiting stream, on one connection of its own. Everything else (appends,
+  `XRANGE` replay) goes through one connection pool per process. A thousand open streams cost
+  two connections, not a thousand.
+* **Redis down is an error with a clear name.** Every command has a socket timeout
+  (`timeout_ms`), so a dead server never hangs a request or the shutdown. Failures are raised as
+  `EventStoreUnavailable`: a publish answers 503, an open stream ends with `retry:` and the
+  client resumes from its `Last-Event-ID` once Redis is back (no gap, if Redis kept the
+  stream: persistence is Redis's configuration).
+* **One client per event loop.** redis-py's asyncio connections belong to the loop that made
+  them; a log used from another loop (a test client's thread) gets its own clients there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from ._errors import ConfigError, EventStoreUnavailable
+from ._events import Event, lost_event, parse_event_id, validate_session_id
+from ._redact import redact_url
+from ._redis_reader import StreamReader
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["REDIS_SCHEMES", "RedisEventLog", "check_redis_url"]
+
+#: URL schemes redis-py accepts (`unix://` for a socket path).
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+# KEYS[1]: the stream. ARGV: now_ms, data_json, maxlen, idle_ttl_ms. Returns the new id.
+_APPEND = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local epoch, seq = ARGV[1], 1
+if #last > 0 then
+  local id = last[1][1]
+  local dash = string.find(id, '-', 1, true)
+  epoch = string.sub(id, 1, dash - 1)
+  seq = tonumber(string.sub(id, dash + 1)) + 1
+end
+local id = epoch .. '-' .. string.format('%d', seq)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], id, 't', ARGV[1], 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return id
+"""
+
+
+def check_redis_url(url: object, variable: str = "SF_REDIS_URL") -> str:
+    """Return `url` if redis-py can use it, else raise `ConfigError` naming `variable`.
+
+    The message shows the URL without its password.
+    """
+    if isinstance(url, str):
+        parts = urlsplit(url)
+        if parts.scheme.lower() == "unix" or (
+            parts.scheme.lower() in REDIS_SCHEMES and parts.hostname
+        ):
+            return url
+    shown = redact_url(url) if isinstance(url, str) else url
+    raise ConfigError(
+        variable, shown, "a Redis URL: redis://[:password@]host[:port][/db], rediss://, unix://"
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class RedisEventLog:
+    """Session events in Redis Streams, shared by every replica that uses the same Redis.
+
+    Args:
+        url: `redis://[:password@]host[:port][/db]`, `rediss://...` (TLS) or `unix://path`.
+        key_prefix: Prepended to the session id to name its stream (and this log's wake keys).
+        retention_events: Events per session a reader can still resume from.
+        retention_ms: Age after which an event can no longer be resumed from.
+        idle_ttl_ms: A session's stream is deleted this long after its last append (default:
+            twice `retention_ms`); a client resuming after that gets a `lost` event.
+        timeout_ms: Socket timeout of every command (and of connecting).
+        block_ms: Longest single blocking read of the live reader.
+        max_connections: Size of this process's connection pool.
+        read_batch: Most events one `read_after` returns (`follow()` asks again for the rest).
+
+    Raises:
+        ConfigError: `url` is not a Redis URL.
+        ImportError: redis-py is not installed (`pip install sf-lifecycle[redis]`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "sf:events:",
+        retention_events: int = 10_000,
+        retention_ms: int = 3_600_000,
+        idle_ttl_ms: int | None = None,
+        timeout_ms: int = 2_000,
+        block_ms: int = 5_000,
+        max_connections: int = 32,
+        read_batch: int = 1_000,
+    ) -> None:
+        if min(retention_events, retention_ms, timeout_ms, block_ms, max_connections) < 1:
+            raise ValueError("retention, timeouts and max_connections must be positive")
+        try:
+            import redis.asyncio  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(
+                "RedisEventLog needs redis-py: pip install 'sf-lifecycle[redis]'"
+            ) from exc
+        self.url = check_redis_url(url, "url")
+        self.key_prefix = key_prefix
+        self.retention_events = retention_events
+        self.retention_ms = retention_ms
+        self.idle_ttl_ms = 2 * retention_ms if idle_ttl_ms is None else idle_ttl_ms
+        self.timeout_s = timeout_ms / 1000
+        self.block_ms = block_ms
+        self.max_connections = max_connections
+        self.read_batch = read_batch
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: Redis | None = None
+        self._reader: StreamReader | None = None
+        self._append: Any = None
+        self._reads: dict[tuple[str, str | None], asyncio.Future[list[Event]]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kwargs: Any) -> RedisEventLog:
+        """Build from `Settings`: `redis_url` (required) and the two `sse_retention_*`."""
+        if not settings.redis_url:
+            raise ConfigError("SF_REDIS_URL", None, "set it to use RedisEventLog")
+        return cls(
+            settings.redis_url,
+            retention_events=settings.sse_retention_events,
+            retention_ms=settings.sse_retention_ms,
+            **kwargs,
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisEventLog({redact_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+
+    # -- public API ----------------------------------------------------------------------
+    async def append(self, session: str, data: Any) -> str:
+        """Append a JSON value to `session`; returns its id once Redis has it.
+
+        Raises:
+            InvalidSessionId: the session id is not 1-128 characters from `A-Z a-z 0-9 _ -`.
+            ValueError, TypeError: `data` is not JSON (NaN and Infinity included).
+            EventStoreUnavailable: Redis cannot be reached or refused; nothing was appended
+                (unless the reply alone was lost: then the event is there, as after any
+                network write whose answer never came).
+        """
+        key = self._key(session)
+        data_json = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        self._clients()
+        args = [_now_ms(), data_json, self.retention_events, self.idle_ttl_ms]
+        script = functools.partial(self._append, keys=[key], args=args)
+        return _text(await self._call(script, idempotent=False))
+
+    async def read_after(self, session: str, last_id: str | None) -> list[Event]:
+        """See `EventLog.read_after`. Raises `InvalidEventId` for a malformed `last_id` and
+        `EventStoreUnavailable` when Redis cannot answer.
+
+        Concurrent calls for the same session and position share one round trip: a thousand
+        streams of one session woken by one append make one `XRANGE`, not a thousand.
+        """
+        pos = None if last_id is None else parse_event_id(last_id)
+        key = self._key(session)
+        self._clients()
+        shared = self._reads.get((key, last_id))
+        if shared is None:
+            shared = asyncio.ensure_future(self._read(key, last_id, pos))
+            self._reads[(key, last_id)] = shared
+            shared.add_done_callback(functools.partial(self._read_done, (key, last_id)))
+        return list(await asyncio.shield(shared))
+
+    def _read_done(self, k: tuple[str, str | None], done: asyncio.Future[list[Event]]) -> None:
+        if self._reads.get(k) is done:
+            del self._reads[k]
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have gone (a stream closed)
+
+    async def _read(
+        self, key: str, last_id: str | None, pos: tuple[int, int] | None
+    ) -> list[Event]:
+        pool, _ = self._clients()
+
+        async def ends() -> list[Any]:
+            async with pool.pipeline(transaction=False) as pipe:
+                pipe.xrange(key, count=1)
+                pipe.xrevrange(key, count=1)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        first, last = await self._call(ends)
+        now = _now_ms()
+        if not first or not last:
+            return [] if pos is None else [lost_event(None, now, "reset", last_id, None)]
+        epoch, first_seq = parse_event_id(_text(first[0][0]))
+        head = parse_event_id(_text(last[0][0]))[1]
+        if pos is not None and pos[0] == epoch and pos[1] > head:
+            # The stream is behind the client (Redis lost writes it had acknowledged).
+            return [lost_event(f"{epoch}-{head}", now, "ahead", last_id, None)]
+        floor = max(first_seq - 1, head - self.retention_events)
+        start = pos[1] if pos is not None and pos[0] == epoch and pos[1] > floor else floor
+        events, start = await self._fetch(key, epoch, start, now - self.retention_ms)
+        if pos is None:
+            return events
+        if pos[0] != epoch:
+            return [lost_event(f"{epoch}-{start}", now, "reset", last_id, None), *events]
+        if start > pos[1]:
+            lost = lost_event(f"{epoch}-{start}", now, "expired", last_id, start - pos[1])
+            return [lost, *events]
+        return events
+
+    async def wait(self, session: str, last_id: str | None, timeout_s: float) -> bool:
+        """See `EventLog.wait`: woken by the process's one blocking `XREAD` within a round
+        trip of the append, whichever replica made it."""
+        pos = None if last_id is None else parse_event_id(last_id)
+        key = self._key(session)
+        _, reader = self._clients()
+        return await reader.wait(key, pos, timeout_s)
+
+    async def ping(self) -> dict[str, Any]:
+        """A readiness check (`Lifecycle.add_readiness_check`): `PING`, with its latency.
+
+        Raises:
+            EventStoreUnavailable: no answer within the timeout; the message has no password.
+        """
+        pool, _ = self._clients()
+        began = time.monotonic()
+        await self._call(pool.ping)
+        return {"backend": "redis", "ping_ms": round((time.monotonic() - began) * 1000, 2)}
+
+    async def aclose(self) -> None:
+        """Stop the live reader and close this loop's connections (a shutdown hook)."""
+        reader, pool = self._reader, self._pool
+        self._reader = self._pool = self._loop = None
+        if reader is not None:
+            await reader.aclose()
+        if pool is not None:
+            await pool.aclose()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _key(self, session: str) -> str:
+        return self.key_prefix + validate_session_id(session)
+
+    def _clients(self) -> tuple[Redis, StreamReader]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._pool is None or self._reader is None:
+            from redis.asyncio import BlockingConnectionPool, Redis
+            from redis.backoff import ExponentialBackoff
+            from redis.exceptions import ConnectionError, TimeoutError
+            from redis.retry import Retry
+
+            # A connection idle for a second is PINGed before use, so one that a restarted
+            # Redis closed is replaced before a write goes out on it.
+            options: dict[str, Any] = {
+                "socket_connect_timeout": self.timeout_s,
+                "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+                "retry_on_error": [ConnectionError, TimeoutError],
+                "health_check_interval": 1,
+            }
+            # Blocking: a burst of appends waits (up to the timeout) for a free connection
+            # rather than failing with "Too many connections".
+            pool = BlockingConnectionPool.from_url(
+                self.url,
+                socket_timeout=self.timeout_s,
+                max_connections=self.max_connections,
+                timeout=self.timeout_s,
+                **options,
+            )
+            self._pool = Redis.from_pool(pool)
+            blocking = Redis.from_url(
+                self.url,
+                socket_timeout=self.block_ms / 1000 + self.timeout_s,
+                max_connections=1,
+                **options,
+            )
+            self._reader = StreamReader(blocking, self._pool, self.key_prefix, self.block_ms)
+            self._append = self._pool.register_script(_APPEND)
+            self._reads = {}
+            self._loop = loop
+        return self._pool, self._reader
+
+    async def _call(self, fn: Callable[[], Awaitable[Any]], *, idempotent: bool = True) -> Any:
+        """Run one Redis call; `EventStoreUnavailable` for any failure.
+
+        A read is tried once more on a connection error: a pooled connection that a restarted
+        Redis closed fails once (redis-py's own retry does not cover it). An append is not:
+        whether it was applied is unknown, and the client's retry of the 503 is the retry.
+        """
+        from redis.exceptions import ConnectionError, RedisError
+
+        try:
+            async with asyncio.timeout(self.timeout_s * 2 + 1):
+                try:
+                    return await fn()
+                except ConnectionError:
+                    if not idempotent:
+                        raise
+                    return await fn()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise EventStoreUnavailable(
+                f"event store (Redis at {redact_url(self.url)}) unavailable: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def _fetch(
+        self, key: str, epoch: int, start: int, cutoff_ms: int
+    ) -> tuple[list[Event], int]:
+        """Events after seq `start`, dropping those older than `cutoff_ms`; returns them and
+        the seq they follow (raised past every dropped event)."""
+        pool, _ = self._clients()
+        while True:
+            after = f"({epoch}-{start}"
+            entries: list[Any] = await self._call(
+                functools.partial(pool.xrange, key, min=after, count=self.read_batch)
+            )
+            events: list[Event] = []
+            for raw_id, fields in entries:
+                event_id = _text(raw_id)
+                ts = int(fields[b"t"])
+                if not events and ts < cutoff_ms:
+                    start = parse_event_id(event_id)[1]  # expired by age
+                    continue
+                events.append(Event(event_id, _text(fields[b"d"]), ts))
+            if events or len(entries) < self.read_batch:
+                return events, start

@@ -1,0 +1,187 @@
+"""`RedisEventLog` on a real redis-server: what the shared conformance tests in test_events.py
+cannot show (ids from the file backend, trimming, one connection for many streams, Redis down,
+the extra, the setting)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+
+from sf_lifecycle import ConfigError, Lifecycle, Settings
+from sf_lifecycle._errors import EventStoreUnavailable
+from sf_lifecycle._events import LOST, follow, parse_event_id
+from sf_lifecycle._events_file import FileEventLog
+from sf_lifecycle._events_redis import RedisEventLog
+from sf_lifecycle._sse import EVENTS_PATH, session_event_routes
+from sf_lifecycle.testing import RedisServer
+
+
+@pytest.fixture
+async def log(sf_redis: RedisServer) -> AsyncIterator[RedisEventLog]:
+    log = RedisEventLog(sf_redis.url, key_prefix=f"t-{uuid.uuid4().hex[:12]}:")
+    yield log
+    await log.aclose()
+
+
+async def test_an_id_issued_by_the_file_backend_gets_a_lost_event(
+    log: RedisEventLog, tmp_path: Path
+) -> None:
+    """A client that moved from a file-backed replica resumes with a file id: it is told
+    (`lost`, `reset`) and gets every retained event, never a crash or a partial replay."""
+    files = FileEventLog(tmp_path)
+    file_id = await files.append("s", "from files")
+    await asyncio.sleep(0.01)  # another millisecond: another epoch
+    ids = [await log.append("s", i) for i in range(3)]
+    got = []
+    async with contextlib.aclosing(follow(log, "s", file_id)) as events:
+        async for event in events:
+            got.append(event)
+            if len(got) == 4:
+                break
+    assert got[0].kind == LOST
+    assert got[0].data["reason"] == "reset"
+    assert got[0].data["last_event_id"] == file_id
+    assert [e.id for e in got[1:]] == ids
+    await files.aclose()
+
+
+async def test_maxlen_trims_the_stream_and_readers_see_exactly_the_retained(
+    sf_redis: RedisServer,
+) -> None:
+    prefix = f"t-{uuid.uuid4().hex[:12]}:"
+    log = RedisEventLog(sf_redis.url, key_prefix=prefix, retention_events=10)
+    ids = [await log.append("s", i) for i in range(600)]
+    raw = Redis.from_url(sf_redis.url)
+    try:
+        length = await raw.xlen(prefix + "s")
+        ttl_ms = await raw.pttl(prefix + "s")
+    finally:
+        await raw.aclose()
+    assert length < 600 - 100  # trimmed (by whole nodes: approximately)
+    assert 0 < ttl_ms <= 2 * 3_600_000  # an idle session expires
+    got = await log.read_after("s", None)
+    assert [e.id for e in got] == ids[-10:]
+    got = await log.read_after("s", ids[100])
+    assert got[0].kind == LOST
+    assert got[0].data == {
+        "reason": "expired",
+        "last_event_id": ids[100],
+        "resume_after": ids[-11],
+        "lost": 489,
+    }
+    await log.aclose()
+
+
+async def test_a_thousand_waiting_streams_share_a_few_connections(
+    log: RedisEventLog, sf_redis: RedisServer
+) -> None:
+    """Steps: 1,000 waits on 1,000 sessions; Redis sees a handful of clients (one pool, one
+    blocking reader), not one per stream; one append to each wakes every wait."""
+    raw = Redis.from_url(sf_redis.url)
+    try:
+        before = len(await raw.client_list())
+        n = 1000
+        sessions = [f"w{i}" for i in range(n)]
+        heads = {s: await log.append(s, "first") for s in sessions}
+        waits = [asyncio.create_task(log.wait(s, heads[s], 20)) for s in sessions]
+        await asyncio.sleep(0.3)
+        during = len(await raw.client_list())
+        assert during - before <= 4, (before, during)
+        assert not any(w.done() for w in waits)
+        began = time.monotonic()
+        await asyncio.gather(*(log.append(s, "second") for s in sessions))
+        assert all(await asyncio.wait_for(asyncio.gather(*waits), 10))
+        assert time.monotonic() - began < 10
+    finally:
+        await raw.aclose()
+
+
+async def test_redis_down_raises_unavailable_fast_and_resumes_when_back(tmp_path: Path) -> None:
+    """Steps: append, stop Redis: append and read raise `EventStoreUnavailable` within the
+    timeout, a wait wakes (so a stream reads and ends); restart: the ids continue, no gap."""
+    with RedisServer(tmp_path / "redis") as server:
+        log = RedisEventLog(server.url, timeout_ms=500)
+        first = await log.append("s", 1)
+        waiting = asyncio.create_task(log.wait("s", first, 30))
+        await asyncio.sleep(0.1)
+        server.stop()
+        began = time.monotonic()
+        with pytest.raises(EventStoreUnavailable, match="unavailable"):
+            await log.append("s", 2)
+        with pytest.raises(EventStoreUnavailable):
+            await log.read_after("s", first)
+        assert await asyncio.wait_for(waiting, 5) is True
+        assert time.monotonic() - began < 5
+        server.start()
+        second = await log.append("s", 3)
+        assert parse_event_id(second) == (parse_event_id(first)[0], 2)
+        assert [e.id for e in await log.read_after("s", first)] == [second]
+        await log.aclose()
+
+
+async def test_publish_answers_503_problem_when_redis_is_down(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    settings = Settings(state_dir=tmp_path, redis_url=server.url)  # never started
+    lifecycle = Lifecycle(settings)
+    log = RedisEventLog.from_settings(settings, timeout_ms=300)
+    lifecycle.add_readiness_check("redis", log.ping, timeout_s=1.0)
+    app = lifecycle.install(Starlette(routes=session_event_routes(lifecycle, log)))
+    lifecycle.state.mark_ready()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        r = await c.post(EVENTS_PATH, params={"session": "s"}, json={"a": 1})
+        assert r.status_code == 503
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["code"] == "event_store_unavailable"
+        ready = await c.get("/api/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["redis"]["ok"] is False
+    await log.aclose()
+
+
+async def test_the_url_password_never_shows(tmp_path: Path) -> None:
+    url = "redis://:hunter2@127.0.0.1:1/0"
+    settings = Settings.from_env({"SF_REDIS_URL": url})
+    assert settings.redis_url == url
+    assert "hunter2" not in repr(settings)
+    log = RedisEventLog(url, timeout_ms=200)
+    assert "hunter2" not in repr(log)
+    with pytest.raises(EventStoreUnavailable) as info:
+        await log.ping()
+    assert "hunter2" not in str(info.value)
+    await log.aclose()
+    with pytest.raises(ConfigError, match="SF_REDIS_URL") as bad:
+        Settings.from_env({"SF_REDIS_URL": "http://:hunter2@h/0"})
+    assert "hunter2" not in str(bad.value)
+    for ok in ("rediss://h:6380/1", "unix:///run/redis.sock"):
+        assert Settings(redis_url=ok).redis_url == ok
+    with pytest.raises(ConfigError, match="redis_url"):
+        Settings(redis_url="localhost:6379")
+
+
+def test_core_imports_without_redis_and_the_error_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "import sf_lifecycle\n"
+        "assert sf_lifecycle.Settings(redis_url='redis://h').redis_url\n"
+        "try:\n"
+        "    sf_lifecycle.RedisEventLog('redis://h')\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "pip install 'sf-lifecycle[redis]'" in out.stdout
