@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._background import stops_task
 from ._config import Settings
 from ._errors import BudgetExceeded, NotReady
+from ._logging import ensure_logging
 from ._middleware import LifecycleMiddleware
 from ._redact import describe_error
 from ._state import Phase, ShutdownState
@@ -229,6 +230,9 @@ class Lifecycle:
         if self._started:
             return
         self._started = True
+        # Under a server that configures only its own loggers (plain uvicorn, gunicorn,
+        # hypercorn) the drain's log lines would be dropped: give them a handler (`_logging`).
+        ensure_logging(self.settings.log_format)
         if self.settings.metrics_port is not None and self._metrics_server is None:
             from .metrics import start_metrics_server  # the `metrics` extra
 

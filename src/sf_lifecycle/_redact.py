@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["describe_error"]
+__all__ = ["describe_error", "redact_secrets"]
 
 #: A URL: scheme, optional userinfo (credentials), host, and the rest (path, query).
 _URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*)://(?:[^\s/@'\"]*@)?([^\s/?#'\"]*)(\S*)")
@@ -41,6 +41,19 @@ def _redact_paths(text: str) -> str:
     text = _FILE_URL.sub("<path>", text)
     text = _QUOTED_PATH.sub("'<path>'", text)
     return _PATH.sub("<path>", text)
+
+
+#: The userinfo of a URL (`user:password@`), which log lines must never carry.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@'\"]*@")
+
+
+def redact_secrets(text: str) -> str:
+    """`text` without credentials: URL userinfo and `password=`-style values replaced.
+
+    For log lines (`_logging`), which may name paths (an operator needs them) but never a
+    secret: a sink's DSN in an error message, a token in a URL.
+    """
+    return _SECRET.sub(r"\1=<redacted>", _USERINFO.sub(r"\1<redacted>@", text))
 
 
 def describe_error(exc: BaseException) -> str:

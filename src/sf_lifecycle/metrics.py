@@ -39,13 +39,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from . import _fs
 from ._framing import HEADER_SIZE, MAX_PAYLOAD
 from ._health import _package_version
-from ._problem import method_not_allowed
 from ._segments import list_segments
 from ._state import Phase
 
@@ -271,7 +270,8 @@ def registry_for(lifecycle: Lifecycle) -> CollectorRegistry:
 
 
 class MetricsEndpoint:
-    """Plain ASGI answering `GET`/`HEAD` with the text exposition of `registry_for(lifecycle)`.
+    """The handler of `SF_METRICS_PATH` (`GET`/`HEAD`, checked by the health endpoints): the
+    text exposition of `registry_for(lifecycle)`.
 
     The collection runs in a worker thread: it lists the queue folder and reads one record.
     """
@@ -279,17 +279,14 @@ class MetricsEndpoint:
     def __init__(self, lifecycle: Lifecycle) -> None:
         self.registry = registry_for(lifecycle)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] not in ("GET", "HEAD"):
-            response = method_not_allowed(scope["method"], "GET, HEAD")
-        else:
-            body = await asyncio.to_thread(generate_latest, self.registry)
-            response = Response(
-                body, 200, headers={"cache-control": "no-store"}, media_type=CONTENT_TYPE_LATEST
-            )
-            if scope["method"] == "HEAD":
-                response.body = b""
-        await response(scope, receive, send)
+    async def __call__(self, request: Request) -> Response:
+        body = await asyncio.to_thread(generate_latest, self.registry)
+        response = Response(
+            body, 200, headers={"cache-control": "no-store"}, media_type=CONTENT_TYPE_LATEST
+        )
+        if request.method == "HEAD":
+            response.body = b""
+        return response
 
 
 def start_metrics_server(
