@@ -33,6 +33,8 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -44,7 +46,6 @@ from starlette.responses import Response
 
 from . import _fs
 from ._framing import HEADER_SIZE, MAX_PAYLOAD
-from ._health import _package_version
 from ._segments import list_segments
 from ._state import Phase
 
@@ -90,6 +91,13 @@ METRIC_NAMES = (
 )
 
 _LENGTH = struct.Struct("<I")
+
+
+def _package_version() -> str:
+    try:
+        return _dist_version("sf-lifecycle")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
 
 
 def _first_record_ms(path: Any) -> int | None:
