@@ -45,6 +45,8 @@ THROUGHPUT_GOAL = 0.97
 HEALTH_GOAL = 0.90
 ADDED_NS_GOAL = 1_000.0
 IMPORT_ADDED_MS_GOAL = 30.0
+#: Metrics on must cost nothing per request: below the noise of two interleaved runs.
+METRICS_ADDED_NS_GOAL = 50.0
 
 
 # -- 1 and 3: throughput under uvicorn -------------------------------------------------------
@@ -158,8 +160,8 @@ def _timed(app: ASGIApp, n: int) -> Callable[[], float]:
     return run
 
 
-def _wrapped(replica_id: str | None) -> ASGIApp:
-    lifecycle = Lifecycle(Settings(replica_id=replica_id))
+def _wrapped(replica_id: str | None, metrics_path: str | None = None) -> ASGIApp:
+    lifecycle = Lifecycle(Settings(replica_id=replica_id, metrics_path=metrics_path))
     lifecycle.state.mark_ready()
     return LifecycleMiddleware(raw_app, lifecycle)
 
@@ -184,13 +186,32 @@ def _added_row(
     )
 
 
+def _metrics_row(on: list[float], off: list[float], what: str) -> dict[str, Any]:
+    added = Stats.of([a - b for a, b in zip(on, off, strict=True)])
+    return make_result(
+        "middleware per request, metrics on (in process)",
+        "ns/req",
+        Stats.of(on),
+        Stats.of(off),
+        "the same middleware, metrics off",
+        f"<= +{METRICS_ADDED_NS_GOAL:.0f} ns/req",
+        added.median <= METRICS_ADDED_NS_GOAL,
+        added_ns=added.median,
+        detail=f"adds {added.median:,.0f} ns/req (spread {added.low:,.0f}..{added.high:,.0f}); "
+        + what,
+    )
+
+
 def _in_process(quick: bool) -> list[dict[str, Any]]:
     rounds, per_round = (5, 20_000) if quick else (10, 100_000)
-    bare, mw, mw_replica = interleave(
+    bare, mw, mw_replica, mw_metrics = interleave(
         rounds,
         _timed(raw_app, per_round),
         _timed(_wrapped(None), per_round),
         _timed(_wrapped("bench-1"), per_round),
+        # Metrics on (`SF_METRICS_PATH`): the counters are kept either way and collected only
+        # at scrape time, so this must cost what metrics off costs.
+        _timed(_wrapped(None, "/metrics"), per_round),
     )
     what = f"{rounds} rounds x {per_round:,} calls"
     rows = [
@@ -202,6 +223,7 @@ def _in_process(quick: bool) -> list[dict[str, Any]]:
             bare,
             what,
         ),
+        _metrics_row(mw_metrics, mw, what),
     ]
     # What an app pays for `Lifecycle.install()` as a whole: the middleware plus the health
     # routes, which Starlette's router tries before the app's own routes.

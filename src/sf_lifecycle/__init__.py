@@ -1,8 +1,9 @@
 """sf-lifecycle: upgrade an ASGI service behind a reverse proxy without dropping a request.
 
 The public API is what `__all__` lists; the modules behind it are private (a leading underscore),
-except `sf_lifecycle.testing`, `sf_lifecycle.report` and `sf_lifecycle.idempotency`
-(`IdempotencyIndex`, for an app that builds its own index for `feedback_routes`).
+except `sf_lifecycle.testing`, `sf_lifecycle.report`, `sf_lifecycle.idempotency`
+(`IdempotencyIndex`, for an app that builds its own index for `feedback_routes`) and
+`sf_lifecycle.metrics` (Prometheus, with the `metrics` extra).
 
 The top level names what a user writes in code: the app's wiring (`Lifecycle`, the middleware,
 `serve`, the routes, the queue, sinks and event logs with their protocols, `Settings`, `Phase`,
@@ -29,6 +30,7 @@ from ._errors import (
     UnsafePath,
 )
 from ._lifecycle import Lifecycle
+from ._logging import configure_logging
 from ._middleware import LifecycleMiddleware
 from ._runner import ExitCode, serve
 from ._state import Phase
@@ -99,6 +101,7 @@ __all__ = [
     "StorageError",
     "UnsafePath",
     "__version__",
+    "configure_logging",
     "feedback_routes",
     "serve",
     "session_event_routes",

@@ -13,13 +13,13 @@ environment or the container spec. The CLI, not the library, configures logging.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 from ._config import ENV_VARS, Settings
 from ._errors import ConfigError, UnsafePath
+from ._logging import configure_logging
 from ._runner import ExitCode
 
 __all__ = ["main"]
@@ -44,17 +44,33 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     for field, flag in _SERVE_FLAGS.items():
         p.add_argument(flag, dest=field, default=None, help=f"sets {ENV_VARS[field]}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
+    p.add_argument(
+        "--log-format",
+        dest="log_format",
+        default=None,
+        choices=["text", "json"],
+        help="sets SF_LOG_FORMAT: text (default) or json, one object per line",
+    )
+    p.add_argument(
+        "--access-log",
+        dest="access_log",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="log every request (sets SF_ACCESS_LOG; off by default)",
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
     from ._runner import serve
 
-    for field in _SERVE_FLAGS:
+    for field in (*_SERVE_FLAGS, "log_format"):
         value = getattr(args, field)
         if value is not None:
             os.environ[ENV_VARS[field]] = str(value)
+    if args.access_log is not None:
+        os.environ[ENV_VARS["access_log"]] = "1" if args.access_log else "0"
     settings = Settings.from_env()  # fail before importing the app, with the variable's name
+    configure_logging(settings.log_format, args.log_level)
     if settings.state_dir is not None:
         # A file there, a link or a file where a folder belongs, a read-only or pseudo file
         # system: exit 2 with one line, not a traceback out of the app's import.
@@ -62,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        return serve(args.app, log_config=None, access_log=args.access_log, own_process=True)
+        return serve(args.app, log_config=None, access_log=settings.access_log, own_process=True)
     except UnsafePath as exc:  # changed after the check, while the app was imported
         raise ConfigError(ENV_VARS["state_dir"], settings.state_dir, str(exc.strerror)) from None
 
@@ -91,11 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_args(sub.add_parser(name))
         runners[name] = run
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "info").upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging("text", getattr(args, "log_level", "info"))
     try:
         return runners[args.command](args)
     except ConfigError as exc:

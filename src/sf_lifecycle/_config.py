@@ -72,6 +72,15 @@ class Settings:
         redis_url: Redis for session events shared across hosts (`RedisEventLog`; the
             `redis` extra): `redis://[:password@]host[:port][/db]`, `rediss://` or `unix://`.
             Left out of `repr()`, and shown without its password in errors and logs.
+        health_prefix: Prefix of the health paths (`<prefix>/healthz`, `/ready`, `/version`);
+            `""` serves them at the root. Point the proxy's and orchestrator's probes at it.
+        metrics_path: Serve Prometheus metrics on this path of the app's port (needs the
+            `metrics` extra); None (the default) serves none. Answered by the middleware.
+        metrics_port: Serve Prometheus metrics on this port, in a thread of its own, on
+            `host` (also while the listeners are closed and the hooks run); None: no port.
+        log_format: `text` or `json` (one object per line) for `sf-lifecycle serve` and
+            `configure_logging()`.
+        access_log: Log every request (uvicorn's access log) under `sf-lifecycle serve`.
     """
 
     grace_ms: int = 600_000
@@ -96,6 +105,11 @@ class Settings:
     file_mode: int = FileMode(0o600)
     dir_mode: int = FileMode(0o700)
     redis_url: str | None = field(default=None, repr=False)
+    health_prefix: str = "/api"
+    metrics_path: str | None = None
+    metrics_port: int | None = None
+    log_format: str = "text"
+    access_log: bool = False
     _sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +117,8 @@ class Settings:
             value = getattr(self, name)
             if type(value) is int:
                 object.__setattr__(self, name, FileMode(value))
+        if self.health_prefix == "/":  # the root, as `SF_HEALTH_PREFIX=/` says it
+            object.__setattr__(self, "health_prefix", "")
         for f in dataclasses.fields(self):
             if f.name.startswith("_"):
                 continue
@@ -254,6 +270,11 @@ ENV_VARS: dict[str, str] = {
     "file_mode": "SF_FILE_MODE",
     "dir_mode": "SF_DIR_MODE",
     "redis_url": "SF_REDIS_URL",
+    "health_prefix": "SF_HEALTH_PREFIX",
+    "metrics_path": "SF_METRICS_PATH",
+    "metrics_port": "SF_METRICS_PORT",
+    "log_format": "SF_LOG_FORMAT",
+    "access_log": "SF_ACCESS_LOG",
 }
 
 # (minimum, maximum) for integer settings; None means unbounded above.
@@ -263,6 +284,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "drain_after_probes": (1, 1_000),
     "drain_margin_ms": (0, 600_000),
     "port": (0, 65_535),
+    "metrics_port": (0, 65_535),
     "drain_interval_ms": (1, 3_600_000),
     "drain_batch_records": (1, 1_000_000),
     "orphan_sweep_ms": (100, 3_600_000),
@@ -282,6 +304,11 @@ _DIGITS = re.compile(r"[0-9]+")
 _OCTAL = re.compile(r"[0-7]{1,4}")
 #: Mode settings -> the owner bits the library needs to work (the rest is the operator's choice).
 _MODE_FIELDS: dict[str, int] = {"file_mode": 0o600, "dir_mode": 0o700}
+#: A URL path of plain segments (`/api`, `/internal/sf`); the prefix may also be empty.
+_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+\Z")
+_LOG_FORMATS = ("text", "json")
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOLS.update({"0": False, "false": False, "no": False, "off": False})
 
 
 def _is_host(value: str) -> bool:
@@ -302,6 +329,12 @@ def _parse(name: str, var: str, raw: str) -> object:
         if not _OCTAL.fullmatch(raw):
             raise ConfigError(var, raw, "an octal mode such as 0600")
         return FileMode(int(raw, 8))
+    if name == "access_log":
+        if raw.lower() not in _BOOLS:
+            raise ConfigError(var, raw, "one of 1, 0, true, false, yes, no, on, off")
+        return _BOOLS[raw.lower()]
+    if name == "health_prefix" and raw == "/":
+        return ""
     if name in _INT_RANGES:
         if not _DIGITS.fullmatch(raw) or len(raw) > 20:
             raise ConfigError(var, raw, _describe_range(name))
@@ -316,7 +349,7 @@ def _describe_range(name: str) -> str:
 
 def _validate(name: str, value: object, source: str) -> None:
     if name in _INT_RANGES:
-        if value is None and name == "drain_after_probes":
+        if value is None and name in ("drain_after_probes", "metrics_port"):
             return
         low, high = _INT_RANGES[name]
         if (
@@ -356,5 +389,23 @@ def _validate(name: str, value: object, source: str) -> None:
         from ._events_redis import check_redis_url  # no redis-py import: the URL's shape only
 
         check_redis_url(value, source)
+    elif name in ("health_prefix", "metrics_path"):
+        if value is None and name == "metrics_path":
+            return
+        if not isinstance(value, str) or not (
+            (value == "" and name == "health_prefix") or _PATH.match(value)
+        ):
+            raise ConfigError(
+                source,
+                value,
+                "a path such as /api (segments of A-Z a-z 0-9 . _ ~ -, no trailing slash)"
+                + ("; empty or / for the root" if name == "health_prefix" else ""),
+            )
+    elif name == "log_format":
+        if value not in _LOG_FORMATS:
+            raise ConfigError(source, value, "text or json")
+    elif name == "access_log":
+        if not isinstance(value, bool):
+            raise ConfigError(source, value, "true or false")
     elif name == "state_dir" and value is not None and not isinstance(value, Path):
         raise ConfigError(source, value, "a filesystem path")

@@ -76,6 +76,10 @@ class Delivery:
         self.listeners: list[DeliveryListener] = []
         #: Records handed to the sink since the queue started.
         self.delivered = 0
+        #: Sink calls that raised or ran out of time (the file stays and is retried).
+        self.sink_errors = 0
+        #: Files moved to quarantine since the queue started.
+        self.quarantined = 0
 
     async def files(
         self, files: list[Path], sink: Sink, deadline: float | None, began: float
@@ -128,6 +132,7 @@ class Delivery:
             if not await self._set_aside(path, [(0, str(exc))]):
                 return False
             result.quarantined += 1
+            self.quarantined += 1
             result.files_done += 1
             return True
         except OSError as exc:  # EIO reading: leave the file for the next attempt
@@ -150,9 +155,11 @@ class Delivery:
                     for listener in self.listeners:
                         await listener(batch)
             except TimeoutError:
+                self.sink_errors += 1
                 logger.warning("deadline reached while delivering %s; left on disk", path.name)
                 return False
             except Exception:
+                self.sink_errors += 1
                 logger.exception("sink failed on %s; the file stays and is retried", path.name)
                 return False
             result.delivered += len(batch)
@@ -171,6 +178,7 @@ class Delivery:
             if not await self._set_aside(path, loaded.problems):
                 return False
             result.quarantined += 1
+            self.quarantined += 1
         else:
             try:
                 state_subdir(self.state_dir, "feedback", self.dir_mode)  # not through a link

@@ -134,6 +134,7 @@ class _FeedbackEndpoint:
             return problem(
                 409, "in_flight", "a request with this Idempotency-Key is still being stored"
             )
+        self.queue.idempotent_replays += 1
         return JSONResponse({"id": known.id}, 202, headers={"idempotent-replayed": "true"})
 
     def _held(self, key: str) -> tuple[str, str] | None:

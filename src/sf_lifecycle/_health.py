@@ -1,4 +1,4 @@
-"""Health routes: `/api/healthz`, `/api/ready`, `/api/version`.
+"""Health routes: `/api/healthz`, `/api/ready`, `/api/version` (and `/metrics` when enabled).
 
 `healthz` is what the proxy polls: 200 while this replica should receive traffic, 503 from the
 moment SIGTERM lands. `ready` is stricter (start-up work done, every check passing) and is what an
@@ -8,6 +8,11 @@ There is one way to serve them: `LifecycleMiddleware` (installed by `Lifecycle.i
 wrapped around any ASGI app) answers the three paths with `HealthEndpoints` before the app's
 router sees the request. This module knows the lifecycle only as a type, so it imports nothing
 that imports it back.
+
+The prefix (`/api`) is a setting (`SF_HEALTH_PREFIX`), so the paths of one `HealthEndpoints` are
+in `paths`. They are not routes of the app: a FastAPI app's OpenAPI schema does not list them,
+deliberately (they are the operator's, not the API's, and no router sees them). The Prometheus
+metrics path (`SF_METRICS_PATH`, off by default) is served the same way, by `sf_lifecycle.metrics`.
 """
 
 from __future__ import annotations
@@ -29,12 +34,20 @@ from ._state import Phase
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
 
-__all__ = ["HEALTH_PATHS", "HealthEndpoints"]
+__all__ = ["HEALTH_PATHS", "HealthEndpoints", "health_paths"]
 
 logger = logging.getLogger("sf_lifecycle.health")
 
 HEALTHZ, READY, VERSION = "/api/healthz", "/api/ready", "/api/version"
+#: The paths under the default prefix, `/api`.
 HEALTH_PATHS = frozenset({HEALTHZ, READY, VERSION})
+
+
+def health_paths(prefix: str) -> tuple[str, str, str]:
+    """`(healthz, ready, version)` under `prefix` (`Settings.health_prefix`, `""` for the root)."""
+    return f"{prefix}/healthz", f"{prefix}/ready", f"{prefix}/version"
+
+
 _NO_STORE = {"cache-control": "no-store"}
 
 
@@ -59,6 +72,16 @@ class HealthEndpoints:
     def __init__(self, lifecycle: Lifecycle) -> None:
         self.lifecycle = lifecycle
         self._logged_first_503 = False
+        settings = lifecycle.settings
+        healthz, ready, version = health_paths(settings.health_prefix)
+        handlers: dict[str, Any] = {healthz: self.healthz, ready: self.ready, version: self.version}
+        if settings.metrics_path is not None:
+            from .metrics import MetricsEndpoint  # the `metrics` extra: fails here, at start-up
+
+            handlers[settings.metrics_path] = MetricsEndpoint(lifecycle)
+        self._handlers = handlers
+        #: Every path answered here (the middleware's lookup set).
+        self.paths = frozenset(handlers)
 
     async def healthz(self, request: Request) -> Response:
         state = self.lifecycle.state
@@ -108,7 +131,7 @@ class HealthEndpoints:
         return _json(200, body, request.method == "HEAD")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = {HEALTHZ: self.healthz, READY: self.ready, VERSION: self.version}[scope["path"]]
+        handler = self._handlers[scope["path"]]
         if scope["method"] not in ("GET", "HEAD"):
             response = method_not_allowed(scope["method"], "GET, HEAD")
         else:

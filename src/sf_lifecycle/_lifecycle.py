@@ -18,19 +18,24 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._background import stops_task
 from ._config import Settings
 from ._errors import BudgetExceeded, NotReady
+from ._logging import ensure_logging
 from ._middleware import LifecycleMiddleware
 from ._redact import describe_error
 from ._state import Phase, ShutdownState
+from ._stats import Stats
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
 __all__ = ["Lifecycle", "ReadinessCheck", "ShutdownHook"]
+
+#: `install` returns the app it was given, with its type (a `FastAPI` stays a `FastAPI`).
+_AppT = TypeVar("_AppT", bound="Starlette")
 
 logger = logging.getLogger("sf_lifecycle.lifecycle")
 
@@ -119,6 +124,10 @@ class Lifecycle:
         self.failed: list[str] = []
         self._started = False
         self._shut_down = False
+        #: Counters for `sf_lifecycle.metrics` (plain ints, updated where things happen).
+        self.stats = Stats()
+        #: (server, thread) of the metrics port (`metrics_port`), from start-up to stopped.
+        self._metrics_server: tuple[Any, Any] | None = None
 
     # -- registration ----------------------------------------------------------------------
     def add_readiness_check(
@@ -221,6 +230,15 @@ class Lifecycle:
         if self._started:
             return
         self._started = True
+        # Under a server that configures only its own loggers (plain uvicorn, gunicorn,
+        # hypercorn) the drain's log lines would be dropped: give them a handler (`_logging`).
+        ensure_logging(self.settings.log_format)
+        if self.settings.metrics_port is not None and self._metrics_server is None:
+            from .metrics import start_metrics_server  # the `metrics` extra
+
+            self._metrics_server = start_metrics_server(
+                self, self.settings.metrics_port, self.settings.host
+            )
         for name, task in self._startup:
             self._startup_pending[name] = _StartupStatus()
             t = asyncio.create_task(self._run_startup(name, task), name=f"sf-startup-{name}")
@@ -250,6 +268,7 @@ class Lifecycle:
                 if stops_task(exc):
                     raise
                 status.failures += 1
+                self.stats.startup_retries += 1
                 status.last_error = describe_error(exc)
                 if self.state.phase >= Phase.DRAINING:
                     logger.error(
@@ -302,6 +321,20 @@ class Lifecycle:
         for t in list(self._startup_tasks):
             t.cancel()
         hooks = list(self._hooks)
+        self.stats.hooks_began = time.monotonic()
+        try:
+            await self._run_hooks(hooks)
+        finally:
+            self.stats.hooks_ended = time.monotonic()
+        self.state.mark_stopped()
+        if self._metrics_server is not None:
+            # Served through the hooks, so a scrape sees the final drain; stopped once done.
+            server, self._metrics_server = self._metrics_server[0], None
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
+
+    async def _run_hooks(self, hooks: list[_Hook]) -> None:
+        assert self.deadline is not None
         for i, hook in enumerate(hooks):
             began = time.monotonic()
             remaining = self.deadline - began
@@ -386,10 +419,9 @@ class Lifecycle:
                     elapsed_ms,
                     exc_info=exc,
                 )
-        self.state.mark_stopped()
 
     # -- wiring ----------------------------------------------------------------------------
-    def install(self, app: Starlette) -> Starlette:
+    def install(self, app: _AppT) -> _AppT:
         """Wire this lifecycle into a Starlette (or FastAPI) app and return it.
 
         Adds the in-flight middleware, which also answers `/api/healthz`, `/api/ready` and

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._health import HEALTH_PATHS, HealthEndpoints
+from ._health import HealthEndpoints
 from ._state import Phase
 
 if TYPE_CHECKING:
@@ -45,21 +45,25 @@ class LifecycleMiddleware:
     Args:
         app: The application to wrap, any ASGI app.
         lifecycle: The process lifecycle whose state is read and counted into.
-        exclude_paths: Paths not counted as in flight (health probes, event streams); the
-            health paths among them are answered here, the others passed to `app`.
+        exclude_paths: Paths not counted as in flight (event streams), passed to `app`. The
+            health paths (under `settings.health_prefix`) and the metrics path are always
+            answered here and never counted.
     """
 
     def __init__(
         self,
         app: ASGIApp,
         lifecycle: Lifecycle,
-        exclude_paths: Iterable[str] = HEALTH_PATHS | DEFAULT_STREAM_PATHS,
+        exclude_paths: Iterable[str] = DEFAULT_STREAM_PATHS,
     ) -> None:
         self.app = app
         self.lifecycle = lifecycle
         self._state = lifecycle.state
-        self._exclude = frozenset(exclude_paths)
         self._health = HealthEndpoints(lifecycle)
+        # One set lookup per request, as before the paths became settings: the health and
+        # metrics paths are in it, and answered here.
+        self._health_paths = self._health.paths
+        self._exclude = frozenset(exclude_paths) | self._health_paths
         replica = lifecycle.settings.replica_id
         self._replica = (b"x-sf-replica", replica.encode("latin-1")) if replica else None
 
@@ -88,7 +92,7 @@ class LifecycleMiddleware:
 
         path = scope["path"]
         if path in self._exclude:
-            if path in HEALTH_PATHS:
+            if path in self._health_paths:
                 await self._health(scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)

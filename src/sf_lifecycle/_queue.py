@@ -140,6 +140,8 @@ class FeedbackQueue:
         self.orphan_sweep_s = orphan_sweep_ms / 1000
         self.token = new_token()
         self.sink: Sink | None = None
+        #: Keyed writes answered with the id stored earlier (`sf_lifecycle.metrics`).
+        self.idempotent_replays = 0
         #: The idempotency index `install` wires beside the queue (`feedback_routes` uses it).
         self.idempotency: IdempotencyIndex | None = None
         # The state directory is the operator's (it may be a link); below it nothing is followed.

@@ -63,6 +63,7 @@ def install(queue: FeedbackQueue, lifecycle: Lifecycle, sink: Sink | None = None
     queue.sink = sink
     recover_at_startup = queue.startup_hook(sink)
     _installed.add(queue)
+    lifecycle.stats.queues.append(queue)
 
     async def readiness() -> dict[str, Any]:
         return {

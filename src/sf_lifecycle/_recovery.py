@@ -130,6 +130,8 @@ class OrphanRecovery:
         #: (a live owner, another recoverer, a refused lock): file name -> (sig, keys). Kept
         #: until the file is gone, i.e. delivered and indexed (see `held_key`).
         self._held: dict[str, tuple[_Sig, _Keys]] = {}
+        #: Records of dead peers delivered (start-up recovery and sweeps) since start.
+        self.recovered = 0
 
     async def recover(self, sink: Sink, deadline: float | None = None) -> DrainResult:
         """One recovery whose progress is `state` (it never stays "running" after this)."""
@@ -139,6 +141,7 @@ class OrphanRecovery:
         except BaseException as exc:
             self.state = {"state": "failed", "error": describe_error(exc)}
             raise
+        self.recovered += result.delivered
         return result
 
     async def sweep_once(self, sink: Sink) -> DrainResult:
@@ -151,6 +154,7 @@ class OrphanRecovery:
             self.sweep["error"] = describe_error(exc)
             raise
         self.sweep = {"runs": self.sweep.get("runs", 0) + 1, **progress}
+        self.recovered += result.delivered
         return result
 
     async def sweep_loop(self, sink: Sink, period_s: float, closed: Callable[[], bool]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["describe_error", "redact_url"]
+__all__ = ["describe_error", "redact_secrets", "redact_url"]
 
 #: A URL: scheme, optional userinfo (credentials), host, and the rest (path, query).
 _URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*)://(?:[^\s/@'\"]*@)?([^\s/?#'\"]*)(\S*)")
@@ -26,13 +26,12 @@ _PATH = re.compile(
 
 
 def redact_url(url: str) -> str:
-    """`url` with its credentials replaced by `***`, for logs and error messages.
+    """`url` with its credentials replaced, for logs and error messages.
 
     Host, port and path stay (an operator needs them to see which server is meant); the
     password, and the user name with it, never appear.
     """
-    url = re.sub(r"(?i)^([a-z][a-z0-9+.-]*://)[^/@?#]*@", r"\1***@", url.strip())
-    return _SECRET.sub(r"\1=***", url)  # `unix:///path?password=...`
+    return redact_secrets(url.strip())
 
 
 def _redact_url(m: re.Match[str]) -> str:
@@ -51,6 +50,19 @@ def _redact_paths(text: str) -> str:
     text = _FILE_URL.sub("<path>", text)
     text = _QUOTED_PATH.sub("'<path>'", text)
     return _PATH.sub("<path>", text)
+
+
+#: The userinfo of a URL (`user:password@`), which log lines must never carry.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@'\"]*@")
+
+
+def redact_secrets(text: str) -> str:
+    """`text` without credentials: URL userinfo and `password=`-style values replaced.
+
+    For log lines (`_logging`), which may name paths (an operator needs them) but never a
+    secret: a sink's DSN in an error message, a token in a URL.
+    """
+    return _SECRET.sub(r"\1=<redacted>", _USERINFO.sub(r"\1<redacted>@", text))
 
 
 def describe_error(exc: BaseException) -> str:

@@ -434,6 +434,7 @@ def serve(
         lifecycle = Lifecycle(settings)
         app = LifecycleMiddleware(app, lifecycle)
     s = lifecycle.settings
+    uvicorn_options.setdefault("access_log", s.access_log)
     config = uvicorn.Config(
         app,
         host=host if host is not None else s.host,

@@ -158,6 +158,10 @@ class _Endpoints:
             )
         # Counted here, with no await since the check; the response's __call__ uncounts it.
         state.streams += 1
+        stats = self.lifecycle.stats
+        stats.streams_opened += 1
+        if last_id is not None:
+            stats.stream_resumes += 1
         return _LifecycleEventSourceResponse(
             self._events(session, last_id),
             state=state,
@@ -169,9 +173,13 @@ class _Endpoints:
 
     async def _events(self, session: str, cursor: str | None) -> AsyncIterator[ServerSentEvent]:
         events = follow(self.log, session, cursor, until=_Closing(self.state))
+        stats = self.lifecycle.stats
         async with contextlib.aclosing(events):
             try:
                 async for event in events:
+                    stats.events_sent += 1
+                    if event.kind == LOST:
+                        stats.lost_events += 1
                     yield ServerSentEvent(
                         data=event.data_json,
                         id=event.id,

@@ -57,6 +57,8 @@ class ShutdownState:
         self._waiters: list[tuple[Phase, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._closing: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.closing = False
+        #: Monotonic time of `begin_closing()` (the drain delay's end), for the metrics.
+        self.closing_at: float | None = None
         #: HTTP requests being served, health probes and streams excluded (the middleware counts).
         self.in_flight = 0
         #: Open event streams (SSE), reported but not counted as in flight.
@@ -162,6 +164,7 @@ class ShutdownState:
             if self.closing:
                 return False
             self.closing = True
+            self.closing_at = time.monotonic()
             events, self._closing = self._closing, []
         for loop, event in events:
             _set_event(loop, event)

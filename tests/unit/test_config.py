@@ -204,3 +204,37 @@ def test_state_dir_that_is_a_file_or_cannot_be_created_is_a_config_error(tmp_pat
         Settings.from_env({"SF_STATE_DIR": str(a_file / "below")}).require_state_dir()
     created = Settings.from_env({"SF_STATE_DIR": str(tmp_path / "new" / "state")})
     assert created.require_state_dir().is_dir()
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "expected"),
+    [
+        ({"SF_HEALTH_PREFIX": "/internal/sf"}, "health_prefix", "/internal/sf"),
+        ({"SF_HEALTH_PREFIX": "/"}, "health_prefix", ""),
+        ({}, "health_prefix", "/api"),
+        ({"SF_METRICS_PATH": "/metrics"}, "metrics_path", "/metrics"),
+        ({}, "metrics_path", None),
+        ({"SF_METRICS_PORT": "9464"}, "metrics_port", 9464),
+        ({"SF_LOG_FORMAT": "json"}, "log_format", "json"),
+        ({"SF_ACCESS_LOG": "0"}, "access_log", False),
+        ({"SF_ACCESS_LOG": "true"}, "access_log", True),
+        ({}, "access_log", False),
+    ],
+)
+def test_observability_settings_from_env(env: dict[str, str], field: str, expected: object) -> None:
+    assert getattr(Settings.from_env(env), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SF_HEALTH_PREFIX": "api"}, r"invalid SF_HEALTH_PREFIX='api': a path such as /api"),
+        ({"SF_METRICS_PATH": "/m/"}, r"invalid SF_METRICS_PATH='/m/': a path"),
+        ({"SF_LOG_FORMAT": "xml"}, r"invalid SF_LOG_FORMAT='xml': text or json"),
+        ({"SF_ACCESS_LOG": "maybe"}, r"invalid SF_ACCESS_LOG='maybe': one of 1, 0"),
+        ({"SF_METRICS_PORT": "70000"}, r"invalid SF_METRICS_PORT='?70000'?"),
+    ],
+)
+def test_bad_observability_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)

