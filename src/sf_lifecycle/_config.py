@@ -98,7 +98,8 @@ class Settings:
         redis_url: Redis for session events shared across hosts (`RedisEventLog`; the
             `redis` extra): `redis://[:password@]host[:port][/db]`, `rediss://` or `unix://`.
             Left out of `repr()`, and shown without its password in errors and logs.
-        health_prefix: Prefix of the health paths (`<prefix>/healthz`, `/ready`, `/version`);
+        health_prefix: Prefix of the health paths (`<prefix>/healthz`, `/ready`, `/livez`,
+            `/version`);
             `""` serves them at the root. Point the proxy's and orchestrator's probes at it.
         metrics_path: Serve Prometheus metrics on this path of the app's port (needs the
             `metrics` extra); None (the default) serves none. Answered by the middleware.
@@ -107,6 +108,8 @@ class Settings:
         log_format: `text` or `json` (one object per line) for `sf-lifecycle serve` and
             `configure_logging()`.
         access_log: Log every request (uvicorn's access log) under `sf-lifecycle serve`.
+        liveness_stall_ms: `/api/livez` answers 503 when the event loop stalled longer than
+            this (now, or within the last such period): the process is wedged.
     """
 
     grace_ms: int = 600_000
@@ -136,6 +139,7 @@ class Settings:
     metrics_port: int | None = None
     log_format: str = "text"
     access_log: bool = False
+    liveness_stall_ms: int = 10_000
     _sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -331,6 +335,7 @@ ENV_VARS: dict[str, str] = {
     "metrics_port": "SF_METRICS_PORT",
     "log_format": "SF_LOG_FORMAT",
     "access_log": "SF_ACCESS_LOG",
+    "liveness_stall_ms": "SF_LIVENESS_STALL_MS",
 }
 
 # (minimum, maximum) for integer settings; None means unbounded above.
@@ -350,6 +355,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "sse_retry_ms": (0, 3_600_000),
     "sse_retention_events": (1, 100_000_000),
     "sse_retention_ms": (1_000, 365 * 24 * 3_600_000),
+    "liveness_stall_ms": (100, 3_600_000),
 }
 _ID_FIELDS = ("version", "git_sha", "replica_id")
 #: A version may carry PEP 440 / semver local and epoch parts (`1.0.0+local`, `1!2.0`).

@@ -1,11 +1,17 @@
-"""Health routes: `/api/healthz`, `/api/ready`, `/api/version` (and `/metrics` when enabled).
+"""Health routes: `/api/healthz`, `/api/ready`, `/api/livez`, `/api/version` (and `/metrics`
+when enabled).
 
-`healthz` is what the proxy polls: 200 while this replica should receive traffic, 503 from the
-moment SIGTERM lands. `ready` is stricter (start-up work done, every check passing) and is what an
-operator or a blue/green script waits for before moving traffic. `version` says what is running.
+`healthz` is what the proxy and the Kubernetes readiness probe poll: 200 only while a request
+routed here cannot fail for a reason a sibling replica does not have. It answers 503 while
+starting, from the moment SIGTERM lands (draining), while start-up recovery has not succeeded
+(keyed feedback answers 503 "recovering" meanwhile) and while a readiness check fails; `reasons`
+says which. `ready` answers from the same decision with the checks' details, for an operator or
+a blue/green script. `livez` is for a liveness probe: 503 only when the event loop is stalled
+(`_liveness`), never while draining or recovering, so a restart never cuts a drain short.
+`version` says what is running.
 
 There is one way to serve them: `LifecycleMiddleware` (installed by `Lifecycle.install`, or
-wrapped around any ASGI app) answers the three paths with `HealthEndpoints` before the app's
+wrapped around any ASGI app) answers the paths with `HealthEndpoints` before the app's
 router sees the request. This module knows the lifecycle only as a type, so it imports nothing
 that imports it back.
 
@@ -39,12 +45,14 @@ __all__ = ["HEALTH_PATHS", "HealthEndpoints", "health_paths"]
 logger = logging.getLogger("sf_lifecycle.health")
 
 HEALTHZ, READY, VERSION = "/api/healthz", "/api/ready", "/api/version"
+LIVEZ = "/api/livez"
 #: The paths under the default prefix, `/api`.
-HEALTH_PATHS = frozenset({HEALTHZ, READY, VERSION})
+HEALTH_PATHS = frozenset({HEALTHZ, READY, LIVEZ, VERSION})
 
 
 def health_paths(prefix: str) -> tuple[str, str, str]:
-    """`(healthz, ready, version)` under `prefix` (`Settings.health_prefix`, `""` for the root)."""
+    """`(healthz, ready, version)` under `prefix` (`Settings.health_prefix`, `""` for the root);
+    `livez` is `<prefix>/livez`."""
     return f"{prefix}/healthz", f"{prefix}/ready", f"{prefix}/version"
 
 
@@ -74,7 +82,12 @@ class HealthEndpoints:
         self._logged_first_503 = False
         settings = lifecycle.settings
         healthz, ready, version = health_paths(settings.health_prefix)
-        handlers: dict[str, Any] = {healthz: self.healthz, ready: self.ready, version: self.version}
+        handlers: dict[str, Any] = {
+            healthz: self.healthz,
+            ready: self.ready,
+            f"{settings.health_prefix}/livez": self.livez,
+            version: self.version,
+        }
         if settings.metrics_path is not None:
             from .metrics import MetricsEndpoint  # the `metrics` extra: fails here, at start-up
 
@@ -98,9 +111,18 @@ class HealthEndpoints:
         if phase is Phase.STARTING:
             # Starting replicas take traffic only once ready; the proxy waits for a 200.
             status = 503
+            body["reasons"] = ["replica is starting"]
         elif phase is Phase.READY:
+            ready, why = await self.lifecycle.readiness()
             status = 200
+            if not ready:
+                # Recovery unfinished or a check failing: a request routed here could fail
+                # where a sibling's would not. Not counted as a drain probe.
+                status = 503
+                body["status"] = "unavailable"
+                body["reasons"] = why.get("reasons", [])
         else:
+            body["reasons"] = [f"replica is {phase}"]
             status = 503
             draining_for = state.seconds_in(Phase.DRAINING)
             body["draining_for_s"] = round(draining_for or 0.0, 3)
@@ -117,6 +139,11 @@ class HealthEndpoints:
         ok, body = await self.lifecycle.readiness()
         body["status"] = "ready" if ok else "not ready"
         return _json(200 if ok else 503, body, request.method == "HEAD")
+
+    async def livez(self, request: Request) -> Response:
+        alive, body = self.lifecycle.heartbeat.status()
+        body["phase"] = str(self.lifecycle.state.phase)
+        return _json(200 if alive else 503, body, request.method == "HEAD")
 
     async def version(self, request: Request) -> Response:
         s = self.lifecycle.settings
