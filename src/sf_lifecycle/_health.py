@@ -40,7 +40,7 @@ from ._state import Phase
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
 
-__all__ = ["HEALTH_PATHS", "HealthEndpoints", "health_paths"]
+__all__ = ["HEALTH_PATHS", "HealthEndpoints", "health_paths", "route_path"]
 
 logger = logging.getLogger("sf_lifecycle.health")
 
@@ -57,6 +57,20 @@ def health_paths(prefix: str) -> tuple[str, str, str]:
 
 
 _NO_STORE = {"cache-control": "no-store"}
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: the request's path without the ASGI `root_path`.
+
+    Under `--root-path /svc` uvicorn hands `/svc/api/healthz` with `root_path` `/svc` (the ASGI
+    spec's full path); the health routes answer it as `/api/healthz`, as Starlette's router
+    would.
+    """
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) :]
+    return path
 
 
 def _package_version() -> str:
@@ -158,7 +172,7 @@ class HealthEndpoints:
         return _json(200, body, request.method == "HEAD")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self._handlers[scope["path"]]
+        handler = self._handlers[route_path(scope)]
         if scope["method"] not in ("GET", "HEAD"):
             response = method_not_allowed(scope["method"], "GET, HEAD")
         else:
