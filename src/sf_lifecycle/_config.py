@@ -531,7 +531,7 @@ def command_line(
         if name not in ENV_VARS:
             raise TypeError(f"unknown setting: {name}")
         value = _parse(name, flag, raw.strip())
-        parsed[name] = (flag, Path(value) if name == "state_dir" else value)
+        parsed[name] = (flag, Path(str(value)) if name == "state_dir" else value)
     _IN_FORCE.append(_CommandLine(parsed, os.environ if environ is None else environ))
     try:
         yield

@@ -66,7 +66,8 @@ def test_an_app_that_cannot_be_loaded_is_one_line_and_exit_6(spec: str, words: s
     """Steps: `serve` a missing module, a missing attribute, a module whose import raises, a
     spec without `:`: one line on stderr naming the problem, no traceback, exit 6."""
     proc = _serve(spec)
-    assert proc.returncode == ExitCode.APP_NOT_LOADED == 6, proc.stderr
+    assert proc.returncode == ExitCode.APP_NOT_LOADED, proc.stderr
+    assert int(ExitCode.APP_NOT_LOADED) == 6
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("sf-lifecycle: app "), lines[0]
