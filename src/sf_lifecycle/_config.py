@@ -68,8 +68,8 @@ class Settings:
     Attributes:
         grace_ms: Budget for the whole shutdown, counted from SIGTERM: drain delay, in-flight
             requests and shutdown hooks (the feedback-queue drain). Must be longer than
-            `drain_delay_ms`. Keep the orchestrator's kill timeout (`stop_grace_period`,
-            `terminationGracePeriodSeconds`) above it (by a second: `check-infra`).
+            `drain_delay_ms`. The orchestrator's kill timeout (`stop_grace_period`,
+            `terminationGracePeriodSeconds`) must be at least this plus 10 s (`check-infra`).
         drain_delay_ms: How long the replica keeps serving after SIGTERM while answering 503 on
             its health check, so the proxy notices and stops routing to it.
         drain_after_probes: End the drain delay early, `drain_margin_ms` after this many health
