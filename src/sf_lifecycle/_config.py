@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError, UnsafePath
+from ._redact import redact_url
 from ._statefiles import open_state_dir
 
 __all__ = [
@@ -226,8 +227,8 @@ class Settings:
     def describe_sources(self) -> str:
         """One line for the start-up log: each non-default setting, its value and its source.
 
-        No setting is a secret (credentials belong to sinks, not here); still, only the
-        settings' own values are shown, never the rest of the environment.
+        A URL's credentials (`redis_url`) are replaced by `***`, and only the settings' own
+        values are shown, never the rest of the environment.
         """
         defaults = _DEFAULTS
         parts = []
@@ -241,6 +242,8 @@ class Settings:
             shown = str(value) if f.name in _MODE_FIELDS else repr(value)
             if isinstance(value, Path):
                 shown = str(value)
+            elif f.name in _SECRET_FIELDS and isinstance(value, str):
+                shown = repr(redact_url(value))
             parts.append(f"{f.name}={shown} ({source or 'default'})")
         return ", ".join(parts) or "all defaults"
 
@@ -302,6 +305,8 @@ class Settings:
         return path
 
 
+#: Settings that may carry a password: shown through `redact_url` in the start-up log.
+_SECRET_FIELDS = frozenset({"redis_url"})
 #: Folders the library keeps under the state directory (checked by `check_state_dir`).
 _STATE_SUBDIRS = ("feedback", "feedback/quarantine", "sessions")
 _PROBE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -266,6 +266,7 @@ _SOURCES: dict[str, tuple[str, object, str, object]] = {
     "file_mode": ("0640", 0o660, "0644", 0o644),
     "dir_mode": ("0750", 0o770, "0755", 0o755),
     "liveness_stall_ms": ("1000", 2_000, "1m", 60_000),
+    "redis_url": ("redis://e:6379/0", "redis://c:6379/0", "redis://f:6379/0", "redis://f:6379/0"),
 }
 
 
@@ -368,3 +369,12 @@ def test_mistyped_variables_are_found_with_the_closest_setting() -> None:
         ("SF_DRAIN_DELAY", "SF_DRAIN_DELAY_MS"),
         ("SF_PORTS", "SF_PORT"),
     ]
+
+
+def test_the_start_up_log_never_shows_a_password() -> None:
+    from sf_lifecycle._config import command_line
+
+    with command_line({}, {"SF_REDIS_URL": "redis://:hunter2@cache:6379/0"}):
+        line = Settings().describe_sources()
+    assert "hunter2" not in line
+    assert "redis_url='redis://***@cache:6379/0' (SF_REDIS_URL)" in line
