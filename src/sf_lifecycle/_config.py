@@ -227,7 +227,7 @@ class Settings:
     def describe_sources(self) -> str:
         """One line for the start-up log: each non-default setting, its value and its source.
 
-        A URL's credentials (`redis_url`) are replaced by `***`, and only the settings' own
+        A URL's credentials (`redis_url`) are redacted (`redact_url`), and only the settings' own
         values are shown, never the rest of the environment.
         """
         defaults = _DEFAULTS

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._background import stops_task
 from ._config import Settings
 from ._errors import BudgetExceeded, NotReady
-from ._logging import ensure_logging
 from ._liveness import Heartbeat
+from ._logging import ensure_logging
 from ._middleware import LifecycleMiddleware
 from ._redact import describe_error
 from ._state import Phase, ShutdownState

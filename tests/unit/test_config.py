@@ -267,6 +267,11 @@ _SOURCES: dict[str, tuple[str, object, str, object]] = {
     "dir_mode": ("0750", 0o770, "0755", 0o755),
     "liveness_stall_ms": ("1000", 2_000, "1m", 60_000),
     "redis_url": ("redis://e:6379/0", "redis://c:6379/0", "redis://f:6379/0", "redis://f:6379/0"),
+    "health_prefix": ("/e", "/c", "/f", "/f"),
+    "metrics_path": ("/me", "/mc", "/mf", "/mf"),
+    "metrics_port": ("9001", 9002, "9003", 9003),
+    "log_format": ("json", "text", "json", "json"),
+    "access_log": ("1", False, "1", True),
 }
 
 
@@ -377,4 +382,4 @@ def test_the_start_up_log_never_shows_a_password() -> None:
     with command_line({}, {"SF_REDIS_URL": "redis://:hunter2@cache:6379/0"}):
         line = Settings().describe_sources()
     assert "hunter2" not in line
-    assert "redis_url='redis://***@cache:6379/0' (SF_REDIS_URL)" in line
+    assert "redis_url='redis://<redacted>@cache:6379/0' (SF_REDIS_URL)" in line
