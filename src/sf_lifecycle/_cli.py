@@ -1,28 +1,43 @@
 """The `sf-lifecycle` command line.
 
-    sf-lifecycle serve MODULE:APP [--host H] [--port P] [--state-dir DIR] ...
-    sf-lifecycle queue status|recover --state-dir DIR
-    sf-lifecycle check-infra PATH...
+    sf-lifecycle serve MODULE:APP [--host H] [--port P] [--state-dir DIR] [uvicorn flags] ...
+    sf-lifecycle queue status|recover --state-dir DIR [--json]
+    sf-lifecycle check-infra PATH... [--json]
     sf-lifecycle rollout --weights FILE --traefik URL [--steps 10,50,100] [--hold 30s] ...
+    sf-lifecycle --version
 
-`serve` turns its flags into `SF_*` variables before importing the app, so the app's own
-`Settings.from_env()` sees them: one source of truth whether a value came from a flag, the
-environment or the container spec. The CLI, not the library, configures logging.
+`serve` puts its flags in force (`_config.command_line`) before it imports the app, so every
+`Settings` the app builds, even with explicit arguments, takes the flags over its arguments and
+the `SF_*` environment under them (the precedence in `_config`). The flags are also exported as
+`SF_*` variables, for code that reads the environment itself. The CLI, not the library,
+configures logging.
+
+Every error a user can cause from the command line or the environment is one line on stderr
+(`sf-lifecycle: ...`, no traceback unless `--debug`) and an `ExitCode`: 2 for configuration
+(the line names the flag or the variable), 6 when the app cannot be imported.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
+from pathlib import Path
+from typing import Any
 
-from ._config import ENV_VARS, Settings
+from ._config import ENV_VARS, Settings, command_line, unknown_variables
 from ._errors import ConfigError, UnsafePath
 from ._logging import configure_logging
 from ._runner import ExitCode
 
 __all__ = ["main"]
+
+logger = logging.getLogger("sf_lifecycle.cli")
 
 _SERVE_FLAGS = {
     "host": "--host",
@@ -38,11 +53,45 @@ _SERVE_FLAGS = {
 #: Sub-commands contributed by other modules: name -> (add arguments, run). Filled below.
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
+#: One line per sub-command for `sf-lifecycle --help`.
+_HELP = {
+    "serve": "serve an ASGI app under uvicorn with a drain-aware SIGTERM",
+    "queue": "inspect (status) or repair (recover) a feedback queue offline",
+    "check-infra": "check compose, Kubernetes and Traefik files against the shutdown timings",
+    "rollout": "shift Traefik weights to a candidate step by step, gated on its errors",
+}
+
+
+class AppNotLoaded(Exception):
+    """`serve MODULE:APP` could not import the app; the message is the one line to print."""
+
+
+def _package_version() -> str:
+    try:
+        return _dist_version("sf-lifecycle")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+def _positive_int(flag: str) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+            raise argparse.ArgumentTypeError(f"{flag}: {raw!r}: expected an integer >= 1")
+        return int(raw)
+
+    return parse
+
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Serve an ASGI app: on SIGTERM /api/healthz answers 503, the server keeps serving for "
+        "the drain delay, then closes its listeners and drains within the grace budget. "
+        "Precedence of settings: these flags > explicit arguments in code > SF_* variables > "
+        "defaults. Durations (--*-ms) take milliseconds or a unit: 500ms, 5s, 2m."
+    )
     p.add_argument("app", help="the ASGI app, as module:attribute (e.g. examples.sf_server:app)")
     for field, flag in _SERVE_FLAGS.items():
-        p.add_argument(flag, dest=field, default=None, help=f"sets {ENV_VARS[field]}")
+        p.add_argument(flag, dest=field, default=None, help=f"overrides {ENV_VARS[field]}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument(
         "--log-format",
@@ -58,29 +107,142 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="log every request (sets SF_ACCESS_LOG; off by default)",
     )
+    p.add_argument(
+        "--debug", action="store_true", help="print the traceback of an app that fails to import"
+    )
+    uv = p.add_argument_group("uvicorn", "passed to uvicorn.Config (same meaning as in uvicorn)")
+    uv.add_argument(
+        "--proxy-headers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="trust X-Forwarded-For/-Proto from --forwarded-allow-ips (uvicorn's default: on)",
+    )
+    uv.add_argument("--forwarded-allow-ips", default=None, metavar="IPS")
+    uv.add_argument("--root-path", default=None, metavar="PATH", help="ASGI root_path")
+    uv.add_argument("--uds", default=None, metavar="PATH", help="bind a Unix socket instead")
+    uv.add_argument("--ssl-keyfile", default=None, metavar="FILE")
+    uv.add_argument("--ssl-certfile", default=None, metavar="FILE")
+    uv.add_argument(
+        "--log-config",
+        default=None,
+        metavar="FILE",
+        help="logging configuration (.json, .yaml, .ini) instead of the CLI's own",
+    )
+    uv.add_argument(
+        "--timeout-keep-alive",
+        type=_positive_int("--timeout-keep-alive"),
+        default=None,
+        metavar="SECONDS",
+    )
+    uv.add_argument(
+        "--limit-concurrency", type=_positive_int("--limit-concurrency"), default=None, metavar="N"
+    )
+    uv.add_argument("--backlog", type=_positive_int("--backlog"), default=None, metavar="N")
+
+
+def _uvicorn_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The uvicorn flags given, as `uvicorn.Config` arguments; files are checked here so that
+    a typo is one line naming the flag, not a traceback out of uvicorn's start-up."""
+    # `access_log` comes from the settings (`--access-log` is one, `SF_ACCESS_LOG`): `serve`.
+    options: dict[str, Any] = {"log_config": None}
+    for flag in ("ssl_keyfile", "ssl_certfile", "log_config"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError("--" + flag.replace("_", "-"), path, "no such file")
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        given = "--ssl-keyfile" if args.ssl_keyfile else "--ssl-certfile"
+        raise ConfigError(given, getattr(args, given[2:].replace("-", "_")), "needs the other")
+    for name in (
+        "proxy_headers",
+        "forwarded_allow_ips",
+        "root_path",
+        "uds",
+        "ssl_keyfile",
+        "ssl_certfile",
+        "log_config",
+        "timeout_keep_alive",
+        "limit_concurrency",
+        "backlog",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def _import_app(spec: str) -> Any:
+    """Import `module:attribute`; any failure is `AppNotLoaded` with one line saying which."""
+    import importlib
+
+    module_name, sep, attrs = spec.partition(":")
+    if not sep or not module_name or not attrs:
+        raise AppNotLoaded(f"app {spec!r}: expected module:attribute, e.g. myapp.main:app")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise AppNotLoaded(
+                f"app {spec!r}: no module named {exc.name!r} (run from the directory that "
+                "contains it, or install it)"
+            ) from exc
+        raise AppNotLoaded(f"app {spec!r}: importing {module_name} raised {exc!r}") from exc
+    except ConfigError:
+        raise  # a setting the app built is invalid: exit 2 naming it
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise AppNotLoaded(f"app {spec!r}: importing {module_name} raised {exc!r}") from exc
+    for attr in attrs.split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError:
+            raise AppNotLoaded(
+                f"app {spec!r}: module {module_name} has no attribute {attrs!r}"
+            ) from None
+    return obj
 
 
 def _serve(args: argparse.Namespace) -> int:
     from ._runner import serve
 
-    for field in (*_SERVE_FLAGS, "log_format"):
-        value = getattr(args, field)
-        if value is not None:
-            os.environ[ENV_VARS[field]] = str(value)
+    flags = {
+        field: (flag, str(getattr(args, field)))
+        for field, flag in _SERVE_FLAGS.items()
+        if getattr(args, field) is not None
+    }
+    if args.log_format is not None:
+        flags["log_format"] = ("--log-format", args.log_format)
     if args.access_log is not None:
-        os.environ[ENV_VARS["access_log"]] = "1" if args.access_log else "0"
-    settings = Settings.from_env()  # fail before importing the app, with the variable's name
-    configure_logging(settings.log_format, args.log_level)
-    if settings.state_dir is not None:
-        # A file there, a link or a file where a folder belongs, a read-only or pseudo file
-        # system: exit 2 with one line, not a traceback out of the app's import.
-        settings.check_state_dir()
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return serve(args.app, log_config=None, access_log=settings.access_log, own_process=True)
-    except UnsafePath as exc:  # changed after the check, while the app was imported
-        raise ConfigError(ENV_VARS["state_dir"], settings.state_dir, str(exc.strerror)) from None
+        flags["access_log"] = ("--access-log", "1") if args.access_log else ("--no-access-log", "0")
+    options = _uvicorn_options(args)
+    with command_line(flags):
+        for field, (_, raw) in flags.items():
+            os.environ[ENV_VARS[field]] = raw  # for code that reads the environment itself
+        settings = Settings()  # fail before importing the app, naming the flag or variable
+        configure_logging(settings.log_format, args.log_level)
+        for name, close in unknown_variables():
+            logger.warning("%s is not a setting and is ignored; did you mean %s?", name, close)
+        if settings.state_dir is not None:
+            # A file there, a link or a file where a folder belongs, a read-only or pseudo file
+            # system: exit 2 with one line, not a traceback out of the app's import.
+            settings.check_state_dir()
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            app = _import_app(args.app)
+        except AppNotLoaded as exc:
+            if args.debug:
+                traceback.print_exception(exc.__cause__ or exc)
+            print(f"sf-lifecycle: {exc}", file=sys.stderr)
+            return ExitCode.APP_NOT_LOADED
+        try:
+            return serve(app, settings=settings, own_process=True, **options)
+        except UnsafePath as exc:  # changed after the check, while the app was imported
+            raise ConfigError(
+                settings.sources().get("state_dir", ENV_VARS["state_dir"]),
+                settings.state_dir,
+                str(exc.strerror),
+            ) from None
 
 
 def _commands() -> dict[str, Command]:
@@ -99,12 +261,16 @@ def _commands() -> dict[str, Command]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `sf-lifecycle` and `python -m sf_lifecycle`; returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog="sf-lifecycle", description="Zero-downtime upgrades for ASGI services."
+        prog="sf-lifecycle",
+        description="Zero-downtime upgrades for ASGI services. Exit codes: 0 ok, 1 check "
+        "failed, 2 configuration error, 3 start-up failed, 4 grace budget exceeded, 5 shutdown "
+        "hook failed, 6 app not importable, 130 forced (README, exit codes).",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runners: dict[str, Callable[[argparse.Namespace], int]] = {}
     for name, (add_args, run) in _commands().items():
-        add_args(sub.add_parser(name))
+        add_args(sub.add_parser(name, help=_HELP[name], description=_HELP[name]))
         runners[name] = run
     args = parser.parse_args(argv)
     configure_logging("text", getattr(args, "log_level", "info"))

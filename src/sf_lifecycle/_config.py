@@ -1,27 +1,54 @@
-"""Every setting in one frozen dataclass.
+"""Every setting in one frozen dataclass, and the one rule that says where a value comes from.
 
-Explicit arguments win; `Settings.from_env()` fills the rest from `SF_*` variables. The environment
-is injectable (`environ=`) so tests never touch `os.environ`. A bad value raises `ConfigError` at
-start-up, naming the variable, the value and what is allowed: a typo must not surface as a dropped
-write ten minutes into an upgrade.
+Precedence, highest first (README, "Configuration"):
+
+1. command-line flags of `sf-lifecycle serve` (`--port`): the operator who runs the process has
+   the last word;
+2. explicit arguments in code (`Settings(replica_id="a")`, `from_env(port=...)`): code that pins
+   a value on purpose beats the environment;
+3. `SF_*` environment variables;
+4. the defaults below.
+
+`Settings.from_env()` reads 3 and takes 2 as keyword arguments. Under `sf-lifecycle serve` the
+command line is in force (`command_line()`): every `Settings` built while the app is imported
+and served, `Settings(...)` included, gets the flags over its arguments and the environment
+under them, so the port an app pinned in code still yields to `--port`. Each instance records
+where each value came from (`sources()`), and an error names that source: the flag, the
+variable or the argument. The environment is injectable (`environ=`) so tests never touch
+`os.environ`. A bad value raises `ConfigError` at start-up, naming its source, the value and
+what is allowed: a typo must not surface as a dropped write ten minutes into an upgrade.
+
+Durations (`*_ms`) take an integer number of milliseconds or a value with a unit, `500ms`,
+`5s`, `2m`: the same in every `SF_*_MS` variable and every `--*-ms` flag.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import functools
 import ipaddress
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError, UnsafePath
+from ._redact import redact_url
 from ._statefiles import open_state_dir
 
-__all__ = ["ENV_VARS", "FileMode", "Settings"]
+__all__ = [
+    "ENV_VARS",
+    "FileMode",
+    "Settings",
+    "command_line",
+    "parse_ms",
+    "unknown_variables",
+]
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -42,8 +69,8 @@ class Settings:
     Attributes:
         grace_ms: Budget for the whole shutdown, counted from SIGTERM: drain delay, in-flight
             requests and shutdown hooks (the feedback-queue drain). Must be longer than
-            `drain_delay_ms`. Keep the orchestrator's kill timeout (`stop_grace_period`,
-            `terminationGracePeriodSeconds`) above it (by a second: `check-infra`).
+            `drain_delay_ms`. The orchestrator's kill timeout (`stop_grace_period`,
+            `terminationGracePeriodSeconds`) must be at least this plus 10 s (`check-infra`).
         drain_delay_ms: How long the replica keeps serving after SIGTERM while answering 503 on
             its health check, so the proxy notices and stops routing to it.
         drain_after_probes: End the drain delay early, `drain_margin_ms` after this many health
@@ -72,7 +99,8 @@ class Settings:
         redis_url: Redis for session events shared across hosts (`RedisEventLog`; the
             `redis` extra): `redis://[:password@]host[:port][/db]`, `rediss://` or `unix://`.
             Left out of `repr()`, and shown without its password in errors and logs.
-        health_prefix: Prefix of the health paths (`<prefix>/healthz`, `/ready`, `/version`);
+        health_prefix: Prefix of the health paths (`<prefix>/healthz`, `/ready`, `/livez`,
+            `/version`);
             `""` serves them at the root. Point the proxy's and orchestrator's probes at it.
         metrics_path: Serve Prometheus metrics on this path of the app's port (needs the
             `metrics` extra); None (the default) serves none. Answered by the middleware.
@@ -81,6 +109,8 @@ class Settings:
         log_format: `text` or `json` (one object per line) for `sf-lifecycle serve` and
             `configure_logging()`.
         access_log: Log every request (uvicorn's access log) under `sf-lifecycle serve`.
+        liveness_stall_ms: `/api/livez` answers 503 when the event loop stalled longer than
+            this (now, or within the last such period): the process is wedged.
     """
 
     grace_ms: int = 600_000
@@ -110,6 +140,7 @@ class Settings:
     metrics_port: int | None = None
     log_format: str = "text"
     access_log: bool = False
+    liveness_stall_ms: int = 10_000
     _sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -136,7 +167,11 @@ class Settings:
             # Name the setting the operator changed: with only the budget lowered, blaming the
             # drain delay's default sends them to the wrong variable.
             # Settings read from the environment name variables, explicit arguments fields.
-            named = ENV_VARS if self._sources else {f: f for f in ENV_VARS}
+            named = (
+                ENV_VARS
+                if any(v.startswith(("SF_", "-")) for v in self._sources.values())
+                else {f: f for f in ENV_VARS}
+            )
             grace = self._sources.get("grace_ms", named["grace_ms"])
             delay = self._sources.get("drain_delay_ms", named["drain_delay_ms"])
             fix = f"raise {grace} or lower {delay}"
@@ -183,6 +218,34 @@ class Settings:
         if isinstance(values.get("state_dir"), str):
             values["state_dir"] = Path(values["state_dir"])
         return cls(**values, _sources=sources)
+
+    def sources(self) -> dict[str, str]:
+        """Where each setting that is not a default came from: the flag (`--port`), the
+        variable (`SF_PORT`) or `code` (an explicit argument)."""
+        return {name: ("code" if label == name else label) for name, label in self._sources.items()}
+
+    def describe_sources(self) -> str:
+        """One line for the start-up log: each non-default setting, its value and its source.
+
+        A URL's credentials (`redis_url`) are redacted (`redact_url`), and only the settings' own
+        values are shown, never the rest of the environment.
+        """
+        defaults = _DEFAULTS
+        parts = []
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_"):
+                continue
+            value = getattr(self, f.name)
+            source = self.sources().get(f.name)
+            if source is None and value == getattr(defaults, f.name):
+                continue
+            shown = str(value) if f.name in _MODE_FIELDS else repr(value)
+            if isinstance(value, Path):
+                shown = str(value)
+            elif f.name in _SECRET_FIELDS and isinstance(value, str):
+                shown = repr(redact_url(value))
+            parts.append(f"{f.name}={shown} ({source or 'default'})")
+        return ", ".join(parts) or "all defaults"
 
     def require_state_dir(self) -> Path:
         """The state directory, created (with `dir_mode`) when missing.
@@ -242,6 +305,8 @@ class Settings:
         return path
 
 
+#: Settings that may carry a password: shown through `redact_url` in the start-up log.
+_SECRET_FIELDS = frozenset({"redis_url"})
 #: Folders the library keeps under the state directory (checked by `check_state_dir`).
 _STATE_SUBDIRS = ("feedback", "feedback/quarantine", "sessions")
 _PROBE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -275,6 +340,7 @@ ENV_VARS: dict[str, str] = {
     "metrics_port": "SF_METRICS_PORT",
     "log_format": "SF_LOG_FORMAT",
     "access_log": "SF_ACCESS_LOG",
+    "liveness_stall_ms": "SF_LIVENESS_STALL_MS",
 }
 
 # (minimum, maximum) for integer settings; None means unbounded above.
@@ -294,6 +360,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "sse_retry_ms": (0, 3_600_000),
     "sse_retention_events": (1, 100_000_000),
     "sse_retention_ms": (1_000, 365 * 24 * 3_600_000),
+    "liveness_stall_ms": (100, 3_600_000),
 }
 _ID_FIELDS = ("version", "git_sha", "replica_id")
 #: A version may carry PEP 440 / semver local and epoch parts (`1.0.0+local`, `1!2.0`).
@@ -336,6 +403,11 @@ def _parse(name: str, var: str, raw: str) -> object:
     if name == "health_prefix" and raw == "/":
         return ""
     if name in _INT_RANGES:
+        if name.endswith("_ms"):
+            try:
+                return parse_ms(raw)
+            except ValueError:
+                raise ConfigError(var, raw, _describe_range(name)) from None
         if not _DIGITS.fullmatch(raw) or len(raw) > 20:
             raise ConfigError(var, raw, _describe_range(name))
         return int(raw, 10)
@@ -344,7 +416,29 @@ def _parse(name: str, var: str, raw: str) -> object:
 
 def _describe_range(name: str) -> str:
     low, high = _INT_RANGES[name]
-    return f"an integer from {low}" + (f" to {high}" if high is not None else " upwards")
+    text = f"an integer from {low}" + (f" to {high}" if high is not None else " upwards")
+    if name.endswith("_ms"):
+        text += " (milliseconds, or with a unit: 500ms, 5s, 2m)"
+    return text
+
+
+_DURATION_MS = re.compile(r"([0-9]{1,15})(ms|s|m)?")
+_UNIT_MS = {None: 1, "ms": 1, "s": 1_000, "m": 60_000}
+
+
+def parse_ms(text: str) -> int:
+    """Milliseconds of a duration setting: `1500` (milliseconds), `1500ms`, `5s` or `2m`.
+
+    One grammar for every `SF_*_MS` variable, every `--*-ms` flag and the `SF_*` values
+    `check-infra` reads: ASCII digits (no sign, no fraction, no `_`) and an optional unit.
+
+    Raises:
+        ValueError: anything else.
+    """
+    match = _DURATION_MS.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a duration in milliseconds: {text!r} (e.g. 1500, 500ms, 5s, 2m)")
+    return int(match[1], 10) * _UNIT_MS[match[2]]
 
 
 def _validate(name: str, value: object, source: str) -> None:
@@ -409,3 +503,107 @@ def _validate(name: str, value: object, source: str) -> None:
             raise ConfigError(source, value, "true or false")
     elif name == "state_dir" and value is not None and not isinstance(value, Path):
         raise ConfigError(source, value, "a filesystem path")
+
+
+_DEFAULTS = Settings()
+
+
+# -- precedence -------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _CommandLine:
+    flags: Mapping[str, tuple[str, object]]  # field -> (flag, parsed value)
+    environ: Mapping[str, str]
+
+
+_IN_FORCE: list[_CommandLine] = []
+
+
+@contextlib.contextmanager
+def command_line(
+    flags: Mapping[str, tuple[str, str]], environ: Mapping[str, str] | None = None
+) -> Iterator[None]:
+    """Put the command line in force: every `Settings` built inside takes the precedence.
+
+    Args:
+        flags: Field -> (flag as typed, raw value), for the flags given.
+        environ: The environment under explicit arguments; `os.environ` when None.
+
+    Raises:
+        ConfigError: a flag's value is invalid (naming the flag), on entry.
+    """
+    parsed: dict[str, tuple[str, object]] = {}
+    for name, (flag, raw) in flags.items():
+        if name not in ENV_VARS:
+            raise TypeError(f"unknown setting: {name}")
+        value = _parse(name, flag, raw.strip())
+        parsed[name] = (flag, Path(str(value)) if name == "state_dir" else value)
+    _IN_FORCE.append(_CommandLine(parsed, os.environ if environ is None else environ))
+    try:
+        yield
+    finally:
+        _IN_FORCE.pop()
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
+_generated_init = Settings.__init__
+
+
+@functools.wraps(_generated_init)
+def _init(self: Settings, *args: Any, **kwargs: Any) -> None:
+    """The dataclass's `__init__`, recording which fields were given and applying the command
+    line when one is in force (`command_line`): flags > explicit arguments > environment."""
+    kwargs.update(zip(_FIELDS, args, strict=False))
+    sources = dict(kwargs.pop("_sources", None) or {})
+    for name in kwargs:
+        sources.setdefault(name, name)  # an explicit argument: its source is the code
+    if _IN_FORCE:
+        cl = _IN_FORCE[-1]
+        for name, var in ENV_VARS.items():
+            if name in cl.flags:
+                sources[name], kwargs[name] = cl.flags[name]
+            elif name not in kwargs:
+                raw = cl.environ.get(var)
+                if raw is not None and raw.strip():
+                    kwargs[name] = _parse(name, var, raw.strip())
+                    sources[name] = var
+        if isinstance(kwargs.get("state_dir"), str):
+            kwargs["state_dir"] = Path(kwargs["state_dir"])
+    _generated_init(self, **kwargs, _sources=sources)
+
+
+# Replaced after the class is built, so that the dataclass keeps its generated signature for
+# type checkers and users (`Settings(port=...)`) while every construction path, `from_env`,
+# `dataclasses.replace` and plain calls alike, records its sources and honours the command line.
+setattr(Settings, "__init__", _init)  # noqa: B010
+
+
+#: `SF_*` names the project uses outside `Settings` (test harnesses, examples, infra), which the
+#: typo check must not report.
+_OTHER_VARS = frozenset(
+    {
+        "SF_CRASH_AT",
+        "SF_HOSTNAME",
+        "SF_IMAGE",
+        "SF_CANDIDATE_IMAGE",
+        "SF_TESTING_APP",
+        "SF_TESTING_ARM_FILE",
+    }
+)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """`SF_*` variables that are not settings but look like one: (name, closest setting).
+
+    `SF_DRAIN_DELAY=1` is silently ignored otherwise, and the 5 s default applies. Names not
+    close to any setting (an application's own `SF_*` variables) are left alone.
+    """
+    env = os.environ if environ is None else environ
+    known = list(ENV_VARS.values())
+    out = []
+    for name in sorted(env):
+        if not name.startswith("SF_") or name in ENV_VARS.values() or name in _OTHER_VARS:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        if close:
+            out.append((name, close[0]))
+    return out

@@ -1,11 +1,17 @@
-"""Health routes: `/api/healthz`, `/api/ready`, `/api/version` (and `/metrics` when enabled).
+"""Health routes: `/api/healthz`, `/api/ready`, `/api/livez`, `/api/version` (and `/metrics`
+when enabled).
 
-`healthz` is what the proxy polls: 200 while this replica should receive traffic, 503 from the
-moment SIGTERM lands. `ready` is stricter (start-up work done, every check passing) and is what an
-operator or a blue/green script waits for before moving traffic. `version` says what is running.
+`healthz` is what the proxy and the Kubernetes readiness probe poll: 200 only while a request
+routed here cannot fail for a reason a sibling replica does not have. It answers 503 while
+starting, from the moment SIGTERM lands (draining), while start-up recovery has not succeeded
+(keyed feedback answers 503 "recovering" meanwhile) and while a readiness check fails; `reasons`
+says which. `ready` answers from the same decision with the checks' details, for an operator or
+a blue/green script. `livez` is for a liveness probe: 503 only when the event loop is stalled
+(`_liveness`), never while draining or recovering, so a restart never cuts a drain short.
+`version` says what is running.
 
 There is one way to serve them: `LifecycleMiddleware` (installed by `Lifecycle.install`, or
-wrapped around any ASGI app) answers the three paths with `HealthEndpoints` before the app's
+wrapped around any ASGI app) answers the paths with `HealthEndpoints` before the app's
 router sees the request. This module knows the lifecycle only as a type, so it imports nothing
 that imports it back.
 
@@ -34,21 +40,37 @@ from ._state import Phase
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
 
-__all__ = ["HEALTH_PATHS", "HealthEndpoints", "health_paths"]
+__all__ = ["HEALTH_PATHS", "HealthEndpoints", "health_paths", "route_path"]
 
 logger = logging.getLogger("sf_lifecycle.health")
 
 HEALTHZ, READY, VERSION = "/api/healthz", "/api/ready", "/api/version"
+LIVEZ = "/api/livez"
 #: The paths under the default prefix, `/api`.
-HEALTH_PATHS = frozenset({HEALTHZ, READY, VERSION})
+HEALTH_PATHS = frozenset({HEALTHZ, READY, LIVEZ, VERSION})
 
 
 def health_paths(prefix: str) -> tuple[str, str, str]:
-    """`(healthz, ready, version)` under `prefix` (`Settings.health_prefix`, `""` for the root)."""
+    """`(healthz, ready, version)` under `prefix` (`Settings.health_prefix`, `""` for the root);
+    `livez` is `<prefix>/livez`."""
     return f"{prefix}/healthz", f"{prefix}/ready", f"{prefix}/version"
 
 
 _NO_STORE = {"cache-control": "no-store"}
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: the request's path without the ASGI `root_path`.
+
+    Under `--root-path /svc` uvicorn hands `/svc/api/healthz` with `root_path` `/svc` (the ASGI
+    spec's full path); the health routes answer it as `/api/healthz`, as Starlette's router
+    would.
+    """
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) :]
+    return path
 
 
 def _package_version() -> str:
@@ -74,7 +96,12 @@ class HealthEndpoints:
         self._logged_first_503 = False
         settings = lifecycle.settings
         healthz, ready, version = health_paths(settings.health_prefix)
-        handlers: dict[str, Any] = {healthz: self.healthz, ready: self.ready, version: self.version}
+        handlers: dict[str, Any] = {
+            healthz: self.healthz,
+            ready: self.ready,
+            f"{settings.health_prefix}/livez": self.livez,
+            version: self.version,
+        }
         if settings.metrics_path is not None:
             from .metrics import MetricsEndpoint  # the `metrics` extra: fails here, at start-up
 
@@ -98,9 +125,18 @@ class HealthEndpoints:
         if phase is Phase.STARTING:
             # Starting replicas take traffic only once ready; the proxy waits for a 200.
             status = 503
+            body["reasons"] = ["replica is starting"]
         elif phase is Phase.READY:
+            ready, why = await self.lifecycle.readiness()
             status = 200
+            if not ready:
+                # Recovery unfinished or a check failing: a request routed here could fail
+                # where a sibling's would not. Not counted as a drain probe.
+                status = 503
+                body["status"] = "unavailable"
+                body["reasons"] = why.get("reasons", [])
         else:
+            body["reasons"] = [f"replica is {phase}"]
             status = 503
             draining_for = state.seconds_in(Phase.DRAINING)
             body["draining_for_s"] = round(draining_for or 0.0, 3)
@@ -118,6 +154,11 @@ class HealthEndpoints:
         body["status"] = "ready" if ok else "not ready"
         return _json(200 if ok else 503, body, request.method == "HEAD")
 
+    async def livez(self, request: Request) -> Response:
+        alive, body = self.lifecycle.heartbeat.status()
+        body["phase"] = str(self.lifecycle.state.phase)
+        return _json(200 if alive else 503, body, request.method == "HEAD")
+
     async def version(self, request: Request) -> Response:
         s = self.lifecycle.settings
         lc = self.lifecycle
@@ -131,7 +172,7 @@ class HealthEndpoints:
         return _json(200, body, request.method == "HEAD")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self._handlers[scope["path"]]
+        handler = self._handlers[route_path(scope)]
         if scope["method"] not in ("GET", "HEAD"):
             response = method_not_allowed(scope["method"], "GET, HEAD")
         else:

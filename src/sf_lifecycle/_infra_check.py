@@ -1,8 +1,8 @@
 """Cross-checks of deployment files against the library's shutdown timings: `check-infra`.
 
 A zero-downtime upgrade depends on numbers spread over several files that nothing else compares:
-the orchestrator's kill timeout must outlast the grace budget (which includes the drain delay,
-shorter than it: the rule in `_infra_common.Budget`), the proxy's
+the orchestrator's kill timeout must be the grace budget plus 10 s or more (the budget counts
+from SIGTERM and contains the drain delay: the rule in `_infra_common.Budget`), the proxy's
 health probe must notice the 503 inside the drain delay, and every replica of a pool must carry
 the same proxy labels (Traefik's Docker provider drops a service whose containers disagree). Each
 file can be valid on its own and the set still drop requests or SIGKILL a queue drain. This
@@ -23,6 +23,8 @@ library's default from `Settings`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -31,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from ._config import parse_ms
 from ._infra_backends import check_compose_backends, check_k8s_storage
 from ._infra_bluegreen import StaticConfig, check_bluegreen
 from ._infra_common import DEFAULTS, Finding, interpolate, parse_duration_ms, read_budget
@@ -205,34 +208,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--drain-delay-ms",
-        type=int,
+        type=_duration_flag,
         default=None,
-        help="drain delay assumed for Traefik file-provider configuration",
+        help="drain delay assumed for Traefik file-provider configuration (1500, 500ms, 5s)",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     parser.add_argument("--quiet", action="store_true", help="print errors only")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON object: {"ok", "errors", "warnings", "findings": [...]}',
+    )
+
+
+def _duration_flag(raw: str) -> int:
+    try:
+        return parse_ms(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--drain-delay-ms: {exc}") from None
+
+
+def _refuse(message: str, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"ok": False, "error": message}))
+    print(f"check-infra: {message}", file=sys.stderr)
+    return 2
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `check-infra`; 0 safe, 1 unsafe (or warnings with `--strict`), 2 bad arguments."""
+    """Run `check-infra`; 0 safe, 1 unsafe (or warnings with `--strict`), 2 bad arguments.
+
+    With `--json` the answer is one JSON object on stdout, also for bad arguments
+    (`{"ok": false, "error": ...}`, exit 2).
+    """
     env: dict[str, str] = {}
     for item in args.env:
         if "=" not in item:
-            print(f"check-infra: --env expects VAR=VALUE, got {item!r}", file=sys.stderr)
-            return 2
+            return _refuse(f"--env expects VAR=VALUE, got {item!r}", args.json)
         key, value = item.split("=", 1)
         env[key] = value
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
-        print(f"check-infra: no such file or directory: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        return _refuse(f"no such file or directory: {', '.join(missing)}", args.json)
     findings = check_paths(args.paths, env=env, drain_delay_ms=args.drain_delay_ms)
     errors = [f for f in findings if f.severity == "error"]
     warnings = [f for f in findings if f.severity == "warning"]
+    unsafe = bool(errors) or (args.strict and bool(warnings))
+    if args.json:
+        shown = [f for f in findings if f.severity == "error" or not args.quiet]
+        print(
+            json.dumps(
+                {
+                    "ok": not unsafe,
+                    "errors": len(errors),
+                    "warnings": len(warnings),
+                    "findings": [dataclasses.asdict(f) for f in shown],
+                }
+            )
+        )
+        return 1 if unsafe else 0
     for f in findings:
         if f.severity == "error" or not args.quiet:
             print(f)
-    unsafe = bool(errors) or (args.strict and bool(warnings))
     verdict = "UNSAFE" if unsafe else "ok"
     print(f"check-infra: {verdict}: {len(errors)} error(s), {len(warnings)} warning(s)")
     return 1 if unsafe else 0

@@ -27,6 +27,7 @@ from ._infra_common import (
     Finding,
     Reporter,
     as_dict,
+    ceil_s,
     interpolate,
     parse_duration_ms,
     read_budget,
@@ -133,7 +134,7 @@ def _check_service(
             report.error(
                 f"{where}: stop_grace_period {shown} is shorter than {budget.describe()}: "
                 f"Docker would SIGKILL the replica while it still drains. Set "
-                f"stop_grace_period: {budget.required_ms // 1000 + 5}s or more."
+                f"stop_grace_period: {ceil_s(budget.required_ms)}s or more."
             )
     signal_name = str(svc.get("stop_signal", "SIGTERM")).upper()
     if signal_name not in ("SIGTERM", "TERM", "15"):

@@ -11,9 +11,12 @@ from ._infra_common import (
     CANDIDATE_SUFFIX,
     DELAY_VAR,
     HEALTH_PATH,
+    LIVENESS_PATH,
+    READINESS_PATHS,
     WORKLOAD_KINDS,
     Finding,
     Reporter,
+    ceil_s,
     fmt_ms,
     read_budget,
 )
@@ -74,7 +77,7 @@ def check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding])
                 report.error(
                     f"{cw}: terminationGracePeriodSeconds {period_s} is shorter than "
                     f"{budget.describe()}{extra}: the kubelet would SIGKILL the pod while it "
-                    f"still drains. Set it to {need_ms // 1000 + 5} or more."
+                    f"still drains. Set it to {ceil_s(need_ms)} or more."
                 )
             probe = c.get("readinessProbe")
             if not probe:
@@ -85,10 +88,12 @@ def check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding])
                 )
             else:
                 path = (probe.get("httpGet") or {}).get("path")
-                if path != HEALTH_PATH:
+                if path not in READINESS_PATHS:
                     report.warning(
-                        f"{cw}: readinessProbe is not an httpGet of {HEALTH_PATH}; it will not "
-                        f"see the 503 a draining pod answers there"
+                        f"{cw}: readinessProbe is not an httpGet of {HEALTH_PATH} (or "
+                        f"/api/ready); {path or 'it'} does not answer 503 while the pod drains, "
+                        f"recovers its queue or fails a readiness check, so traffic reaches it "
+                        f"then"
                     )
                 period = int(probe.get("periodSeconds", 10)) * 1000
                 timeout = int(probe.get("timeoutSeconds", 1)) * 1000
@@ -107,11 +112,20 @@ def check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding])
                         f"unready, longer than the drain delay ({budget.delay_ms} ms); set "
                         f"failureThreshold 1"
                     )
-            live = (c.get("livenessProbe") or {}).get("httpGet") or {}
-            if live.get("path") == HEALTH_PATH:
+            started = (c.get("startupProbe") or {}).get("httpGet") or {}
+            if started.get("path") in READINESS_PATHS:
                 report.warning(
-                    f"{cw}: livenessProbe on {HEALTH_PATH}, which answers 503 while starting and "
-                    f"draining; a restart mid-drain cuts the queue drain short. Use /api/version."
+                    f"{cw}: startupProbe on {started.get('path')}, which answers 503 until "
+                    f"the queue recovery finished and every readiness check passes; a long "
+                    f"recovery or a database down at start gets the pod restarted. Use "
+                    f"{LIVENESS_PATH}."
+                )
+            live = (c.get("livenessProbe") or {}).get("httpGet") or {}
+            if live.get("path") in READINESS_PATHS:
+                report.warning(
+                    f"{cw}: livenessProbe on {live.get('path')}, which answers 503 while "
+                    f"starting, draining, recovering and failing checks; a restart then cuts "
+                    f"the drain or the recovery short. Use {LIVENESS_PATH}."
                 )
     for file, doc in docs:
         if doc.get("kind") != "Service":

@@ -16,6 +16,7 @@ from ._infra_bluegreen import StaticConfig, static_from_doc
 from ._infra_common import (
     DELAY_VAR,
     HEALTH_PATH,
+    READINESS_PATHS,
     Finding,
     Reporter,
     fmt_ms,
@@ -56,10 +57,11 @@ def check_routing(
             f"{HEALTH_PATH} (interval 2s, timeout 1s)."
         )
         return
-    if r.health_path != HEALTH_PATH:
+    if r.health_path not in READINESS_PATHS:
         report.warning(
-            f"{where}: the health check polls {r.health_path}, not {HEALTH_PATH}; it will not "
-            f"see the 503 a draining replica answers there unless your app maps it."
+            f"{where}: the health check polls {r.health_path}, which does not gate on "
+            f"readiness: it does not answer 503 while the replica drains, recovers its queue "
+            f"or fails a readiness check. Poll {HEALTH_PATH}."
         )
     interval_ms, timeout_ms = r.health_interval_ms, r.health_timeout_ms
     if interval_ms + timeout_ms > delay_ms:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._background import stops_task
 from ._config import Settings
 from ._errors import BudgetExceeded, NotReady
+from ._liveness import Heartbeat
 from ._logging import ensure_logging
 from ._middleware import LifecycleMiddleware
 from ._redact import describe_error
@@ -85,11 +86,21 @@ class _StartupStatus:
     last_error: str | None = None
 
 
+#: A probe waits this long for a check to answer, then uses the check's last result: a slow or
+#: hanging check must not make the proxy's probe (timeout 1 s) time out.
+PROBE_WAIT_S = 0.5
+
+
 @dataclass(slots=True)
 class _Check:
     name: str
     fn: ReadinessCheck
     timeout_s: float
+    cache_s: float
+    result: dict[str, Any] | None = None
+    at: float = 0.0
+    task: asyncio.Task[dict[str, Any]] | None = None
+    started: float = 0.0
 
 
 @dataclass(slots=True)
@@ -112,6 +123,7 @@ class Lifecycle:
         self.started_wall = time.time()
         self.started_monotonic = time.monotonic()
         self._checks: list[_Check] = []
+        self.heartbeat = Heartbeat(self.settings.liveness_stall_ms)
         self._hooks: list[_Hook] = []
         self._startup: list[tuple[str, StartupTask]] = []
         self._startup_pending: dict[str, _StartupStatus] = {}
@@ -131,16 +143,22 @@ class Lifecycle:
 
     # -- registration ----------------------------------------------------------------------
     def add_readiness_check(
-        self, name: str, check: ReadinessCheck, *, timeout_s: float = 2.0
+        self, name: str, check: ReadinessCheck, *, timeout_s: float = 2.0, cache_s: float = 1.0
     ) -> None:
-        """Register an async check that `/api/ready` runs on each probe.
+        """Register an async check that gates traffic: `/api/healthz` (what the proxy probes)
+        and `/api/ready` answer 503 while it fails.
 
         A check fails when it raises (`NotReady` for a clean reason), returns False, or takes
-        longer than `timeout_s`. Keep checks cheap: they run on every readiness probe.
+        longer than `timeout_s`. Probes come every 2 s from each proxy and the kubelet: a result
+        is reused for `cache_s`, a probe waits at most `PROBE_WAIT_S` (0.5 s) for a fresh one
+        and otherwise answers with the last result, and a check still running `timeout_s` +
+        0.5 s after it began (it ignores cancellation) counts as failing.
         """
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
-        self._checks.append(_Check(name, check, timeout_s))
+        if cache_s < 0:
+            raise ValueError("cache_s must not be negative")
+        self._checks.append(_Check(name, check, timeout_s, cache_s))
 
     def on_shutdown(self, name: str, hook: ShutdownHook) -> None:
         """Register work to run once requests are finished, e.g. the final queue drain.
@@ -165,12 +183,20 @@ class Lifecycle:
 
     # -- readiness -------------------------------------------------------------------------
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Run the checks; return (ready, body) for `/api/ready`."""
+        """Whether a request routed here now could fail for a reason of this replica's own.
+
+        Not ready while starting or draining, while start-up work (the queue's orphan
+        recovery, during which keyed feedback answers 503 "recovering") has not succeeded, and
+        while a readiness check fails. `/api/healthz` (the proxy's probe) and `/api/ready` both
+        answer from this. Returns (ready, body); the body's `reasons` lists every cause.
+        """
         phase = self.state.phase
         body: dict[str, Any] = {"phase": str(phase)}
         if phase is not Phase.READY:
             body["reason"] = f"replica is {phase}"
+            body["reasons"] = [body["reason"]]
             return False, body
+        reasons: list[str] = []
         if self._startup_pending:
             reasons = []
             for n, st in sorted(self._startup_pending.items()):
@@ -181,18 +207,47 @@ class Lifecycle:
                         f"{n} failed {st.failures} time(s), retrying; last error: {st.last_error}"
                     )
             body["reason"] = "; ".join(reasons)
+            reasons = [f"start-up: {r}" for r in reasons]
             body["startup"] = {
                 n: {"attempts": st.attempts, "failures": st.failures, "last_error": st.last_error}
                 for n, st in sorted(self._startup_pending.items())
             }
-        results = await asyncio.gather(*(self._run_check(c) for c in self._checks))
+        results = await asyncio.gather(*(self._cached_check(c) for c in self._checks))
         checks = dict(zip((c.name for c in self._checks), results, strict=True))
         if checks:
             body["checks"] = checks
         failed = [n for n, r in checks.items() if not r["ok"]]
-        if failed and "reason" not in body:
-            body["reason"] = "failing checks: " + ", ".join(failed)
-        return "reason" not in body, body
+        if failed:
+            body.setdefault("reason", "failing checks: " + ", ".join(failed))
+            reasons.append("failing checks: " + ", ".join(failed))
+        if reasons:
+            body["reasons"] = reasons
+        return not reasons, body
+
+    async def _cached_check(self, check: _Check) -> dict[str, Any]:
+        """The check's result, fresh within `cache_s`; never waits more than `PROBE_WAIT_S`."""
+        now = time.monotonic()
+        if check.result is not None and now - check.at < check.cache_s:
+            return check.result
+        if check.task is None or check.task.done():
+            check.started = now
+            check.task = asyncio.create_task(self._refresh(check), name=f"sf-check-{check.name}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(check.task), PROBE_WAIT_S)
+        except TimeoutError:
+            if time.monotonic() - check.started > check.timeout_s + PROBE_WAIT_S:
+                return {
+                    "ok": False,
+                    "reason": f"did not finish in {check.timeout_s:g} s (ignores cancellation)",
+                }
+            if check.result is None:
+                return {"ok": False, "reason": "first run still in progress"}
+            return check.result
+
+    async def _refresh(self, check: _Check) -> dict[str, Any]:
+        result = await self._run_check(check)
+        check.result, check.at = result, time.monotonic()
+        return result
 
     async def _run_check(self, check: _Check) -> dict[str, Any]:
         try:
@@ -239,6 +294,7 @@ class Lifecycle:
             self._metrics_server = start_metrics_server(
                 self, self.settings.metrics_port, self.settings.host
             )
+        self.heartbeat.start()
         for name, task in self._startup:
             self._startup_pending[name] = _StartupStatus()
             t = asyncio.create_task(self._run_startup(name, task), name=f"sf-startup-{name}")
@@ -326,6 +382,7 @@ class Lifecycle:
             await self._run_hooks(hooks)
         finally:
             self.stats.hooks_ended = time.monotonic()
+        await self.heartbeat.stop()
         self.state.mark_stopped()
         if self._metrics_server is not None:
             # Served through the hooks, so a scrape sees the final drain; stopped once done.

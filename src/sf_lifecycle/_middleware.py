@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._health import HealthEndpoints
+from ._health import HealthEndpoints, route_path
 from ._state import Phase
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class LifecycleMiddleware:
                     message = {**message, "headers": [*message.get("headers", ()), replica]}
             await send(message)
 
-        path = scope["path"]
+        path = route_path(scope)
         if path in self._exclude:
             if path in self._health_paths:
                 await self._health(scope, receive, send_wrapper)

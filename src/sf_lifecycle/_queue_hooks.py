@@ -77,8 +77,10 @@ def install(queue: FeedbackQueue, lifecycle: Lifecycle, sink: Sink | None = None
         await queue.close(deadline)
 
     lifecycle.on_startup("feedback-recovery", recover_at_startup)
-    lifecycle.add_readiness_check("feedback-queue", readiness)
-    lifecycle.add_readiness_check("idempotency-index", index.check)
+    # Cheap enough for every probe (in-memory counters; the index touches its local file only
+    # while it is unusable): no cache, so recovering from a failure shows at the next probe.
+    lifecycle.add_readiness_check("feedback-queue", readiness, cache_s=0)
+    lifecycle.add_readiness_check("idempotency-index", index.check, cache_s=0)
     lifecycle.on_shutdown("feedback-drain", final_drain)
 
 

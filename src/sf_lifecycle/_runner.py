@@ -76,6 +76,9 @@ class ExitCode(enum.IntEnum):
     #: A shutdown hook raised (any exception, `CancelledError` and `SystemExit` included); the
     #: later hooks still ran. Budget exceeded wins when both happened.
     HOOK_FAILED = 5
+    #: `sf-lifecycle serve MODULE:APP` could not import the app: no such module or attribute,
+    #: or the import raised (one line says which; `--debug` prints the traceback).
+    APP_NOT_LOADED = 6
     #: A second SIGINT cut the shutdown short (128 + SIGINT, as shells report it).
     FORCED = 130
 
@@ -435,6 +438,9 @@ def serve(
         app = LifecycleMiddleware(app, lifecycle)
     s = lifecycle.settings
     uvicorn_options.setdefault("access_log", s.access_log)
+    # Which source each setting came from (flag, variable, code): the first question when a
+    # value is not the one expected (precedence: `_config`).
+    logger.info("settings: %s", s.describe_sources())
     config = uvicorn.Config(
         app,
         host=host if host is not None else s.host,

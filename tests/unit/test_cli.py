@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sf_lifecycle import _cli as cli
+from sf_lifecycle._runner import ExitCode
 
 
 @pytest.fixture(autouse=True)
@@ -18,36 +19,104 @@ def private_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "environ", os.environ.copy())
 
 
-def test_bad_flag_value_names_its_variable_and_exits_2(
+def test_bad_flag_value_names_the_flag_and_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("SF_PORT", raising=False)
     code = cli.main(["serve", "examples.sf_server:app", "--port", "eighty"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "SF_PORT" in err
-    assert "'eighty'" in err
+    assert err.startswith("sf-lifecycle: invalid --port='eighty': ")
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_flags_become_environment_for_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: dict[str, object] = {}
+def test_bad_variable_value_names_the_variable_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SF_DRAIN_DELAY_MS", "5 seconds")
+    code = cli.main(["serve", "examples.sf_server:app"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sf-lifecycle: invalid SF_DRAIN_DELAY_MS='5 seconds': ")
+    assert "500ms, 5s, 2m" in err
 
-    def fake_serve(app: str, **kw: object) -> int:
-        import os
 
-        seen["app"] = app
-        seen["env"] = {k: os.environ.get(k) for k in ("SF_STATE_DIR", "SF_DRAIN_DELAY_MS")}
-        return 0
+def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sf_lifecycle", "serve", *args],
+        cwd=Path(__file__).parent,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
-    for var in ("SF_STATE_DIR", "SF_DRAIN_DELAY_MS"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr("sf_lifecycle._runner.serve", fake_serve)
-    code = cli.main(["serve", "pkg.mod:app", "--state-dir", "/tmp/s", "--drain-delay-ms", "1234"])
-    assert code == 0
-    assert seen == {
-        "app": "pkg.mod:app",
-        "env": {"SF_STATE_DIR": "/tmp/s", "SF_DRAIN_DELAY_MS": "1234"},
-    }
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("nosuch:app", "app 'nosuch:app': no module named 'nosuch'"),
+        ("_cli_apps:nope", "app '_cli_apps:nope': module _cli_apps has no attribute 'nope'"),
+        ("_cli_raising:app", "importing _cli_raising raised RuntimeError('no database URL')"),
+        ("_cli_apps", "expected module:attribute"),
+    ],
+)
+def test_an_app_that_cannot_be_loaded_is_one_line_and_exit_6(spec: str, words: str) -> None:
+    """Steps: `serve` a missing module, a missing attribute, a module whose import raises, a
+    spec without `:`: one line on stderr naming the problem, no traceback, exit 6."""
+    proc = _serve(spec)
+    assert proc.returncode == ExitCode.APP_NOT_LOADED, proc.stderr
+    assert int(ExitCode.APP_NOT_LOADED) == 6
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("sf-lifecycle: app "), lines[0]
+    assert words in lines[0]
+
+
+def test_debug_prints_the_traceback_of_a_failing_import() -> None:
+    proc = _serve("_cli_raising:app", "--debug")
+    assert proc.returncode == 6
+    assert "Traceback" in proc.stderr
+    assert 'raise RuntimeError("no database URL")' in proc.stderr
+
+
+def test_a_mistyped_variable_is_warned_with_the_closest_name() -> None:
+    proc = _serve("nosuch:app", env={"SF_DRAIN_DELAY": "1"})
+    assert proc.returncode == 6
+    assert (
+        "SF_DRAIN_DELAY is not a setting and is ignored; did you mean SF_DRAIN_DELAY_MS?"
+        in proc.stderr
+    )
+
+
+def test_missing_tls_file_names_the_flag(tmp_path: Path) -> None:
+    proc = _serve("nosuch:app", "--ssl-keyfile", str(tmp_path / "k.pem"), "--ssl-certfile", "x")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"sf-lifecycle: invalid --ssl-keyfile='{tmp_path / 'k.pem'}': no such file"
+    )
+
+
+def test_version_matches_the_package_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sf-lifecycle {version('sf-lifecycle')}"
+
+
+def test_help_describes_every_subcommand_and_the_exit_codes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name, text in cli._HELP.items():
+        assert f"{name} {' '.join(text.split())}" in out
+    for code in ExitCode:
+        assert f"{int(code)} " in out
 
 
 def test_module_entry_point_prints_help() -> None:

@@ -238,3 +238,148 @@ def test_observability_settings_from_env(env: dict[str, str], field: str, expect
 def test_bad_observability_settings_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+# -- precedence: flags > explicit arguments > SF_* environment > defaults -------------------
+#: field -> (environment value, explicit argument, flag value, flag's parsed value). Every
+#: field of `ENV_VARS`, each through every source (a test below checks the table is complete).
+_SOURCES: dict[str, tuple[str, object, str, object]] = {
+    "grace_ms": ("700000", 800_000, "15m", 900_000),
+    "drain_delay_ms": ("1000", 2_000, "3s", 3_000),
+    "drain_after_probes": ("1", 2, "3", 3),
+    "drain_margin_ms": ("100", 200, "300ms", 300),
+    "state_dir": ("/e", Path("/c"), "/f", Path("/f")),
+    "version": ("1.0.0", "2.0.0", "3.0.0", "3.0.0"),
+    "git_sha": ("aaa", "bbb", "ccc", "ccc"),
+    "replica_id": ("env", "code", "flag", "flag"),
+    "host": ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.3"),
+    "port": ("4001", 4002, "4003", 4003),
+    "drain_interval_ms": ("100", 150, "1s", 1_000),
+    "drain_batch_records": ("10", 20, "30", 30),
+    "orphan_sweep_ms": ("1000", 2_000, "3s", 3_000),
+    "feedback_max_bytes": ("100", 200, "300", 300),
+    "sse_max_streams": ("1", 2, "3", 3),
+    "sse_ping_ms": ("1000", 2_000, "3s", 3_000),
+    "sse_retry_ms": ("10", 20, "30", 30),
+    "sse_retention_events": ("1", 2, "3", 3),
+    "sse_retention_ms": ("2000", 3_000, "4s", 4_000),
+    "file_mode": ("0640", 0o660, "0644", 0o644),
+    "dir_mode": ("0750", 0o770, "0755", 0o755),
+    "liveness_stall_ms": ("1000", 2_000, "1m", 60_000),
+    "redis_url": ("redis://e:6379/0", "redis://c:6379/0", "redis://f:6379/0", "redis://f:6379/0"),
+    "health_prefix": ("/e", "/c", "/f", "/f"),
+    "metrics_path": ("/me", "/mc", "/mf", "/mf"),
+    "metrics_port": ("9001", 9002, "9003", 9003),
+    "log_format": ("json", "text", "json", "json"),
+    "access_log": ("1", False, "1", True),
+}
+
+
+def test_the_precedence_table_covers_every_setting() -> None:
+    assert set(_SOURCES) == set(ENV_VARS)
+
+
+@pytest.mark.parametrize("name", sorted(_SOURCES))
+def test_each_setting_through_each_source(name: str) -> None:
+    """flags > explicit arguments in code > SF_* environment > defaults, for every setting,
+    and `sources()` says which one won (what `serve` logs at start)."""
+    from sf_lifecycle._config import command_line
+
+    env_raw, code, flag_raw, flag = _SOURCES[name]
+    var = ENV_VARS[name]
+    default = getattr(Settings(), name)
+    env_value = getattr(Settings.from_env({var: env_raw}), name)
+    assert env_value != default
+    assert env_value != code
+    assert code != flag
+    flag_name = "--" + name.replace("_", "-")
+    with command_line({}, {}):
+        assert getattr(Settings(), name) == default
+        assert name not in Settings().sources()
+    with command_line({}, {var: env_raw}):
+        assert getattr(Settings(), name) == env_value
+        assert Settings().sources()[name] == var
+        explicit = Settings(**{name: code})  # type: ignore[arg-type]
+        assert getattr(explicit, name) == code
+        assert explicit.sources()[name] == "code"
+    with command_line({name: (flag_name, flag_raw)}, {var: env_raw}):
+        for built in (Settings(**{name: code}), Settings.from_env({var: env_raw})):  # type: ignore[arg-type]
+            assert getattr(built, name) == flag
+            assert built.sources()[name] == flag_name
+    # Without a command line: explicit arguments over the environment, as ever.
+    assert getattr(Settings.from_env({var: env_raw}, **{name: code}), name) == code
+    assert getattr(Settings(**{name: code}), name) == code  # type: ignore[arg-type]
+
+
+def test_an_invalid_value_names_the_flag_or_the_variable_it_came_from() -> None:
+    from sf_lifecycle._config import command_line
+
+    with pytest.raises(ConfigError) as info, command_line({"port": ("--port", "eighty")}, {}):
+        pass
+    assert info.value.variable == "--port"
+    with command_line({}, {"SF_PORT": "eighty"}), pytest.raises(ConfigError) as info:
+        Settings(replica_id="a")
+    assert info.value.variable == "SF_PORT"
+    with (
+        command_line({"drain_delay_ms": ("--drain-delay-ms", "2s")}, {}),
+        pytest.raises(ConfigError) as info,
+    ):
+        Settings(grace_ms=1000)
+    assert info.value.variable == "--drain-delay-ms"
+    assert "grace_ms=1000" in str(info.value)
+
+
+def test_describe_sources_lists_each_non_default_setting_and_its_source() -> None:
+    from sf_lifecycle._config import command_line
+
+    with command_line({"port": ("--port", "4712")}, {"SF_DRAIN_DELAY_MS": "1500"}):
+        s = Settings(replica_id="a")
+    assert s.describe_sources() == (
+        "drain_delay_ms=1500 (SF_DRAIN_DELAY_MS), replica_id='a' (code), port=4712 (--port)"
+    )
+    assert Settings().describe_sources() == "all defaults"
+
+
+@pytest.mark.parametrize(
+    ("raw", "ms"),
+    [("1500", 1500), ("1500ms", 1500), ("5s", 5000), ("2m", 120_000), (" 7s ", 7000)],
+)
+def test_durations_take_milliseconds_or_a_unit(raw: str, ms: int) -> None:
+    from sf_lifecycle._config import parse_ms
+
+    assert parse_ms(raw) == ms
+    assert Settings.from_env({"SF_SSE_PING_MS": raw}).sse_ping_ms == ms
+
+
+@pytest.mark.parametrize("raw", ["1.5s", "5 s", "5h", "-5s", "s", "5sec", "1_000ms", "\u0665s"])
+def test_durations_refuse_anything_else(raw: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"SF_SSE_PING_MS": raw})
+    assert info.value.variable == "SF_SSE_PING_MS"
+    assert "500ms, 5s, 2m" in str(info.value)
+
+
+def test_mistyped_variables_are_found_with_the_closest_setting() -> None:
+    from sf_lifecycle._config import unknown_variables
+
+    env = {
+        "SF_DRAIN_DELAY": "1",
+        "SF_PORTS": "1",
+        "SF_DRAIN_DELAY_MS": "1",  # valid
+        "SF_CRASH_AT": "x",  # the project's own
+        "SF_MY_APP_TOKEN": "x",  # an application's own, close to nothing
+        "DRAIN_DELAY_MS": "1",  # not SF_
+    }
+    assert unknown_variables(env) == [
+        ("SF_DRAIN_DELAY", "SF_DRAIN_DELAY_MS"),
+        ("SF_PORTS", "SF_PORT"),
+    ]
+
+
+def test_the_start_up_log_never_shows_a_password() -> None:
+    from sf_lifecycle._config import command_line
+
+    with command_line({}, {"SF_REDIS_URL": "redis://:hunter2@cache:6379/0"}):
+        line = Settings().describe_sources()
+    assert "hunter2" not in line
+    assert "redis_url='redis://<redacted>@cache:6379/0' (SF_REDIS_URL)" in line

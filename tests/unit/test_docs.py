@@ -7,10 +7,13 @@ import dataclasses
 import re
 from pathlib import Path
 
+import yaml
+
 from sf_lifecycle import Settings
 from sf_lifecycle._config import ENV_VARS
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 
 
 def config_rows() -> dict[str, tuple[str, str]]:
@@ -62,3 +65,45 @@ def test_the_readme_lists_every_logger_the_library_logs_under() -> None:
             used.add(m.group(1))
     documented = set(re.findall(r"^\| `(sf_lifecycle(?:\.[\w]+)+)` \|", README.read_text(), re.M))
     assert documented == used
+
+
+#: Formulations of the grace-budget rule that are not the rule (the budget counts from the
+#: signal and contains the drain delay; the kill timeout is at least the budget plus 10 s).
+_OTHER_BUDGET_RULES = re.compile(
+    r"<=\s*605|\b605\s*s\b|grace\s*\+\s*(the\s+)?(drain|delay)|budget plus a second"
+    r"|by a second|a second more|\+\s*drain delay|grace budget \+ drain",
+    re.IGNORECASE,
+)
+
+
+def _documents() -> list[Path]:
+    out = [ROOT / n for n in ("README.md", "ARCHITECTURE.md", "RELIABILITY.md")]
+    for folder, pattern in (("infra", "*"), ("src", "*.py"), ("examples", "*.py")):
+        out += [p for p in (ROOT / folder).rglob(pattern) if p.is_file()]
+    return out
+
+
+def test_the_grace_budget_rule_has_one_formulation_everywhere() -> None:
+    """The one rule, and no other: docs, infra comments and code state the same thing."""
+    from sf_lifecycle._infra_common import KILL_MARGIN_MS
+
+    found = [
+        f"{p.relative_to(ROOT)}: {m.group(0)!r}"
+        for p in _documents()
+        for m in _OTHER_BUDGET_RULES.finditer(p.read_text(errors="replace"))
+    ]
+    assert found == []
+    assert KILL_MARGIN_MS == 10_000
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "must be at least the budget plus 10 s, plus any preStop sleep: 610 s" in readme
+    compose = yaml.safe_load((ROOT / "infra" / "docker-compose.yaml").read_text())
+    grace_s = Settings().grace_ms // 1000
+    assert compose["services"]["sf"]["stop_grace_period"] == f"{grace_s + 10}s"
+    pods = [
+        d["spec"]["template"]["spec"]
+        for p in (ROOT / "infra" / "k8s").glob("*.yaml")
+        for d in yaml.safe_load_all(p.read_text())
+        if d and d.get("kind") == "Deployment"
+    ]
+    assert pods
+    assert {p["terminationGracePeriodSeconds"] for p in pods} == {grace_s + 10}

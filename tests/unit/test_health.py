@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -123,8 +125,8 @@ async def test_readiness_checks_pass_fail_and_time_out() -> None:
     async def slow() -> None:
         await asyncio.sleep(float(str(outcome.get("slow", 0))))
 
-    lc.add_readiness_check("db", db)
-    lc.add_readiness_check("slow", slow, timeout_s=0.05)
+    lc.add_readiness_check("db", db, cache_s=0)
+    lc.add_readiness_check("slow", slow, timeout_s=0.05, cache_s=0)
     await lc.startup()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
         r = await c.get("/api/ready")
@@ -148,7 +150,15 @@ async def test_readiness_checks_pass_fail_and_time_out() -> None:
         r = await c.get("/api/ready")
         assert r.status_code == 503
         assert r.json()["checks"]["slow"]["reason"] == "timed out after 0.05 s"
-        # healthz is unaffected by readiness: the proxy keeps routing here.
+        # The proxy's probe gates on the same decision: no traffic to a replica whose check
+        # fails, with the reason and the fields the rollout reads.
+        r = await c.get("/api/healthz")
+        assert r.status_code == 503
+        assert r.json()["reasons"] == ["failing checks: slow"]
+        assert r.json()["in_flight_ages_s"] == []
+        assert "probes_503" not in r.json()  # not a drain probe
+
+        outcome["slow"] = 0
         assert (await c.get("/api/healthz")).status_code == 200
 
 
@@ -178,13 +188,19 @@ async def test_ready_waits_for_startup_tasks_and_reports_failures() -> None:
         r = await c.get("/api/ready")
         assert r.status_code == 503
         assert r.json()["reason"] == "recovery running"
-        assert (await c.get("/api/healthz")).status_code == 200
+        # Keyed feedback answers 503 "recovering" meanwhile: the proxy must not route here.
+        r = await c.get("/api/healthz")
+        assert r.status_code == 503
+        assert r.json()["reasons"] == ["start-up: recovery running"]
+        # Liveness is not readiness: recovering is not wedged.
+        assert (await c.get("/api/livez")).status_code == 200
         release.set()
         for _ in range(100):
             if (await c.get("/api/ready")).status_code == 200:
                 break
             await asyncio.sleep(0.01)
         assert (await c.get("/api/ready")).status_code == 200
+        assert (await c.get("/api/healthz")).status_code == 200
 
     lc2, app2 = make()
     lc2.on_startup("scan", broken)
@@ -240,3 +256,67 @@ def test_lifecycle_is_found_from_the_app() -> None:
     lc, app = make()
     assert Lifecycle.of(app) is lc
     assert Lifecycle.of(object()) is None
+
+
+async def test_check_results_are_cached_and_a_hanging_check_never_hangs_the_probe() -> None:
+    """Steps: a check counted per call answers within its cache once; then a check that
+    hangs (ignoring cancellation) is registered: probes answer within `PROBE_WAIT_S`, first
+    with its last result, then as failing once it overran its timeout."""
+    from sf_lifecycle._lifecycle import PROBE_WAIT_S
+
+    lc, app = make()
+    calls = {"n": 0}
+    hang = asyncio.Event()
+    release = asyncio.Event()
+
+    async def counted() -> None:
+        calls["n"] += 1
+        if hang.is_set():
+            while not release.is_set():  # ignores cancellation: only `release` ends it
+                with contextlib.suppress(asyncio.CancelledError):
+                    await release.wait()
+
+    lc.add_readiness_check("counted", counted, timeout_s=0.2, cache_s=60)
+    await lc.startup()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        for _ in range(5):
+            assert (await c.get("/api/healthz")).status_code == 200
+        assert calls["n"] == 1  # five probes, one run
+
+        lc._checks[0].cache_s = 0  # every probe wants a fresh result now
+        hang.set()
+        began = time.monotonic()
+        r = await c.get("/api/healthz")
+        assert time.monotonic() - began < PROBE_WAIT_S + 0.3
+        assert r.status_code == 200  # the last result, while the new run is pending
+        await asyncio.sleep(0.3)
+        began = time.monotonic()
+        r = await c.get("/api/healthz")
+        assert time.monotonic() - began < PROBE_WAIT_S + 0.3
+        assert r.status_code == 503
+        assert r.json()["reasons"] == ["failing checks: counted"]
+        body = (await c.get("/api/ready")).json()
+        assert "ignores cancellation" in body["checks"]["counted"]["reason"]
+        release.set()
+    await lc.shutdown()
+
+
+async def test_livez_fails_only_when_the_loop_stalls_not_while_draining() -> None:
+    """Steps: livez 200 when ready and while draining; block the loop longer than the stall
+    limit: livez 503 naming the stall; after another stall period it is 200 again."""
+    lc, app = make(Settings(liveness_stall_ms=200))
+    await lc.startup()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        assert (await c.get("/api/livez")).status_code == 200
+        lc.state.begin_draining()
+        assert (await c.get("/api/healthz")).status_code == 503
+        r = await c.get("/api/livez")
+        assert r.status_code == 200
+        assert r.json()["phase"] == "draining"
+        time.sleep(0.5)  # noqa: ASYNC251 - the point: a blocking call stalls the loop
+        r = await c.get("/api/livez")
+        assert r.status_code == 503
+        assert r.json()["status"] == "stalled"
+        await asyncio.sleep(0.5)
+        assert (await c.get("/api/livez")).status_code == 200
+    await lc.shutdown()

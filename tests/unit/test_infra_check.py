@@ -287,7 +287,7 @@ def test_dockerfile_lets_the_server_drain() -> None:
 def test_kubernetes_manifests_cover_grace_and_drain() -> None:
     deployment = load(K8S[0])
     pod = deployment["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] >= 605
+    assert pod["terminationGracePeriodSeconds"] >= 610
     probe = pod["containers"][0]["readinessProbe"]
     assert probe["httpGet"]["path"] == "/api/healthz"
     assert probe["periodSeconds"] == 2
@@ -450,7 +450,7 @@ def test_check_infra_reports_unsafe_kubernetes() -> None:
     docs = k8s_docs()
     _container(docs)["lifecycle"] = {"preStop": {"sleep": {"seconds": 10}}}
     found = errors(check_documents(docs))
-    assert any("+ preStop sleep (10 s)" in m and "Set it to 616" in m for m in found), found
+    assert any("+ preStop sleep (10 s)" in m and "Set it to 620 or more" in m for m in found), found
 
     docs = k8s_docs()
     del _container(docs)["readinessProbe"]
@@ -547,10 +547,10 @@ def _no_labels(d: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("mutate", "severity", "expected"),
     [
-        (_env("sf", "SF_DRAIN_DELAY_MS", "soon"), "error", "SF_DRAIN_DELAY_MS='soon' is not an"),
+        (_env("sf", "SF_DRAIN_DELAY_MS", "soon"), "error", "'soon' is not a duration"),
         (_set("sf", "stop_grace_period", "ten minutes"), "error", "not a duration"),
         (_env("sf", "SF_DRAIN_AFTER_PROBES", "1"), "warning", "also Docker's own healthcheck"),
-        (_label("healthcheck.path", "/ping"), "warning", "polls /ping, not /api/healthz"),
+        (_label("healthcheck.path", "/ping"), "warning", "/ping, which does not gate"),
         (_label("healthcheck.interval", "soon"), "error", "not a duration"),
         (_no_sticky, "warning", "no sticky cookie"),
         (_label("sticky.cookie.httponly", None), "warning", "is not httpOnly"),
@@ -577,7 +577,7 @@ def test_check_infra_kubernetes_warnings() -> None:
     messages = [f"{f.severity}: {f.message}" for f in found]
     assert any("warning" in m and "failureThreshold x periodSeconds" in m for m in messages)
     assert any("warning" in m and "livenessProbe on /api/healthz" in m for m in messages)
-    assert any("error" in m and "'later' is not an integer" in m for m in messages)
+    assert any("error" in m and "'later' is not a duration in milliseconds" in m for m in messages)
 
     docs = k8s_docs()
     _container(docs)["readinessProbe"] = {
@@ -651,3 +651,125 @@ def test_parse_duration_rejects(text: str) -> None:
 )
 def test_interpolate(text: str, env: dict[str, str], out: str) -> None:
     assert interpolate(text, env) == out
+
+
+# -- the one budget rule, on its exact boundaries ---------------------------------------------
+@pytest.mark.parametrize(
+    ("grace", "stop", "safe"),
+    [
+        ("600000", "610s", True),  # the reference files: budget + 10 s
+        ("600000", "609999ms", False),
+        ("600000", "609s", False),
+        ("600000", "605s", False),  # "grace + drain delay", a formulation no longer accepted
+        ("600s", "610s", True),  # the budget in the duration grammar `serve` reads
+        ("10m", "10m10s", True),
+        ("20000", "30s", True),
+        ("20001", "30s", False),
+    ],
+)
+def test_compose_kill_timeout_is_the_budget_plus_10_s(grace: str, stop: str, safe: bool) -> None:
+    def mutate(d: dict[str, Any]) -> None:
+        d["services"]["sf"]["environment"]["SF_RPC_SHUTDOWN_GRACE_MS"] = grace
+        d["services"]["sf"]["environment"]["SF_DRAIN_DELAY_MS"] = "5000"
+        d["services"]["sf"]["stop_grace_period"] = stop
+
+    found = [m for m in errors(check_documents(_compose_docs(mutate))) if "stop_grace_period" in m]
+    assert (found == []) is safe, found
+    if not safe:
+        assert "+ 10 s =" in found[0]
+
+
+@pytest.mark.parametrize(
+    ("grace", "period", "pre_stop", "safe"),
+    [
+        ("600000", 610, 0, True),
+        ("600000", 609, 0, False),
+        ("600000", 619, 10, False),
+        ("600000", 620, 10, True),
+        ("20s", 30, 0, True),
+        ("20001", 30, 0, False),
+    ],
+)
+def test_kubernetes_grace_period_is_the_budget_plus_10_s_plus_pre_stop(
+    grace: str, period: int, pre_stop: int, safe: bool
+) -> None:
+    docs = k8s_docs()
+    container = _container(docs)
+    container["env"] = [e for e in container["env"] if e["name"] != "SF_RPC_SHUTDOWN_GRACE_MS"]
+    container["env"].append({"name": "SF_RPC_SHUTDOWN_GRACE_MS", "value": grace})
+    if pre_stop:
+        container["lifecycle"] = {"preStop": {"sleep": {"seconds": pre_stop}}}
+    docs[0][1]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = period
+    found = [m for m in errors(check_documents(docs)) if "terminationGracePeriodSeconds" in m]
+    assert (found == []) is safe, found
+
+
+# -- probes gate on readiness; liveness never does --------------------------------------------
+@pytest.mark.parametrize(
+    ("probe", "path", "warned"),
+    [
+        ("readinessProbe", "/api/healthz", None),
+        ("readinessProbe", "/api/ready", None),
+        ("readinessProbe", "/api/version", "does not answer 503 while the pod drains, recovers"),
+        ("livenessProbe", "/api/livez", None),
+        ("livenessProbe", "/api/healthz", "livenessProbe on /api/healthz"),
+        ("livenessProbe", "/api/ready", "livenessProbe on /api/ready"),
+        ("startupProbe", "/api/livez", None),
+        ("startupProbe", "/api/healthz", "startupProbe on /api/healthz"),
+    ],
+)
+def test_kubernetes_probes_point_at_the_right_routes(
+    probe: str, path: str, warned: str | None
+) -> None:
+    docs = k8s_docs()
+    _container(docs)[probe]["httpGet"]["path"] = path
+    warnings = [f.message for f in check_documents(docs) if f.severity == "warning"]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert any(warned in w for w in warnings), warnings
+
+
+def test_a_proxy_probing_a_path_that_does_not_gate_on_readiness_is_warned() -> None:
+    def mutate(d: dict[str, Any]) -> None:
+        for svc in REPLICAS:
+            key = "traefik.http.services.sf.loadbalancer.healthcheck.path"
+            d["services"][svc]["labels"][key] = "/api/livez"
+
+    found = [f.message for f in check_documents(_compose_docs(mutate))]
+    assert any("polls /api/livez, which does not gate on readiness" in m for m in found), found
+
+
+# -- --json -----------------------------------------------------------------------------------
+def test_check_infra_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_check([str(INFRA), "--json"], capsys)
+    assert code == 0
+    assert json.loads(out) == {"ok": True, "errors": 0, "warnings": 0, "findings": []}
+
+    doc = labelled_compose()
+    doc["services"]["sf"]["stop_grace_period"] = "30s"
+    path = tmp_path / "docker-compose.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    code, out = run_check([str(path), "--json"], capsys)
+    body = json.loads(out)
+    assert code == 1
+    assert body["ok"] is False
+    assert body["errors"] == len(body["findings"]) >= 1
+    assert body["findings"][0]["severity"] == "error"
+    assert body["findings"][0]["file"] == str(path)
+    assert "stop_grace_period 30s is shorter" in body["findings"][0]["message"]
+
+    code, out = run_check([str(tmp_path / "missing.yaml"), "--json"], capsys)
+    assert code == 2
+    assert json.loads(out) == {
+        "ok": False,
+        "error": f"no such file or directory: {tmp_path / 'missing.yaml'}",
+    }
+
+
+def test_check_infra_drain_delay_flag_takes_a_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _out = run_check([str(INFRA), "--drain-delay-ms", "5s"], capsys)
+    assert code == 0
+    with pytest.raises(SystemExit):
+        run_check([str(INFRA), "--drain-delay-ms", "5 s"], capsys)
+    assert "--drain-delay-ms: not a duration" in capsys.readouterr().err

@@ -76,6 +76,7 @@ def test_exit_codes_keep_their_values() -> None:
         "STARTUP_FAILED": 3,
         "BUDGET_EXCEEDED": 4,
         "HOOK_FAILED": 5,
+        "APP_NOT_LOADED": 6,
         "FORCED": 130,
     }
 
