@@ -202,6 +202,31 @@ def _import_app(spec: str) -> Any:
     return obj
 
 
+def _metrics_port_in_use(settings: Settings) -> str | None:
+    """The one line to print when the metrics port cannot be bound, else None.
+
+    Checked before the app is imported: `serve` is one process per replica, so a port in use
+    is a mistake to report (exit 3), where a worker of a multi-process server only warns
+    (`Lifecycle`). Bound with `SO_REUSEADDR`, as the metrics server binds it.
+    """
+    import socket
+
+    port = settings.metrics_port
+    assert port is not None
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.host, port))
+        except OSError as exc:
+            source = settings.sources().get("metrics_port", ENV_VARS["metrics_port"])
+            return (
+                f"{source}={port}: cannot listen on {settings.host}:{port} for metrics "
+                f"({exc.strerror or exc}); choose a free port (exit {ExitCode.STARTUP_FAILED:d})"
+            )
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from ._runner import serve
 
@@ -222,6 +247,12 @@ def _serve(args: argparse.Namespace) -> int:
         configure_logging(settings.log_format, args.log_level)
         for name, close in unknown_variables():
             logger.warning("%s is not a setting and is ignored; did you mean %s?", name, close)
+        settings.require_metrics_extra()
+        if settings.metrics_port:
+            unbound = _metrics_port_in_use(settings)
+            if unbound is not None:
+                print(f"sf-lifecycle: {unbound}", file=sys.stderr)
+                return ExitCode.STARTUP_FAILED
         if settings.state_dir is not None:
             # A file there, a link or a file where a folder belongs, a read-only or pseudo file
             # system: exit 2 with one line, not a traceback out of the app's import.

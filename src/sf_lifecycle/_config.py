@@ -100,12 +100,18 @@ class Settings:
             `redis` extra): `redis://[:password@]host[:port][/db]`, `rediss://` or `unix://`.
             Left out of `repr()`, and shown without its password in errors and logs.
         health_prefix: Prefix of the health paths (`<prefix>/healthz`, `/ready`, `/livez`,
-            `/version`);
-            `""` serves them at the root. Point the proxy's and orchestrator's probes at it.
+            `/version`); `/` (or `""` in code) serves them at the root. An empty
+            `SF_HEALTH_PREFIX` is unset, as every empty `SF_*` variable: the default `/api`.
+            No `.` or `..` segment (clients normalise them away). Point the proxy's and
+            orchestrator's probes at it.
         metrics_path: Serve Prometheus metrics on this path of the app's port (needs the
-            `metrics` extra); None (the default) serves none. Answered by the middleware.
+            `metrics` extra); None (the default) serves none. Answered by the middleware
+            before the app's router, so it shadows an app route of the same path; a health
+            path is refused.
         metrics_port: Serve Prometheus metrics on this port, in a thread of its own, on
             `host` (also while the listeners are closed and the hooks run); None: no port.
+            Must differ from `port`. A port already bound (a sibling gunicorn worker) is
+            logged once and skipped; `sf-lifecycle serve` refuses it at start instead.
         log_format: `text` or `json` (one object per line) for `sf-lifecycle serve` and
             `configure_logging()`.
         access_log: Log every request (uvicorn's access log) under `sf-lifecycle serve`.
@@ -154,6 +160,7 @@ class Settings:
             if f.name.startswith("_"):
                 continue
             _validate(f.name, getattr(self, f.name), self._sources.get(f.name, f.name))
+        self._check_metrics()
         if self.drain_margin_ms > self.drain_delay_ms and self.drain_after_probes is not None:
             raise ConfigError(
                 self._sources.get("drain_margin_ms", "drain_margin_ms"),
@@ -188,6 +195,50 @@ class Settings:
                 f"the grace budget must be longer than the drain delay "
                 f"({delay}={self.drain_delay_ms}, the default); {fix}",
             )
+
+    def _check_metrics(self) -> None:
+        """The metrics path must not replace a health path (the middleware answers one path
+        with one handler: `SF_METRICS_PATH=<prefix>/healthz` would answer 200 while
+        draining), and the metrics port must not be the app's port (one of the two binds
+        would fail, after a race)."""
+        path, port = self.metrics_path, self.metrics_port
+        health = {
+            f"{self.health_prefix}/{name}" for name in ("healthz", "ready", "livez", "version")
+        }
+        if path is not None and path in health:
+            raise ConfigError(
+                self._sources.get("metrics_path", "metrics_path"),
+                path,
+                f"must not be a health path ({', '.join(sorted(health))}); use e.g. /metrics",
+            )
+        if port is not None and port != 0 and port == self.port:
+            named = self._sources.get("port", "port")
+            raise ConfigError(
+                self._sources.get("metrics_port", "metrics_port"),
+                port,
+                f"must differ from the app's port ({named}={self.port}); use e.g. 9464",
+            )
+
+    def require_metrics_extra(self) -> None:
+        """Raise `ConfigError` naming the setting when metrics are asked for (`metrics_path`
+        or `metrics_port`) and prometheus-client, the `metrics` extra, is not installed.
+
+        `sf-lifecycle serve` calls it before importing the app, the lifecycle before it
+        imports `sf_lifecycle.metrics`: one line saying what to install, not an
+        `ImportError` traceback out of the start-up.
+        """
+        asked = [n for n in ("metrics_path", "metrics_port") if getattr(self, n) is not None]
+        if not asked:
+            return
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            name = asked[0]
+            raise ConfigError(
+                self._sources.get(name, name),
+                getattr(self, name),
+                "Prometheus metrics need the metrics extra: pip install 'sf-lifecycle[metrics]'",
+            ) from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -373,6 +424,7 @@ _OCTAL = re.compile(r"[0-7]{1,4}")
 _MODE_FIELDS: dict[str, int] = {"file_mode": 0o600, "dir_mode": 0o700}
 #: A URL path of plain segments (`/api`, `/internal/sf`); the prefix may also be empty.
 _PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+\Z")
+_DOT_SEGMENT = re.compile(r"/\.{1,2}(?=/|\Z)")
 _LOG_FORMATS = ("text", "json")
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True}
 _BOOLS.update({"0": False, "false": False, "no": False, "off": False})
@@ -487,13 +539,16 @@ def _validate(name: str, value: object, source: str) -> None:
         if value is None and name == "metrics_path":
             return
         if not isinstance(value, str) or not (
-            (value == "" and name == "health_prefix") or _PATH.match(value)
+            (value == "" and name == "health_prefix")
+            or (_PATH.match(value) and not _DOT_SEGMENT.search(value))
         ):
+            # `.` and `..` segments: every HTTP client and proxy normalises them away, so
+            # `/../healthz` could never be requested.
             raise ConfigError(
                 source,
                 value,
-                "a path such as /api (segments of A-Z a-z 0-9 . _ ~ -, no trailing slash)"
-                + ("; empty or / for the root" if name == "health_prefix" else ""),
+                "a path such as /api (segments of A-Z a-z 0-9 . _ ~ -, not . or .., no "
+                "trailing slash)" + ("; / for the root" if name == "health_prefix" else ""),
             )
     elif name == "log_format":
         if value not in _LOG_FORMATS:

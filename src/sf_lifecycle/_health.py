@@ -103,7 +103,8 @@ class HealthEndpoints:
             version: self.version,
         }
         if settings.metrics_path is not None:
-            from .metrics import MetricsEndpoint  # the `metrics` extra: fails here, at start-up
+            settings.require_metrics_extra()  # one ConfigError naming it, not an ImportError
+            from .metrics import MetricsEndpoint  # the `metrics` extra
 
             handlers[settings.metrics_path] = MetricsEndpoint(lifecycle)
         self._handlers = handlers

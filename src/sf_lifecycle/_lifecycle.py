@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import time
@@ -119,6 +120,8 @@ class Lifecycle:
 
     def __init__(self, settings: Settings | None = None, state: ShutdownState | None = None):
         self.settings = settings if settings is not None else Settings.from_env()
+        # Metrics asked for without the extra: one ConfigError now, at the app's import.
+        self.settings.require_metrics_extra()
         self.state = state if state is not None else ShutdownState()
         self.started_wall = time.time()
         self.started_monotonic = time.monotonic()
@@ -289,11 +292,7 @@ class Lifecycle:
         # hypercorn) the drain's log lines would be dropped: give them a handler (`_logging`).
         ensure_logging(self.settings.log_format)
         if self.settings.metrics_port is not None and self._metrics_server is None:
-            from .metrics import start_metrics_server  # the `metrics` extra
-
-            self._metrics_server = start_metrics_server(
-                self, self.settings.metrics_port, self.settings.host
-            )
+            self._start_metrics_port(self.settings.metrics_port)
         self.heartbeat.start()
         for name, task in self._startup:
             self._startup_pending[name] = _StartupStatus()
@@ -302,6 +301,33 @@ class Lifecycle:
             t.add_done_callback(self._startup_tasks.discard)
         if self.state.mark_ready():
             logger.info("ready after %.0f ms", (time.monotonic() - self.started_monotonic) * 1000)
+
+    def _start_metrics_port(self, port: int) -> None:
+        """Serve metrics on `port`; a port already bound is one warning, not a failed start.
+
+        Every worker of a gunicorn master reads the same environment, so with `SF_METRICS_PORT`
+        set the second worker finds the port taken by the first: failing its start-up would
+        make the master exit and take the whole service down. That worker serves without the
+        port (README, "Metrics": use `SF_METRICS_PATH` with several workers). `sf-lifecycle
+        serve`, one process per replica, refuses a port in use before it starts.
+        """
+        self.settings.require_metrics_extra()
+        from .metrics import start_metrics_server  # the `metrics` extra
+
+        try:
+            self._metrics_server = start_metrics_server(self, port, self.settings.host)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            source = self.settings.sources().get("metrics_port", "SF_METRICS_PORT")
+            logger.warning(
+                "metrics port %s:%d is already in use (another worker of this app, or another "
+                "process); this process serves no metrics port (set by %s). With several "
+                "workers, use SF_METRICS_PATH instead",
+                self.settings.host,
+                port,
+                source,
+            )
 
     async def _run_startup(self, name: str, task: StartupTask) -> None:
         """Run `task` until it succeeds, retrying with capped exponential backoff and jitter.

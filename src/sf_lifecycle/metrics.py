@@ -15,8 +15,9 @@ Deliberate choices:
   with metrics on against off).
 * **One process, one set of metrics.** `sf-lifecycle serve` runs one process per replica, so
   the numbers of a scrape are the replica's. Running several processes of one app (gunicorn
-  workers) gives each its own counters: give each its own port (`SF_METRICS_PORT`) and scrape
-  them all; a shared path would answer for whichever worker took the connection.
+  workers) gives each its own counters. The workers share one environment, so one
+  `SF_METRICS_PORT` is bound by the first worker only (the others warn and serve without it,
+  `Lifecycle`); `SF_METRICS_PATH` answers for whichever worker took the connection.
   prometheus_client's multiprocess mode is not used: it aggregates values written to files at
   each update, which these gauges (computed from live state at scrape time) never are.
 * The queue gauges cover this process's own files (`sf_queue_bytes`, the oldest record's age,

@@ -192,3 +192,47 @@ def test_an_unusable_state_dir_exits_2_with_one_line(kind: str, tmp_path: Path) 
         assert sorted(p.name for p in state.iterdir()) == sorted(
             ["feedback"] if kind.startswith("feedback") else ["sessions"]
         )  # nothing created, nothing left behind (the write probe is removed)
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_3(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        monkeypatch.setenv("SF_METRICS_PORT", str(port))
+        code = cli.main(["serve", "examples.sf_server:app", "--host", "127.0.0.1", "--port", "0"])
+    assert code == ExitCode.STARTUP_FAILED == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"sf-lifecycle: SF_METRICS_PORT={port}: cannot listen on 127.0.0.1:{port} for metrics "
+        "(Address already in use); choose a free port (exit 3)"
+    ]
+
+
+def test_a_metrics_port_equal_to_the_port_flag_names_both_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SF_METRICS_PORT", "4712")
+    code = cli.main(["serve", "examples.sf_server:app", "--port", "4712"])
+    assert code == ExitCode.CONFIG_ERROR
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "sf-lifecycle: invalid SF_METRICS_PORT=4712: must differ from the app's port "
+        "(--port=4712); use e.g. 9464"
+    ]
+
+
+def test_metrics_without_the_extra_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import raises ImportError
+    monkeypatch.setenv("SF_METRICS_PATH", "/metrics")
+    code = cli.main(["serve", "examples.sf_server:app", "--port", "0"])
+    assert code == ExitCode.CONFIG_ERROR
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "sf-lifecycle: invalid SF_METRICS_PATH='/metrics': Prometheus metrics need the metrics "
+        "extra: pip install 'sf-lifecycle[metrics]'"
+    ]

@@ -240,6 +240,54 @@ def test_bad_observability_settings_name_the_variable(env: dict[str, str], messa
         Settings.from_env(env)
 
 
+@pytest.mark.parametrize("prefix", ["/..", "/.", "/api/..", "/api/.", "/../api"])
+def test_health_prefix_with_dot_segments_is_refused(prefix: str) -> None:
+    # Clients and proxies normalise `/../healthz` away: such a replica could never be probed.
+    with pytest.raises(ConfigError, match=r"invalid SF_HEALTH_PREFIX=.*not \. or \.\."):
+        Settings.from_env({"SF_HEALTH_PREFIX": prefix})
+    assert Settings.from_env({"SF_HEALTH_PREFIX": "/.well-known/sf"}).health_prefix == (
+        "/.well-known/sf"
+    )
+
+
+def test_empty_health_prefix_variable_is_the_default_and_slash_is_the_root() -> None:
+    assert Settings.from_env({"SF_HEALTH_PREFIX": ""}).health_prefix == "/api"
+    assert Settings.from_env({"SF_HEALTH_PREFIX": "/"}).health_prefix == ""
+    assert Settings(health_prefix="").health_prefix == ""
+    with pytest.raises(ConfigError, match=r"; / for the root$"):
+        Settings.from_env({"SF_HEALTH_PREFIX": "api"})
+
+
+@pytest.mark.parametrize(
+    ("env", "path"),
+    [
+        ({}, "/api/healthz"),
+        ({}, "/api/ready"),
+        ({}, "/api/livez"),
+        ({}, "/api/version"),
+        ({"SF_HEALTH_PREFIX": "/"}, "/healthz"),
+        ({"SF_HEALTH_PREFIX": "/internal"}, "/internal/livez"),
+    ],
+)
+def test_metrics_path_on_a_health_path_is_refused(env: dict[str, str], path: str) -> None:
+    # The metrics page in place of healthz would answer 200 while the replica drains.
+    with pytest.raises(
+        ConfigError, match=rf"invalid SF_METRICS_PATH='{path}': must not be a health"
+    ):
+        Settings.from_env({**env, "SF_METRICS_PATH": path})
+
+
+def test_metrics_port_equal_to_the_app_port_is_refused() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"invalid SF_METRICS_PORT=4712: must differ from the app's port \(SF_PORT=4712\)",
+    ):
+        Settings.from_env({"SF_METRICS_PORT": "4712", "SF_PORT": "4712"})
+    with pytest.raises(ConfigError, match=r"must differ from the app's port \(port=4000\)"):
+        Settings(metrics_port=4000)
+    assert Settings(metrics_port=0, port=0).metrics_port == 0  # both chosen by the kernel
+
+
 # -- precedence: flags > explicit arguments > SF_* environment > defaults -------------------
 #: field -> (environment value, explicit argument, flag value, flag's parsed value). Every
 #: field of `ENV_VARS`, each through every source (a test below checks the table is complete).

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import socket
+import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
-from sf_lifecycle import Lifecycle, Settings
+from sf_lifecycle import ConfigError, Lifecycle, Settings
+from sf_lifecycle._state import Phase
 from sf_lifecycle.metrics import METRIC_NAMES, registry_for
 from sf_lifecycle.testing import started
 
@@ -55,3 +60,42 @@ def test_dashboard_is_valid_json_and_uses_only_exposed_metrics() -> None:
     assert used <= set(METRIC_NAMES), used - set(METRIC_NAMES)
     # Every metric has a panel.
     assert used == set(METRIC_NAMES)
+
+
+async def test_a_metrics_port_already_bound_is_one_warning_not_a_failed_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every gunicorn worker reads the same SF_METRICS_PORT: the second must still start (a
+    # worker failing to boot makes the master exit), serving without the port.
+    with socket.socket() as sibling:
+        sibling.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sibling.bind(("127.0.0.1", 0))
+        sibling.listen()
+        port = sibling.getsockname()[1]
+        lc = Lifecycle(Settings(state_dir=tmp_path, metrics_port=port, port=0))
+        app = lc.install(Starlette())
+        with caplog.at_level(logging.WARNING, logger="sf_lifecycle.lifecycle"):
+            async with started(app):
+                assert lc.state.phase is Phase.READY
+        warned = [r.getMessage() for r in caplog.records if "already in use" in r.getMessage()]
+        assert len(warned) == 1
+        assert f"metrics port 127.0.0.1:{port} is already in use" in warned[0]
+        assert "SF_METRICS_PATH" in warned[0]
+
+
+def test_metrics_without_the_extra_is_a_config_error_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import raises ImportError
+    for kwargs, name in [
+        ({"metrics_path": "/metrics"}, "SF_METRICS_PATH"),
+        ({"metrics_port": 9464}, "SF_METRICS_PORT"),
+    ]:
+        settings = Settings.from_env({name: str(next(iter(kwargs.values())))})
+        with pytest.raises(
+            ConfigError, match=rf"^invalid {name}=.*pip install 'sf-lifecycle\[metrics\]'$"
+        ):
+            settings.require_metrics_extra()
+        with pytest.raises(ConfigError, match=name):
+            Lifecycle(settings)  # at the app's import, before anything binds
+    Settings().require_metrics_extra()  # nothing asked, nothing needed
