@@ -111,6 +111,10 @@ class Settings:
         access_log: Log every request (uvicorn's access log) under `sf-lifecycle serve`.
         liveness_stall_ms: `/api/livez` answers 503 when the event loop stalled longer than
             this (now, or within the last such period): the process is wedged.
+        database_url: `postgresql://...`: PostgreSQL holds the drained feedback, the
+            idempotency index and the session events (the `[postgres]` extra), shared by
+            replicas on many hosts; the state directory then holds only this replica's
+            write-ahead queue. A secret: never in `repr`, logs or probe bodies.
     """
 
     grace_ms: int = 600_000
@@ -141,6 +145,7 @@ class Settings:
     log_format: str = "text"
     access_log: bool = False
     liveness_stall_ms: int = 10_000
+    database_url: str | None = field(default=None, repr=False)
     _sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -341,6 +346,7 @@ ENV_VARS: dict[str, str] = {
     "log_format": "SF_LOG_FORMAT",
     "access_log": "SF_ACCESS_LOG",
     "liveness_stall_ms": "SF_LIVENESS_STALL_MS",
+    "database_url": "SF_DATABASE_URL",
 }
 
 # (minimum, maximum) for integer settings; None means unbounded above.
@@ -501,6 +507,12 @@ def _validate(name: str, value: object, source: str) -> None:
     elif name == "access_log":
         if not isinstance(value, bool):
             raise ConfigError(source, value, "true or false")
+    elif name == "database_url" and value is not None:
+        from ._pg import check_url  # no driver import: only the URL's shape
+
+        if not isinstance(value, str):
+            raise ConfigError(source, "<not a string>", "a postgresql:// URL")
+        check_url(value, source)
     elif name == "state_dir" and value is not None and not isinstance(value, Path):
         raise ConfigError(source, value, "a filesystem path")
 

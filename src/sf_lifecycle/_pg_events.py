@@ -96,7 +96,9 @@ class PostgresEventLog:
             "RETURNING seq) UPDATE {ss} SET floor = greatest(floor, (SELECT max(seq) FROM gone))"
             " WHERE session = %s AND EXISTS (SELECT 1 FROM gone)"
         ).format(ev=ev, ss=ss)
-        self._select_head = sql.SQL("SELECT epoch, head, floor FROM {} WHERE session = %s").format(ss)
+        self._select_head = sql.SQL("SELECT epoch, head, floor FROM {} WHERE session = %s").format(
+            ss
+        )
         self._after = sql.SQL(
             "SELECT seq, ts_ms, data FROM {} WHERE session = %s AND seq > %s ORDER BY seq"
         ).format(ev)

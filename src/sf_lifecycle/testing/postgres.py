@@ -20,7 +20,9 @@ import pwd
 import secrets
 import signal
 import socket
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -66,11 +68,20 @@ class PostgresServer:
     """One PostgreSQL server on 127.0.0.1 with its data in `data_dir`.
 
     Args:
-        data_dir: Its data directory (created by `initdb` when empty).
+        data_dir: Its data directory (created by `initdb` when empty); when None, a new
+            folder under the system's temporary directory, deleted by `close()`. Not under
+            pytest's `tmp_path` when run as root: pytest resets its base folder to 0700, and
+            the server's user could no longer reach its data.
         port: TCP port; a free one when None (kept across `stop()`/`start()`).
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str], port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike[str] | None = None, port: int | None = None
+    ) -> None:
+        self._owned: Path | None = None
+        if data_dir is None:
+            self._owned = Path(tempfile.mkdtemp(prefix="sf-postgres-"))
+            data_dir = self._owned / "data"
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -108,7 +119,7 @@ class PostgresServer:
             self.log_path.touch()
             os.chown(self.log_path, uid, gid)
         if not (self.data_dir / "PG_VERSION").exists():
-            subprocess.run(
+            done = subprocess.run(
                 [
                     str(bin_dir / "initdb"),
                     "-D",
@@ -119,10 +130,14 @@ class PostgresServer:
                     "--encoding=utf8",
                     "--no-sync",
                 ],
-                check=True,
+                check=False,
                 capture_output=True,
                 **self._as_user(),
             )
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"initdb failed ({done.returncode}): {done.stderr.decode(errors='replace')}"
+                )
 
     def start(self, timeout_s: float = 30.0) -> PostgresServer:
         """Start the server (initialising the data directory first) and wait until it accepts
@@ -193,8 +208,10 @@ class PostgresServer:
             proc.wait(5)
 
     def close(self) -> None:
-        """Stop it; the same as `stop()` (the data directory stays)."""
+        """Stop it; delete the data directory when this object made it."""
         self.stop()
+        if self._owned is not None:
+            shutil.rmtree(self._owned, ignore_errors=True)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
