@@ -18,9 +18,9 @@ import importlib.util
 import os
 import pwd
 import secrets
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import tempfile
 import time
