@@ -73,11 +73,18 @@ class PostgresServer:
             pytest's `tmp_path` when run as root: pytest resets its base folder to 0700, and
             the server's user could no longer reach its data.
         port: TCP port; a free one when None (kept across `stop()`/`start()`).
+        durable: Keep PostgreSQL's defaults (`fsync`, `synchronous_commit`): a commit is on
+            disk when it returns, as in production (the benchmarks). False (tests): faster.
     """
 
     def __init__(
-        self, data_dir: str | os.PathLike[str] | None = None, port: int | None = None
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        port: int | None = None,
+        *,
+        durable: bool = False,
     ) -> None:
+        self.durable = durable
         self._owned: Path | None = None
         if data_dir is None:
             self._owned = Path(tempfile.mkdtemp(prefix="sf-postgres-"))
@@ -159,13 +166,8 @@ class PostgresServer:
                     "-k",
                     "",  # no unix socket: nothing outside the data directory
                     "-c",
-                    "fsync=off",
-                    "-c",
-                    "synchronous_commit=off",
-                    "-c",
-                    "full_page_writes=off",
-                    "-c",
                     "max_connections=200",
+                    *self._fast_flags(),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -184,6 +186,11 @@ class PostgresServer:
                 raise TimeoutError(f"postgres did not start in {timeout_s} s:\n{self.logs()}")
             time.sleep(0.05)
         return self
+
+    def _fast_flags(self) -> list[str]:
+        if self.durable:
+            return []
+        return ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
 
     def _accepts(self) -> bool:
         try:
