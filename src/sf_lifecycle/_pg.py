@@ -14,7 +14,6 @@ a request: the drainer retries with its backoff, a keyed write answers 503.
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Database", "check_identifier", "check_url", "redact_url", "require_driver"]
 
-logger = logging.getLogger("sf_lifecycle.postgres")
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
 _SCHEMES = ("postgres", "postgresql")
