@@ -247,3 +247,36 @@ async def test_keyed_writes_answer_503_while_postgres_is_down_unkeyed_ones_are_s
         assert up.status_code == 202
     finally:
         await a.close()
+
+
+async def test_publishing_an_event_answers_503_while_postgres_is_down(
+    own_server: PostgresServer,
+) -> None:
+    """Steps: publish (201); PostgreSQL stops: publish is 503 `event_store_unavailable` with
+    Retry-After, nothing stored; PostgreSQL is back: the next event continues the sequence."""
+    from sf_lifecycle import Lifecycle, session_event_routes
+    from sf_lifecycle.postgres import PostgresEventLog
+
+    db = Database(own_server.create_database("e"), connect_timeout_s=1)
+    log = PostgresEventLog(db)
+    app = Starlette(routes=session_event_routes(Lifecycle(Settings()), log))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+    path = "/api/session/events?session=s"
+    try:
+        first = await client.post(path, content=b'{"a":1}', headers=JSON)
+        assert first.status_code == 201
+        own_server.stop()
+        down = await client.post(path, content=b'{"a":2}', headers=JSON)
+        assert down.status_code == 503
+        assert down.json()["code"] == "event_store_unavailable"
+        assert "retry-after" in down.headers
+        own_server.start()
+        back = await client.post(path, content=b'{"a":3}', headers=JSON)
+        assert back.status_code == 201
+        epoch = first.json()["id"].split("-")[0]
+        assert back.json()["id"] == f"{epoch}-2"
+        assert [e.data for e in await log.read_after("s", None)] == [{"a": 1}, {"a": 3}]
+    finally:
+        await client.aclose()
+        await log.aclose()
+        await db.close()
