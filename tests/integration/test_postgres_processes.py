@@ -153,3 +153,39 @@ def test_shutdown_while_postgres_is_down_keeps_the_budget_and_the_rest_on_disk(
     assert [
         p.name for p in (state / "feedback").iterdir() if p.suffix in (".draining", ".log")
     ] == []
+
+
+def test_two_replicas_with_separate_state_dirs_share_keys_and_events(
+    servers: list[ServerProcess], tmp_path: Path, sf_postgres: PostgresServer
+) -> None:
+    """1. Two example servers, each with its own state directory, on one PostgreSQL.
+    2. A keyed POST on A; its retry on B replays A's id (`Idempotent-Replayed`), and another
+       body under the key on B is 422.
+    3. Events published on A and on B form one dense sequence (1, 2, 3) of one epoch.
+    4. SIGTERM both (exit 0): the record is in the table once.
+    """
+    url = sf_postgres.create_database("two")
+    a = start(servers, tmp_path / "a", url)
+    b = start(servers, tmp_path / "b", url)
+    keyed = {**JSON, "idempotency-key": "order-42"}
+    status, _, body = a.get("/api/feedback", method="POST", body=b'{"v":1}', headers=keyed)
+    assert status == 202, body
+    rid = json.loads(body)["id"]
+    status, headers, body = b.get("/api/feedback", method="POST", body=b'{"v":1}', headers=keyed)
+    assert (status, json.loads(body)["id"]) == (202, rid)
+    assert headers.get("idempotent-replayed") == "true"
+    status, _, body = b.get("/api/feedback", method="POST", body=b'{"v":2}', headers=keyed)
+    assert status == 422, body
+    ids = []
+    for server, n in ((a, 1), (b, 2), (a, 3)):
+        status, _, body = server.get(
+            "/api/session/events?session=s1", method="POST", body=b'{"n":%d}' % n, headers=JSON
+        )
+        assert status == 201, body
+        ids.append(json.loads(body)["id"])
+    assert [int(i.split("-")[1]) for i in ids] == [1, 2, 3]
+    assert len({i.split("-")[0] for i in ids}) == 1
+    for server in (a, b):
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(15) == ExitCode.OK, server.logs()
+    assert stored(url) == [rid]
