@@ -117,7 +117,8 @@ class DiskWriteError(StorageError, QueueError):
 
 
 class EventStoreUnavailable(SfLifecycleError, ConnectionError):
-    """A networked event store (`RedisEventLog`) cannot be reached, timed out or refused.
+    """A networked event store (`RedisEventLog`, `PostgresEventLog`) cannot be reached, timed
+    out or refused.
 
     Nothing was appended. The HTTP layer answers a publish with 503 (`event_store_unavailable`)
     and ends open streams with a `retry:` hint, so clients come back (with `Last-Event-ID`)

@@ -22,6 +22,10 @@ every append's transaction (delivered at commit), and wakes the waiters of that 
 waiter registers before it re-reads `head`, so a notification cannot fall between the two.
 When the listening connection is lost, waits fall back to polling `head` every `poll_ms`
 until it is back.
+
+A server that does not answer raises `EventStoreUnavailable` (as `RedisEventLog` does): the
+SSE layer answers a publish 503 `event_store_unavailable` and ends open streams with a
+`retry:` hint; clients resume with `Last-Event-ID` once the server is back.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
+from ._errors import BackendUnavailable, EventStoreUnavailable
 from ._events import Event, lost_event, parse_event_id, validate_session_id
 from ._pg import Database, check_identifier
 from ._redact import describe_error
@@ -40,6 +46,15 @@ from ._redact import describe_error
 __all__ = ["PostgresEventLog"]
 
 logger = logging.getLogger("sf_lifecycle.events.postgres")
+
+
+@contextlib.contextmanager
+def _unavailable_as_event_store() -> Iterator[None]:
+    """The event-log contract's error for a store that cannot be reached."""
+    try:
+        yield
+    except BackendUnavailable as exc:
+        raise EventStoreUnavailable(f"event store {exc.args[0] if exc.args else exc}") from exc
 
 
 class PostgresEventLog:
@@ -129,10 +144,14 @@ class PostgresEventLog:
         Raises:
             InvalidSessionId: not a valid session id.
             ValueError, TypeError: `data` is not JSON (NaN and Infinity included).
-            BackendUnavailable: the server did not answer; nothing was appended.
+            EventStoreUnavailable: the server did not answer; nothing was appended.
         """
         validate_session_id(session)
         data_json = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        with _unavailable_as_event_store():
+            return await self._append(session, data_json)
+
+    async def _append(self, session: str, data_json: str) -> str:
         await self._ensure()
         now = int(time.time() * 1000)
         async with self.db.connection() as conn, conn.transaction():
@@ -160,6 +179,12 @@ class PostgresEventLog:
         event for a position the log cannot serve (see `_events.EventLog`)."""
         validate_session_id(session)
         pos = None if last_id is None else parse_event_id(last_id)
+        with _unavailable_as_event_store():
+            return await self._read_after(session, last_id, pos)
+
+    async def _read_after(
+        self, session: str, last_id: str | None, pos: tuple[int, int] | None
+    ) -> list[Event]:
         await self._ensure()
         now = int(time.time() * 1000)
         async with self.db.connection() as conn, conn.transaction():
@@ -203,7 +228,9 @@ class PostgresEventLog:
         try:
             while True:
                 # Registered first: an append committed after this read wakes the flag.
-                if self._has_after(await self._head(session), pos):
+                with _unavailable_as_event_store():
+                    head = await self._head(session)
+                if self._has_after(head, pos):
                     return True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
