@@ -232,8 +232,8 @@ class Settings:
     def describe_sources(self) -> str:
         """One line for the start-up log: each non-default setting, its value and its source.
 
-        A URL's credentials (`redis_url`) are redacted (`redact_url`), and only the settings' own
-        values are shown, never the rest of the environment.
+        A URL's credentials (`redis_url`, `database_url`) are redacted (`redact_url`), and only
+        the settings' own values are shown, never the rest of the environment.
         """
         defaults = _DEFAULTS
         parts = []
@@ -311,7 +311,7 @@ class Settings:
 
 
 #: Settings that may carry a password: shown through `redact_url` in the start-up log.
-_SECRET_FIELDS = frozenset({"redis_url"})
+_SECRET_FIELDS = frozenset({"database_url", "redis_url"})
 #: Folders the library keeps under the state directory (checked by `check_state_dir`).
 _STATE_SUBDIRS = ("feedback", "feedback/quarantine", "sessions")
 _PROBE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

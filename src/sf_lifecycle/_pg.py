@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ._errors import BackendUnavailable, ConfigError
-from ._redact import describe_error
+from ._redact import describe_error, redact_url
 
 if TYPE_CHECKING:
     import psycopg
@@ -61,11 +61,6 @@ def check_url(url: str, source: str = "SF_DATABASE_URL") -> str:
             "a URL such as postgresql://user:password@host:5432/dbname",
         )
     return url
-
-
-def redact_url(url: str) -> str:
-    """`url` without its password (for logs and errors)."""
-    return re.sub(r"(?<=://)([^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def check_identifier(name: str, source: str) -> str:
