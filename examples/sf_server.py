@@ -8,17 +8,23 @@ Routes:
 
 - `/api/healthz`, `/api/ready`, `/api/version`: from `Lifecycle.install`.
 - `POST /api/feedback`: a JSON object into the durable queue; 202 with its id once fsynced; drained
-  to `<state_dir>/feedback.sqlite3` in the background and on shutdown.
+  to `<state_dir>/feedback.sqlite3` (or PostgreSQL) in the background and on shutdown.
 - `GET /api/session/events?session=ID` streams a session's events (SSE, resumable with
   `Last-Event-ID`); `POST` to the same path publishes one. The events live in Redis when
   `SF_REDIS_URL` is set (`RedisEventLog`, shared by replicas on any host; `/api/ready` then
-  checks Redis), in files under the state directory otherwise.
+  checks Redis), else in PostgreSQL when `SF_DATABASE_URL` is set (`PostgresEventLog`), in
+  files under the state directory otherwise.
 - `GET /api/slow?seconds=S` holds a request in flight (the demo and the tests use it across a
   SIGTERM); `GET /api/hello` is a cheap read.
 - `GET /?session=ID` is the live page (`live_page.html`, no external asset): an `EventSource` on
   the session, each event shown with the replica whose stream delivered it, and a button that
   publishes one. It asks its streams for `announce=1`: they then begin with `event: replica`
   (`data:` the replica id), which a page cannot read from the `X-SF-Replica` header.
+
+With `SF_DATABASE_URL=postgresql://...` (the `[postgres]` extra) PostgreSQL holds what replicas
+on many hosts share: the drained feedback (`PostgresSink`, table `sf_feedback`), the
+Idempotency-Key index and (unless `SF_REDIS_URL` is set) the session events; the state
+directory keeps only this replica's write-ahead queue.
 
 Test-only switches:
 
@@ -160,18 +166,45 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     queue = FeedbackQueue(state_dir, settings=lifecycle.settings)
     cfg = lifecycle.settings
-    sink: Sink = SqliteSink(
-        state_dir / "feedback.sqlite3", file_mode=cfg.file_mode, dir_mode=cfg.dir_mode
-    )
+    sink: Sink
+    events: EventLog | None = None
     delay_ms = int(os.environ.get("SF_EXAMPLE_SINK_DELAY_MS", "0") or 0)
+    if cfg.database_url:
+        from sf_lifecycle.postgres import (
+            Database,
+            PostgresEventLog,
+            PostgresIdempotencyIndex,
+            PostgresSink,
+        )
+
+        db = Database(cfg.database_url)
+        sink = PostgresSink(db)
+        PostgresIdempotencyIndex.for_queue(queue, db)  # shared by every replica
+        pg_events = PostgresEventLog.from_settings(cfg, db)
+        if not cfg.redis_url:  # with both set, Redis serves the events
+            events = pg_events
+
+        async def close_postgres() -> None:
+            await pg_events.aclose()
+            await db.close()
+
+        # After the final drain, without a shutdown hook of its own (a hook after the drain
+        # would halve the drain's share of the grace budget).
+        closing: set[asyncio.Task[None]] = set()
+        queue.on_close(
+            lambda: closing.add(asyncio.get_running_loop().create_task(close_postgres()))
+        )
+    else:
+        sink = SqliteSink(
+            state_dir / "feedback.sqlite3", file_mode=cfg.file_mode, dir_mode=cfg.dir_mode
+        )
     queue.install(lifecycle, _delayed(sink, delay_ms) if delay_ms > 0 else sink)
-    events: EventLog
     if cfg.redis_url:
         redis_log = RedisEventLog.from_settings(cfg)
         lifecycle.add_readiness_check("redis", redis_log.ping, timeout_s=1.0)
         lifecycle.on_shutdown("redis", lambda deadline: redis_log.aclose())
         events = redis_log
-    else:
+    elif events is None:
         events = FileEventLog.from_settings(cfg)
 
     app = Starlette(

@@ -117,6 +117,10 @@ class Settings:
         access_log: Log every request (uvicorn's access log) under `sf-lifecycle serve`.
         liveness_stall_ms: `/api/livez` answers 503 when the event loop stalled longer than
             this (now, or within the last such period): the process is wedged.
+        database_url: `postgresql://...`: PostgreSQL holds the drained feedback, the
+            idempotency index and the session events (the `[postgres]` extra), shared by
+            replicas on many hosts; the state directory then holds only this replica's
+            write-ahead queue. A secret: never in `repr`, logs or probe bodies.
     """
 
     grace_ms: int = 600_000
@@ -147,6 +151,7 @@ class Settings:
     log_format: str = "text"
     access_log: bool = False
     liveness_stall_ms: int = 10_000
+    database_url: str | None = field(default=None, repr=False)
     _sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -278,8 +283,8 @@ class Settings:
     def describe_sources(self) -> str:
         """One line for the start-up log: each non-default setting, its value and its source.
 
-        A URL's credentials (`redis_url`) are redacted (`redact_url`), and only the settings' own
-        values are shown, never the rest of the environment.
+        A URL's credentials (`redis_url`, `database_url`) are redacted (`redact_url`), and only
+        the settings' own values are shown, never the rest of the environment.
         """
         defaults = _DEFAULTS
         parts = []
@@ -357,7 +362,7 @@ class Settings:
 
 
 #: Settings that may carry a password: shown through `redact_url` in the start-up log.
-_SECRET_FIELDS = frozenset({"redis_url"})
+_SECRET_FIELDS = frozenset({"database_url", "redis_url"})
 #: Folders the library keeps under the state directory (checked by `check_state_dir`).
 _STATE_SUBDIRS = ("feedback", "feedback/quarantine", "sessions")
 _PROBE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -392,6 +397,7 @@ ENV_VARS: dict[str, str] = {
     "log_format": "SF_LOG_FORMAT",
     "access_log": "SF_ACCESS_LOG",
     "liveness_stall_ms": "SF_LIVENESS_STALL_MS",
+    "database_url": "SF_DATABASE_URL",
 }
 
 # (minimum, maximum) for integer settings; None means unbounded above.
@@ -556,6 +562,12 @@ def _validate(name: str, value: object, source: str) -> None:
     elif name == "access_log":
         if not isinstance(value, bool):
             raise ConfigError(source, value, "true or false")
+    elif name == "database_url" and value is not None:
+        from ._pg import check_url  # no driver import: only the URL's shape
+
+        if not isinstance(value, str):
+            raise ConfigError(source, "<not a string>", "a postgresql:// URL")
+        check_url(value, source)
     elif name == "state_dir" and value is not None and not isinstance(value, Path):
         raise ConfigError(source, value, "a filesystem path")
 

@@ -7,7 +7,9 @@ deadline stops before a new batch starts and abandons a running sink call, leavi
 the next attempt (a redelivery is a no-op: sinks are idempotent by record id).
 
 `drain_every` is the queue's background drainer: a drain each period while there is work, every
-failure counted for the ready body and retried next period, the task never dying of it.
+failure (a drain that raised, or a sink that failed and left its file) counted for the ready
+body and retried with backoff (the period doubled per consecutive failure, at most
+`MAX_BACKOFF_S` or the period), the task never dying of it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ __all__ = ["Delivery", "DeliveryListener", "DrainResult", "drain_every"]
 
 logger = logging.getLogger("sf_lifecycle.queue")
 
+#: Longest wait of the background drainer between two failed drains.
+MAX_BACKOFF_S = 5.0
+
 #: Called after the sink committed a batch, before its file may be unlinked.
 DeliveryListener = Callable[[Sequence[Record]], Awaitable[None]]
 
@@ -50,6 +55,7 @@ class DrainResult:
         quarantined: Files moved to quarantine because of corruption.
         complete: True when nothing this call was responsible for was left behind.
         elapsed_ms: Duration of the call.
+        error: Why the sink failed (no path, no secret), when it did.
     """
 
     delivered: int = 0
@@ -58,6 +64,7 @@ class DrainResult:
     quarantined: int = 0
     complete: bool = True
     elapsed_ms: float = 0.0
+    error: str | None = None
 
 
 class Delivery:
@@ -158,9 +165,10 @@ class Delivery:
                 self.sink_errors += 1
                 logger.warning("deadline reached while delivering %s; left on disk", path.name)
                 return False
-            except Exception:
+            except Exception as exc:
                 self.sink_errors += 1
                 logger.exception("sink failed on %s; the file stays and is retried", path.name)
+                result.error = describe_error(exc)
                 return False
             result.delivered += len(batch)
             self.delivered += len(batch)
@@ -215,25 +223,36 @@ async def drain_every(
     """Run `drain()` every `interval_s` while `has_work()`, until `stop` is set.
 
     `state` (the ready body's `drainer`) is updated in place: `{"failures": 0}` after a good
-    drain, the failure count and the last error (no path) after a failed one.
+    drain, the failure count and the last error (no path) after a failed one: a drain that
+    raised, or whose `DrainResult` carries the sink's `error`. After a failure the next drain
+    waits twice as long as the last, at most `max(interval_s, MAX_BACKOFF_S)`.
     """
+    wait_s = interval_s
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval_s)
+            await asyncio.wait_for(stop.wait(), wait_s)
         if stop.is_set():
             return
-        try:  # every failure is retried next period: this task must never die
+        error: BaseException | str | None = None
+        try:  # every failure is retried with backoff: this task must never die
             if has_work():
-                await drain()
+                result = await drain()
+                error = getattr(result, "error", None)
         except BaseException as exc:  # a sink's CancelledError or SystemExit: `_background`
             if stops_task(exc):
                 raise
-            failures = state.get("failures", 0) + 1
-            state.clear()
-            state.update(failures=failures, last_error=describe_error(exc))
-            logger.error(
-                "background drain failed; retrying in %.0f ms", interval_s * 1000, exc_info=exc
-            )
-        else:
+            error = exc
+        if error is None:
             state.clear()
             state["failures"] = 0
+            wait_s = interval_s
+            continue
+        failures = state.get("failures", 0) + 1
+        state.clear()
+        described = error if isinstance(error, str) else describe_error(error)
+        state.update(failures=failures, last_error=described)
+        wait_s = min(wait_s * 2, max(interval_s, MAX_BACKOFF_S))
+        if isinstance(error, BaseException):
+            logger.error(
+                "background drain failed; retrying in %.0f ms", wait_s * 1000, exc_info=error
+            )

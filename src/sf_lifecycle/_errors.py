@@ -13,9 +13,10 @@ The tree, so that callers can catch as broadly or narrowly as they need::
     ├── StorageError(OSError)           the state directory refused an operation
     │   ├── DiskWriteError(QueueError)  the disk refused a write (queue append, event append);
     │   │                               nothing was acknowledged
-    │   └── UnsafePath                  a link where the state directory keeps a file
-    ├── EventStoreUnavailable(ConnectionError)  a networked event store (Redis) cannot be
-    │                                   reached or refused the command; nothing was appended
+    │   ├── UnsafePath                  a link where the state directory keeps a file
+    │   └── BackendUnavailable          a database server (PostgreSQL) did not answer; retryable
+    ├── EventStoreUnavailable(ConnectionError)  a networked event store (Redis, PostgreSQL) cannot
+    │                                   be reached or refused the command; nothing was appended
     │
     │   in sf_lifecycle.testing, for tests of a service (AssertionError: a test failure):
     ├── CrashPointMissed(AssertionError)  the process did not die at the armed crash point
@@ -32,12 +33,14 @@ data on disk raises nothing: it is quarantined with a log line (see ARCHITECTURE
 Every exception pickles, so it can cross a process boundary (multiprocessing, test harnesses).
 `sf_lifecycle` exports all but `DiskWriteError`, `QueueError`, `InvalidSessionId`,
 `InvalidEventId` and `EventStoreUnavailable` (caught as `ConnectionError`, or answered 503 by
-the HTTP layer), which callers catch as a base (why: the package's docstring).
+the HTTP layer), which callers catch as a base (why: the package's docstring), and
+`BackendUnavailable`, which `sf_lifecycle.postgres` exports (caught as `OSError` too).
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "BackendUnavailable",
     "BudgetExceeded",
     "ConfigError",
     "DiskWriteError",
@@ -114,7 +117,8 @@ class DiskWriteError(StorageError, QueueError):
 
 
 class EventStoreUnavailable(SfLifecycleError, ConnectionError):
-    """A networked event store (`RedisEventLog`) cannot be reached, timed out or refused.
+    """A networked event store (`RedisEventLog`, `PostgresEventLog`) cannot be reached, timed
+    out or refused.
 
     Nothing was appended. The HTTP layer answers a publish with 503 (`event_store_unavailable`)
     and ends open streams with a `retry:` hint, so clients come back (with `Last-Event-ID`)
@@ -135,4 +139,12 @@ class UnsafePath(StorageError):
 
     Refused rather than followed: whoever can write into the state directory must not be able to
     make the service read, truncate or delete a file elsewhere through a link.
+    """
+
+
+class BackendUnavailable(StorageError):
+    """A database server the state lives in (PostgreSQL) did not answer in time or failed.
+
+    Retryable: the drainer retries a batch with its backoff, a keyed write answers 503. The
+    message carries no password (`_redact`).
     """

@@ -55,7 +55,7 @@ from ._jsonbody import BodyError, check_json_content_type, read_json_body
 from ._lifecycle import Lifecycle
 from ._problem import ProblemRoute, problem
 from ._queue import FeedbackQueue
-from .idempotency import IdempotencyIndex
+from .idempotency import KeyIndex
 
 __all__ = ["feedback_routes"]
 
@@ -69,7 +69,7 @@ class _Recovering(Exception):
 
 
 class _FeedbackEndpoint:
-    def __init__(self, queue: FeedbackQueue, settings: Settings, index: IdempotencyIndex):
+    def __init__(self, queue: FeedbackQueue, settings: Settings, index: KeyIndex):
         self.queue = queue
         self.max_bytes = settings.feedback_max_bytes
         self.index = index
@@ -114,7 +114,7 @@ class _FeedbackEndpoint:
             )
         except (sqlite3.Error, OSError) as exc:
             # Never a 500, never a path in the body: the key cannot be checked right now.
-            logger.error("idempotency index %s unreadable: %s", self.index.path, exc)
+            logger.error("idempotency index %s unreadable: %s", self.index.describe(), exc)
             return problem(
                 503,
                 "idempotency_unavailable",
@@ -180,7 +180,7 @@ def feedback_routes(
     lifecycle_or_settings: Lifecycle | Settings,
     *,
     path: str = "/api/feedback",
-    index: IdempotencyIndex | None = None,
+    index: KeyIndex | None = None,
 ) -> list[BaseRoute]:
     """The `POST /api/feedback` route, storing into `queue`.
 

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from ._config import Settings
     from ._lifecycle import Lifecycle
     from ._sink import Sink
-    from .idempotency import IdempotencyIndex
+    from .idempotency import KeyIndex
 
 __all__ = ["DeliveryListener", "DrainResult", "FeedbackQueue", "QueueStats"]
 
@@ -143,7 +143,7 @@ class FeedbackQueue:
         #: Keyed writes answered with the id stored earlier (`sf_lifecycle.metrics`).
         self.idempotent_replays = 0
         #: The idempotency index `install` wires beside the queue (`feedback_routes` uses it).
-        self.idempotency: IdempotencyIndex | None = None
+        self.idempotency: KeyIndex | None = None
         # The state directory is the operator's (it may be a link); below it nothing is followed.
         _fs.os.makedirs(self.state_dir, mode=dir_mode, exist_ok=True)
         state_subdir(self.state_dir, "feedback/quarantine", self.dir_mode)  # UnsafePath: refused

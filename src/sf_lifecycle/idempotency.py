@@ -15,6 +15,10 @@ ended (`settle` with the record id, or `release`); the queue tells it which keys
 The queue's wiring (`FeedbackQueue.install`) creates the index beside the queue
 (`IdempotencyIndex.for_queue`), which registers it as a delivery listener and closes it with the
 queue; `feedback_routes` only uses the index it is given or the one the queue carries.
+
+`KeyIndex` is what the endpoint and the queue's wiring need from an index; `IdempotencyIndex`
+(SQLite, one host) and `sf_lifecycle.postgres.PostgresIdempotencyIndex` (shared by replicas on
+many hosts) implement it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from ._errors import NotReady, UnsafePath
 from ._sqlite import SqliteThread
@@ -35,7 +39,7 @@ from ._statefiles import DEFAULT_FILE_MODE
 if TYPE_CHECKING:
     from ._queue import FeedbackQueue
 
-__all__ = ["IDEMPOTENCY_TTL_S", "PURGE_BATCH", "IdempotencyIndex", "KnownKey"]
+__all__ = ["IDEMPOTENCY_TTL_S", "PURGE_BATCH", "IdempotencyIndex", "KeyIndex", "KnownKey"]
 
 logger = logging.getLogger("sf_lifecycle.idempotency")
 
@@ -60,6 +64,46 @@ class KnownKey:
 
     sha: str
     id: str | None
+
+
+@runtime_checkable
+class KeyIndex(Protocol):
+    """What `POST /api/feedback` and the queue's wiring need from an idempotency index.
+
+    `claim` raises `sqlite3.Error` or `OSError` (`BackendUnavailable` for a database server)
+    when the key cannot be checked: the endpoint answers 503 `idempotency_unavailable` and
+    stores nothing. `settle` and `release` never raise (the record's fate is already decided).
+    """
+
+    async def claim(
+        self, key: str, sha: str, *, held: Callable[[str], tuple[str, str] | None] | None = None
+    ) -> KnownKey | None:
+        """None: the caller holds `key` (then `settle` or `release`); else what it maps to."""
+        ...
+
+    def settle(self, key: str, record_id: str) -> None:
+        """The claimed key's record is stored as `record_id`."""
+        ...
+
+    def release(self, key: str) -> None:
+        """The claimed key's record was not stored: the key is free again."""
+        ...
+
+    async def lookup(self, key: str) -> KnownKey | None:
+        """What `key` maps to, if anything (expired keys are not found)."""
+        ...
+
+    async def record_delivered(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Queue delivery listener: persist the keys of a committed batch."""
+        ...
+
+    async def check(self) -> dict[str, Any] | None:
+        """Readiness check (raise `NotReady` when keyed writes fail for a local reason)."""
+        ...
+
+    def describe(self) -> str:
+        """Names the index in log lines (no secret)."""
+        ...
 
 
 class IdempotencyIndex:
@@ -288,6 +332,10 @@ class IdempotencyIndex:
             known = self._memory.get(key)
             if known is not None and known.id == rid:
                 del self._memory[key]
+
+    def describe(self) -> str:
+        """The index's file, for log lines."""
+        return str(self.path)
 
     def close(self, wait_s: float = 0.0) -> bool:
         """Close the database; True once it is closed (see `SqliteThread.close` for `wait_s`)."""

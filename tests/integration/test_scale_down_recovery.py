@@ -3,8 +3,7 @@
 What `infra/k8s/multihost/recover-job.yaml` does after `kubectl scale statefulset sf
 --replicas=N`, without Kubernetes: each replica has its own state directory (its own volume)
 and they all deliver into one shared sink. The sink is a fixture (`shared_sink`): SQLite in a
-shared path here; a PostgreSQL parameter goes next to it when the PostgreSQL sink is the
-example server's (`SF_DATABASE_URL`).
+shared path, and PostgreSQL (`SF_DATABASE_URL`, a real server: `sf_postgres`).
 
 Every process a test starts is reaped by PID (the `servers` fixture; `subprocess.run` waits).
 """
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from sf_lifecycle.testing import ServerProcess, sqlite_sink_ids
+from sf_lifecycle.testing import PostgresServer, ServerProcess, sqlite_sink_ids
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,8 +39,22 @@ class SharedSink:
     ids: Callable[[], list[str]]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def shared_sink(request: pytest.FixtureRequest, tmp_path: Path) -> SharedSink:
+    if request.param == "postgres":
+        server: PostgresServer = request.getfixturevalue("sf_postgres")
+        url = server.create_database("scale")
+
+        def pg_ids() -> list[str]:
+            import psycopg
+
+            try:
+                with psycopg.connect(url) as conn:
+                    return [r[0] for r in conn.execute("SELECT id FROM sf_feedback").fetchall()]
+            except psycopg.errors.UndefinedTable:
+                return []
+
+        return SharedSink({"SF_DATABASE_URL": url}, pg_ids)
     db = tmp_path / "shared" / "feedback.sqlite3"
     db.parent.mkdir()
     return SharedSink({"REPLICA_APP_SINK_DB": str(db)}, lambda: sqlite_sink_ids(db))

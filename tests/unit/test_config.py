@@ -320,6 +320,12 @@ _SOURCES: dict[str, tuple[str, object, str, object]] = {
     "metrics_port": ("9001", 9002, "9003", 9003),
     "log_format": ("json", "text", "json", "json"),
     "access_log": ("1", False, "1", True),
+    "database_url": (
+        "postgresql://e/db",
+        "postgresql://c/db",
+        "postgresql://f/db",
+        "postgresql://f/db",
+    ),
 }
 
 
@@ -431,3 +437,7 @@ def test_the_start_up_log_never_shows_a_password() -> None:
         line = Settings().describe_sources()
     assert "hunter2" not in line
     assert "redis_url='redis://<redacted>@cache:6379/0' (SF_REDIS_URL)" in line
+    with command_line({}, {"SF_DATABASE_URL": "postgresql://app:hunter2@db:5432/sf"}):
+        line = Settings().describe_sources()
+    assert "hunter2" not in line
+    assert "database_url='postgresql://<redacted>@db:5432/sf' (SF_DATABASE_URL)" in line

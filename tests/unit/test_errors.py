@@ -9,6 +9,7 @@ import pytest
 
 from sf_lifecycle import _errors
 from sf_lifecycle._errors import (
+    BackendUnavailable,
     BudgetExceeded,
     ConfigError,
     DiskWriteError,
@@ -46,6 +47,7 @@ INSTANCES: list[BaseException] = [
     DiskWriteError(errno.ENOSPC, "append failed: No space left on device"),
     UnsafePath(errno.ELOOP, "sessions is a symbolic link; refusing to follow it"),
     EventStoreUnavailable("event store (Redis at redis://h:6379/0) unavailable: ConnectionError"),
+    BackendUnavailable("PostgreSQL: PoolTimeout: couldn't get a connection after 5.00 sec"),
     CrashPointMissed("the process exited 0 instead of dying at drain.after_rename"),
     LostWrites(_REPORT),
 ]

@@ -1,8 +1,9 @@
 """Session event log: ids, resume, retention, two replicas on one store, corruption.
 
 The tests before the file-specific ones run against every backend (`make_log`): the file log on
-a temporary directory and `RedisEventLog` on a real redis-server (`sf_redis`), each test with its
-own key prefix.
+a temporary directory, `RedisEventLog` on a real redis-server (`sf_redis`), each test with its
+own key prefix, and `PostgresEventLog` on a real PostgreSQL (`sf_postgres`), each test with its
+own database and each log with its own pool (two logs: two replicas).
 """
 
 from __future__ import annotations
@@ -31,24 +32,33 @@ from sf_lifecycle._events import (
 )
 from sf_lifecycle._events_file import FileEventLog
 from sf_lifecycle._events_redis import RedisEventLog
-from sf_lifecycle.testing import RedisServer
+from sf_lifecycle.postgres import Database, PostgresEventLog
+from sf_lifecycle.testing import PostgresServer, RedisServer
 
-AnyLog = FileEventLog | RedisEventLog
+AnyLog = FileEventLog | RedisEventLog | PostgresEventLog
 LogFactory = Callable[..., AnyLog]
 
 
-@pytest.fixture(params=["file", "redis"])
+@pytest.fixture(params=["file", "redis", "postgres"])
 async def make_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LogFactory]:
     """Factory of logs of one backend; two logs it makes share a store, like two replicas."""
     logs: list[AnyLog] = []
+    dbs: list[Database] = []
     server: RedisServer | None = None
+    pg_url: str | None = None
     if request.param == "redis":
         server = request.getfixturevalue("sf_redis")
+    elif request.param == "postgres":
+        pg: PostgresServer = request.getfixturevalue("sf_postgres")
+        pg_url = pg.create_database("ev")
     prefix = f"t-{uuid.uuid4().hex[:12]}:"
 
     def make(**kwargs: Any) -> AnyLog:
         log: AnyLog
-        if server is None:
+        if pg_url is not None:
+            dbs.append(Database(pg_url))
+            log = PostgresEventLog(dbs[-1], **kwargs)
+        elif server is None:
             log = FileEventLog(tmp_path, **kwargs)
         else:
             log = RedisEventLog(server.url, key_prefix=prefix, **kwargs)
@@ -58,6 +68,8 @@ async def make_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     yield make
     for log in logs:
         await log.aclose()
+    for db in dbs:
+        await db.close()
 
 
 def seqs(events: list[Event]) -> list[int]:

@@ -11,11 +11,14 @@ import sf_lifecycle
 ROOT = Path(__file__).resolve().parents[2]
 #: The modules a user imports from; every other module is private (a leading underscore: see
 #: ARCHITECTURE.md). README tells an app that builds its own idempotency index to import
-#: `IdempotencyIndex` from `sf_lifecycle.idempotency`, so that module is public too.
+#: `IdempotencyIndex` from `sf_lifecycle.idempotency`, so that module is public too, and
+#: `sf_lifecycle.postgres` holds the PostgreSQL backends (an optional extra, kept out of the top
+#: level so the core never imports the driver).
 PUBLIC_MODULES = (
     "sf_lifecycle",
     "sf_lifecycle.idempotency",
     "sf_lifecycle.metrics",
+    "sf_lifecycle.postgres",
     "sf_lifecycle.report",
     "sf_lifecycle.testing",
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -804,3 +805,40 @@ async def test_a_keyed_retry_gets_its_id_while_someone_else_holds_the_orphan(
     finally:
         await lifecycle.shutdown()
     assert sink.deliveries == Counter({rid: 1})
+
+
+async def test_a_failing_sink_is_counted_in_the_drainer_state_and_retried_with_backoff(
+    tmp_path: Path,
+) -> None:
+    """A sink that raises leaves its file (nothing lost) and is reported in `queue.drainer`
+    (the ready body): the failure count and the error, without a secret; the drainer backs
+    off between attempts and delivers once the sink works again, then reports 0 failures."""
+    q = FeedbackQueue(tmp_path, drain_interval_ms=10)
+    calls: list[float] = []
+
+    async def down(records: Any) -> None:
+        calls.append(asyncio.get_running_loop().time())
+        if len(calls) <= 4:
+            raise ConnectionError("connection to postgresql://u:secret@db/x refused")
+        await ok(records)
+
+    ok = ListSink()
+    rid = await q.append({"x": 1})
+    q.start_drainer(down)
+    for _ in range(500):
+        if q.drainer.get("failures", 0) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert q.drainer["failures"] >= 2
+    assert q.drainer["last_error"].startswith("ConnectionError: connection to postgresql://db")
+    assert "secret" not in q.drainer["last_error"]
+    for _ in range(500):
+        if rid in ok.deliveries:
+            break
+        await asyncio.sleep(0.01)
+    assert ok.deliveries == Counter({rid: 1})
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert gaps[2] > gaps[0] * 1.5  # backoff: the waits grow
+    await asyncio.sleep(0.05)
+    assert q.drainer == {"failures": 0}
+    await q.close()

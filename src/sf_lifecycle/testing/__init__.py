@@ -18,6 +18,7 @@ from .oracle import (
     check_delivery,
     sqlite_sink_ids,
 )
+from .postgres import PostgresServer
 from .process import ServerProcess, free_port, http_get, reap
 from .queue_files import crash_queue, link_segments, write_segment
 from .redis_server import RedisServer, redis_server_binary
@@ -30,6 +31,7 @@ __all__ = [
     "CrashPointMissed",
     "DeliveryReport",
     "LostWrites",
+    "PostgresServer",
     "RedisServer",
     "ServerProcess",
     "Service",

