@@ -60,8 +60,10 @@ async def test_the_sink_gets_the_first_batch_before_the_file_is_read_to_its_end(
     size = master.stat().st_size
     assert positions[0] is not None, "the segment was read whole and closed before the sink ran"
     assert positions[0] < size // 2
-    assert result.delivered == 12_000 and result.complete
-    assert len(sink.deliveries) == 12_000 and set(sink.deliveries.values()) == {1}
+    assert result.delivered == 12_000
+    assert result.complete
+    assert len(sink.deliveries) == 12_000
+    assert set(sink.deliveries.values()) == {1}
     assert not draining.exists()
 
 
@@ -85,7 +87,8 @@ async def test_memory_while_draining_does_not_grow_with_the_segment(tmp_path: Pa
     finally:
         tracemalloc.stop()
     await q.close()
-    assert seen == 20_000 and result.complete
+    assert seen == 20_000
+    assert result.complete
     assert master.stat().st_size > 6 * 2**20
     assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB while draining a 6.5 MB segment"
 
@@ -116,6 +119,7 @@ async def test_damage_in_the_middle_of_a_big_segment_is_quarantined_the_rest_del
     expected = {json.loads(p)["id"] for k, p in enumerate(items) if k != 5_000}
     assert set(sink.deliveries) == expected
     assert set(sink.deliveries.values()) == {1}
-    assert result.complete and result.quarantined == 1
+    assert result.complete
+    assert result.quarantined == 1
     assert not link.exists()
     assert [p.name for p in (tmp_path / "feedback" / "quarantine").iterdir()] == [link.name]
