@@ -53,6 +53,7 @@ VERSION = 1
 _HEAD = struct.Struct("<2sBBII")  # magic, version, flags, length, payload crc
 _HCRC = struct.Struct("<I")
 HEADER_SIZE = _HEAD.size + _HCRC.size  # 16
+_WHOLE = struct.Struct("<4sIII")  # magic + version + flags, length, payload crc, header crc
 #: Largest payload a frame may carry; a length above it is corruption, not a long record.
 MAX_PAYLOAD = 64 * 1024 * 1024
 _PREFIX = MAGIC + bytes([VERSION, 0])
@@ -202,9 +203,24 @@ class FrameStream:
         """Up to `limit` good frames as (offset, payload), in file order; [] once `done`."""
         out: list[tuple[int, bytes]] = []
         append = out.append
+        crc32, unpack = zlib.crc32, _WHOLE.unpack_from
         while len(out) < limit and not self.done:
             buf, pos = self._buf, self._pos
             end = len(buf)
+            if end - pos >= HEADER_SIZE:  # the common case, inlined: a whole, valid frame
+                prefix, n, pcrc, hcrc = unpack(buf, pos)
+                body = pos + HEADER_SIZE
+                if (
+                    prefix == _PREFIX
+                    and body + n <= end
+                    and n <= MAX_PAYLOAD
+                    and crc32(buf[pos : pos + 12]) == hcrc
+                ):
+                    payload = buf[body : body + n]
+                    if crc32(payload) == pcrc:
+                        append((self._base + pos, payload))
+                        self._pos = body + n
+                        continue
             if end - pos < HEADER_SIZE and self._more():
                 continue  # a header cut by the end of the piece: read on
             buf, pos, end = self._buf, self._pos, len(self._buf)

@@ -28,6 +28,7 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -61,6 +62,9 @@ __all__ = [
 logger = logging.getLogger("sf_lifecycle.queue")
 
 Record = dict[str, Any]
+
+#: The C scanner behind `json.loads`: (value, end) of the JSON text at an index.
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 SEG_RE = re.compile(r"(?P<token>[0-9a-f]{22})\.(?P<seq>[0-9]{6,})\.(?P<kind>log|draining)\Z")
 LOCK_RE = re.compile(r"(?P<token>[0-9a-f]{22})\.lock\Z")
@@ -228,17 +232,26 @@ class SegmentReader:
     def _decode(self, limit: int) -> list[Record]:
         out: list[Record] = []
         frames = self._frames
-        loads = json.loads
+        loads, scan = json.loads, _SCAN
         valid_id = ID_RE.match
         while not out and not frames.done:
             if self._file is None:
                 raise ValueError(f"{self.path.name}: read after close")
             for offset, payload in frames.frames(limit):
+                # json.loads' own scanner, without its per-call encoding detection and
+                # whitespace skipping (the queue writes compact UTF-8); anything else, and
+                # every error message, goes through json.loads itself.
                 try:
-                    record = loads(payload)
-                except ValueError as exc:
-                    self._problems.append((offset, f"bad JSON: {exc}"))
-                    continue
+                    text = payload.decode()
+                    record, end = scan(text, 0)
+                    if end != len(text):
+                        raise ValueError("trailing data")
+                except (ValueError, StopIteration):
+                    try:
+                        record = loads(payload)
+                    except ValueError as exc:
+                        self._problems.append((offset, f"bad JSON: {exc}"))
+                        continue
                 rid = record.get("id") if type(record) is dict else None
                 if type(rid) is not str or valid_id(rid) is None:
                     self._problems.append((offset, "record without a valid id"))
