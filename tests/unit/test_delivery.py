@@ -123,3 +123,37 @@ async def test_damage_in_the_middle_of_a_big_segment_is_quarantined_the_rest_del
     assert result.quarantined == 1
     assert not link.exists()
     assert [p.name for p in (tmp_path / "feedback" / "quarantine").iterdir()] == [link.name]
+
+
+def test_odd_payloads_decode_as_json_loads_decodes_them(tmp_path: Path) -> None:
+    """The reader's fast JSON path gives what `json.loads` gives, record or refusal: padding,
+    a BOM, UTF-16, NaN, trailing data, invalid UTF-8, a lone surrogate escape."""
+    from sf_lifecycle._segments import SegmentReader
+
+    rid = new_record_id()
+    body = json.dumps({"id": rid, "ts": 0, "data": {"n": 1}})
+    odd = [
+        body.encode(),
+        b"  " + body.encode() + b"\n",
+        b"\xef\xbb\xbf" + body.encode(),
+        body.encode("utf-16"),
+        body.replace('{"n": 1}', "NaN").encode(),
+        body.encode() + b"{}",
+        body.encode()[:-2] + b"\xff}",
+        body.replace('{"n": 1}', '"\\ud800"').encode(),
+    ]
+    path = write_segment(tmp_path / "odd", odd)
+    expected: list[Any] = []
+    for p in odd:
+        try:
+            expected.append(json.loads(p))
+        except ValueError:
+            continue
+    with SegmentReader(path) as reader:
+        got: list[Any] = []
+        while batch := reader.batch(100):
+            got += batch
+        refused = len(reader.problems)
+    assert len(got) + refused == len(odd)
+    assert json.dumps(got) == json.dumps(expected)  # NaN compares unequal to itself
+    assert refused == 2  # trailing data and invalid UTF-8
