@@ -474,13 +474,14 @@ def test_queue_recover_with_app_delivers_into_the_apps_own_sink(
     assert "installs no FeedbackQueue" in bad.stderr
 
 
-def test_health_is_answered_while_a_big_backlog_is_recovered(
+def test_probes_are_answered_while_a_big_backlog_is_recovered(
     servers: list[ServerProcess], tmp_path: Path
 ) -> None:
     """1. The state directory holds a dead owner's 30k-record segment (~10 MB, read in pieces).
     2. A server starts on it; its sink takes 50 ms a batch, so recovery lasts a while.
-    3. While /api/ready still says recovery is running, /api/healthz answers 200: reading the
-       backlog does not hold the event loop.
+    3. While /api/ready still says recovery is running, /api/livez answers 200 and
+       /api/healthz answers at once (503: the proxy routes elsewhere until recovery is done):
+       reading the backlog does not hold the event loop.
     4. Recovery finishes (ready 200) with every record in the sink once, no file left."""
     import asyncio
 
@@ -497,7 +498,7 @@ def test_health_is_answered_while_a_big_backlog_is_recovered(
     link_segments(owner, [master], orphaned=True)
     asyncio.run(owner.close())  # only the orphan is left
     server = start(servers, state, {"SF_EXAMPLE_SINK_DELAY_MS": "50"})
-    server.wait_ready(path="/api/healthz")
+    server.wait_ready(path="/api/livez")
     seen_while_recovering = 0
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -506,8 +507,9 @@ def test_health_is_answered_while_a_big_backlog_is_recovered(
             break
         recovery = json.loads(body)["checks"]["feedback-queue"]["recovery"]
         if recovery.get("state") == "running":
+            live, _, _ = server.get("/api/livez", timeout=1.0)
             health, _, _ = server.get("/api/healthz", timeout=1.0)
-            assert health == 200
+            assert (live, health) == (200, 503)
             seen_while_recovering += 1
         time.sleep(0.05)
     assert status == 200, server.logs()
