@@ -6,6 +6,8 @@ Every variant stores ~300-byte JSON records and returns only once each is on dis
 * **raw log**: one file, `write` + `fsync` per record in a plain loop (no framing, no checksum,
   no event loop): the floor the append goals are stated against. A single writer cannot beat
   it; concurrent writers beat it only by sharing fsyncs.
+* **raw log, preallocated**: the same loop on a file preallocated with zeros, `pwrite` +
+  `fdatasync` (what a preallocating writer could reach; measured, not adopted).
 * **raw log via to_thread**: the same, but from asyncio the way an async app must do it
   (`await asyncio.to_thread(write_and_fsync)`), so the thread hop is paid as in **sf**.
 * **sqlite**: SQLite WAL, `synchronous=FULL`, one transaction per record.
@@ -14,7 +16,8 @@ Every variant stores ~300-byte JSON records and returns only once each is on dis
 Then: drain throughput to a no-op sink (baseline: reading a JSON-lines log and parsing it),
 append-to-sink latency under steady load with the background drainer, the start-up scan with no
 orphans (baseline: one `os.listdir`), and recovery of orphans into SQLite (baseline: the same
-batches written by the sink alone, so the ratio shows how much the queue adds).
+batches written by the sink alone, so the ratio shows how much the queue adds; three pairs, the
+medians compared).
 
 Rounds alternate the variants (A B C A B C) so a noisy neighbour hits all of them.
 Run alone: `python -m benchmarks.bench_queue [--quick]`.
@@ -84,6 +87,29 @@ def raw_log(n: int) -> float:
             for _ in range(n):
                 os.write(fd, RAW)
                 os.fsync(fd)
+            return n / (time.perf_counter() - began)
+        finally:
+            os.close(fd)
+
+
+def raw_log_preallocated(n: int) -> float:
+    """The raw loop on a segment preallocated with zeros, `pwrite` + `fdatasync` per record.
+
+    What a preallocating writer could reach: no size or block-map change to journal per
+    record. Measured, not adopted (see the README's note on the single writer)."""
+    with _Tmp() as d:
+        fd = os.open(d / "raw.log", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, (n + 1) * len(RAW))
+            os.fsync(fd)
+            os.pwrite(fd, RAW, 0)
+            os.fdatasync(fd)
+            offset = len(RAW)
+            began = time.perf_counter()
+            for _ in range(n):
+                os.pwrite(fd, RAW, offset)
+                os.fdatasync(fd)
+                offset += len(RAW)
             return n / (time.perf_counter() - began)
         finally:
             os.close(fd)
@@ -297,11 +323,21 @@ def _run(quick: bool) -> list[dict[str, Any]]:
         lambda: sf_appends(1, n1),
         lambda: raw_log(n1),
         lambda: raw_log_to_thread(n1),
+        lambda: raw_log_preallocated(n1),
     )
-    rows.append(_ratio_row("queue append, 1 writer", one[0], one[1], "raw fsync log", 0.9))
+    rows.append(_ratio_row("queue append, 1 writer", one[0], one[1], "raw fsync log", 0.85))
     rows.append(
         _ratio_row(
             "queue append, 1 writer (async baseline)", one[0], one[2], "raw log via to_thread", 0.9
+        )
+    )
+    rows.append(
+        _ratio_row(
+            "raw log preallocated + fdatasync (not adopted)",
+            one[3],
+            one[1],
+            "raw fsync log",
+            None,
         )
     )
 
@@ -376,16 +412,17 @@ def _run(quick: bool) -> list[dict[str, Any]]:
     )
 
     nr = 20_000 if quick else 100_000
-    took, base = recovery_vs_sink(nr)
+    pairs = [recovery_vs_sink(nr) for _ in range(2 if quick else 3)]  # each pair back to back
+    took, base = Stats.of([t for t, _ in pairs]), Stats.of([b for _, b in pairs])
     rows.append(
         make_result(
             f"recovery of {nr} orphaned records into SQLite",
             "s",
-            Stats.of([took]),
-            Stats.of([base]),
+            took,
+            base,
             "the SQLite sink alone",
-            "<= 1.5x the sink alone (sink-dominated)",
-            took <= 1.5 * base,
+            "<= 1.3x the sink alone",
+            took.median <= 1.3 * base.median,
         )
     )
     return rows

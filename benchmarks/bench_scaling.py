@@ -59,9 +59,8 @@ __all__ = ["SUPERLINEAR_X", "Scaling", "run", "scaling", "size_label"]
 #: A series whose per-unit cost grows more than this across its sizes is flagged superlinear.
 SUPERLINEAR_X = 2.0
 #: Records per segment file written for the drain and recovery series (a long sink outage
-#: leaves many small segments; a stuck drain, one big one: 100k is between the two). A single
-#: 1M-record segment drains at about 0.65x the per-record speed of 100k ones in a trial: the
-#: queue loads a whole segment, and the garbage collector walks its 1M live records.
+#: leaves many small segments; a stuck drain, one big one: 100k is between the two). One
+#: 1M-record segment against the same records in 100k-record ones: `bench_backlog.py`.
 SEGMENT_RECORDS = 100_000
 #: One feedback record; framed with its envelope it is 322 bytes, so 1M queued fit in 322 MB.
 RECORD = {"kind": "feedback", "session": "s-0123456789", "text": "x" * 200}

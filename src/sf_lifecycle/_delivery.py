@@ -1,10 +1,12 @@
 """Delivering one segment file to a sink: the step a drain and a recovery share.
 
-A file is read whole, its records handed to the sink in batches of `batch_records`, the delivery
-listeners (the idempotency index) run after each commit, and only then is the file removed, or
-moved to `quarantine/` when it had damage. Nothing is deleted before the sink has all of it; a
-deadline stops before a new batch starts and abandons a running sink call, leaving the file for
-the next attempt (a redelivery is a no-op: sinks are idempotent by record id).
+A file is read in bounded pieces, one batch ahead of the sink (parsing overlaps the sink's
+commit, and memory does not grow with the file), its records handed to the sink in batches of
+`batch_records`, the delivery listeners (the idempotency index) run after each commit, and only
+then is the file removed, or moved to `quarantine/` when it had damage. Nothing is deleted
+before the sink has all of it; a deadline stops before a new batch starts and abandons a running
+sink call, leaving the file for the next attempt (a redelivery is a no-op: sinks are
+idempotent by record id).
 
 `drain_every` is the queue's background drainer: a drain each period while there is work, every
 failure (a drain that raised, or a sink that failed and left its file) counted for the ready
@@ -27,7 +29,7 @@ from . import _crashpoints as _cp
 from . import _fs
 from ._background import stops_task
 from ._redact import describe_error
-from ._segments import Loaded, NotASegment, Record, load_segment, quarantine_file
+from ._segments import NotASegment, Record, SegmentReader, quarantine_file
 from ._statefiles import state_subdir
 
 if TYPE_CHECKING:
@@ -124,14 +126,17 @@ class Delivery:
         sink: Sink,
         deadline: float | None,
         result: DrainResult,
-        on_read: Callable[[Path, Loaded], None] | None = None,
+        on_batch: Callable[[Path, Sequence[Record]], None] | None = None,
     ) -> bool:
         """Deliver `path`; True when it is done (removed or quarantined).
 
-        `on_read(path, loaded)` runs after the file was read, before its first batch.
+        The file is read in bounded pieces on a worker thread, one batch ahead of the sink: the
+        next batch is parsed while the sink stores this one, and no more than two batches and
+        one piece of the file are in memory, whatever the file's size. `on_batch(path,
+        records)` runs on each batch as it is read, before the sink sees it.
         """
         try:
-            loaded = await asyncio.to_thread(load_segment, path)
+            reader = await asyncio.to_thread(SegmentReader, path)
         except FileNotFoundError:
             return True  # delivered by someone who held the lock before us
         except NotASegment as exc:
@@ -142,48 +147,27 @@ class Delivery:
             self.quarantined += 1
             result.files_done += 1
             return True
-        except OSError as exc:  # EIO reading: leave the file for the next attempt
+        except OSError as exc:  # EIO opening: leave the file for the next attempt
             logger.error("cannot read %s (%s); left on disk for the next attempt", path, exc)
             return False
-        if on_read is not None:
-            on_read(path, loaded)
-        records = loaded.records
-        step = self.batch_records
-        for start in range(0, len(records), step):
-            batch = records[start : start + step]
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+        try:
+            if not await self._batches(reader, sink, deadline, result, on_batch):
                 return False
-            try:
-                async with asyncio.timeout(remaining):
-                    await sink(batch)
-                    if _cp.ARMED:
-                        _cp.hit("drain.after_sink_commit")
-                    for listener in self.listeners:
-                        await listener(batch)
-            except TimeoutError:
-                self.sink_errors += 1
-                logger.warning("deadline reached while delivering %s; left on disk", path.name)
-                return False
-            except Exception as exc:
-                self.sink_errors += 1
-                logger.exception("sink failed on %s; the file stays and is retried", path.name)
-                result.error = describe_error(exc)
-                return False
-            result.delivered += len(batch)
-            self.delivered += len(batch)
-        if loaded.torn_at is not None:
+        finally:
+            reader.close()  # after the batch a worker may still be reading, if any
+        if reader.torn_at is not None:
             logger.info(
                 "%s: dropped a torn tail of %d byte(s) at offset %d (a write cut by a crash, "
                 "never acknowledged)",
                 path.name,
-                loaded.size - loaded.torn_at,
-                loaded.torn_at,
+                reader.size - reader.torn_at,
+                reader.torn_at,
             )
         if _cp.ARMED:
             _cp.hit("drain.before_unlink")
-        if loaded.problems:
-            if not await self._set_aside(path, loaded.problems):
+        problems = reader.problems
+        if problems:
+            if not await self._set_aside(path, problems):
                 return False
             result.quarantined += 1
             self.quarantined += 1
@@ -201,6 +185,52 @@ class Delivery:
         result.files_done += 1
         return True
 
+    async def _batches(
+        self,
+        reader: SegmentReader,
+        sink: Sink,
+        deadline: float | None,
+        result: DrainResult,
+        on_batch: Callable[[Path, Sequence[Record]], None] | None,
+    ) -> bool:
+        """Every batch of `reader` to the sink, reading the next one meanwhile; False when
+        the file must stay (deadline, sink failure, read error)."""
+        name = reader.path.name
+        step = self.batch_records
+        ahead = _read_ahead(reader, step)
+        while True:
+            try:
+                batch = await ahead
+            except OSError as exc:  # EIO mid-file: what was delivered is a no-op next time
+                logger.error("cannot read %s (%s); left on disk for the next attempt", name, exc)
+                return False
+            if not batch:
+                return True
+            if on_batch is not None:
+                on_batch(reader.path, batch)
+            ahead = _read_ahead(reader, step)  # parsed while the sink stores `batch`
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                async with asyncio.timeout(remaining):
+                    await sink(batch)
+                    if _cp.ARMED:
+                        _cp.hit("drain.after_sink_commit")
+                    for listener in self.listeners:
+                        await listener(batch)
+            except TimeoutError:
+                self.sink_errors += 1
+                logger.warning("deadline reached while delivering %s; left on disk", name)
+                return False
+            except Exception as exc:
+                self.sink_errors += 1
+                logger.exception("sink failed on %s; the file stays and is retried", name)
+                result.error = describe_error(exc)
+                return False
+            result.delivered += len(batch)
+            self.delivered += len(batch)
+
     async def _set_aside(self, path: Path, problems: list[tuple[int, str]]) -> bool:
         """Quarantine `path`; False (logged, the file left for the next attempt) if that fails."""
         try:
@@ -211,6 +241,17 @@ class Delivery:
             logger.error("cannot quarantine %s (%s); left for the next attempt", path.name, exc)
             return False
         return True
+
+
+def _read_ahead(reader: SegmentReader, limit: int) -> asyncio.Future[list[Record]]:
+    """The next batch of `reader`, read on a worker thread (a bounded queue of one batch).
+
+    A batch nobody awaits any more (the sink failed, the deadline passed) is still read to its
+    end; its error, if any, is consumed here rather than reported as never retrieved.
+    """
+    fut = asyncio.get_running_loop().run_in_executor(None, reader.batch, limit)
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return fut
 
 
 async def drain_every(

@@ -31,8 +31,10 @@ Deliberate choices:
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "MAGIC",
     "MAX_PAYLOAD",
     "Damage",
+    "FrameStream",
     "ScanResult",
     "encode",
     "scan",
@@ -50,6 +53,7 @@ VERSION = 1
 _HEAD = struct.Struct("<2sBBII")  # magic, version, flags, length, payload crc
 _HCRC = struct.Struct("<I")
 HEADER_SIZE = _HEAD.size + _HCRC.size  # 16
+_WHOLE = struct.Struct("<4sIII")  # magic + version + flags, length, payload crc, header crc
 #: Largest payload a frame may carry; a length above it is corruption, not a long record.
 MAX_PAYLOAD = 64 * 1024 * 1024
 _PREFIX = MAGIC + bytes([VERSION, 0])
@@ -101,7 +105,9 @@ class ScanResult:
 
 
 def _check_frame(data: bytes | memoryview, pos: int, end: int) -> tuple[str, int]:
-    """Classify the frame at `pos`: ("ok", length) | ("torn", 0) | (reason, 0)."""
+    """Classify the frame at `pos`: ("ok", length) | ("torn", length or 0) | (reason, 0).
+
+    A torn frame with a good header reports its payload length (how much more to read)."""
     if end - pos < HEADER_SIZE:
         return ("torn" if _is_prefix(data, pos, end) else "bad magic"), 0
     if data[pos : pos + 4] != _PREFIX:
@@ -115,7 +121,7 @@ def _check_frame(data: bytes | memoryview, pos: int, end: int) -> tuple[str, int
         return "bad length", 0
     start = pos + HEADER_SIZE
     if start + n > end:
-        return "torn", 0
+        return "torn", n
     if zlib.crc32(data[start : start + n]) != pcrc:
         return "bad payload checksum", 0
     return "ok", n
@@ -127,40 +133,164 @@ def _is_prefix(data: bytes | memoryview, pos: int, end: int) -> bool:
     return bytes(data[pos : pos + k]) == _PREFIX[:k]
 
 
-def _find_next(data: bytes, pos: int, end: int) -> int | None:
-    """The next offset after `pos` where a whole, valid frame starts (None if there is none)."""
-    i = pos + 1
-    while True:
-        i = data.find(_PREFIX, i, end)
-        if i < 0:
-            return None
-        if _check_frame(data, i, end)[0] == "ok":
-            return i
-        i += 1
+def _zero(data: bytes, start: int, stop: int) -> bool:
+    """True when `data[start:stop]` holds only zero bytes (or nothing)."""
+    return data.count(0, start, stop) == max(0, stop - start)
+
+
+#: Bytes read at a time by `FrameStream`: about 3,000 records of ~300 bytes.
+CHUNK = 1 << 20
+
+
+class FrameStream:
+    """The frames of a file, read `chunk` bytes at a time: memory is one chunk plus one frame.
+
+    The verdicts are those of a whole-file scan (the module docstring), decided with no more of
+    the file in memory than the frame being checked: a frame cut by the end of a chunk is read
+    on before it is judged, a torn tail is only called at the real end of the file, and
+    resynchronisation after damage searches the file piece by piece (remembering only whether
+    the bytes skipped were all zero, the other torn-tail case).
+
+    Args:
+        read: `read(n)` of the file, from its current position; b"" at the end.
+        chunk: Bytes asked for at a time.
+        base: File offset of the first byte `read` returns (offsets are reported from it).
+
+    `damage`, `torn_at` and `size` are final once `done` is True.
+    """
+
+    __slots__ = (
+        "_base",
+        "_buf",
+        "_chunk",
+        "_eof",
+        "_pos",
+        "_read",
+        "damage",
+        "done",
+        "size",
+        "torn_at",
+    )
+
+    def __init__(self, read: Callable[[int], bytes], chunk: int = CHUNK, base: int = 0) -> None:
+        if chunk < 1:
+            raise ValueError("chunk must be positive")
+        self._read, self._chunk = read, chunk
+        self._buf = b""
+        self._base = self.size = base
+        self._pos = 0
+        self._eof = False
+        self.damage: list[Damage] = []
+        self.torn_at: int | None = None
+        self.done = False
+
+    def _more(self, need: int = 0) -> bool:
+        """Drop the bytes before `_pos`, append the next piece; False at the end of the file."""
+        if self._eof:
+            return False
+        data = self._read(max(self._chunk, need))
+        if not data:
+            self._eof = True
+            return False
+        pos = self._pos
+        self._base += pos
+        self._buf = self._buf[pos:] + data if pos < len(self._buf) else data
+        self._pos = 0
+        self.size = self._base + len(self._buf)
+        return True
+
+    def frames(self, limit: int) -> list[tuple[int, bytes]]:
+        """Up to `limit` good frames as (offset, payload), in file order; [] once `done`."""
+        out: list[tuple[int, bytes]] = []
+        append = out.append
+        crc32, unpack = zlib.crc32, _WHOLE.unpack_from
+        while len(out) < limit and not self.done:
+            buf, pos = self._buf, self._pos
+            end = len(buf)
+            if end - pos >= HEADER_SIZE:  # the common case, inlined: a whole, valid frame
+                prefix, n, pcrc, hcrc = unpack(buf, pos)
+                body = pos + HEADER_SIZE
+                if (
+                    prefix == _PREFIX
+                    and body + n <= end
+                    and n <= MAX_PAYLOAD
+                    and crc32(buf[pos : pos + 12]) == hcrc
+                ):
+                    payload = buf[body : body + n]
+                    if crc32(payload) == pcrc:
+                        append((self._base + pos, payload))
+                        self._pos = body + n
+                        continue
+            if end - pos < HEADER_SIZE and self._more():
+                continue  # a header cut by the end of the piece: read on
+            buf, pos, end = self._buf, self._pos, len(self._buf)
+            if pos >= end:
+                self.done = True
+                break
+            verdict, n = _check_frame(buf, pos, end)
+            if verdict == "ok":
+                body = pos + HEADER_SIZE
+                append((self._base + pos, buf[body : body + n]))
+                self._pos = body + n
+                continue
+            if verdict == "torn":
+                if self._more(pos + HEADER_SIZE + n - end):
+                    continue  # the frame runs past this piece, not (yet) past the file
+                self.torn_at = self._base + pos
+                self.done = True
+                break
+            self._resync(verdict)
+        return out
+
+    def _resync(self, reason: str) -> None:
+        """Skip damage at `_pos` up to the next whole, valid frame, or the end of the file."""
+        start = self._base + self._pos
+        zero = True  # every byte skipped so far is zero (a zero tail is torn, not damage)
+        i = self._pos + 1
+        while True:
+            buf = self._buf
+            end = len(buf)
+            j = buf.find(_PREFIX, i, end)
+            if j >= 0:
+                verdict, n = _check_frame(buf, j, end)
+                if verdict == "ok":
+                    self.damage.append(Damage(start, self._base + j - start, reason))
+                    self._pos = j
+                    return
+                if verdict == "torn" and not self._eof:
+                    zero = zero and _zero(buf, self._pos, j)
+                    self._pos = j
+                    if self._more(j + HEADER_SIZE + n - end):
+                        i = 0  # the candidate, now at 0: check it again with more of the file
+                        continue
+                    # The end of the file (nothing was read, nothing moved): not a frame.
+                i = j + 1
+                continue
+            # No candidate here: keep the last bytes, which may begin one across the boundary.
+            cut = min(end, max(i, end - len(_PREFIX) + 1))
+            zero = zero and _zero(buf, self._pos, cut)
+            self._pos = cut
+            if not self._more():
+                zero = zero and _zero(self._buf, self._pos, len(self._buf))
+                if zero:
+                    self.torn_at = start
+                else:
+                    self.damage.append(Damage(start, self.size - start, reason))
+                self._pos = len(self._buf)
+                self.done = True
+                return
+            i = 0
 
 
 def scan(data: bytes, start: int = 0) -> ScanResult:
     """Split `data` (a whole segment, or its bytes from `start`) into frames.
 
     Never raises on bad input: damage is reported in the result (see the module docstring for
-    torn tail versus corruption).
+    torn tail versus corruption). The same scanner as `FrameStream`, over bytes in memory.
     """
-    end = len(data)
-    out = ScanResult(size=end)
-    pos = start
-    records = out.records
-    while pos < end:
-        verdict, n = _check_frame(data, pos, end)
-        if verdict == "ok":
-            body = pos + HEADER_SIZE
-            records.append((pos, data[body : body + n]))
-            pos = body + n
-            continue
-        if verdict == "torn" or not any(data[pos:end]):
-            out.torn_at = pos
-            break
-        nxt = _find_next(data, pos, end)
-        skip_to = end if nxt is None else nxt
-        out.damage.append(Damage(pos, skip_to - pos, verdict))
-        pos = skip_to
+    stream = FrameStream(io.BytesIO(memoryview(data)[start:]).read, max(len(data), 1), start)
+    out = ScanResult(size=len(data))
+    while not stream.done:
+        out.records += stream.frames(1 << 30)
+    out.damage, out.torn_at = stream.damage, stream.torn_at
     return out

@@ -134,7 +134,7 @@ def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
             `-shm`, `-journal`) is a link or of the wrong type.
         sqlite3.DatabaseError: `feedback.sqlite3` is not a readable database.
     """
-    from ._segments import NotASegment, count_entries, list_segments, load_segment, probe_lock
+    from ._segments import NotASegment, SegmentReader, count_entries, list_segments, probe_lock
     from ._statefiles import refuse_link
 
     state = Path(state_dir)
@@ -154,12 +154,14 @@ def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
             continue
         owner = probe_lock(directory / f"{token}.lock")
         for _, kind, path in files:
+            n = 0
             try:
-                loaded = load_segment(path)
+                with SegmentReader(path) as reader:  # counted batch by batch: bounded memory
+                    while batch := reader.batch(10_000):
+                        n += len(batch)
+                    out["damaged"] += len(reader.problems)
             except (OSError, NotASegment):
                 continue
-            n = len(loaded.records)
-            out["damaged"] += len(loaded.problems)
             if owner == "blocked":
                 out["blocked"] += n
                 out["files"]["blocked"] += 1

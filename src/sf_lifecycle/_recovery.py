@@ -30,12 +30,11 @@ from ._errors import QueueError
 from ._redact import describe_error
 from ._segments import (
     Flock,
-    Loaded,
     LockRefused,
     NotASegment,
     Record,
+    SegmentReader,
     list_segments,
-    load_segment,
     lock_path,
     try_lock,
 )
@@ -52,6 +51,8 @@ _STALE_LOCK_S = 3600.0
 #: First retry delay of a failed background sweep; doubles up to the sweep period.
 _RETRY_FIRST_S = 0.2
 
+#: Records decoded at a time while reading the keys of files someone else holds.
+_KEY_BATCH = 1_000
 #: A file's identity for the held-key cache: (inode, size); a file that grew is read again.
 _Sig = tuple[int, int]
 #: Idempotency key -> (body hash, record id), as stored in a record's envelope.
@@ -91,13 +92,16 @@ def _read_held(
                 if known.get(path.name) == sig:
                     out[path.name] = None
                     continue
-                loaded = load_segment(path)
+                keys: _Keys = {}
+                with SegmentReader(path) as reader:  # keys only: memory bounded by a batch
+                    while batch := reader.batch(_KEY_BATCH):
+                        keys.update(_keys_in(batch))
             except FileNotFoundError:
                 vanished = True
                 continue
             except NotASegment:
                 continue  # holds no record; the deliverer sets it aside
-            out[path.name] = (sig, _keys_in(loaded.records))
+            out[path.name] = (sig, keys)
         if not vanished:
             break
     return out
@@ -320,9 +324,15 @@ class OrphanRecovery:
                 )
             return result
 
-    def _hold(self, path: Path, loaded: Loaded) -> None:
-        """An orphan this process delivers: a keyed retry meanwhile gets the record's id."""
-        self._held[path.name] = ((-1, loaded.size), _keys_in(loaded.records))
+    def _hold(self, path: Path, records: Sequence[Record]) -> None:
+        """An orphan this process delivers: a keyed retry meanwhile gets the id of a record
+        read so far (batches are read one ahead of the sink; the file is never held whole)."""
+        keys = _keys_in(records)
+        held = self._held.get(path.name)
+        if held is None:
+            self._held[path.name] = ((-1, 0), keys)  # -1: never taken for an unchanged file
+        elif keys:
+            held[1].update(keys)
 
     async def _hold_keys(self, token: str, result: DrainResult) -> bool:
         """Remember the idempotency keys in `token`'s files, which someone else holds.

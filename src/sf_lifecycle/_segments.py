@@ -26,13 +26,15 @@ import json
 import logging
 import re
 import stat
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import _fs
-from ._framing import scan
+from ._framing import CHUNK, FrameStream
 from ._ids import ID_RE
 from ._statefiles import DEFAULT_FILE_MODE, file_kind, open_state_dir, state_subdir
 
@@ -44,6 +46,7 @@ __all__ = [
     "LockRefused",
     "NotASegment",
     "Record",
+    "SegmentReader",
     "count_entries",
     "fsync_dir",
     "list_segments",
@@ -59,6 +62,9 @@ __all__ = [
 logger = logging.getLogger("sf_lifecycle.queue")
 
 Record = dict[str, Any]
+
+#: The C scanner behind `json.loads`: (value, end) of the JSON text at an index.
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 SEG_RE = re.compile(r"(?P<token>[0-9a-f]{22})\.(?P<seq>[0-9]{6,})\.(?P<kind>log|draining)\Z")
 LOCK_RE = re.compile(r"(?P<token>[0-9a-f]{22})\.lock\Z")
@@ -141,12 +147,8 @@ class NotASegment(Exception):
     """A directory entry named like a segment that is not a regular file (refused, never read)."""
 
 
-def load_segment(path: Path) -> Loaded:
-    """Read and decode a whole segment (worker thread). Never raises for bad content.
-
-    Opened without following a symbolic link and without blocking (a FIFO), then checked to be a
-    regular file: anything else in the queue directory is someone else's doing, and reading
-    through a link could deliver (then unlink) files outside the state directory.
+def _open_segment(path: Path) -> int:
+    """A read descriptor on the regular file `path`, never through a link nor blocking on a FIFO.
 
     Raises:
         NotASegment: a symbolic link, directory, FIFO or device under a segment's name.
@@ -164,27 +166,131 @@ def load_segment(path: Path) -> Loaded:
     if not stat.S_ISREG(_fs.os.fstat(fd).st_mode):
         _fs.os.close(fd)
         raise NotASegment("not a regular file")
-    with open(fd, "rb") as f:
-        data = f.read()
-    result = scan(data)
-    out = Loaded(torn_at=result.torn_at, size=result.size)
-    out.problems = [(d.offset, d.reason) for d in result.damage]
-    loads = json.loads
-    valid_id = ID_RE.match
-    append = out.records.append
-    for offset, payload in result.records:
+    return fd
+
+
+class SegmentReader:
+    """A segment decoded batch by batch, in bounded memory (one piece of the file, one batch).
+
+    Opened without following a symbolic link and without blocking (a FIFO), then checked to be a
+    regular file: anything else in the queue directory is someone else's doing, and reading
+    through a link could deliver (then unlink) files outside the state directory. Reading never
+    raises for bad content: `problems` (framing damage, bad JSON, a record without a valid id)
+    and `torn_at` are complete once `batch` has returned [].
+
+    `batch` runs on a worker thread while the event loop may call `close`: a close that comes
+    while a batch is being read is carried out by that batch when it ends.
+
+    Raises:
+        NotASegment: `path` is a symbolic link, directory, FIFO or device.
+        OSError: opening failed (FileNotFoundError: delivered by someone else meanwhile).
+    """
+
+    def __init__(self, path: Path, chunk: int = CHUNK) -> None:
+        self.path = path
+        fd = _open_segment(path)
         try:
-            record = loads(payload)
-        except ValueError as exc:
-            out.problems.append((offset, f"bad JSON: {exc}"))
-            continue
-        rid = record.get("id") if type(record) is dict else None
-        if type(rid) is not str or valid_id(rid) is None:
-            out.problems.append((offset, "record without a valid id"))
-            continue
-        append(record)
-    out.problems.sort()
-    return out
+            self._file: BinaryIO | None = open(fd, "rb", buffering=0)  # noqa: SIM115 (closed by close)
+        except BaseException:
+            _fs.os.close(fd)
+            raise
+        self._frames = FrameStream(self._file.read, chunk)
+        self._problems: list[tuple[int, str]] = []
+        self._lock = threading.Lock()
+        self._close_asked = False
+
+    @property
+    def problems(self) -> list[tuple[int, str]]:
+        """(offset, reason) of every damaged or refused record read so far, by offset."""
+        out = [(d.offset, d.reason) for d in self._frames.damage] + self._problems
+        out.sort()
+        return out
+
+    @property
+    def torn_at(self) -> int | None:
+        """Offset of a torn tail (an unacknowledged, cut-off last write), or None."""
+        return self._frames.torn_at
+
+    @property
+    def size(self) -> int:
+        """Bytes read so far (the file's size once done)."""
+        return self._frames.size
+
+    def batch(self, limit: int) -> list[Record]:
+        """The next up to `limit` good records, in file order; [] at the end of the file.
+
+        Raises:
+            OSError: reading failed (EIO); the file stays for the next attempt.
+        """
+        try:
+            with self._lock:
+                return self._decode(limit)
+        finally:
+            if self._close_asked:
+                self.close()
+
+    def _decode(self, limit: int) -> list[Record]:
+        out: list[Record] = []
+        frames = self._frames
+        loads, scan = json.loads, _SCAN
+        valid_id = ID_RE.match
+        while not out and not frames.done:
+            if self._file is None:
+                raise ValueError(f"{self.path.name}: read after close")
+            for offset, payload in frames.frames(limit):
+                # json.loads' own scanner, without its per-call encoding detection and
+                # whitespace skipping (the queue writes compact UTF-8); anything else, and
+                # every error message, goes through json.loads itself.
+                try:
+                    text = payload.decode()
+                    record, end = scan(text, 0)
+                    if end != len(text):
+                        raise ValueError("trailing data")
+                except (ValueError, StopIteration):
+                    try:
+                        record = loads(payload)
+                    except ValueError as exc:
+                        self._problems.append((offset, f"bad JSON: {exc}"))
+                        continue
+                rid = record.get("id") if type(record) is dict else None
+                if type(rid) is not str or valid_id(rid) is None:
+                    self._problems.append((offset, "record without a valid id"))
+                    continue
+                out.append(record)
+        return out
+
+    def close(self) -> None:
+        """Close the file now, or when the batch being read ends (never blocks)."""
+        self._close_asked = True
+        if self._lock.acquire(blocking=False):
+            try:
+                f, self._file = self._file, None
+                if f is not None:
+                    f.close()
+            finally:
+                self._lock.release()
+
+    def __enter__(self) -> SegmentReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_segment(path: Path) -> Loaded:
+    """Read and decode a whole segment (worker thread; small files, tools and tests).
+
+    Never raises for bad content. Delivery reads with `SegmentReader` instead, whose memory
+    does not grow with the file.
+
+    Raises:
+        NotASegment: a symbolic link, directory, FIFO or device under a segment's name.
+    """
+    with SegmentReader(path) as reader:
+        records: list[Record] = []
+        while batch := reader.batch(1 << 30):
+            records += batch
+        return Loaded(records, reader.problems, reader.torn_at, reader.size)
 
 
 def quarantine_file(

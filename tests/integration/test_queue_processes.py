@@ -472,3 +472,49 @@ def test_queue_recover_with_app_delivers_into_the_apps_own_sink(
     bad = queue_cli("recover", "--state-dir", str(state), "--app", "tests.integration.bare_app:app")
     assert bad.returncode == 2
     assert "installs no FeedbackQueue" in bad.stderr
+
+
+def test_probes_are_answered_while_a_big_backlog_is_recovered(
+    servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """1. The state directory holds a dead owner's 30k-record segment (~10 MB, read in pieces).
+    2. A server starts on it; its sink takes 50 ms a batch, so recovery lasts a while.
+    3. While /api/ready still says recovery is running, /api/livez answers 200 and
+       /api/healthz answers at once (503: the proxy routes elsewhere until recovery is done):
+       reading the backlog does not hold the event loop.
+    4. Recovery finishes (ready 200) with every record in the sink once, no file left."""
+    import asyncio
+
+    from sf_lifecycle import FeedbackQueue
+    from sf_lifecycle.testing import link_segments, write_segment
+
+    rows = [
+        json.dumps({"id": f"{k:012x}7000a{k:015x}", "ts": 0, "data": {"n": k, "t": "x" * 250}})
+        for k in range(1, 30_001)
+    ]
+    master = write_segment(tmp_path / "master", [r.encode() for r in rows])
+    state = tmp_path / "state"
+    owner = FeedbackQueue(state)
+    link_segments(owner, [master], orphaned=True)
+    asyncio.run(owner.close())  # only the orphan is left
+    server = start(servers, state, {"SF_EXAMPLE_SINK_DELAY_MS": "50"})
+    server.wait_ready(path="/api/livez")
+    seen_while_recovering = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status, _, body = server.get("/api/ready", timeout=5.0)
+        if status == 200:
+            break
+        recovery = json.loads(body)["checks"]["feedback-queue"]["recovery"]
+        if recovery.get("state") == "running":
+            live, _, _ = server.get("/api/livez", timeout=1.0)
+            health, _, _ = server.get("/api/healthz", timeout=1.0)
+            assert (live, health) == (200, 503)
+            seen_while_recovering += 1
+        time.sleep(0.05)
+    assert status == 200, server.logs()
+    assert seen_while_recovering >= 3, "recovery was never seen running"
+    got = Counter(delivered(state))
+    assert set(got) == {json.loads(r)["id"] for r in rows}
+    assert set(got.values()) == {1}
+    assert segment_files(state, ".draining") == []
