@@ -4,7 +4,10 @@ the loggers the library logs under."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -107,3 +110,34 @@ def test_the_grace_budget_rule_has_one_formulation_everywhere() -> None:
     ]
     assert pods
     assert {p["terminationGracePeriodSeconds"] for p in pods} == {grace_s + 10}
+
+
+def test_the_readme_asgi_testing_snippet_runs_as_written(tmp_path: Path) -> None:
+    """The snippet under "Testing an app in process", verbatim, in a pytest of its own with no
+    configuration (pytest-asyncio in its default strict mode, as a user's project has it), its
+    test run twice: the fixture builds an app per test."""
+    text = README.read_text()
+    start = text.index("Testing an app in process")
+    block = re.search(r"```python\n(.*?)```", text[start:], re.S)
+    assert block is not None
+    snippet = block.group(1)
+    assert "async with started(app)" in snippet
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_snippet.py").write_text(
+        snippet + "\n\ntest_hello_again = test_hello\n", encoding="utf-8"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SF_")}
+    env["PYTHONPATH"] = str(ROOT)
+    # Importing the example builds its module-level app, which needs a state directory.
+    env["SF_STATE_DIR"] = str(tmp_path / "module-state")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_snippet.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "2 passed" in run.stdout

@@ -3,15 +3,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import sqlite3
+import time
 import types
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
 
-from sf_lifecycle import Settings
+from sf_lifecycle import Lifecycle, Phase, Settings
 from sf_lifecycle.testing import started
 
 
@@ -85,3 +91,49 @@ async def test_health_prefix_moves_the_health_routes(
         assert (await c.get("/internal/sf/version")).status_code == 200
         # The old path is now the app's: FastAPI answers it, 404.
         assert (await c.get("/api/healthz")).status_code == 404
+
+
+def _plain_app(tmp_path: Path, lifespan: Any = None) -> Starlette:
+    return Lifecycle(Settings(state_dir=tmp_path)).install(Starlette(lifespan=lifespan))
+
+
+async def test_started_reports_a_failing_start_up_as_a_runtime_error_naming_it(
+    tmp_path: Path,
+) -> None:
+    @contextlib.asynccontextmanager
+    async def boom(app: Starlette) -> AsyncIterator[None]:
+        raise ConnectionError("database unreachable")
+        yield
+
+    with pytest.raises(
+        RuntimeError, match=r"^lifespan startup failed: ConnectionError: database unreachable$"
+    ):
+        async with started(_plain_app(tmp_path, boom), timeout_s=2):
+            pass
+
+
+async def test_started_gives_up_on_a_hanging_start_up_after_timeout_s(tmp_path: Path) -> None:
+    @contextlib.asynccontextmanager
+    async def hang(app: Starlette) -> AsyncIterator[None]:
+        await asyncio.sleep(3600)
+        yield
+
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"^lifespan startup did not complete within 1 s$"):
+        async with started(_plain_app(tmp_path, hang), timeout_s=1):
+            pass
+    assert time.monotonic() - began < 2.5  # the bound, not three of them
+
+
+async def test_started_refuses_an_app_that_already_ran_or_is_running(tmp_path: Path) -> None:
+    app = _plain_app(tmp_path)
+    async with started(app, timeout_s=2) as outer:
+        with pytest.raises(RuntimeError, match=r"already running \(nested started\(\)"):
+            async with started(app, timeout_s=2):
+                pass
+        assert outer.state.phase is Phase.READY  # the refused inner one stopped nothing
+    with pytest.raises(
+        RuntimeError, match=r"already ran \(phase stopped\).*Build the app per test"
+    ):
+        async with started(app, timeout_s=2):
+            pass
