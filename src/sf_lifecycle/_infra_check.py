@@ -17,7 +17,9 @@ mismatch as a `Finding`:
 Values are read as the deployment would see them: `${VAR:-default}` resolves to the default
 unless `--env VAR=value` is given (the process environment is deliberately not read, so the
 result does not depend on the shell that runs the check), and a missing `SF_*` variable takes the
-library's default from `Settings`.
+library's default from `Settings`. The health paths expected of probes and health checks are
+under the service's `SF_HEALTH_PREFIX` (its compose `environment`, its container's `env`; for a
+file-provider config, the routed compose services' one when they agree).
 """
 
 from __future__ import annotations
@@ -36,7 +38,14 @@ import yaml
 from ._config import parse_ms
 from ._infra_backends import check_compose_backends, check_k8s_storage
 from ._infra_bluegreen import StaticConfig, check_bluegreen
-from ._infra_common import DEFAULTS, Finding, interpolate, parse_duration_ms, read_budget
+from ._infra_common import (
+    DEFAULTS,
+    Finding,
+    HealthPaths,
+    interpolate,
+    parse_duration_ms,
+    read_budget,
+)
 from ._infra_compose import (
     ComposeService,
     check_against_file_provider,
@@ -124,8 +133,12 @@ def check_documents(
     if drain_delay_ms is None:
         delays = [read_budget(a.env).delay_ms for a in compose_apps]
         drain_delay_ms = min(delays) if delays else DEFAULTS.drain_delay_ms
+    # The file provider's services route to the compose services: their SF_HEALTH_PREFIX (one
+    # value among them; the default when they disagree, which the pool check reports).
+    prefixes = {HealthPaths.from_env(a.env) for a in compose_apps if a.routed}
+    paths = prefixes.pop() if len(prefixes) == 1 else None
     for file, doc in dynamic:
-        routings = file_provider_routing(doc, file, drain_delay_ms, out, model.pinned)
+        routings = file_provider_routing(doc, file, drain_delay_ms, out, model.pinned, paths)
         check_against_file_provider(file, routings, compose_apps, out)
     return out
 

@@ -133,6 +133,29 @@ READINESS_PATHS = frozenset({HEALTH_PATH, "/api/ready"})
 LIVENESS_PATH = "/api/livez"
 
 
+@dataclass(frozen=True)
+class HealthPaths:
+    """The health paths of one service, under the `SF_HEALTH_PREFIX` of its environment."""
+
+    healthz: str = HEALTH_PATH
+    readiness: frozenset[str] = READINESS_PATHS
+    livez: str = LIVENESS_PATH
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> HealthPaths:
+        """As `Settings` reads it: empty or unset is `/api`, `/` the root. A value `serve`
+        would refuse is left to the default here (`serve` names it at start)."""
+        raw = env.get("SF_HEALTH_PREFIX", "").strip()
+        if not raw:
+            return cls()
+        prefix = "" if raw == "/" else raw
+        return cls(
+            f"{prefix}/healthz",
+            frozenset({f"{prefix}/healthz", f"{prefix}/ready"}),
+            f"{prefix}/livez",
+        )
+
+
 @dataclass
 class Budget:
     """The one rule (README, "The budget rule"): the grace budget counts from the signal and

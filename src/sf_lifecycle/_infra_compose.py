@@ -23,8 +23,8 @@ from ._infra_common import (
     COMPOSE_STOP_MS,
     DELAY_VAR,
     GRACE_VAR,
-    HEALTH_PATH,
     Finding,
+    HealthPaths,
     Reporter,
     as_dict,
     ceil_s,
@@ -147,7 +147,8 @@ def _check_service(
         and (svc.get("healthcheck") or {}).get("disable") is not True
     ):
         report.warning(
-            f"{where}: SF_DRAIN_AFTER_PROBES counts every 503 probe of {HEALTH_PATH}, also "
+            f"{where}: SF_DRAIN_AFTER_PROBES counts every 503 probe of "
+            f"{HealthPaths.from_env(app.env).healthz}, also "
             f"Docker's own healthcheck (compose or image HEALTHCHECK), which can end the "
             f"drain delay before Traefik has looked. Unset it, or disable Docker's healthcheck."
         )
@@ -168,7 +169,14 @@ def _check_service(
         except ValueError as exc:
             report.error(f"{where}: Traefik service {pool}: {exc}")
             continue
-        check_routing(r, f"{where}, Traefik service {pool}", budget.delay_ms, report, DELAY_VAR)
+        check_routing(
+            r,
+            f"{where}, Traefik service {pool}",
+            budget.delay_ms,
+            report,
+            DELAY_VAR,
+            HealthPaths.from_env(app.env),
+        )
 
 
 def _check_pools(apps: Sequence[ComposeService], report: Reporter) -> None:

@@ -10,11 +10,9 @@ from typing import Any
 from ._infra_common import (
     CANDIDATE_SUFFIX,
     DELAY_VAR,
-    HEALTH_PATH,
-    LIVENESS_PATH,
-    READINESS_PATHS,
     WORKLOAD_KINDS,
     Finding,
+    HealthPaths,
     Reporter,
     ceil_s,
     fmt_ms,
@@ -68,6 +66,7 @@ def check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding])
             cw = f"{where}, container {c.get('name')}"
             env = {str(e["name"]): str(e["value"]) for e in c.get("env") or [] if "value" in e}
             budget = read_budget(env)
+            paths = HealthPaths.from_env(env)  # the container's SF_HEALTH_PREFIX
             for problem in budget.problems:
                 report.error(f"{cw}: {problem}")
             pre_s = _prestop_sleep_s(c)
@@ -83,15 +82,16 @@ def check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding])
             if not probe:
                 report.error(
                     f"{cw}: no readinessProbe, so nothing takes a draining pod out of rotation "
-                    f"except the termination itself. Add httpGet {HEALTH_PATH}, periodSeconds 2, "
+                    f"except the termination itself. Add httpGet {paths.healthz}, periodSeconds 2, "
                     f"timeoutSeconds 1, failureThreshold 1."
                 )
             else:
                 path = (probe.get("httpGet") or {}).get("path")
-                if path not in READINESS_PATHS:
+                if path not in paths.readiness:
+                    ready = sorted(paths.readiness - {paths.healthz})[0]
                     report.warning(
-                        f"{cw}: readinessProbe is not an httpGet of {HEALTH_PATH} (or "
-                        f"/api/ready); {path or 'it'} does not answer 503 while the pod drains, "
+                        f"{cw}: readinessProbe is not an httpGet of {paths.healthz} (or "
+                        f"{ready}); {path or 'it'} does not answer 503 while the pod drains, "
                         f"recovers its queue or fails a readiness check, so traffic reaches it "
                         f"then"
                     )
@@ -113,19 +113,19 @@ def check_k8s(docs: Sequence[tuple[str, Mapping[str, Any]]], out: list[Finding])
                         f"failureThreshold 1"
                     )
             started = (c.get("startupProbe") or {}).get("httpGet") or {}
-            if started.get("path") in READINESS_PATHS:
+            if started.get("path") in paths.readiness:
                 report.warning(
                     f"{cw}: startupProbe on {started.get('path')}, which answers 503 until "
                     f"the queue recovery finished and every readiness check passes; a long "
                     f"recovery or a database down at start gets the pod restarted. Use "
-                    f"{LIVENESS_PATH}."
+                    f"{paths.livez}."
                 )
             live = (c.get("livenessProbe") or {}).get("httpGet") or {}
-            if live.get("path") in READINESS_PATHS:
+            if live.get("path") in paths.readiness:
                 report.warning(
                     f"{cw}: livenessProbe on {live.get('path')}, which answers 503 while "
                     f"starting, draining, recovering and failing checks; a restart then cuts "
-                    f"the drain or the recovery short. Use {LIVENESS_PATH}."
+                    f"the drain or the recovery short. Use {paths.livez}."
                 )
     for file, doc in docs:
         if doc.get("kind") != "Service":

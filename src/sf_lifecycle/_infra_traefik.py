@@ -15,9 +15,8 @@ from typing import Any
 from ._infra_bluegreen import StaticConfig, static_from_doc
 from ._infra_common import (
     DELAY_VAR,
-    HEALTH_PATH,
-    READINESS_PATHS,
     Finding,
+    HealthPaths,
     Reporter,
     fmt_ms,
     lower_keys,
@@ -47,21 +46,30 @@ def label_tree(labels: Mapping[str, str]) -> dict[str, Any]:
 
 
 def check_routing(
-    r: TraefikRouting, where: str, delay_ms: int, report: Reporter, delay_source: str
+    r: TraefikRouting,
+    where: str,
+    delay_ms: int,
+    report: Reporter,
+    delay_source: str,
+    paths: HealthPaths | None = None,
 ) -> None:
-    """Report what in one service's health check and sticky cookie breaks the drain."""
+    """Report what in one service's health check and sticky cookie breaks the drain.
+
+    `paths`: the health paths under the service's `SF_HEALTH_PREFIX` (`/api` when None).
+    """
+    paths = paths or HealthPaths()
     if r.health_path is None:
         report.error(
             f"{where}: no health check. Traefik keeps sending requests to a draining replica "
             f"until its listener closes, and each of them fails. Add a health check on "
-            f"{HEALTH_PATH} (interval 2s, timeout 1s)."
+            f"{paths.healthz} (interval 2s, timeout 1s)."
         )
         return
-    if r.health_path not in READINESS_PATHS:
+    if r.health_path not in paths.readiness:
         report.warning(
             f"{where}: the health check polls {r.health_path}, which does not gate on "
             f"readiness: it does not answer 503 while the replica drains, recovers its queue "
-            f"or fails a readiness check. Poll {HEALTH_PATH}."
+            f"or fails a readiness check. Poll {paths.healthz}."
         )
     interval_ms, timeout_ms = r.health_interval_ms, r.health_timeout_ms
     if interval_ms + timeout_ms > delay_ms:
@@ -91,12 +99,14 @@ def file_provider_routing(
     delay_ms: int,
     out: list[Finding],
     pinned: frozenset[str] = frozenset(),
+    paths: HealthPaths | None = None,
 ) -> dict[str, TraefikRouting]:
     """Check and return the routing of each load-balancer service of a file-provider document.
 
     Args:
         pinned: Children of a weighted service with a sticky cookie: that cookie pins the
             client, so they need none of their own.
+        paths: The replicas' health paths (their `SF_HEALTH_PREFIX`); `/api` when None.
     """
     report = Reporter(file, out)
     lowered = lower_keys(doc)
@@ -119,7 +129,7 @@ def file_provider_routing(
                 cookie_same_site="lax",
                 cookie_secure=False,
             )
-        check_routing(r, f"Traefik service {name}", delay_ms, report, "the drain delay")
+        check_routing(r, f"Traefik service {name}", delay_ms, report, "the drain delay", paths)
         found[name] = r
     return found
 

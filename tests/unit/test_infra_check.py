@@ -773,3 +773,44 @@ def test_check_infra_drain_delay_flag_takes_a_duration(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         run_check([str(INFRA), "--drain-delay-ms", "5 s"], capsys)
     assert "--drain-delay-ms: not a duration" in capsys.readouterr().err
+
+
+def _infra_under_prefix(tmp_path: Path, move_paths: bool) -> Path:
+    """The reference infra with SF_HEALTH_PREFIX=/internal in every service's environment
+    (compose, k8s), and its probes and health checks moved there too when `move_paths`."""
+    import shutil
+
+    copy_dir = tmp_path / "infra"
+    shutil.copytree(INFRA, copy_dir)
+    for path in copy_dir.rglob("*.yaml"):
+        text = path.read_text()
+        text = text.replace(
+            '  SF_HOST: "0.0.0.0"\n', '  SF_HOST: "0.0.0.0"\n  SF_HEALTH_PREFIX: "/internal"\n'
+        )
+        text = re.sub(
+            r'( +)- name: SF_HOST\n( +)value: "0.0.0.0"\n',
+            r'\1- name: SF_HOST\n\2value: "0.0.0.0"\n'
+            r"\1- name: SF_HEALTH_PREFIX\n\2value: /internal\n",
+            text,
+        )
+        if move_paths:
+            text = re.sub(r"/api/(healthz|ready|livez|version)\b", r"/internal/\1", text)
+        path.write_text(text)
+    return copy_dir
+
+
+def test_check_infra_reads_the_health_prefix_from_the_services_environment(
+    tmp_path: Path,
+) -> None:
+    moved = _infra_under_prefix(tmp_path / "moved", move_paths=True)
+    assert "SF_HEALTH_PREFIX" in (moved / "docker-compose.yaml").read_text()
+    assert "SF_HEALTH_PREFIX" in (moved / "k8s" / "deployment.yaml").read_text()
+    # Moved consistently: nothing to say (no "Poll /api/healthz" for a path that is 404).
+    assert [f.message for f in check_paths([moved])] == []
+    # Prefix moved, probes not: each warning names the path the replica really serves.
+    stale = check_paths([_infra_under_prefix(tmp_path / "stale", move_paths=False)])
+    warned = [f.message for f in stale]
+    assert warned
+    assert not [m for m in warned if "Poll /api/" in m or "Add httpGet /api/" in m]
+    assert any(m.endswith("Poll /internal/healthz.") for m in warned)
+    assert any("readinessProbe is not an httpGet of /internal/healthz" in m for m in warned)
