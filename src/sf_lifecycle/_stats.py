@@ -24,7 +24,6 @@ class Stats:
         "events_sent",
         "hooks_began",
         "hooks_ended",
-        "idempotent_replays",
         "lost_events",
         "queues",
         "startup_retries",
@@ -41,8 +40,8 @@ class Stats:
         self.streams_opened = 0
         #: `lost` events sent (a resume position older than retention).
         self.lost_events = 0
-        #: `POST /api/feedback` answered with the stored id of an earlier request (same key).
-        self.idempotent_replays = 0
+        # Idempotent replays are counted by each queue (`FeedbackQueue.idempotent_replays`),
+        # the one source of `sf_feedback_idempotent_replays_total`.
         #: Start-up tasks (orphan recovery) retried after a failure.
         self.startup_retries = 0
         #: Monotonic times the shutdown hooks began and ended (None until then).
