@@ -41,12 +41,41 @@ def _redact_url(m: re.Match[str]) -> str:
     return f"{scheme}://{host}" + ("/<path>" if rest else "")
 
 
-#: `password=...`-style secrets outside URLs (a DSN in libpq's key=value form, a token).
-_SECRET = re.compile(r"(?i)\b(password|passwd|pwd|secret|token|api[_-]?key)=[^\s,;]*")
+#: A name that says its value is secret, alone or at the end of a longer one (`access_token`,
+#: `client_secret`, `DB_PASSWORD`): `\b` would miss them, `_` being a word character.
+_SECRET_NAME = r"[\w.-]*?(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key)"
+#: `password=...`-style secrets outside URLs: a DSN in libpq's key=value form, a query string
+#: (`?access_token=...`), `PASSWORD = x`, `password: x`, a dict's repr (`{'password': 'x'}`,
+#: JSON), and a quoted value after the bare name (`password 'x'`). An unquoted value after a
+#: space is prose (`password incorrect`) and stays.
+_SECRET = re.compile(
+    rf"""(?ix)(?<![\w])
+    (['"]?{_SECRET_NAME}['"]?)
+    (?: (\s*[=:]\s*) (?: '[^']*' | "[^"]*" | [^\s,;&'"}}\]]+ )
+      | (\s+) (?: '[^']*' | "[^"]*" ) )"""
+)
+#: An HTTP `Authorization` header (or its repr): the scheme stays, the credentials go.
+_AUTHORIZATION = re.compile(
+    r"""(?i)\b((?:proxy-)?authorization['"]?\s*[:=]\s*['"]?)"""
+    r"""(?:(bearer|basic|digest|token|negotiate)\s+)?[^\s,;'"]+"""
+)
+
+
+def _redact_secret(m: re.Match[str]) -> str:
+    return f"{m[1]}{m[2] if m[2] is not None else m[3]}<redacted>"
+
+
+def _redact_authorization(m: re.Match[str]) -> str:
+    return f"{m[1]}{m[2] + ' ' if m[2] else ''}<redacted>"
+
+
+def _redact_values(text: str) -> str:
+    """Values of secret-named keys and `Authorization` credentials replaced."""
+    return _SECRET.sub(_redact_secret, _AUTHORIZATION.sub(_redact_authorization, text))
 
 
 def _redact_paths(text: str) -> str:
-    text = _SECRET.sub(r"\1=<redacted>", text)
+    text = _redact_values(text)
     text = _FILE_URL.sub("<path>", text)
     text = _QUOTED_PATH.sub("'<path>'", text)
     return _PATH.sub("<path>", text)
@@ -57,12 +86,14 @@ _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@'\"]*@")
 
 
 def redact_secrets(text: str) -> str:
-    """`text` without credentials: URL userinfo and `password=`-style values replaced.
+    """`text` without credentials: URL userinfo, `password=`-style values (also `access_token=`,
+    `PASSWORD = x`, `{'password': 'x'}`, `password 'x'`) and `Authorization` credentials
+    replaced.
 
     For log lines (`_logging`), which may name paths (an operator needs them) but never a
     secret: a sink's DSN in an error message, a token in a URL.
     """
-    return _SECRET.sub(r"\1=<redacted>", _USERINFO.sub(r"\1<redacted>@", text))
+    return _redact_values(_USERINFO.sub(r"\1<redacted>@", text))
 
 
 def describe_error(exc: BaseException) -> str:

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sf_lifecycle._logging import JsonFormatter, TextFormatter, ensure_logging
 
@@ -150,3 +152,46 @@ def test_loggers_a_dictconfig_disabled_are_enabled_again_with_one_warning(
     assert len(warned) == 1
     assert "disable_existing_loggers=False" in warned[0]
     assert "ready after 1 ms" in messages
+
+
+_SECRET_VALUE = st.text(
+    alphabet="ABCDEFGHJKMNPQRSTUVWXYZabcdefghjkmnpqrstuvwxyz23456789+/_-", min_size=4, max_size=24
+)
+_SPELLINGS = [
+    "GET /api/x?access_token={s} HTTP/1.1",
+    "GET /api/x?a=1&token={s}&b=2",
+    "client_secret={s}",
+    "host=db password={s} user=app",
+    "DB_PASSWORD={s}",
+    "PASSWORD = {s}",
+    "password: {s}",
+    "connect failed: password '{s}'",
+    "{{'password': '{s}', 'user': 'app'}}",
+    '{{"api_key": "{s}"}}',
+    "Authorization: Bearer {s}",
+    "headers={{'authorization': 'Basic {s}'}}",
+    "proxy-authorization: {s}",
+]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(spelling=st.sampled_from(_SPELLINGS), secret=_SECRET_VALUE)
+def test_no_formatter_writes_a_secret_in_a_common_spelling(
+    emit: Any, spelling: str, secret: str
+) -> None:
+    secret = "Zq9" + secret  # never a substring of the spelling's own words
+    for fmt in (TextFormatter(), JsonFormatter()):
+        out = emit(fmt, "sink failed: %s", spelling.format(s=secret))
+        assert secret not in out, out
+        assert "<redacted>" in out
+    line = emit(JsonFormatter(), "x", extra={"detail": spelling.format(s=secret)})
+    assert secret not in line
+
+
+@pytest.mark.parametrize(
+    "prose", ["password incorrect for user app", "max_tokens=5", "secretary=bob", "token expired"]
+)
+def test_prose_and_look_alike_names_are_left_alone(emit: Any, prose: str) -> None:
+    assert prose in emit(TextFormatter(), "%s", prose)
