@@ -259,7 +259,11 @@ class Rollout:
                 f"(and a health check on each pool, which gives the series before any traffic)"
             )
         if not self.health_urls:
-            self.health_urls = [f"{u.rstrip('/')}/api/healthz" for u in status]
+            # The candidate's healthz under its SF_HEALTH_PREFIX: the path Traefik's own health
+            # check of it polls, when it has one.
+            checked = t.health_path(self.candidate_q) or "/api/healthz"
+            path = checked.rsplit("/", 1)[0] + "/healthz"  # `<prefix>/ready` polled: same prefix
+            self.health_urls = [f"{u.rstrip('/')}{path}" for u in status]
         for url in self.health_urls:
             try:
                 _in_flight_ages(url)
@@ -267,7 +271,7 @@ class Rollout:
                 raise RolloutRefused(
                     f"cannot read the candidate's requests in flight at {url} ({exc}); Traefik "
                     f"does not count a request until it ends, so the gate needs them. Pass "
-                    f"--candidate-health URL of the candidate's /api/healthz (e.g. through its "
+                    f"--candidate-health URL of the candidate's <prefix>/healthz (e.g. through its "
                     f"verification router)"
                 ) from None
 

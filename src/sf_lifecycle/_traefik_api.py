@@ -90,6 +90,11 @@ class TraefikAPI:
         svc = self.service(name)
         return dict((svc or {}).get("serverStatus") or {})
 
+    def health_path(self, name: str) -> str | None:
+        """The path Traefik's health check of `name` polls (its servers' `SF_HEALTH_PREFIX`
+        shows there); None when it has none or is absent."""
+        return health_check_path(self.service(name))
+
     def weights(self, name: str) -> dict[str, int] | None:
         """The weights of weighted service `name`; None when it is absent or disabled."""
         svc = self.service(name)
@@ -109,6 +114,13 @@ class TraefikAPI:
             raise OSError(f"Traefik's /metrics answered {status}")
         text = body.decode("utf-8", "replace")
         return Scrape(process_start(text), service_stats(text))
+
+
+def health_check_path(service: Mapping[str, Any] | None) -> str | None:
+    """`loadBalancer.healthCheck.path` of a service as Traefik's API shows it, or None."""
+    lb = (service or {}).get("loadBalancer") or {}
+    path = (lb.get("healthCheck") or {}).get("path") if isinstance(lb, dict) else None
+    return path if isinstance(path, str) and path.startswith("/") else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -22,7 +23,7 @@ from sf_lifecycle._prometheus import (
     service_stats,
 )
 from sf_lifecycle._rollout_cli import parse_steps
-from sf_lifecycle._traefik_api import qualify
+from sf_lifecycle._traefik_api import health_check_path, qualify
 from sf_lifecycle._weights import WeightsError, WeightsFile, split_provider
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -794,3 +795,21 @@ def test_cli_interrupted_before_the_first_step_writes_no_report(tmp_path: Path) 
     assert "interrupted before the first step; nothing changed" in out
     assert not report.exists()
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("service", "path"),
+    [
+        ({"loadBalancer": {"healthCheck": {"path": "/internal/healthz"}}}, "/internal/healthz"),
+        ({"loadBalancer": {"healthCheck": {"path": "/healthz", "interval": "2s"}}}, "/healthz"),
+        ({"loadBalancer": {"servers": [{"url": "http://a:4000"}]}}, None),
+        ({"weighted": {"services": []}}, None),
+        (None, None),
+    ],
+)
+def test_the_candidates_health_path_comes_from_traefiks_view_of_its_health_check(
+    service: dict[str, Any] | None, path: str | None
+) -> None:
+    # `rollout` reads the candidate's requests in flight from `<prefix>/healthz`: the prefix
+    # its Traefik health check polls, not a hard-coded /api.
+    assert health_check_path(service) == path
