@@ -205,7 +205,8 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_3(
         port = other.getsockname()[1]
         monkeypatch.setenv("SF_METRICS_PORT", str(port))
         code = cli.main(["serve", "examples.sf_server:app", "--host", "127.0.0.1", "--port", "0"])
-    assert code == ExitCode.STARTUP_FAILED == 3
+    assert code == ExitCode.STARTUP_FAILED
+    assert int(code) == 3  # README, exit codes
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"sf-lifecycle: SF_METRICS_PORT={port}: cannot listen on 127.0.0.1:{port} for metrics "

@@ -87,11 +87,8 @@ def test_metrics_without_the_extra_is_a_config_error_naming_the_setting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import raises ImportError
-    for kwargs, name in [
-        ({"metrics_path": "/metrics"}, "SF_METRICS_PATH"),
-        ({"metrics_port": 9464}, "SF_METRICS_PORT"),
-    ]:
-        settings = Settings.from_env({name: str(next(iter(kwargs.values())))})
+    for name, raw in [("SF_METRICS_PATH", "/metrics"), ("SF_METRICS_PORT", "9464")]:
+        settings = Settings.from_env({name: raw})
         with pytest.raises(
             ConfigError, match=rf"^invalid {name}=.*pip install 'sf-lifecycle\[metrics\]'$"
         ):
