@@ -10,6 +10,8 @@ QUICK  ?=
 help:
 	@echo "make demo   real Traefik in front of the example server: a gated blue/green upgrade under load;"
 	@echo "            writes the upgrade report, .demo/report.html"
+	@echo "make demo BACKENDS=postgres,redis  the same on real PostgreSQL and Redis, one state"
+	@echo "            directory per replica (many hosts)"
 	@echo "make demo-rollback  the same with a bad candidate: the rollout rolls back by itself"
 	@echo "make test   ruff, mypy (strict) and pytest, from a fresh clone"
 	@echo "make bench  benchmarks against baselines run beside them (QUICK=1 for a short run)"
@@ -60,11 +62,15 @@ pytest: $(STAMP) $(CHROMIUM)
 
 test: lint typecheck pytest
 
+# BACKENDS=postgres,redis: real PostgreSQL and Redis for the replicas to share (many hosts).
+BACKENDS ?=
+DEMO_BACKENDS = $(if $(BACKENDS),--backends $(BACKENDS),)
+
 demo: $(STAMP)
-	$(BIN)/python -m examples.demo $(DEMO_ARGS)
+	$(BIN)/python -m examples.demo $(DEMO_BACKENDS) $(DEMO_ARGS)
 
 demo-rollback: $(STAMP)
-	$(BIN)/python -m examples.demo --bad-candidate $(DEMO_ARGS)
+	$(BIN)/python -m examples.demo --bad-candidate $(DEMO_BACKENDS) $(DEMO_ARGS)
 
 demo-baseline: $(STAMP)
 	$(BIN)/python -m examples.demo --baseline $(DEMO_ARGS)

@@ -51,6 +51,7 @@ from typing import Any, Protocol
 import httpx
 from httpx_sse import connect_sse
 
+from examples.demo_backends import Backends, parse_backends, started
 from sf_lifecycle.report import SSE_RECONNECT, Instant, Requests, UpgradeTimeline, Weights
 from sf_lifecycle.testing import BlueGreenProxy, ServerProcess, TraefikProxy, free_port, reap
 
@@ -83,6 +84,9 @@ class Options:
     #: Sticky clients stay on sf-v1 until its weight is 0, so at 10 % the candidate sees less
     #: than a tenth of the load: judge a 3 s hold on 10 requests.
     min_requests: int = 10
+    #: Shared backends started for the run (`--backends postgres,redis`, see `demo_backends`):
+    #: each replica then has a state directory of its own.
+    backends: tuple[str, ...] = ()
 
 
 @dataclass
@@ -126,6 +130,10 @@ class Summary:
     reconnects: list[tuple[float, str | None, str]] = field(default_factory=list)
     #: The live page through Traefik, following one of the demo's sessions.
     live_url: str = ""
+    #: Where records and events went with `--backends`: summary rows.
+    backend_rows: list[tuple[str, str]] = field(default_factory=list)
+    #: Each replica's state directory.
+    state_dirs: dict[str, Path] = field(default_factory=dict)
 
     @property
     def failed_total(self) -> int:
@@ -382,8 +390,8 @@ def _delivered_ids(state_dir: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _replicas(opts: Options, summary: Summary) -> Iterator[_Start]:
-    started: list[ServerProcess] = []
+def _replicas(opts: Options, summary: Summary, backends: Backends) -> Iterator[_Start]:
+    running: list[ServerProcess] = []
 
     def start(replica: str, port: int, extra: dict[str, str] | None = None) -> ServerProcess:
         assert opts.state_dir is not None
@@ -391,17 +399,21 @@ def _replicas(opts: Options, summary: Summary) -> Iterator[_Start]:
             "SF_REPLICA_ID": replica,
             "SF_DRAIN_AFTER_PROBES": str(opts.drain_after_probes),
             "SF_DRAIN_DELAY_MS": "5000",
+            **backends.env(),
             **(extra or {}),
         }
+        # One volume per replica when nothing shared lives on disk; one shared volume else.
+        state_dir = opts.state_dir / replica if backends.separate_volumes else opts.state_dir
+        summary.state_dirs[replica] = state_dir
         server = ServerProcess(
             "examples.sf_server:app",
-            state_dir=opts.state_dir,
+            state_dir=state_dir,
             env=env,
             port=port,
             cwd=ROOT,
             plain_uvicorn=opts.baseline,
         )
-        started.append(server)
+        running.append(server)
         server.start()
         summary.pids.append(server.pid)
         server.wait_ready(timeout=30)
@@ -410,7 +422,7 @@ def _replicas(opts: Options, summary: Summary) -> Iterator[_Start]:
     try:
         yield start
     finally:
-        for server in started:
+        for server in running:
             server.close()
 
 
@@ -429,6 +441,50 @@ def _start_load(
     return load
 
 
+def _backends(stack: contextlib.ExitStack, opts: Options, summary: Summary, say: _Say) -> Backends:
+    """Start the shared backends `opts.backends` names (stopped with `stack`)."""
+    if not opts.backends:
+        return Backends()
+    say(f"starting {', '.join(opts.backends)} for the replicas to share")
+    backends = stack.enter_context(started(opts.backends))
+    summary.pids += backends.pids
+    say(f"backends: {backends.describe()}; one state directory per replica")
+    return backends
+
+
+def _delivered(summary: Summary, opts: Options, backends: Backends, load: Load) -> None:
+    """Read what the sink holds, and with `--backends` say where records and events went."""
+    assert opts.state_dir is not None
+    if backends.database_url is None:
+        summary.feedback_delivered = _delivered_ids(opts.state_dir)
+    else:
+        summary.feedback_delivered = backends.delivered_ids()
+    if not opts.backends:
+        return
+    rows = [("backends", backends.describe())]
+    if backends.database_url is not None:
+        rows.append(
+            (
+                "records in PostgreSQL",
+                f"{len(summary.feedback_delivered)} rows in sf_feedback "
+                f"({len(set(summary.feedback_delivered))} distinct ids)",
+            )
+        )
+    if backends.redis is not None:
+        streams = backends.redis_events(load.sessions)
+        rows.append(
+            (
+                "events via Redis",
+                f"{sum(streams.values())} entries in {len(streams)} streams (sf:events:<session>)",
+            )
+        )
+    elif backends.database_url is not None:
+        rows.append(("events via PostgreSQL", f"{backends.postgres_events()} rows in sf_events"))
+    left = sum(1 for d in set(summary.state_dirs.values()) for p in d.rglob("*") if p.is_file())
+    rows.append(("files left on the replicas' volumes", str(left)))
+    summary.backend_rows = rows
+
+
 def run(opts: Options) -> Summary:
     """Run the whole upgrade flow and return what happened."""
     if opts.flow == "rollout" and not opts.baseline:
@@ -438,7 +494,8 @@ def run(opts: Options) -> Summary:
     with contextlib.ExitStack() as stack:
         if opts.state_dir is None:
             opts.state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory("-sf-demo")))
-        start = stack.enter_context(_replicas(opts, summary))
+        backends = _backends(stack, opts, summary, say)
+        start = stack.enter_context(_replicas(opts, summary, backends))
         sf_port, candidate_port = free_port(), free_port()
         kind = "plain uvicorn" if opts.baseline else "sf-lifecycle serve"
         say(f"starting sf (sf-v1, {kind}) on :{sf_port}, state dir {opts.state_dir}")
@@ -474,7 +531,7 @@ def run(opts: Options) -> Summary:
         say("stopping sf-v2 (its queue drains on the way out)")
         _watch_stop(proxy, sf2, "sf-v2", summary, say)
         load.join_streams()
-        summary.feedback_delivered = _delivered_ids(opts.state_dir)
+        _delivered(summary, opts, backends, load)
         for server in (sf, candidate, sf2):
             if server.proc is not None and server.proc.poll() is None:
                 summary.leftover_pids.append(server.pid)
@@ -488,7 +545,8 @@ def _run_rollout(opts: Options) -> Summary:
     with contextlib.ExitStack() as stack:
         if opts.state_dir is None:
             opts.state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory("-sf-demo")))
-        start = stack.enter_context(_replicas(opts, summary))
+        backends = _backends(stack, opts, summary, say)
+        start = stack.enter_context(_replicas(opts, summary, backends))
         sf_port, candidate_port = free_port(), free_port()
         say(f"starting sf (sf-v1) on :{sf_port}, state dir {opts.state_dir}")
         sf = start("sf-v1", sf_port)
@@ -527,7 +585,7 @@ def _run_rollout(opts: Options) -> Summary:
         say(f"stopping {live_name} (its queue drains on the way out)")
         _watch_stop(proxy, live, live_name, summary, say, live_status)
         load.join_streams()
-        summary.feedback_delivered = _delivered_ids(opts.state_dir)
+        _delivered(summary, opts, backends, load)
         for server in (sf, cand):
             if server.proc is not None and server.proc.poll() is None:
                 summary.leftover_pids.append(server.pid)
@@ -665,6 +723,7 @@ def summary_rows(summary: Summary, opts: Options) -> list[tuple[str, str]]:
         ("SSE events received", f"{received}  (gaps {gaps}, duplicates {dups})"),
         ("SSE reconnects", _reconnects(summary)),
         ("sticky clients re-pinned", str(summary.sticky_repinned)),
+        *summary.backend_rows,
         *_rollout_rows(summary),
         ("answered by", ", ".join(f"{k}: {v}" for k, v in sorted(summary.replicas_seen.items()))),
     ]
@@ -738,6 +797,13 @@ def write_report(summary: Summary, opts: Options, path: Path) -> Path:
     return write(timeline(summary, opts), path)
 
 
+def _backends_arg(raw: str) -> tuple[str, ...]:
+    try:
+        return parse_backends(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--baseline", action="store_true", help="plain uvicorn replicas instead")
@@ -762,6 +828,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"write the upgrade report here (default {DEFAULT_REPORT.relative_to(ROOT)})",
     )
     p.add_argument("--no-report", action="store_true", help="print the summary only")
+    p.add_argument(
+        "--backends",
+        type=_backends_arg,
+        default=(),
+        metavar="NAMES",
+        help="shared backends to start for the replicas: postgres, redis or postgres,redis "
+        "(make demo BACKENDS=postgres,redis); each replica then has its own state directory",
+    )
     args = p.parse_args(argv)
     opts = Options(
         baseline=args.baseline,
@@ -771,6 +845,7 @@ def main(argv: list[str] | None = None) -> int:
         flow="pool" if args.baseline else "rollout",
         fail_rate=args.bad_candidate,
         hold=args.hold,
+        backends=args.backends,
     )
     if not args.no_report:
         from sf_lifecycle.report import report_path_problem
