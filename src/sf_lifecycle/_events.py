@@ -239,6 +239,8 @@ async def _follow_subscribed(
                 yield batch
                 cursor = batch[-1].id
                 continue
+            if until is not None and until.is_set():
+                return  # set while reading: its wake was cleared by the read
             await sub.wait()
     finally:
         if stop is not None:

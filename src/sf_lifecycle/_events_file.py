@@ -208,9 +208,10 @@ class FileEventLog:
         loop = asyncio.get_running_loop()
         watchers = self._watchers.get(loop)
         if watchers is None:
-            watchers = Watchers(
-                loop, self.dir, self.watch, self.poll_s, self._refresh, self._forget
-            )
+            for old in [w for w in self._watchers.values() if w.loop.is_closed()]:
+                del self._watchers[old.loop]  # a finished event loop's: its descriptor too
+                old.close()
+            watchers = Watchers(loop, self.dir, self.watch, self.poll_s, self._refresh)
             self._watchers[loop] = watchers
         return FileSubscription(self, watchers, watchers.acquire(s))
 
@@ -222,8 +223,8 @@ class FileEventLog:
         return {name: w.refs for name, w in watchers.watches.items()}
 
     async def aclose(self) -> None:
-        """Close every session watcher and its inotify descriptor (streams still open go on
-        by re-reading the file every `poll_ms`)."""
+        """Close every session watcher and the inotify descriptor (streams still open go on by
+        re-reading the file every `poll_ms`); the log opens new ones if used again."""
         watchers, self._watchers = list(self._watchers.values()), {}
         for w in watchers:
             w.close()
@@ -260,10 +261,6 @@ class FileEventLog:
                         raise
                     except OSError as exc:  # a stream must not die: serve what is known
                         logger.error("session %s: cannot refresh: %s", s.name, exc)
-
-    def _forget(self, watchers: Watchers) -> None:
-        if self._watchers.get(watchers.loop) is watchers:
-            del self._watchers[watchers.loop]
 
     def _notify(self, s: Session) -> None:
         """A local append: wake the session's streams on every loop at once."""
@@ -304,6 +301,7 @@ class FileSubscription:
         if watch.closed or not self._read_once:
             await log._refresh(watch.s)
             self._read_once = True
+        self._waiter.pending = False  # what the select below returns includes any wake so far
         return log.retention.select(watch.s.view, last_id, position, now_ms(), limit)
 
     async def wait(self) -> None:

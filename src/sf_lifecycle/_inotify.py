@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import struct
 from collections.abc import Callable
@@ -69,13 +70,21 @@ class InotifyEvent:
     name: bytes
 
 
+@functools.cache
 def _libc_call(name: str) -> Callable[..., int]:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn: Callable[..., int] = getattr(libc, name)
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError) as exc:
         raise OSError(errno.ENOSYS, f"inotify is not available here ({name}: {exc})") from None
-    return fn
+    fn.argtypes = _ARGTYPES[name]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_ARGTYPES = {
+    "inotify_init1": [ctypes.c_int],
+    "inotify_add_watch": [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32],
+}
 
 
 class Inotify:
@@ -87,10 +96,7 @@ class Inotify:
     @classmethod
     def open(cls) -> Inotify:
         """A new descriptor; `OSError` when the platform or the kernel's limits refuse one."""
-        init1 = _libc_call("inotify_init1")
-        init1.argtypes = [ctypes.c_int]  # type: ignore[attr-defined]
-        init1.restype = ctypes.c_int  # type: ignore[attr-defined]
-        fd = init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = _libc_call("inotify_init1")(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
@@ -98,10 +104,7 @@ class Inotify:
 
     def add_watch(self, path: str | os.PathLike[str], mask: int) -> int:
         """Watch `path` for `mask`; the watch descriptor. `OSError` when refused."""
-        add = _libc_call("inotify_add_watch")
-        add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]  # type: ignore[attr-defined]
-        add.restype = ctypes.c_int  # type: ignore[attr-defined]
-        wd = add(self.fd, os.fsencode(path), mask)
+        wd = _libc_call("inotify_add_watch")(self.fd, os.fsencode(path), mask)
         if wd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_add_watch {os.fspath(path)!r}: {os.strerror(err)}")

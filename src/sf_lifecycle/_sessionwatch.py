@@ -12,9 +12,12 @@ Deliberate choices:
 * **inotify on the `sessions` folder, polling as the fallback.** One inotify descriptor per
   `Watchers` (so per log and event loop, not per stream or session) watches the folder; an event
   naming `<session>.log` (appended, replaced by a compaction, created, moved aside by a
-  quarantine, deleted) marks that session's watch dirty. Where inotify is missing or refused
-  (another OS, the per-user instance limit), or with `watch="poll"` (`SF_SSE_WATCH=poll`),
-  each watched session is `stat`-ed every `poll_ms` instead, as before.
+  quarantine, deleted) marks that session's watch dirty. The descriptor lives as long as the
+  log (`FileEventLog.aclose()` closes it), not as long as a session's streams: a user may hold
+  128 inotify instances (`fs.inotify.max_user_instances`), and closing one waits for the
+  kernel's RCU grace period (2-10 ms measured), so streams that come and go must not churn it.
+  Where inotify is missing or refused (another OS, the per-user instance limit), or with
+  `watch="poll"` (`SF_SSE_WATCH=poll`), each watched session is `stat`-ed every `poll_ms`.
 * **A slow safety recheck even with inotify.** inotify reports only writes made through this
   kernel: a writer on another host of a network volume, or an event queue overflow, goes
   unseen. Each watch still `stat`s its file every `RECHECK_S` (one `stat` per watched session,
@@ -82,14 +85,23 @@ _LOST = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
 
 
 class Waiter:
-    """One stream parked on a watch: `wait()` until `wake()` (from the watch or from shutdown)."""
+    """One stream parked on a watch: `wait()` until `wake()` (from the watch or from shutdown).
 
-    __slots__ = ("_fut",)
+    A wake that comes while the stream is not waiting (it is reading or sending) is kept in
+    `pending`, so the next `wait()` returns at once: a wake is never lost. A reader that has
+    just read everything clears it (what it read includes what the wake announced).
+    """
+
+    __slots__ = ("_fut", "pending")
 
     def __init__(self) -> None:
         self._fut: asyncio.Future[None] | None = None
+        self.pending = False
 
     async def wait(self) -> None:
+        if self.pending:
+            self.pending = False
+            return
         fut = asyncio.get_running_loop().create_future()
         self._fut = fut
         try:
@@ -101,6 +113,8 @@ class Waiter:
         fut = self._fut
         if fut is not None and not fut.done():
             fut.set_result(None)
+        else:
+            self.pending = True
 
 
 class SessionWatch:
@@ -163,7 +177,6 @@ class Watchers:
         poll_s: Polling period when inotify is not used.
         refresh: Brings a session's view up to date with its file when it may differ
             (`UnsafePath` when the folder is unsafe).
-        on_empty: Called once the last watch is released (the owner forgets this object).
 
     Raises:
         OSError: `mode` is `inotify` and inotify cannot be used.
@@ -176,14 +189,12 @@ class Watchers:
         mode: str,
         poll_s: float,
         refresh: Callable[[Session], Awaitable[None]],
-        on_empty: Callable[[Watchers], None],
     ) -> None:
         if mode not in WATCH_MODES:
             raise ValueError(f"watch must be one of {', '.join(WATCH_MODES)}, not {mode!r}")
         self.loop = loop
         self.poll_s = poll_s
         self.refresh = refresh
-        self._on_empty = on_empty
         self.watches: dict[str, SessionWatch] = {}
         self.inotify: Inotify | None = None
         self.recheck_s = poll_s
@@ -220,14 +231,10 @@ class Watchers:
         return watch
 
     def release(self, watch: SessionWatch) -> None:
-        """Drop one reference; the last one closes the watch (and the descriptor, if last)."""
+        """Drop one reference; the last one closes the session's watch and its task."""
         watch.refs -= 1
-        if watch.refs > 0 or watch.closed:
-            return
-        self._close_watch(watch)
-        if not self.watches:
-            self.close()
-            self._on_empty(self)
+        if watch.refs <= 0 and not watch.closed:
+            self._close_watch(watch)
 
     def _close_watch(self, watch: SessionWatch) -> None:
         watch.closed = True
@@ -245,11 +252,19 @@ class Watchers:
 
     def _close_source(self) -> None:
         ino, self.inotify = self.inotify, None
-        if ino is not None:
-            if not self.loop.is_closed():
-                self.loop.remove_reader(ino.fd)
-            ino.close()
         self.recheck_s = self.poll_s
+        if ino is None:
+            return
+        if self.loop.is_closed():
+            ino.close()
+            return
+        self.loop.remove_reader(ino.fd)
+        # Closing an inotify descriptor waits for the kernel's RCU grace period (2-10 ms
+        # measured): on a worker thread, so the streams of other sessions do not wait for it.
+        try:
+            self.loop.run_in_executor(None, ino.close)
+        except RuntimeError:  # the executor is shut down: the loop is finishing
+            ino.close()
 
     def _on_readable(self) -> None:
         ino = self.inotify
