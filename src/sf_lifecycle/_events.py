@@ -235,12 +235,15 @@ async def _follow_subscribed(
             stop.add_done_callback(lambda _: sub.wake())
         while until is None or not until.is_set():
             batch = await sub.read_after(cursor, max_batch)
+            if until is not None and until.is_set():
+                return  # closing began during the read: nothing more is sent
             if batch:
                 yield batch
                 cursor = batch[-1].id
-                continue
-            if until is not None and until.is_set():
-                return  # set while reading: its wake was cleared by the read
+                if len(batch) >= max_batch:
+                    continue  # possibly cut short: read on at once
+            # Everything was read: anything newer wakes the subscription, even while this
+            # stream was sending (the wake is kept), so a wait here misses nothing.
             await sub.wait()
     finally:
         if stop is not None:

@@ -283,7 +283,7 @@ class FileSubscription:
     sleeping `poll_ms` between reads.
     """
 
-    __slots__ = ("_log", "_read_once", "_waiter", "_watchers", "watch")
+    __slots__ = ("_last", "_log", "_read_once", "_waiter", "_watchers", "watch")
 
     def __init__(self, log: FileEventLog, watchers: Watchers, watch: SessionWatch) -> None:
         self._log = log
@@ -291,10 +291,16 @@ class FileSubscription:
         self.watch = watch
         self._waiter = Waiter()
         self._read_once = False
+        self._last: tuple[str | None, tuple[int, int] | None] = (None, None)
         watch.waiters.add(self._waiter)
 
     async def read_after(self, last_id: str | None, limit: int) -> list[Event]:
-        position = None if last_id is None else parse_event_id(last_id)
+        if last_id is None:
+            position = None
+        elif last_id == self._last[0]:
+            position = self._last[1]  # the id of the last event this read returned
+        else:
+            position = parse_event_id(last_id)
         watch, log = self.watch, self._log
         if watch.error is not None:
             raise watch.error
@@ -302,7 +308,14 @@ class FileSubscription:
             await log._refresh(watch.s)
             self._read_once = True
         self._waiter.pending = False  # what the select below returns includes any wake so far
-        return log.retention.select(watch.s.view, last_id, position, now_ms(), limit)
+        view = watch.s.view
+        out = log.retention.select(view, last_id, position, now_ms(), limit)
+        tail = out[-1].id if out else None
+        if tail is not None:
+            # An id the view made (`<epoch>-<seq>`): split, not validated again on the next read.
+            epoch, _, seq = tail.partition("-")
+            self._last = (tail, (int(epoch), int(seq)))
+        return out
 
     async def wait(self) -> None:
         if self.watch.closed:
