@@ -89,7 +89,7 @@ class FileEventLog:
         retention_ms: Age after which an event can no longer be resumed from.
         poll_ms: How often a watched session's file is checked when inotify is not used.
         watch: How other processes' appends are seen: `auto` (inotify where available, else
-            polling), `inotify` (an `OSError` at the first stream if unavailable) or `poll`.
+            polling), `inotify` (`OSError` here if it cannot be used) or `poll`.
         fsync: fsync each append (and compaction) for power-loss durability.
         max_cached_sessions: Sessions kept parsed in memory when nobody streams them.
         file_mode: Mode of the log and lock files created (no file is opened through a link).
