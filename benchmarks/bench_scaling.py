@@ -18,13 +18,15 @@ further up). The goal column of every row says "linear"; `met` is False for a fl
 2. **Recovery** of 1k, 10k and 100k orphaned records (`.draining` files of a dead owner, linked
    the same way) into the default `SqliteSink`, a fresh database each round. Baseline: the same
    records written by the sink alone in the same batches, so the ratio is what recovery adds.
-3. **SSE fan-out** to 10, 100 and 1,000 streams (quick: 10, 100): `sf-lifecycle serve` running
-   the example app, against sse-starlette with an in-memory `asyncio.Queue` per stream under
-   plain uvicorn (`benchmarks._sse_baseline`). A fresh server per measurement; the streams come
-   from a separate process (`benchmarks._sse_client`), which publishes events with sequential
-   POSTs and times until every stream has every event: deliveries per second.
+3. **SSE fan-out** to 10, 100, 1,000 and 10,000 streams (quick: 10, 100): `sf-lifecycle
+   serve` running the example app, against sse-starlette with an in-memory `asyncio.Queue` per
+   stream under plain uvicorn (`benchmarks._sse_baseline`). A fresh server per measurement; the
+   streams come from a separate process (`benchmarks._sse_client`), which publishes events with
+   sequential POSTs and times until every stream has every event: deliveries per second.
 4. **Memory per open stream**: the server's VmRSS just before the client connects (after one
-   warm-up stream) and with all N streams open, divided by N, in KiB; same servers as 3.
+   warm-up stream) and with all N streams open, divided by N, in KiB; same servers as 3 (100,
+   1,000 and 10,000 streams; goal <= 50 KiB). The open-file soft limit is raised for the
+   servers and the client (10,000 streams need as many sockets on each side).
 
 Run alone: `python -m benchmarks.bench_scaling [--quick]`.
 """
@@ -51,6 +53,7 @@ from typing import Any
 
 from benchmarks._common import ROOT, Stats, UvicornProcess, interleave, make_result
 from benchmarks._sse_baseline import EVENTS_PATH, HEALTH_PATH
+from benchmarks._sse_client import raise_nofile
 from sf_lifecycle import FeedbackQueue, SqliteSink
 from sf_lifecycle.testing import ServerProcess, link_segments, write_segment
 
@@ -71,6 +74,8 @@ SSE_BASELINE = "sse-starlette + asyncio.Queue, plain uvicorn"
 #: Deliveries per fan-out measurement (events = this / streams, within the bounds below).
 FANOUT_DELIVERIES = {True: 4_000, False: 20_000}
 FANOUT_EVENTS = (10, 400)
+#: Server memory per open stream the SSE series aims under.
+STREAM_KIB_GOAL = 50.0
 
 
 # -- the shape of a series (pure) ------------------------------------------------------------
@@ -441,6 +446,9 @@ def fanout_once(sf: bool, streams: int, events: int, timeout: float) -> FanOut:
     Memory is read from the server's VmRSS before the client starts and once every stream is
     open; the fan-out is timed by the client.
     """
+    have = raise_nofile(streams + 1024)  # inherited by the server started below
+    if have < streams + 256:
+        raise RuntimeError(f"open-file limit {have} is too low for {streams:,} streams")
     server: ServerProcess
     if sf:
         env = {"SF_SSE_MAX_STREAMS": str(streams + 100), "SF_DRAIN_DELAY_MS": "0"}
@@ -526,7 +534,16 @@ def sse_series(
             [Stats.of([f.kib_per_stream for f in base[n]]) for n in mem],
             SSE_BASELINE,
             lambda n, kib: max(kib, 0.001),
-            ["(VmRSS with the streams open - VmRSS before) / streams" for _ in mem],
+            [
+                "(VmRSS with the streams open - VmRSS before) / streams; "
+                f"goal <= {STREAM_KIB_GOAL:g} KiB: "
+                + (
+                    "met"
+                    if Stats.of([f.kib_per_stream for f in sf[n]]).median <= STREAM_KIB_GOAL
+                    else "NOT met"
+                )
+                for n in mem
+            ],
         )
     return rows
 
@@ -547,7 +564,9 @@ def run(quick: bool) -> list[dict[str, Any]]:
         else:
             rows += drain_series(root, [1_000, 100_000, 1_000_000], rounds=3)
             rows += recovery_series(root, [1_000, 10_000, 100_000], rounds=3)
-            rows += sse_series([10, 100, 1_000], [100, 1_000], rounds=3, quick=False)
+            rows += sse_series(
+                [10, 100, 1_000, 10_000], [100, 1_000, 10_000], rounds=3, quick=False
+            )
         return rows
     finally:
         shutil.rmtree(root, ignore_errors=True)

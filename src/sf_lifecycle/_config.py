@@ -93,6 +93,8 @@ class Settings:
         sse_retry_ms: `retry:` hint sent to clients when a stream is closed for shutdown.
         sse_retention_events: Events kept per session for `Last-Event-ID` resume.
         sse_retention_ms: Age after which session events may be discarded.
+        sse_watch: How the file event log sees other processes' appends: `auto` (inotify where
+            available, else polling), `inotify` (refuse to start without it) or `poll`.
         file_mode: Permissions of files the library creates in the state directory (octal in
             `SF_FILE_MODE`; the umask still applies). Owner read and write are required.
         dir_mode: Permissions of directories it creates there (octal; owner rwx required).
@@ -142,6 +144,7 @@ class Settings:
     sse_retry_ms: int = 1_000
     sse_retention_events: int = 10_000
     sse_retention_ms: int = 3_600_000
+    sse_watch: str = "auto"
     file_mode: int = FileMode(0o600)
     dir_mode: int = FileMode(0o700)
     redis_url: str | None = field(default=None, repr=False)
@@ -388,6 +391,7 @@ ENV_VARS: dict[str, str] = {
     "sse_retry_ms": "SF_SSE_RETRY_MS",
     "sse_retention_events": "SF_SSE_RETENTION_EVENTS",
     "sse_retention_ms": "SF_SSE_RETENTION_MS",
+    "sse_watch": "SF_SSE_WATCH",
     "file_mode": "SF_FILE_MODE",
     "dir_mode": "SF_DIR_MODE",
     "redis_url": "SF_REDIS_URL",
@@ -568,6 +572,9 @@ def _validate(name: str, value: object, source: str) -> None:
         if not isinstance(value, str):
             raise ConfigError(source, "<not a string>", "a postgresql:// URL")
         check_url(value, source)
+    elif name == "sse_watch":
+        if value not in ("auto", "inotify", "poll"):
+            raise ConfigError(source, value, "one of auto, inotify, poll")
     elif name == "state_dir" and value is not None and not isinstance(value, Path):
         raise ConfigError(source, value, "a filesystem path")
 

@@ -18,15 +18,21 @@ Deliberate choices:
   retention, from another epoch, past its end) is answered with a synthetic `lost` event
   (`lost_event`) whose id is where the rest continues: the client learns what it missed and
   the stream goes on.
-* **One follow loop.** `follow()` is the only "replay, then live" loop: the cursor advances
-  only past events yielded and `read_after` is always asked from the cursor, so a stream has
-  no gap and no duplicate whatever the backend; `until` ends it (the SSE layer passes the
-  replica's closing).
+* **One follow loop.** `follow_batches()` is the only "replay, then live" loop (`follow()`
+  yields its events one by one): the cursor advances only past events yielded and reads are
+  always asked from the cursor, so a stream has no gap and no duplicate whatever the backend;
+  `until` ends it (the SSE layer passes the replica's closing).
+* **A backend may offer a held subscription.** An `EventLog` that is also `Subscribable`
+  (`FileEventLog`: one watcher per session per process, `_sessionwatch.py`) hands each stream a
+  `Subscription`: reads from what the process already holds, a wait that costs one future, no
+  per-stream timer or task. The three `EventLog` operations stay the whole contract; a backend
+  without `subscribe` is followed through them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncGenerator
@@ -42,7 +48,10 @@ __all__ = [
     "Flag",
     "InvalidEventId",
     "InvalidSessionId",
+    "Subscribable",
+    "Subscription",
     "follow",
+    "follow_batches",
     "lost_event",
     "parse_event_id",
     "validate_session_id",
@@ -126,41 +135,80 @@ class Flag(Protocol):
     async def wait(self) -> Any: ...
 
 
-async def follow(
+class Subscription(Protocol):
+    """One stream's hold on a session (from `Subscribable.subscribe`); `close()` releases it."""
+
+    async def read_after(self, last_id: str | None, limit: int) -> list[Event]:
+        """As `EventLog.read_after`, at most `limit` events (a leading `lost` one included)."""
+        ...
+
+    async def wait(self) -> None:
+        """Until something after the last read may be readable, or `wake()`."""
+        ...
+
+    def wake(self) -> None:
+        """End the current (or next) `wait` now (used to stop at closing)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Subscribable(Protocol):
+    """An `EventLog` that can hand a stream a `Subscription` (optional, faster fan-out)."""
+
+    def subscribe(self, session: str) -> Subscription:
+        """Hold the session for one stream. Raises `InvalidSessionId` like the log."""
+        ...
+
+
+#: Most events a stream takes (and sends) at a time: its buffer, whatever the backlog.
+MAX_BATCH = 64
+
+
+async def follow_batches(
     log: EventLog,
     session: str,
     last_id: str | None,
     *,
     idle_s: float = 5.0,
     until: Flag | None = None,
-) -> AsyncGenerator[Event, None]:
-    """Replay every retained event after `last_id`, then yield live ones, until `until` is set.
+    max_batch: int = MAX_BATCH,
+) -> AsyncGenerator[list[Event], None]:
+    """Replay every retained event after `last_id`, then live ones, in batches of at most
+    `max_batch`, until `until` is set.
 
-    No gap and no duplicate: the cursor advances only past events yielded, and `read_after` is
-    always asked from the cursor. Close the iterator (`contextlib.aclosing`) when stopping
-    early, so its waits end at once.
+    No gap and no duplicate: the cursor advances only past batches yielded, and every read is
+    asked from the cursor. Close the iterator (`contextlib.aclosing`) when stopping early, so
+    its waits end at once and the log's hold on the session is released.
 
     Args:
-        log: The event store.
+        log: The event store; a `Subscribable` one is followed through its subscription.
         session: The session id (validated by the log).
         last_id: The position to resume after; None for everything retained.
-        idle_s: Longest single `wait` (the log is asked again after it, whatever it says).
+        idle_s: Longest single `wait` on a plain `EventLog` (asked again after it).
         until: Ends the iteration, without an error, once set; forever when None.
+        max_batch: Most events per batch (a stream's buffer).
 
     Raises:
         InvalidEventId, InvalidSessionId: from the log, before anything is yielded.
         UnsafePath, OSError: the log cannot be read (the file backend: `sessions` is a link).
     """
+    if isinstance(log, Subscribable):
+        async for batch in _follow_subscribed(log.subscribe(session), last_id, until, max_batch):
+            yield batch
+        return
     cursor = last_id
     stop = None if until is None else asyncio.ensure_future(until.wait())
     try:
         while until is None or not until.is_set():
             batch = await log.read_after(session, cursor)
-            for event in batch:
+            for start in range(0, len(batch), max_batch):
                 if until is not None and until.is_set():
                     return
-                yield event
-                cursor = event.id
+                part = batch[start : start + max_batch]
+                yield part
+                cursor = part[-1].id
             if batch:
                 continue
             if stop is None:
@@ -174,6 +222,59 @@ async def follow(
     finally:
         if stop is not None:
             stop.cancel()
+
+
+async def _follow_subscribed(
+    sub: Subscription, last_id: str | None, until: Flag | None, max_batch: int
+) -> AsyncGenerator[list[Event], None]:
+    cursor = last_id
+    stop = None
+    try:
+        if until is not None:
+            stop = asyncio.ensure_future(until.wait())
+            stop.add_done_callback(lambda _: sub.wake())
+        while until is None or not until.is_set():
+            batch = await sub.read_after(cursor, max_batch)
+            if until is not None and until.is_set():
+                return  # closing began during the read: nothing more is sent
+            if batch:
+                yield batch
+                cursor = batch[-1].id
+                if len(batch) >= max_batch:
+                    continue  # possibly cut short: read on at once
+            # Everything was read: anything newer wakes the subscription, even while this
+            # stream was sending (the wake is kept), so a wait here misses nothing.
+            await sub.wait()
+    finally:
+        if stop is not None:
+            stop.cancel()
+        sub.close()
+
+
+async def follow(
+    log: EventLog,
+    session: str,
+    last_id: str | None,
+    *,
+    idle_s: float = 5.0,
+    until: Flag | None = None,
+) -> AsyncGenerator[Event, None]:
+    """Replay every retained event after `last_id`, then yield live ones, until `until` is set.
+
+    `follow_batches` one event at a time (same guarantees: no gap, no duplicate); `until` is
+    read before each event. Close the iterator (`contextlib.aclosing`) when stopping early.
+
+    Raises:
+        InvalidEventId, InvalidSessionId: from the log, before anything is yielded.
+        UnsafePath, OSError: the log cannot be read (the file backend: `sessions` is a link).
+    """
+    batches = follow_batches(log, session, last_id, idle_s=idle_s, until=until)
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            for event in batch:
+                if until is not None and until.is_set():
+                    return
+                yield event
 
 
 def lost_event(

@@ -29,11 +29,13 @@ Deliberate choices:
   of the newest `retention_events` and younger than `retention_ms`; asking for an older position
   yields a `lost` event naming how many events were dropped. The file is rewritten (temp file,
   then `os.replace`) when it holds 25 % more than that, so compaction is amortised.
-* **Live delivery across processes polls.** A process learns of its own appends at once; it
-  learns of another process's appends by `stat()`-ing the files that have waiting streams every
-  `poll_ms` (50 ms by default: one `stat` per watched session per tick, however many streams
-  watch it). `benchmarks/bench_sse.py` measures the latency; no inotify, so it works on any
-  volume type that shows another writer's appends.
+* **One watcher per session per process.** Every stream of a session in this process shares
+  one `SessionWatch` (`_sessionwatch.py`): it learns of another process's appends from inotify
+  on the `sessions` folder (a `stat` every `poll_ms` where inotify is missing, or with
+  `watch="poll"`), reads what is new once, and wakes the streams, which take their events from
+  the parsed view in memory by their own position. A process learns of its own appends at once.
+  inotify sees only writes made through this kernel: for a volume shared across hosts (NFS),
+  use `watch="poll"` (`SF_SSE_WATCH=poll`), or accept the watch's one-second safety recheck.
 * **No fsync by default.** An upgrade is a graceful process swap on one host: the page cache is
   shared, so the new replica sees every byte the old one wrote. Events are notifications, not
   the durable writes the feedback queue protects; `fsync=True` buys power-loss durability.
@@ -44,8 +46,8 @@ Deliberate choices:
 
 Three modules below this one: `_sessiondisk.py` reads and appends the files (on worker
 threads), `_sessionfile.py` holds one session's record, its lock, its rewrite (compaction) and
-quarantine, `_sessionview.py` the line format and the retention rules as pure data; this module is
-the API, the cache of sessions and the poller.
+quarantine, `_sessionview.py` the line format and the retention rules as pure data,
+`_sessionwatch.py` the watchers; this module is the API and the cache of sessions.
 
 File layout (`<state_dir>/sessions/<session>.log`), one JSON object per line::
 
@@ -58,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 import threading
@@ -67,12 +68,14 @@ from typing import Any
 
 from ._errors import UnsafePath
 from ._events import Event, parse_event_id, validate_session_id
+from ._inotify import Inotify
 from ._sessiondisk import SessionDisk
 from ._sessionfile import Session, now_ms
 from ._sessionview import Retention, has_after
+from ._sessionwatch import WATCH_MODES, SessionWatch, Waiter, Watchers
 from ._statefiles import state_subdir
 
-__all__ = ["FileEventLog"]
+__all__ = ["FileEventLog", "FileSubscription"]
 
 logger = logging.getLogger("sf_lifecycle.events.file")
 
@@ -84,7 +87,9 @@ class FileEventLog:
         state_dir: The state directory (the volume that outlives a replica).
         retention_events: Events per session a reader can still resume from.
         retention_ms: Age after which an event can no longer be resumed from.
-        poll_ms: How often files with waiting streams are checked for other processes' appends.
+        poll_ms: How often a watched session's file is checked when inotify is not used.
+        watch: How other processes' appends are seen: `auto` (inotify where available, else
+            polling), `inotify` (`OSError` here if it cannot be used) or `poll`.
         fsync: fsync each append (and compaction) for power-loss durability.
         max_cached_sessions: Sessions kept parsed in memory when nobody streams them.
         file_mode: Mode of the log and lock files created (no file is opened through a link).
@@ -92,6 +97,8 @@ class FileEventLog:
 
     Raises:
         UnsafePath: `sessions` under the state directory is a link or not a folder.
+        ValueError: a setting out of range, or an unknown `watch`.
+        OSError: `watch="inotify"` and inotify cannot be used here.
     """
 
     def __init__(
@@ -101,6 +108,7 @@ class FileEventLog:
         retention_ms: int = 3_600_000,
         *,
         poll_ms: int = 50,
+        watch: str = "auto",
         fsync: bool = False,
         max_cached_sessions: int = 256,
         file_mode: int = 0o600,
@@ -108,6 +116,10 @@ class FileEventLog:
     ) -> None:
         if retention_events < 1 or retention_ms < 1 or poll_ms < 1:
             raise ValueError("retention_events, retention_ms and poll_ms must be positive")
+        if watch not in WATCH_MODES:
+            raise ValueError(f"watch must be one of {', '.join(WATCH_MODES)}, not {watch!r}")
+        if watch == "inotify":
+            Inotify.open().close()  # asked for explicitly: refuse at start-up, not per stream
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(mode=dir_mode, parents=True, exist_ok=True)
         self.dir = state_subdir(self.state_dir, "sessions", dir_mode)
@@ -117,6 +129,7 @@ class FileEventLog:
         self.retention_ms = retention_ms
         self.retention = Retention(retention_events, retention_ms)
         self.poll_s = poll_ms / 1000
+        self.watch = watch
         self.fsync = fsync
         self.max_cached_sessions = max_cached_sessions
         self._disk = SessionDisk(
@@ -124,16 +137,21 @@ class FileEventLog:
         )
         self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
         self._guard = threading.Lock()
-        self._poller: asyncio.Task[None] | None = None
+        self._watchers: dict[asyncio.AbstractEventLoop, Watchers] = {}
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> FileEventLog:
-        """Build from `Settings` (state dir and the two `sse_retention_*` settings)."""
+        """Build from `Settings` (state dir, the two `sse_retention_*` settings, `sse_watch`)."""
         return cls(
             settings.require_state_dir(),
             settings.sse_retention_events,
             settings.sse_retention_ms,
-            **{"file_mode": settings.file_mode, "dir_mode": settings.dir_mode, **kwargs},
+            **{
+                "file_mode": settings.file_mode,
+                "dir_mode": settings.dir_mode,
+                "watch": settings.sse_watch,
+                **kwargs,
+            },
         )
 
     # -- public API ----------------------------------------------------------------------
@@ -158,43 +176,59 @@ class FileEventLog:
         `UnsafePath` when `sessions` is a link or not a folder."""
         position = None if last_id is None else parse_event_id(last_id)
         s = self._session(session)
-        if self._disk.stale(s):
-            async with s.alock:
-                if self._disk.stale(s):
-                    try:
-                        await asyncio.to_thread(self._disk.refresh, s)
-                    except UnsafePath:
-                        raise
-                    except OSError as exc:  # a stream must not die: serve what is known
-                        logger.error("session %s: cannot refresh: %s", s.name, exc)
+        await self._refresh(s)
         return self.retention.select(s.view, last_id, position, now_ms())
 
     async def wait(self, session: str, last_id: str | None, timeout_s: float) -> bool:
-        """See `EventLog.wait`: wakes on a local append at once, on another process's within
-        about `poll_ms`."""
+        """See `EventLog.wait`: wakes on a local append at once, on another process's as soon
+        as the session's watcher sees it (inotify), or within about `poll_ms` (polling)."""
         position = None if last_id is None else parse_event_id(last_id)
-        s = self._session(session)
-        event = self._changed(s)
-        if self._disk.stale(s) or has_after(s.view, position):
-            return True
-        s.waiters += 1
-        self._ensure_poller()
+        sub = self.subscribe(session)
         try:
+            s = sub.watch.s
+            if self._disk.stale(s) or has_after(s.view, position):
+                return True
             async with asyncio.timeout(timeout_s):
-                await event.wait()
+                await sub.wait()
         except TimeoutError:
             return False
         finally:
-            s.waiters -= 1
+            sub.close()
         return True
 
+    def subscribe(self, session: str) -> FileSubscription:
+        """Hold `session` for one stream (`Subscribable`): its watcher is shared by every stream
+        of the session on this event loop and closed with the last one. `close()` it.
+
+        Raises:
+            InvalidSessionId: the session id cannot name a file.
+            OSError: `watch="inotify"` and inotify cannot be used.
+        """
+        s = self._session(session)
+        loop = asyncio.get_running_loop()
+        watchers = self._watchers.get(loop)
+        if watchers is None:
+            for old in [w for w in self._watchers.values() if w.loop.is_closed()]:
+                del self._watchers[old.loop]  # a finished event loop's: its descriptor too
+                old.close()
+            watchers = Watchers(loop, self.dir, self.watch, self.poll_s, self._refresh)
+            self._watchers[loop] = watchers
+        return FileSubscription(self, watchers, watchers.acquire(s))
+
+    def watching(self) -> dict[str, int]:
+        """Sessions watched on the running event loop -> streams holding each (observability)."""
+        watchers = self._watchers.get(asyncio.get_running_loop())
+        if watchers is None:
+            return {}
+        return {name: w.refs for name, w in watchers.watches.items()}
+
     async def aclose(self) -> None:
-        """Stop the background poller (streams still waiting fall back to their timeouts)."""
-        task, self._poller = self._poller, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Close every session watcher and the inotify descriptor (streams still open go on by
+        re-reading the file every `poll_ms`); the log opens new ones if used again."""
+        watchers, self._watchers = list(self._watchers.values()), {}
+        for w in watchers:
+            w.close()
+        await asyncio.sleep(0)  # let the cancelled watch tasks finish
 
     def compact(self, session: str) -> None:
         """Drop what retention allows from one session file now (normally done on append)."""
@@ -216,31 +250,84 @@ class FileEventLog:
                 self._sessions.move_to_end(session)
             return s
 
-    def _changed(self, s: Session) -> asyncio.Event:
-        loop = asyncio.get_running_loop()
-        if s.changed is None or s.loop is not loop:
-            s.changed, s.loop = asyncio.Event(), loop
-        return s.changed
+    async def _refresh(self, s: Session) -> None:
+        """Bring `s.view` up to date with the file when it may differ (one refresh at a time)."""
+        if self._disk.stale(s):
+            async with s.alock:
+                if self._disk.stale(s):
+                    try:
+                        await asyncio.to_thread(self._disk.refresh, s)
+                    except UnsafePath:
+                        raise
+                    except OSError as exc:  # a stream must not die: serve what is known
+                        logger.error("session %s: cannot refresh: %s", s.name, exc)
 
     def _notify(self, s: Session) -> None:
-        event = s.changed
-        if event is not None and s.loop is asyncio.get_running_loop():
-            s.changed = asyncio.Event()
-            event.set()
+        """A local append: wake the session's streams on every loop at once."""
+        running = asyncio.get_running_loop()
+        for loop, watchers in list(self._watchers.items()):
+            watch = watchers.watches.get(s.name)
+            if watch is None or watch.s is not s:
+                continue
+            if loop is running:
+                watch.announce()
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(watch.announce)
 
-    def _ensure_poller(self) -> None:
-        loop = asyncio.get_running_loop()
-        task = self._poller
-        if task is None or task.done() or task.get_loop() is not loop:
-            self._poller = loop.create_task(self._poll(), name="sf-events-poller")
 
-    async def _poll(self) -> None:
-        """Wake waiters of files another process changed. Exits when nobody waits."""
-        idle = 0
-        while idle < 20:
-            await asyncio.sleep(self.poll_s)
-            watched = [s for s in list(self._sessions.values()) if s.waiters > 0]
-            idle = 0 if watched else idle + 1
-            for s in watched:
-                if self._disk.stale(s):
-                    self._notify(s)
+class FileSubscription:
+    """One stream's hold on a session of a `FileEventLog` (`Subscription` in `_events.py`).
+
+    The first read refreshes from the file; later ones read the view the session's watcher keeps
+    current, with no I/O. After `FileEventLog.aclose()` it falls back to reading the file and
+    sleeping `poll_ms` between reads.
+    """
+
+    __slots__ = ("_last", "_log", "_read_once", "_waiter", "_watchers", "watch")
+
+    def __init__(self, log: FileEventLog, watchers: Watchers, watch: SessionWatch) -> None:
+        self._log = log
+        self._watchers = watchers
+        self.watch = watch
+        self._waiter = Waiter()
+        self._read_once = False
+        self._last: tuple[str | None, tuple[int, int] | None] = (None, None)
+        watch.waiters.add(self._waiter)
+
+    async def read_after(self, last_id: str | None, limit: int) -> list[Event]:
+        if last_id is None:
+            position = None
+        elif last_id == self._last[0]:
+            position = self._last[1]  # the id of the last event this read returned
+        else:
+            position = parse_event_id(last_id)
+        watch, log = self.watch, self._log
+        if watch.error is not None:
+            raise watch.error
+        if watch.closed or not self._read_once:
+            await log._refresh(watch.s)
+            self._read_once = True
+        self._waiter.pending = False  # what the select below returns includes any wake so far
+        view = watch.s.view
+        out = log.retention.select(view, last_id, position, now_ms(), limit)
+        tail = out[-1].id if out else None
+        if tail is not None:
+            # An id the view made (`<epoch>-<seq>`): split, not validated again on the next read.
+            epoch, _, seq = tail.partition("-")
+            self._last = (tail, (int(epoch), int(seq)))
+        return out
+
+    async def wait(self) -> None:
+        if self.watch.closed:
+            await asyncio.sleep(self._log.poll_s)
+        else:
+            await self._waiter.wait()
+
+    def wake(self) -> None:
+        self._waiter.wake()
+
+    def close(self) -> None:
+        """Release the hold (a second call does nothing)."""
+        if self._waiter in self.watch.waiters:
+            self.watch.waiters.discard(self._waiter)
+            self._watchers.release(self.watch)

@@ -71,9 +71,7 @@ class Session:
         self.trusted = False  # `sig` is old enough that an equal stat means an unchanged file
         self.lock_fd: int | None = None  # the cross-process lock, held under `mutex`
         self.lock_depth = 0
-        self.changed: asyncio.Event | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.waiters = 0
+        self.waiters = 0  # watchers holding it: not dropped from the log's cache
         self.last_epoch = 0
 
 

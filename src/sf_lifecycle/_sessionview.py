@@ -158,9 +158,15 @@ class Retention:
         return floor
 
     def select(
-        self, view: View, last_id: str | None, pos: tuple[int, int] | None, now_ms: int
+        self,
+        view: View,
+        last_id: str | None,
+        pos: tuple[int, int] | None,
+        now_ms: int,
+        limit: int | None = None,
     ) -> list[Event]:
-        """What `read_after(last_id)` answers from `view` (`pos`: `last_id` parsed)."""
+        """What `read_after(last_id)` answers from `view` (`pos`: `last_id` parsed); at most
+        `limit` events after a leading `lost` one when given."""
         if view.epoch is None:
             if pos is None:
                 return []
@@ -186,7 +192,7 @@ class Retention:
                 seq = floor
         n = len(view.seqs)
         start = bisect.bisect_right(view.seqs, seq, 0, n)
-        out.extend(view.events[start:n])
+        out.extend(view.events[start : n if limit is None else min(n, start + limit)])
         return out
 
     def needs_compaction(self, view: View, now_ms: int) -> bool:

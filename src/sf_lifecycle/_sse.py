@@ -27,6 +27,11 @@ Deliberate choices:
   store refuses (`DiskWriteError`, `EventStoreUnavailable`: Redis down) answers 503 problem+json
   with `Retry-After`; an open stream whose store fails ends with the same `retry:` hint as at
   closing, and the client resumes from its `Last-Event-ID` once the store is back.
+* **An event is encoded once, a batch sent at once.** Each stream follows its session with
+  `follow_batches` (over `FileEventLog`: one watcher per session per process, which reads the
+  file once for every stream); the SSE frame of an event is encoded once per process
+  (`_Frames`) and shared by every stream that sends it, and a stream that is behind sends up
+  to `MAX_BATCH` events in one write instead of one write each.
 * **The publish body is checked while it is read**: the size limit applies to the bytes received,
   not to a `Content-Length` the client may not send.
 """
@@ -41,13 +46,22 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ._errors import DiskWriteError, EventStoreUnavailable, UnsafePath
-from ._events import LOST, EventLog, InvalidEventId, InvalidSessionId, follow, parse_event_id
+from ._events import (
+    LOST,
+    Event,
+    EventLog,
+    InvalidEventId,
+    InvalidSessionId,
+    follow_batches,
+    parse_event_id,
+)
 from ._events import validate_session_id as _validate_session
 from ._jsonbody import BodyError, read_json_body
 from ._lifecycle import Lifecycle
@@ -67,7 +81,7 @@ class _LifecycleEventSourceResponse(EventSourceResponse):
 
     def __init__(
         self,
-        content: AsyncIterator[ServerSentEvent],
+        content: AsyncIterator[bytes | ServerSentEvent],
         *,
         state: ShutdownState,
         close_grace_s: float,
@@ -84,6 +98,19 @@ class _LifecycleEventSourceResponse(EventSourceResponse):
         # this task; if it has not managed within the grace (a client that stopped reading),
         # returning here cancels the response.
         await asyncio.sleep(self._close_grace_s)
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        # Same rule as sse-starlette's (one send that takes longer than `send_timeout` ends the
+        # stream with `SendTimeoutError`), with asyncio's timeout instead of an anyio cancel
+        # scope: measured, the scope cost as much as the rest of a delivery.
+        if self.send_timeout is None:
+            await send(message)
+            return
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await send(message)
+        except TimeoutError:
+            raise SendTimeoutError() from None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -105,6 +132,37 @@ class _Closing:
         await self._state.wait_closing()
 
 
+class _Frames:
+    """SSE frames of recent events, encoded once and shared by every stream that sends them.
+
+    Keyed by session, id and the data itself (the same string object for every stream of a
+    session, so its hash is computed once): an id reused by a re-created log can never be
+    answered with another event's bytes. `lost` events are per client and never cached.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._cache: dict[tuple[str, str, str], bytes] = {}
+
+    def get(self, session: str, event: Event) -> bytes:
+        if event.kind == LOST or event.id is None:
+            return _encode(event)
+        key = (session, event.id, event.data_json)
+        frame = self._cache.get(key)
+        if frame is None:
+            frame = _encode(event)
+            if len(self._cache) >= self.size:
+                del self._cache[next(iter(self._cache))]  # the oldest
+            self._cache[key] = frame
+        return frame
+
+
+def _encode(event: Event) -> bytes:
+    return ServerSentEvent(
+        data=event.data_json, id=event.id, event=LOST if event.kind == LOST else None
+    ).encode()
+
+
 class _Endpoints:
     def __init__(
         self,
@@ -120,6 +178,7 @@ class _Endpoints:
         self.max_body_bytes = max_body_bytes
         self.send_timeout_s = send_timeout_s
         self.close_grace_s = close_grace_s
+        self.frames = _Frames()
 
     def _retry_after_s(self) -> int:
         return max(1, math.ceil(self.lifecycle.settings.sse_retry_ms / 1000))
@@ -171,20 +230,22 @@ class _Endpoints:
             headers=_NO_STORE,
         )
 
-    async def _events(self, session: str, cursor: str | None) -> AsyncIterator[ServerSentEvent]:
-        events = follow(self.log, session, cursor, until=_Closing(self.state))
+    async def _events(
+        self, session: str, cursor: str | None
+    ) -> AsyncIterator[bytes | ServerSentEvent]:
+        batches = follow_batches(self.log, session, cursor, until=_Closing(self.state))
+        frame = self.frames.get
         stats = self.lifecycle.stats
-        async with contextlib.aclosing(events):
+        async with contextlib.aclosing(batches):
             try:
-                async for event in events:
-                    stats.events_sent += 1
-                    if event.kind == LOST:
+                async for batch in batches:
+                    stats.events_sent += len(batch)
+                    if batch[0].kind == LOST:  # a lost event only ever leads a batch
                         stats.lost_events += 1
-                    yield ServerSentEvent(
-                        data=event.data_json,
-                        id=event.id,
-                        event=LOST if event.kind == LOST else None,
-                    )
+                    if len(batch) == 1:
+                        yield frame(session, batch[0])
+                    else:
+                        yield b"".join([frame(session, event) for event in batch])
             except UnsafePath as exc:  # the client retries; an operator must fix the folder
                 logger.error("session %s: stream ended: %s", session, exc)
             except EventStoreUnavailable as exc:  # Redis down: the client resumes once it is back

@@ -158,7 +158,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
 
 
 async def _cancel_the_rest() -> None:
-    """Background tasks the example app leaves running (the event log's poller)."""
+    """Background tasks the example app leaves running (session watchers of open streams)."""
     me = asyncio.current_task()
     rest = [t for t in asyncio.all_tasks() if t is not me]
     for t in rest:

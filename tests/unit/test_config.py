@@ -311,6 +311,7 @@ _SOURCES: dict[str, tuple[str, object, str, object]] = {
     "sse_retry_ms": ("10", 20, "30", 30),
     "sse_retention_events": ("1", 2, "3", 3),
     "sse_retention_ms": ("2000", 3_000, "4s", 4_000),
+    "sse_watch": ("poll", "inotify", "auto", "auto"),
     "file_mode": ("0640", 0o660, "0644", 0o644),
     "dir_mode": ("0750", 0o770, "0755", 0o755),
     "liveness_stall_ms": ("1000", 2_000, "1m", 60_000),

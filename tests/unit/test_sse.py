@@ -308,6 +308,60 @@ def test_the_overridden_sse_starlette_watcher_still_exists() -> None:
 
     from sf_lifecycle._sse import _LifecycleEventSourceResponse
 
-    name = "_listen_for_exit_signal_with_grace"
-    assert callable(getattr(EventSourceResponse, name, None))
-    assert name in vars(_LifecycleEventSourceResponse)
+    # The per-send timeout too (`_send_with_timeout`, replaced for speed; see `_sse.py`).
+    for name in ("_listen_for_exit_signal_with_grace", "_send_with_timeout"):
+        assert callable(getattr(EventSourceResponse, name, None))
+        assert name in vars(_LifecycleEventSourceResponse)
+
+
+async def test_a_stream_whose_client_stops_reading_ends_after_the_send_timeout(
+    tmp_path: Path,
+) -> None:
+    """Steps: a stream opened straight on the ASGI app with `send_timeout_s=0.2`, whose
+    transport accepts the response head and then never accepts another byte (a client that
+    stopped reading); an event is published: the response ends with `SendTimeoutError` within
+    about the timeout, and the stream is no longer counted."""
+    from sse_starlette.sse import SendTimeoutError
+
+    lifecycle = Lifecycle(Settings(state_dir=tmp_path))
+    log = FileEventLog(tmp_path)
+    app = Starlette(routes=session_event_routes(lifecycle, log, send_timeout_s=0.2))
+    started = asyncio.Event()
+    stalled = asyncio.Event()  # never set
+
+    async def receive() -> dict[str, Any]:
+        await stalled.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            assert message["status"] == 200
+            started.set()
+            return
+        await stalled.wait()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": EVENTS_PATH,
+        "raw_path": EVENTS_PATH.encode(),
+        "root_path": "",
+        "query_string": b"session=s",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    call = asyncio.create_task(app(scope, receive, send))  # type: ignore[arg-type]
+    await asyncio.wait_for(started.wait(), 5)
+    assert lifecycle.state.streams == 1
+    await log.append("s", {"big": "x" * 100})
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(SendTimeoutError):
+        await asyncio.wait_for(call, 5)
+    assert loop.time() - began < 3
+    assert lifecycle.state.streams == 0
+    await log.aclose()
