@@ -8,12 +8,16 @@ extra (`pip install sf-lifecycle[redis]`: redis-py's asyncio client).
 Deliberate choices:
 
 * **The stream id is the SSE id, and it is `<epoch>-<seq>`.** An append runs one Lua script
-  that reads the stream's last id and `XADD`s the next one explicitly: `epoch` is the
-  millisecond the stream was created, `seq` counts 1, 2, 3... So ids are dense (a `lost` event
+  that reads the last id the stream generated (`XINFO STREAM`, so an `XDEL` of the newest
+  entries does not stop it) and `XADDs` the next one explicitly: `epoch` is the millisecond
+  the stream was created, `seq` counts 1, 2, 3... So ids are dense (a `lost` event
   says exactly how many events a client missed), compare as the file backend's do, and an id
   from another log (the file backend, or a stream that expired and was created again) has
   another epoch and is answered with a `lost` event (`reset`), never a silent replay from an
   unrelated position. The script is atomic: replicas appending at once never reuse a number.
+* **A read is one Lua script too**: the stream's ends and the entries after the position
+  come from one atomic call, so appends (and the trimming they do) between two round trips
+  can never skip events without the `lost` event that counts them.
 * **Retention: `XADD MAXLEN ~` by count, exact for readers, and an idle expiry.** Approximate
   trimming (whole radix-tree nodes) keeps memory bounded cheaply; a reader still sees only the
   newest `retention_events`, younger than `retention_ms`, as with files. Ids are not time-based,
@@ -55,21 +59,60 @@ __all__ = ["REDIS_SCHEMES", "RedisEventLog", "check_redis_url"]
 #: URL schemes redis-py accepts (`unix://` for a socket path).
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
-# KEYS[1]: the stream. ARGV: now_ms, data_json, maxlen, idle_ttl_ms. Returns the new id.
-_APPEND = """
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local epoch, seq = ARGV[1], 1
-if #last > 0 then
-  local id = last[1][1]
+# Reads the stream's last generated id and first entry (`XINFO STREAM`: the newest entries may
+# have been deleted, and the numbering goes on after them). Shared by both scripts.
+_ENDS = """
+local function split(id)
   local dash = string.find(id, '-', 1, true)
-  epoch = string.sub(id, 1, dash - 1)
-  seq = tonumber(string.sub(id, dash + 1)) + 1
+  return string.sub(id, 1, dash - 1), tonumber(string.sub(id, dash + 1))
 end
-local id = epoch .. '-' .. string.format('%d', seq)
+local function ends(key)
+  if redis.call('EXISTS', key) == 0 then return nil end
+  local info, last, first = redis.call('XINFO', 'STREAM', key), '0-0', false
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+    if info[i] == 'first-entry' then first = info[i + 1] end
+  end
+  if last == '0-0' then return nil end
+  local epoch, head = split(last)
+  local first_seq = head + 1
+  if first then first_seq = select(2, split(first[1])) end
+  return epoch, head, first_seq
+end
+"""
+
+# KEYS[1]: the stream. ARGV: now_ms, data_json, maxlen, idle_ttl_ms. Returns the new id.
+_APPEND = (
+    _ENDS
+    + """
+local epoch, head = ends(KEYS[1])
+if epoch == nil then epoch, head = ARGV[1], 0 end
+local id = epoch .. '-' .. string.format('%d', head + 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], id, 't', ARGV[1], 'd', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return id
 """
+)
+
+# KEYS[1]: the stream. ARGV: the caller's epoch ('' for none) and seq, retention_events, count.
+# Returns false (no stream) or {epoch, head, start, entries}: the entries after seq `start`,
+# which is the caller's seq, or the retention floor when the caller is behind it. One script,
+# so no append (and no trimming) between reading the ends and the entries can open a gap.
+_READ = (
+    _ENDS
+    + """
+local epoch, head, first_seq = ends(KEYS[1])
+if epoch == nil then return false end
+local start = math.max(first_seq - 1, head - tonumber(ARGV[3]))
+if ARGV[1] == epoch and tonumber(ARGV[2]) > start then start = tonumber(ARGV[2]) end
+local entries = {}
+if start < head then
+  local after = '(' .. epoch .. '-' .. string.format('%d', start)
+  entries = redis.call('XRANGE', KEYS[1], after, '+', 'COUNT', ARGV[4])
+end
+return {epoch, head, start, entries}
+"""
+)
 
 
 def check_redis_url(url: object, variable: str = "SF_REDIS_URL") -> str:
@@ -151,6 +194,7 @@ class RedisEventLog:
         self._pool: Redis | None = None
         self._reader: StreamReader | None = None
         self._append: Any = None
+        self._read_script: Any = None
         self._reads: dict[tuple[str, str | None], asyncio.Future[list[Event]]] = {}
 
     @classmethod
@@ -212,27 +256,32 @@ class RedisEventLog:
     async def _read(
         self, key: str, last_id: str | None, pos: tuple[int, int] | None
     ) -> list[Event]:
-        pool, _ = self._clients()
-
-        async def ends() -> list[Any]:
-            async with pool.pipeline(transaction=False) as pipe:
-                pipe.xrange(key, count=1)
-                pipe.xrevrange(key, count=1)
-                result: list[Any] = await pipe.execute()
-                return result
-
-        first, last = await self._call(ends)
         now = _now_ms()
-        if not first or not last:
-            return [] if pos is None else [lost_event(None, now, "reset", last_id, None)]
-        epoch, first_seq = parse_event_id(_text(first[0][0]))
-        head = parse_event_id(_text(last[0][0]))[1]
-        if pos is not None and pos[0] == epoch and pos[1] > head:
-            # The stream is behind the client (Redis lost writes it had acknowledged).
-            return [lost_event(f"{epoch}-{head}", now, "ahead", last_id, None)]
-        floor = max(first_seq - 1, head - self.retention_events)
-        start = pos[1] if pos is not None and pos[0] == epoch and pos[1] > floor else floor
-        events, start = await self._fetch(key, epoch, start, now - self.retention_ms)
+        cutoff_ms = now - self.retention_ms
+        cursor = pos
+        while True:
+            args = ["", 0] if cursor is None else [cursor[0], cursor[1]]
+            args += [self.retention_events, self.read_batch]
+            script = functools.partial(self._read_script, keys=[key], args=args)
+            reply = await self._call(script)
+            if not reply:
+                return [] if pos is None else [lost_event(None, now, "reset", last_id, None)]
+            epoch, head, start = int(_text(reply[0])), int(reply[1]), int(reply[2])
+            if pos is not None and pos[0] == epoch and pos[1] > head:
+                # The stream is behind the client (Redis lost writes it had acknowledged).
+                return [lost_event(f"{epoch}-{head}", now, "ahead", last_id, None)]
+            events: list[Event] = []
+            for raw_id, raw_fields in reply[3]:
+                event_id = _text(raw_id)
+                fields = dict(zip(raw_fields[::2], raw_fields[1::2], strict=True))
+                ts = int(fields[b"t"])
+                if not events and ts < cutoff_ms:
+                    start = parse_event_id(event_id)[1]  # expired by age
+                    continue
+                events.append(Event(event_id, _text(fields[b"d"]), ts))
+            if events or len(reply[3]) < self.read_batch:
+                break
+            cursor = (epoch, start)  # a whole batch expired by age: read on from there
         if pos is None:
             return events
         if pos[0] != epoch:
@@ -308,6 +357,7 @@ class RedisEventLog:
             )
             self._reader = StreamReader(blocking, self._pool, self.key_prefix, self.block_ms)
             self._append = self._pool.register_script(_APPEND)
+            self._read_script = self._pool.register_script(_READ)
             self._reads = {}
             self._loop = loop
         return self._pool, self._reader
@@ -334,25 +384,3 @@ class RedisEventLog:
                 f"event store (Redis at {redact_url(self.url)}) unavailable: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-
-    async def _fetch(
-        self, key: str, epoch: int, start: int, cutoff_ms: int
-    ) -> tuple[list[Event], int]:
-        """Events after seq `start`, dropping those older than `cutoff_ms`; returns them and
-        the seq they follow (raised past every dropped event)."""
-        pool, _ = self._clients()
-        while True:
-            after = f"({epoch}-{start}"
-            entries: list[Any] = await self._call(
-                functools.partial(pool.xrange, key, min=after, count=self.read_batch)
-            )
-            events: list[Event] = []
-            for raw_id, fields in entries:
-                event_id = _text(raw_id)
-                ts = int(fields[b"t"])
-                if not events and ts < cutoff_ms:
-                    start = parse_event_id(event_id)[1]  # expired by age
-                    continue
-                events.append(Event(event_id, _text(fields[b"d"]), ts))
-            if events or len(entries) < self.read_batch:
-                return events, start

@@ -83,6 +83,68 @@ async def test_maxlen_trims_the_stream_and_readers_see_exactly_the_retained(
     await log.aclose()
 
 
+async def test_a_read_racing_appends_and_trimming_never_skips_silently(tmp_path: Path) -> None:
+    """Steps: other replicas append (and so trim) while a reader asks for the events after the
+    oldest retained position, 100 times; every answer starts right after that position, or
+    with a `lost` event whose count is exact: the first event follows its `resume_after`.
+    (Nodes of two entries make trimming exact, so that one concurrent append is enough.)"""
+    with RedisServer(tmp_path / "redis") as server:
+        raw = Redis.from_url(server.url)
+        await raw.config_set("stream-node-max-entries", 2)
+        await raw.aclose()
+        reader = RedisEventLog(server.url, retention_events=10)
+        writer = RedisEventLog(server.url, retention_events=10)
+        for i in range(20):
+            await writer.append("s", i)
+
+        done = asyncio.Event()
+
+        async def append_until_done() -> None:  # no cancel: 3.11's wait_for may swallow it
+            while not done.is_set():
+                await writer.append("s", "x")
+
+        appenders = [asyncio.create_task(append_until_done()) for _ in range(8)]
+        try:
+            for _ in range(100):
+                epoch, head = parse_event_id((await reader.read_after("s", None))[-1].id)
+                pos = head - 9  # the oldest retained
+                got = await reader.read_after("s", f"{epoch}-{pos}")
+                if got[0].kind == LOST:
+                    lost = got[0].data
+                    assert lost["reason"] == "expired"
+                    assert parse_event_id(lost["resume_after"]) == (epoch, pos + lost["lost"])
+                    assert parse_event_id(got[1].id) == (epoch, pos + lost["lost"] + 1)
+                else:
+                    assert parse_event_id(got[0].id) == (epoch, pos + 1)
+        finally:
+            done.set()
+            await asyncio.gather(*appenders, return_exceptions=True)
+            await reader.aclose()
+            await writer.aclose()
+
+
+async def test_appends_go_on_after_the_newest_entries_were_deleted(
+    log: RedisEventLog, sf_redis: RedisServer
+) -> None:
+    """An operator's `XDEL` of the newest entries (or `XTRIM MAXLEN 0`) does not block the
+    session: appends number on from the last id Redis generated, never reusing one."""
+    ids = [await log.append("s", i) for i in range(5)]
+    raw = Redis.from_url(sf_redis.url)
+    try:
+        await raw.xdel(log.key_prefix + "s", ids[-1], ids[-2])
+        epoch, seq = parse_event_id(ids[-1])
+        after_del = await log.append("s", 5)
+        assert parse_event_id(after_del) == (epoch, seq + 1)
+        await raw.xtrim(log.key_prefix + "s", maxlen=0)
+        assert parse_event_id(await log.append("s", 6)) == (epoch, seq + 2)
+    finally:
+        await raw.aclose()
+    got = await log.read_after("s", ids[2])
+    assert got[0].kind == LOST
+    assert got[0].data["lost"] == 3  # the two deleted, the one trimmed
+    assert [e.data for e in got[1:]] == [6]
+
+
 async def test_a_thousand_waiting_streams_share_a_few_connections(
     log: RedisEventLog, sf_redis: RedisServer
 ) -> None:
