@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -48,7 +49,7 @@ from urllib.parse import urlsplit
 
 from ._errors import ConfigError, EventStoreUnavailable
 from ._events import Event, lost_event, parse_event_id, validate_session_id
-from ._redact import redact_url
+from ._redact import redact_secrets, redact_url
 from ._redis_reader import StreamReader
 
 if TYPE_CHECKING:
@@ -118,17 +119,83 @@ return {epoch, head, start, entries}
 def check_redis_url(url: object, variable: str = "SF_REDIS_URL") -> str:
     """Return `url` if redis-py can use it, else raise `ConfigError` naming `variable`.
 
-    The message shows the URL without its password.
+    Checked at start-up, so that a URL redis-py would refuse at the first command (a port out of
+    range, `unix://` without a path, a query parameter it does not know or cannot parse) stops
+    the process with one line instead of failing every request. When redis-py is installed,
+    the connection options are built with it exactly as `RedisEventLog` will (no I/O).
+    The message shows the URL without its password, never the raw value.
     """
-    if isinstance(url, str):
-        parts = urlsplit(url)
-        if parts.scheme.lower() == "unix" or (
-            parts.scheme.lower() in REDIS_SCHEMES and parts.hostname
-        ):
-            return url
+    problem = _url_problem(url) if isinstance(url, str) else "not a string"
+    if problem is None:
+        return str(url)
     shown = redact_url(url) if isinstance(url, str) else url
     raise ConfigError(
-        variable, shown, "a Redis URL: redis://[:password@]host[:port][/db], rediss://, unix://"
+        variable,
+        shown,
+        f"{problem}; a Redis URL is redis://[:password@]host[:port][/db], rediss://...,"
+        " or unix:///path/to/socket",
+    )
+
+
+_DB_PATH = re.compile(r"/?(\d+)?")
+
+
+def _url_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # its text may quote a part of the URL: not shown
+        return "the port is not a number from 1 to 65535" if "ort" in str(exc) else "unparsable"
+    scheme = parts.scheme.lower()
+    if scheme not in REDIS_SCHEMES:
+        return "the scheme is not redis, rediss or unix"
+    if scheme == "unix":
+        if not parts.path:
+            return "no socket path after unix://"
+    elif not parts.hostname:
+        return "no host"
+    elif port == 0:
+        return "the port is not a number from 1 to 65535"
+    elif not _DB_PATH.fullmatch(parts.path):
+        return "the path is not a database number (/0)"
+    try:
+        import redis.asyncio  # noqa: F401
+    except ImportError:
+        return None  # the shape only: RedisEventLog itself needs redis-py
+    try:
+        _connection_pool(url, 1.0, 1).make_connection()  # builds the options, connects nowhere
+    except Exception as exc:
+        return f"redis-py refuses its options ({type(exc).__name__}: {redact_secrets(str(exc))})"
+    return None
+
+
+def _options(timeout_s: float) -> dict[str, Any]:
+    """Connection options of both clients, beside those the URL gives."""
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError, TimeoutError
+    from redis.retry import Retry
+
+    # A connection idle for a second is PINGed before use, so one that a restarted Redis
+    # closed is replaced before a write goes out on it.
+    return {
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+        "retry_on_error": [ConnectionError, TimeoutError],
+        "health_check_interval": 1,
+    }
+
+
+def _connection_pool(url: str, timeout_s: float, max_connections: int) -> Any:
+    from redis.asyncio import BlockingConnectionPool
+
+    # Blocking: a burst of appends waits (up to the timeout) for a free connection rather
+    # than failing with "Too many connections".
+    return BlockingConnectionPool.from_url(
+        url,
+        socket_timeout=timeout_s,
+        max_connections=max_connections,
+        timeout=timeout_s,
+        **_options(timeout_s),
     )
 
 
@@ -326,35 +393,24 @@ class RedisEventLog:
     def _clients(self) -> tuple[Redis, StreamReader]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._pool is None or self._reader is None:
-            from redis.asyncio import BlockingConnectionPool, Redis
-            from redis.backoff import ExponentialBackoff
-            from redis.exceptions import ConnectionError, TimeoutError
-            from redis.retry import Retry
+            from redis.asyncio import Redis
 
-            # A connection idle for a second is PINGed before use, so one that a restarted
-            # Redis closed is replaced before a write goes out on it.
-            options: dict[str, Any] = {
-                "socket_connect_timeout": self.timeout_s,
-                "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
-                "retry_on_error": [ConnectionError, TimeoutError],
-                "health_check_interval": 1,
-            }
-            # Blocking: a burst of appends waits (up to the timeout) for a free connection
-            # rather than failing with "Too many connections".
-            pool = BlockingConnectionPool.from_url(
-                self.url,
-                socket_timeout=self.timeout_s,
-                max_connections=self.max_connections,
-                timeout=self.timeout_s,
-                **options,
-            )
+            try:
+                pool = _connection_pool(self.url, self.timeout_s, self.max_connections)
+                blocking = Redis.from_url(
+                    self.url,
+                    socket_timeout=self.block_ms / 1000 + self.timeout_s,
+                    max_connections=1,
+                    **_options(self.timeout_s),
+                )
+                pool.make_connection()  # builds the options (no I/O): refused here, not later
+                blocking.connection_pool.make_connection()
+            except Exception as exc:  # the URL was checked: a 503, never a 500, regardless
+                raise EventStoreUnavailable(
+                    f"event store (Redis at {redact_url(self.url)}) cannot be used: "
+                    f"{type(exc).__name__}: {redact_secrets(str(exc))}"
+                ) from exc
             self._pool = Redis.from_pool(pool)
-            blocking = Redis.from_url(
-                self.url,
-                socket_timeout=self.block_ms / 1000 + self.timeout_s,
-                max_connections=1,
-                **options,
-            )
             self._reader = StreamReader(blocking, self._pool, self.key_prefix, self.block_ms)
             self._append = self._pool.register_script(_APPEND)
             self._read_script = self._pool.register_script(_READ)

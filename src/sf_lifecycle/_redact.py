@@ -12,8 +12,10 @@ import re
 
 __all__ = ["describe_error", "redact_secrets", "redact_url"]
 
-#: A URL: scheme, optional userinfo (credentials), host, and the rest (path, query).
-_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*)://(?:[^\s/@'\"]*@)?([^\s/?#'\"]*)(\S*)")
+#: A URL: scheme, optional userinfo (credentials), host, and the rest (path, query). The
+#: userinfo runs to the last `@` of the word, as for `urlsplit`, and further: a password may
+#: hold a raw `@`, `/`, `#`, `?` or quote that its owner did not percent-encode.
+_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*)://(?:\S*@)?([^\s/?#'\"]*)(\S*)")
 #: A `file:` URL without `//`, or a quoted string holding a path separator.
 _FILE_URL = re.compile(r"(?i)\bfile:\S*")
 _QUOTED_PATH = re.compile(r"'[^']*[/\\][^']*'|\"[^\"]*[/\\][^\"]*\"")
@@ -29,9 +31,17 @@ def redact_url(url: str) -> str:
     """`url` with its credentials replaced, for logs and error messages.
 
     Host, port and path stay (an operator needs them to see which server is meant); the
-    password, and the user name with it, never appear.
+    password, and the user name with it, never appear: everything before the last `@` goes,
+    whatever characters the password holds (a raw `@`, `/`, `#`, `?`, a space), and with or
+    without a scheme.
     """
-    return redact_secrets(url.strip())
+    url = url.strip()
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "<redacted>@" + rest.rpartition("@")[2]
+    return redact_secrets(scheme + sep + rest)
 
 
 def _redact_url(m: re.Match[str]) -> str:
@@ -81,8 +91,9 @@ def _redact_paths(text: str) -> str:
     return _PATH.sub("<path>", text)
 
 
-#: The userinfo of a URL (`user:password@`), which log lines must never carry.
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@'\"]*@")
+#: The userinfo of a URL (`user:password@`), which log lines must never carry: to the last `@`
+#: of the word (a password may hold a raw `@`, `/`, `#`, `?` or quote).
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)\S*@")
 
 
 def redact_secrets(text: str) -> str:

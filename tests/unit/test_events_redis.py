@@ -247,3 +247,60 @@ def test_core_imports_without_redis_and_the_error_names_the_extra() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert "pip install 'sf-lifecycle[redis]'" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://127.0.0.1:99999/0", "port"),
+        ("redis://:hunter2@127.0.0.1:abc/0", "port"),
+        ("redis://:hunter2@127.0.0.1:0/0", "port"),
+        ("redis://127.0.0.1:6379/notadb", "database number"),
+        ("unix://", "socket path"),
+        ("redis://:hunter2@127.0.0.1:6379/0?socket_timeout=abc", "socket_timeout"),
+        ("redis://127.0.0.1:6379/0?no_such_option=1", "no_such_option"),
+        ("redis://:hunter2@", "no host"),
+        ("redis://[::1", "unparsable"),
+    ],
+)
+def test_a_url_redis_py_would_refuse_stops_serve_with_one_line_naming_the_variable(
+    url: str, problem: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Accepted, such a URL failed every publish (500) and every probe, forever."""
+    import os
+
+    from sf_lifecycle import _cli
+
+    monkeypatch.setattr(os, "environ", {**os.environ, "SF_REDIS_URL": url})
+    assert _cli.main(["serve", "examples.sf_server:app"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sf-lifecycle: invalid SF_REDIS_URL=")
+    assert len(err.strip().splitlines()) == 1
+    assert problem in err
+    assert "hunter2" not in err
+
+
+async def test_a_client_redis_py_cannot_build_answers_503_problem_not_500(
+    tmp_path: Path,
+) -> None:
+    """Defence behind the start-up check: if redis-py still refuses the options when the
+    clients are built, a publish answers 503 problem+json and the probe fails, no 500."""
+    settings = Settings(state_dir=tmp_path, redis_url="redis://127.0.0.1:1/0")
+    lifecycle = Lifecycle(settings)
+    log = RedisEventLog.from_settings(settings, timeout_ms=300)
+    log.url = "redis://:hunter2@127.0.0.1:1/0?no_such_option=1"  # as if the check missed it
+    lifecycle.add_readiness_check("redis", log.ping, timeout_s=1.0)
+    app = lifecycle.install(Starlette(routes=session_event_routes(lifecycle, log)))
+    lifecycle.state.mark_ready()
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        r = await c.post(EVENTS_PATH, params={"session": "s"}, json={"a": 1})
+        assert r.status_code == 503
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["code"] == "event_store_unavailable"
+        assert "hunter2" not in r.text
+        ready = await c.get("/api/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["redis"]["ok"] is False
+        assert "hunter2" not in ready.text
+    await log.aclose()
