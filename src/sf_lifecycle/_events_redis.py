@@ -404,7 +404,8 @@ class RedisEventLog:
                     **_options(self.timeout_s),
                 )
                 pool.make_connection()  # builds the options (no I/O): refused here, not later
-                blocking.connection_pool.make_connection()
+                blocking_pool: Any = blocking.connection_pool
+                blocking_pool.make_connection()
             except Exception as exc:  # the URL was checked: a 503, never a 500, regardless
                 raise EventStoreUnavailable(
                     f"event store (Redis at {redact_url(self.url)}) cannot be used: "

@@ -40,10 +40,20 @@ _LOCAL = {"localhost", "127.0.0.1", "::1"}
 _RECOVER_HINT = "e.g. --app examples.sf_server:app (infra/k8s/multihost/recover-job.yaml)"
 
 
+#: The variable the inline-password hint suggests, per URL setting.
+_PASSWORD_VARS = {"SF_DATABASE_URL": "SF_POSTGRES_PASSWORD", "SF_REDIS_URL": "SF_REDIS_PASSWORD"}
+
+
 def inline_password(raw: str) -> bool:
-    """True when the URL `raw` (before interpolation) carries a password written out in it."""
-    parts = urlsplit(_REF.sub("REF", raw).replace("REF", "\0"))
-    password = parts.password or ""
+    """True when the URL `raw` (before interpolation) carries a password written out in it.
+
+    The userinfo runs to the last `@` (as `urlsplit` and the drivers read it), and a URL that
+    cannot be split counts as one with a password: the checks say what is wrong with it.
+    """
+    text = _REF.sub("\0", raw)
+    _, sep, rest = text.partition("://")
+    userinfo = rest.rpartition("@")[0] if sep else ""
+    password = userinfo.partition(":")[2]
     return bool(password.replace("\0", ""))
 
 
@@ -74,16 +84,21 @@ def check_compose_backends(
         raw = raw_mapping(svc.get("environment"))
         depends = _depends_on(svc.get("depends_on"))
         for var, schemes in BACKEND_VARS.items():
-            if var not in app.env:
-                continue
+            if not app.env.get(var):
+                continue  # unset, or `VAR:` with no value: compose passes the shell's through
             where = f"service {app.name}: {var}"
             if inline_password(str(raw.get(var, ""))):
                 report.error(
                     f"{where} has its password written in the file; take it from a variable "
-                    f"(${{SF_POSTGRES_PASSWORD}} set in an env file or the shell) so the file "
+                    f"(${{{_PASSWORD_VARS[var]}}} set in an env file or the shell) so the file "
                     f"can be shared and the secret rotated without editing it"
                 )
-            url = urlsplit(app.env[var])
+            try:
+                url = urlsplit(app.env[var])
+                url.port  # noqa: B018  # raises for a port that is not a number
+            except ValueError:
+                report.error(f"{where} is not a URL that can be parsed (host, port)")
+                continue
             if url.scheme.lower() not in schemes:
                 report.error(f"{where} is not a {' or '.join(s + '://' for s in schemes)} URL")
                 continue

@@ -52,6 +52,7 @@ from ._infra_compose import (
     check_compose,
     check_label_routers,
     compose_base,
+    compose_problems,
     merge_compose,
 )
 from ._infra_k8s import check_k8s
@@ -73,7 +74,7 @@ def _classify(doc: Any) -> str | None:
         return None
     if "apiVersion" in doc and "kind" in doc:
         return "k8s"
-    if isinstance(doc.get("services"), Mapping):
+    if "services" in doc:  # of any shape: one compose refuses is reported as such
         return "compose"
     keys = {str(k).lower() for k in doc}
     if "http" in keys or "tcp" in keys:
@@ -108,10 +109,19 @@ def check_documents(
     dynamic: list[tuple[str, Mapping[str, Any]]] = []
     proxies: list[StaticConfig] = []
     compose_docs = {file: doc for file, doc in documents if _classify(doc) == "compose"}
+    # What compose would refuse is reported, and that file is not checked (nor merged).
+    overlay_names = {f for f, _ in documents if compose_base(f) in compose_docs}
+    bad = {
+        f
+        for f, doc in documents
+        if (f in compose_docs or f in overlay_names) and _bad_shape(f, doc, out)
+    }
     overlays: list[tuple[str, Mapping[str, Any], str]] = []
     for file, doc in documents:
         kind = _classify(doc)
         base = compose_base(file)
+        if file in bad or (base in bad and kind == "compose"):
+            continue
         if kind == "compose" and base in compose_docs:
             overlays.append((file, doc, base))
         elif kind == "compose":
@@ -141,6 +151,16 @@ def check_documents(
         routings = file_provider_routing(doc, file, drain_delay_ms, out, model.pinned, paths)
         check_against_file_provider(file, routings, compose_apps, out)
     return out
+
+
+def _bad_shape(file: str, doc: object, out: list[Finding]) -> bool:
+    """Report what compose would refuse in `doc` (an overlay of any shape included)."""
+    if not isinstance(doc, Mapping):
+        problems = [f"is {type(doc).__name__}, not a mapping of compose keys"]
+    else:
+        problems = compose_problems(doc)
+    out += [Finding("error", file, f"{p}: compose refuses this file") for p in problems]
+    return bool(problems)
 
 
 def _check_overlay(

@@ -266,6 +266,93 @@ def check_against_file_provider(
                     )
 
 
+# -- shape ------------------------------------------------------------------------------------
+_STR = (str,)
+_SCALAR = (str, int, float)
+_SEQ_OR_MAP = (list, Mapping)
+#: The keys of a service the checks read, and the YAML types compose allows for them.
+_SERVICE_KEYS: dict[str, tuple[type, ...]] = {
+    "image": _STR,
+    "container_name": _STR,
+    "hostname": _STR,
+    "environment": _SEQ_OR_MAP,
+    "labels": _SEQ_OR_MAP,
+    "depends_on": _SEQ_OR_MAP,
+    "command": (str, list),
+    "entrypoint": (str, list),
+    "healthcheck": (Mapping,),
+    "volumes": (list,),
+    "deploy": (Mapping,),
+    "stop_grace_period": _SCALAR,
+    "stop_signal": _SCALAR,
+}
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"[:60]
+
+
+def compose_problems(doc: Mapping[str, Any]) -> list[str]:
+    """What in `doc`'s structure compose itself would refuse, for the keys the checks read.
+
+    A file with such a problem is reported and not checked further (nor merged, for an
+    overlay): every check can then rely on the types compose guarantees.
+    """
+    services = doc.get("services")
+    if services is None:
+        return []
+    if not isinstance(services, Mapping):
+        return [f"services: is {_type_name(services)}; compose needs a mapping of service names"]
+    problems = []
+    for name, svc in services.items():
+        where = f"service {name}"
+        if svc is None:
+            continue
+        if not isinstance(svc, Mapping):
+            problems.append(f"{where}: is {_type_name(svc)}; compose needs a mapping")
+            continue
+        for key, types in _SERVICE_KEYS.items():
+            value = svc.get(key)
+            if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+                problems.append(f"{where}: {key}: {_type_name(value)} is not allowed here")
+        for key in ("environment", "labels"):
+            problems += _mapping_problems(where, key, svc.get(key))
+        deploy = svc.get("deploy")
+        if isinstance(deploy, Mapping):
+            labels = deploy.get("labels")
+            if labels is not None and not isinstance(labels, _SEQ_OR_MAP):
+                problems.append(f"{where}: deploy.labels: {_type_name(labels)} is not allowed")
+            problems += _mapping_problems(where, "deploy.labels", labels)
+        health = svc.get("healthcheck")
+        if isinstance(health, Mapping):
+            test = health.get("test")
+            if test is not None and not isinstance(test, (str, list)):
+                problems.append(f"{where}: healthcheck.test: {_type_name(test)} is not allowed")
+        volumes, command = svc.get("volumes"), svc.get("command")
+        for item in volumes if isinstance(volumes, list) else []:
+            if not isinstance(item, (str, Mapping)):
+                problems.append(f"{where}: volumes: {_type_name(item)} is not a volume")
+        for item in command if isinstance(command, list) else []:
+            if isinstance(item, (Mapping, list)):
+                problems.append(f"{where}: command: {_type_name(item)} is not an argument")
+    return problems
+
+
+def _mapping_problems(where: str, key: str, value: object) -> list[str]:
+    """`environment`/`labels`: values are scalars (or null), list items `KEY=VALUE` strings."""
+    if isinstance(value, Mapping):
+        bad = [k for k, v in value.items() if isinstance(v, (Mapping, list))]
+        return [f"{where}: {key}: {k} is {_type_name(value[k])}, not a value" for k in bad]
+    if isinstance(value, list):
+        bad_items = [v for v in value if not isinstance(v, str)]
+        return [f"{where}: {key}: {_type_name(v)} is not a KEY=VALUE string" for v in bad_items]
+    return []
+
+
 # -- overlays ---------------------------------------------------------------------------------
 _OVERLAY = re.compile(r"((?:docker-)?compose)\.[^.]+\.(ya?ml)")
 

@@ -16,6 +16,8 @@ import jsonschema  # type: ignore[import-untyped]  # no stubs
 import kubernetes_validate
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sf_lifecycle._infra_backends import inline_password
 from sf_lifecycle._infra_check import check_documents, check_paths
@@ -445,3 +447,104 @@ def test_deployment_replicas_sharing_a_read_write_once_claim() -> None:
     )
     next(d for _, d in docs if d["kind"] == "Deployment")["spec"]["replicas"] = 1
     assert found(docs) == []
+
+
+# -- compose files compose itself would refuse, and odd values --------------------------------
+def _hostile_base() -> Doc:
+    return {
+        "services": {
+            "sf": {
+                "image": "sf:1",
+                "stop_grace_period": "610s",
+                "environment": {"SF_REDIS_URL": "redis://redis:6379/0"},
+                "depends_on": {"redis": {"condition": "service_healthy"}},
+            },
+            "redis": {
+                "image": "redis:7.2",
+                "command": ["redis-server", "--appendonly", "yes"],
+                "healthcheck": {"test": ["CMD", "redis-cli", "ping"]},
+            },
+        }
+    }
+
+
+def _overlay_findings(overlay: object) -> list[tuple[str, str, str]]:
+    """The findings of `overlay` merged onto `_hostile_base()`, but the base's own."""
+    docs = [("docker-compose.yaml", _hostile_base()), ("docker-compose.x.yaml", overlay)]
+    base = {f.message for f in check_documents(docs[:1])}
+    return [(f.severity, f.file, f.message) for f in check_documents(docs) if f.message not in base]
+
+
+@pytest.mark.parametrize(
+    ("overlay", "problem"),
+    [
+        ({"services": {"redis": {"healthcheck": "redis-cli ping"}}}, "service redis: healthcheck"),
+        ({"services": {"redis": {"command": 5}}}, "service redis: command"),
+        ({"services": {"redis": [1, 2]}}, "service redis: is a list"),
+        ({"services": ["redis"]}, "services: is a list"),
+        ({"services": {"sf": {"environment": {"SF_REDIS_URL": "redis://[::1"}}}}, "SF_REDIS_URL"),
+        ({"services": {"sf": {"environment": {"SF_REDIS_URL": "redis://r:x/0"}}}}, "SF_REDIS_URL"),
+        ({"services": {"sf": {"environment": {"A": {"b": 1}}}}}, "environment: A"),
+        ({"services": {"sf": {"volumes": [["a"]]}}}, "volumes"),
+    ],
+)
+def test_an_overlay_of_a_shape_compose_refuses_is_a_finding_not_a_crash(
+    overlay: Doc, problem: str
+) -> None:
+    """Steps: a valid base, an overlay with one odd value. Before, check-infra died with a
+    traceback on most of these; now the overlay gets an error naming it and the problem."""
+    assert _overlay_findings({"services": {}}) == []
+    got = _overlay_findings(overlay)
+    assert [m for sev, file, m in got if sev == "error" and file == "docker-compose.x.yaml"], got
+    assert any(problem in m for _, file, m in got if file == "docker-compose.x.yaml"), got
+
+
+def test_an_empty_backend_url_in_compose_passes_the_shells_through() -> None:
+    """`SF_REDIS_URL:` without a value takes the shell's (or nothing): not an error."""
+    assert _overlay_findings({"services": {"sf": {"environment": {"SF_REDIS_URL": None}}}}) == []
+    assert _overlay_findings({"services": {"sf": {"environment": ["SF_REDIS_URL"]}}}) == []
+
+
+def test_the_inline_password_hint_names_a_variable_of_that_backend() -> None:
+    url = "redis://:hunter2@redis:6379/0"
+    got = _overlay_findings({"services": {"sf": {"environment": {"SF_REDIS_URL": url}}}})
+    assert len(got) == 1, got
+    assert "${SF_REDIS_PASSWORD}" in got[0][2]
+    assert "POSTGRES" not in got[0][2]
+
+
+_YAML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+_KEYS = st.sampled_from(
+    [
+        "image", "command", "entrypoint", "environment", "labels", "healthcheck", "volumes",
+        "depends_on", "deploy", "container_name", "hostname", "stop_grace_period",
+        "stop_signal", "services",
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    service=st.sampled_from(["sf", "redis", "postgres", "new"]),
+    key=_KEYS,
+    value=_YAML_VALUES,
+    env_value=_YAML_VALUES,
+)
+def test_random_yaml_shapes_in_an_overlay_never_crash_check_infra(
+    service: str, key: str, value: object, env_value: object
+) -> None:
+    overlay = {
+        "services": {
+            service: {key: value},
+            "sf": {"environment": {"SF_REDIS_URL": env_value, "SF_DATABASE_URL": env_value}},
+        }
+    }
+    for doc in (overlay, {"services": value}, value):
+        findings = _overlay_findings(doc)  # must not raise
+        assert all(
+            file in ("docker-compose.yaml", "docker-compose.x.yaml") for _, file, _ in findings
+        )
