@@ -6,7 +6,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from sf_lifecycle._config import ENV_VARS
 from sf_lifecycle.testing import ServerProcess
+
+
+@pytest.fixture(autouse=True)
+def _no_settings_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Settings(...)` reads `SF_*` from os.environ: a variable in the shell that runs the
+    suite must not change what a test builds."""
+    for var in ENV_VARS.values():
+        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ._config import ENV_VARS, Settings, command_line, unknown_variables
 from ._errors import ConfigError, UnsafePath
@@ -66,6 +66,17 @@ class AppNotLoaded(Exception):
     """`serve MODULE:APP` could not import the app; the message is the one line to print."""
 
 
+#: `--log-level` choices, as uvicorn's; `trace` is uvicorn's level 5, below debug.
+_LEVELS = {"critical": 50, "error": 40, "warning": 30, "info": 20, "debug": 10, "trace": 5}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, not the usage block: the error and where to read more."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.CONFIG_ERROR, f"sf-lifecycle: {message} (see {self.prog} --help)\n")
+
+
 def _package_version() -> str:
     try:
         return _dist_version("sf-lifecycle")
@@ -92,7 +103,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("app", help="the ASGI app, as module:attribute (e.g. examples.sf_server:app)")
     for field, flag in _SERVE_FLAGS.items():
         p.add_argument(flag, dest=field, default=None, help=f"overrides {ENV_VARS[field]}")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=list(_LEVELS), help="as uvicorn's")
     p.add_argument(
         "--log-format",
         dest="log_format",
@@ -152,6 +163,14 @@ def _uvicorn_options(args: argparse.Namespace) -> dict[str, Any]:
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         given = "--ssl-keyfile" if args.ssl_keyfile else "--ssl-certfile"
         raise ConfigError(given, getattr(args, given[2:].replace("-", "_")), "needs the other")
+    if args.ssl_certfile is not None:
+        _check_tls(args.ssl_certfile, args.ssl_keyfile)
+    if args.log_config is not None:
+        _check_log_config(args.log_config)
+    if args.uds is not None:
+        parent = Path(args.uds).parent
+        if not parent.is_dir():
+            raise ConfigError("--uds", args.uds, f"no such directory: {parent}")
     for name in (
         "proxy_headers",
         "forwarded_allow_ips",
@@ -168,6 +187,59 @@ def _uvicorn_options(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             options[name] = value
     return options
+
+
+def _check_tls(certfile: str, keyfile: str) -> None:
+    """Load the pair as uvicorn will, so a wrong file is one line naming the flags."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(
+            "--ssl-certfile/--ssl-keyfile",
+            f"{certfile}, {keyfile}",
+            f"cannot load the certificate and its key ({getattr(exc, 'reason', None) or exc}); "
+            "give PEM files of a certificate and the key that matches it",
+        ) from None
+
+
+def _check_log_config(path: str) -> None:
+    """Apply the logging configuration as uvicorn will (it does so again at start): a file
+    uvicorn cannot read is one line naming `--log-config`, not a traceback."""
+    import uvicorn
+
+    try:
+        uvicorn.Config(_not_an_app, log_config=path)
+    except Exception as exc:
+        raise ConfigError(
+            "--log-config",
+            path,
+            f"not a logging configuration uvicorn can apply ({type(exc).__name__}: {exc}); "
+            "give a dictConfig .json or .yaml file or a fileConfig .ini file",
+        ) from None
+
+
+async def _not_an_app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover
+    raise NotImplementedError
+
+
+def _check_uds_free(path: str) -> str | None:
+    """The one line to print when `--uds` names something that is not a socket (a file the
+    bind would fail on, and must not delete), else None."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None  # a stale socket of an earlier run: replaced, as uvicorn does
+    return (
+        f"--uds={path}: cannot listen there, it exists and is not a socket (left as it is); "
+        f"choose another path (exit {ExitCode.STARTUP_FAILED:d})"
+    )
 
 
 def _import_app(spec: str) -> Any:
@@ -199,6 +271,11 @@ def _import_app(spec: str) -> Any:
             raise AppNotLoaded(
                 f"app {spec!r}: module {module_name} has no attribute {attrs!r}"
             ) from None
+    if not callable(obj):
+        # Served, it would pass the health checks and answer every request 500.
+        raise AppNotLoaded(
+            f"app {spec!r}: is a {type(obj).__name__}, not an ASGI app (not callable)"
+        )
     return obj
 
 
@@ -228,8 +305,6 @@ def _metrics_port_in_use(settings: Settings) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ._runner import serve
-
     flags = {
         field: (flag, str(getattr(args, field)))
         for field, flag in _SERVE_FLAGS.items()
@@ -239,41 +314,70 @@ def _serve(args: argparse.Namespace) -> int:
         flags["log_format"] = ("--log-format", args.log_format)
     if args.access_log is not None:
         flags["access_log"] = ("--access-log", "1") if args.access_log else ("--no-access-log", "0")
+    for flag, raw in flags.values():
+        if not raw.strip():  # `--state-dir "$UNSET"` must not mean the current directory
+            raise ConfigError(flag, raw, "is empty; give a value or leave the flag out")
     options = _uvicorn_options(args)
-    with command_line(flags):
-        for field, (_, raw) in flags.items():
-            os.environ[ENV_VARS[field]] = raw  # for code that reads the environment itself
-        settings = Settings()  # fail before importing the app, naming the flag or variable
-        configure_logging(settings.log_format, args.log_level)
-        for name, close in unknown_variables():
-            logger.warning("%s is not a setting and is ignored; did you mean %s?", name, close)
-        settings.require_metrics_extra()
-        if settings.metrics_port:
-            unbound = _metrics_port_in_use(settings)
-            if unbound is not None:
-                print(f"sf-lifecycle: {unbound}", file=sys.stderr)
-                return ExitCode.STARTUP_FAILED
-        if settings.state_dir is not None:
-            # A file there, a link or a file where a folder belongs, a read-only or pseudo file
-            # system: exit 2 with one line, not a traceback out of the app's import.
-            settings.check_state_dir()
-        if "" not in sys.path and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            app = _import_app(args.app)
-        except AppNotLoaded as exc:
-            if args.debug:
-                traceback.print_exception(exc.__cause__ or exc)
-            print(f"sf-lifecycle: {exc}", file=sys.stderr)
-            return ExitCode.APP_NOT_LOADED
-        try:
-            return serve(app, settings=settings, own_process=True, **options)
-        except UnsafePath as exc:  # changed after the check, while the app was imported
-            raise ConfigError(
-                settings.sources().get("state_dir", ENV_VARS["state_dir"]),
-                settings.state_dir,
-                str(exc.strerror),
-            ) from None
+    names = {**_SERVE_FLAGS, "log_format": "--log-format", "access_log": "--access-log"}
+    saved = {ENV_VARS[f]: os.environ.get(ENV_VARS[f]) for f in flags}
+    try:
+        with command_line(flags, names):
+            for field, (_, raw) in flags.items():
+                os.environ[ENV_VARS[field]] = raw  # for code that reads the environment itself
+            return _serve_in_force(args, options)
+    finally:  # `main()` in a process that lives on (a test) leaves its environment as it was
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def _serve_in_force(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    from ._runner import serve
+
+    settings = Settings()  # fail before importing the app, naming the flag or variable
+    configure_logging(settings.log_format, _LEVELS[args.log_level])
+    for name, close in unknown_variables(flags=_SERVE_FLAGS):
+        logger.warning("%s is not a setting and is ignored; did you mean %s?", name, close)
+    settings.require_metrics_extra()
+    if settings.metrics_port:
+        unbound = _metrics_port_in_use(settings)
+        if unbound is not None:
+            print(f"sf-lifecycle: {unbound}", file=sys.stderr)
+            return ExitCode.STARTUP_FAILED
+    if settings.state_dir is not None:
+        # A file there, a link or a file where a folder belongs, a read-only or pseudo file
+        # system: exit 2 with one line, not a traceback out of the app's import.
+        settings.check_state_dir()
+    if args.uds is not None:
+        taken = _check_uds_free(args.uds)
+        if taken is not None:
+            print(f"sf-lifecycle: {taken}", file=sys.stderr)
+            return ExitCode.STARTUP_FAILED
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        app = _import_app(args.app)
+    except AppNotLoaded as exc:
+        if args.debug:
+            traceback.print_exception(exc.__cause__ or exc)
+        print(f"sf-lifecycle: {exc}", file=sys.stderr)
+        return ExitCode.APP_NOT_LOADED
+    from ._lifecycle import Lifecycle
+
+    lifecycle = Lifecycle.of(app)
+    if lifecycle is not None and lifecycle.settings.log_format != settings.log_format:
+        # The app's own settings (`Settings(log_format="json")` in code) decide the format.
+        configure_logging(lifecycle.settings.log_format, _LEVELS[args.log_level])
+    try:
+        return serve(app, settings=settings, own_process=True, **options)
+    except UnsafePath as exc:  # changed after the check, while the app was imported
+        raise ConfigError(
+            settings.sources().get("state_dir", ENV_VARS["state_dir"]),
+            settings.state_dir,
+            str(exc.strerror),
+        ) from None
 
 
 def _commands() -> dict[str, Command]:
@@ -291,7 +395,7 @@ def _commands() -> dict[str, Command]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `sf-lifecycle` and `python -m sf_lifecycle`; returns the exit code."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sf-lifecycle",
         description="Zero-downtime upgrades for ASGI services. Exit codes: 0 ok, 1 check "
         "failed, 2 configuration error, 3 start-up failed, 4 grace budget exceeded, 5 shutdown "
@@ -304,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_args(sub.add_parser(name, help=_HELP[name], description=_HELP[name]))
         runners[name] = run
     args = parser.parse_args(argv)
-    configure_logging("text", getattr(args, "log_level", "info"))
+    configure_logging("text", _LEVELS[getattr(args, "log_level", "info")])
     try:
         return runners[args.command](args)
     except ConfigError as exc:

@@ -9,17 +9,22 @@ Precedence, highest first (README, "Configuration"):
 3. `SF_*` environment variables;
 4. the defaults below.
 
-`Settings.from_env()` reads 3 and takes 2 as keyword arguments. Under `sf-lifecycle serve` the
-command line is in force (`command_line()`): every `Settings` built while the app is imported
-and served, `Settings(...)` included, gets the flags over its arguments and the environment
-under them, so the port an app pinned in code still yields to `--port`. Each instance records
-where each value came from (`sources()`), and an error names that source: the flag, the
-variable or the argument. The environment is injectable (`environ=`) so tests never touch
-`os.environ`. A bad value raises `ConfigError` at start-up, naming its source, the value and
-what is allowed: a typo must not surface as a dropped write ten minutes into an upgrade.
+One rule, wherever the process runs (plain `uvicorn app:app`, gunicorn, `serve`, a test):
+`Settings(...)` takes the fields given, fills every other field from its `SF_*` variable in
+`os.environ` (`from_env(environ=...)` reads that mapping instead, and only it), and the command
+line of `sf-lifecycle serve`, while it runs (`command_line()`), wins over all of them. So an
+app that pins `Settings(replica_id="a")` still gets `SF_DRAIN_DELAY_MS` under any server, and
+`--port` still beats the port it pinned. Why this order: the operator who starts the process
+knows the machine, code that pins a value does so on purpose, and the environment is the
+deployment's default for everything else. `dataclasses.replace()` keeps the source of every
+field it does not change. Each instance records where each value came from (`sources()`), and
+an error names that source: the flag, the variable or the argument. A bad value raises
+`ConfigError` at start-up, naming its source, the value and what is allowed: a typo must not
+surface as a dropped write ten minutes into an upgrade. Fields are keyword-only.
 
 Durations (`*_ms`) take an integer number of milliseconds or a value with a unit, `500ms`,
-`5s`, `2m`: the same in every `SF_*_MS` variable and every `--*-ms` flag.
+`5s`, `2m`: the same in every `SF_*_MS` variable, every `--*-ms` flag and in code
+(`Settings(grace_ms="30s")`).
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ class FileMode(int):
     __repr__ = __str__
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """The library's settings. Units are in the names (`_ms`, `_bytes`).
 
@@ -187,6 +192,8 @@ class Settings:
                 if any(v.startswith(("SF_", "-")) for v in self._sources.values())
                 else {f: f for f in ENV_VARS}
             )
+            if _overlay:  # under `serve`: name the flag that changes it
+                named = {**named, **_overlay[-1].names}
             grace = self._sources.get("grace_ms", named["grace_ms"])
             delay = self._sources.get("drain_delay_ms", named["drain_delay_ms"])
             fix = f"raise {grace} or lower {delay}"
@@ -253,30 +260,19 @@ class Settings:
         """Build settings from `SF_*` variables; keyword arguments that are not None win.
 
         Args:
-            environ: The environment to read; `os.environ` when None.
+            environ: The environment to read, exactly (`{}`: none); `os.environ` when None.
             **overrides: Field values that take precedence over the environment.
 
         Raises:
             ConfigError: a variable or argument is invalid.
         """
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        sources: dict[str, str] = {}
-        for name, var in ENV_VARS.items():
-            if overrides.get(name) is not None:
-                continue
-            raw = env.get(var)
-            if raw is None or raw.strip() == "":
-                continue
-            values[name] = _parse(name, var, raw.strip())
-            sources[name] = var
         unknown = set(overrides) - set(ENV_VARS)
         if unknown:
             raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if isinstance(values.get("state_dir"), str):
-            values["state_dir"] = Path(values["state_dir"])
-        return cls(**values, _sources=sources)
+        self = cls.__new__(cls)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        _build(self, given, os.environ if environ is None else environ)
+        return self
 
     def sources(self) -> dict[str, str]:
         """Where each setting that is not a default came from: the flag (`--port`), the
@@ -585,22 +581,40 @@ _DEFAULTS = Settings()
 # -- precedence -------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class _CommandLine:
-    flags: Mapping[str, tuple[str, object]]  # field -> (flag, parsed value)
-    environ: Mapping[str, str]
+    flags: Mapping[str, tuple[str, object]]  # field -> (flag as typed, parsed value)
+    names: Mapping[str, str]  # field -> its flag, for errors that tell what to change
 
 
-_IN_FORCE: list[_CommandLine] = []
+#: The command line of the running `sf-lifecycle serve` (`command_line`), else None.
+_overlay: list[_CommandLine] = []
+
+
+class _Sources(dict[str, str]):
+    """Field -> where its value came from, and the values it was recorded for.
+
+    `dataclasses.replace()` hands an instance's `_sources` back with every field: a field
+    passed the very value it had (`is`) was not changed and keeps its source; any other
+    value is an explicit argument.
+    """
+
+    __slots__ = ("recorded",)
+
+    def __init__(self, sources: Mapping[str, str]) -> None:
+        super().__init__(sources)
+        self.recorded: dict[str, object] = {}
 
 
 @contextlib.contextmanager
 def command_line(
-    flags: Mapping[str, tuple[str, str]], environ: Mapping[str, str] | None = None
+    flags: Mapping[str, tuple[str, str]], names: Mapping[str, str] | None = None
 ) -> Iterator[None]:
-    """Put the command line in force: every `Settings` built inside takes the precedence.
+    """Put the command line in force: it wins over every other source in every `Settings`
+    built inside (`sf-lifecycle serve` holds it while it imports and serves the app).
 
     Args:
         flags: Field -> (flag as typed, raw value), for the flags given.
-        environ: The environment under explicit arguments; `os.environ` when None.
+        names: Field -> flag, for every flag the command has: an error about a setting then
+            names the flag that would change it.
 
     Raises:
         ConfigError: a flag's value is invalid (naming the flag), on entry.
@@ -611,43 +625,55 @@ def command_line(
             raise TypeError(f"unknown setting: {name}")
         value = _parse(name, flag, raw.strip())
         parsed[name] = (flag, Path(str(value)) if name == "state_dir" else value)
-    _IN_FORCE.append(_CommandLine(parsed, os.environ if environ is None else environ))
+    _overlay.append(_CommandLine(parsed, dict(names or {})))
     try:
         yield
     finally:
-        _IN_FORCE.pop()
+        _overlay.pop()
 
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
 _generated_init = Settings.__init__
 
 
+def _build(self: Settings, kwargs: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """The one rule: explicit arguments, then `environ` for every field not given, then the
+    command line in force over all of them; each value's source recorded."""
+    given = kwargs.pop("_sources", None) or {}
+    # A plain mapping labels the values given (a caller that read them from elsewhere).
+    sources: dict[str, str] = {} if isinstance(given, _Sources) else dict(given)
+    for name, value in kwargs.items():
+        if isinstance(given, _Sources) and name in given.recorded and value is given.recorded[name]:
+            if name in given:  # unchanged by `dataclasses.replace()`: same value, same source
+                sources[name] = given[name]
+        else:
+            sources.setdefault(name, name)  # an explicit argument: its source is the code
+            if name in _INT_RANGES and name.endswith("_ms") and isinstance(value, str):
+                kwargs[name] = _parse(name, name, value.strip())  # "5s", as everywhere
+    for name, var in ENV_VARS.items():
+        if name not in kwargs:
+            raw = environ.get(var)
+            if raw is not None and raw.strip():
+                kwargs[name] = _parse(name, var, raw.strip())
+                sources[name] = var
+    if _overlay:
+        for name, (flag, value) in _overlay[-1].flags.items():
+            kwargs[name], sources[name] = value, flag
+    if isinstance(kwargs.get("state_dir"), str):
+        kwargs["state_dir"] = Path(kwargs["state_dir"])
+    record = _Sources(sources)
+    _generated_init(self, **kwargs, _sources=record)
+    record.recorded = {name: getattr(self, name) for name in ENV_VARS}
+
+
 @functools.wraps(_generated_init)
-def _init(self: Settings, *args: Any, **kwargs: Any) -> None:
-    """The dataclass's `__init__`, recording which fields were given and applying the command
-    line when one is in force (`command_line`): flags > explicit arguments > environment."""
-    kwargs.update(zip(_FIELDS, args, strict=False))
-    sources = dict(kwargs.pop("_sources", None) or {})
-    for name in kwargs:
-        sources.setdefault(name, name)  # an explicit argument: its source is the code
-    if _IN_FORCE:
-        cl = _IN_FORCE[-1]
-        for name, var in ENV_VARS.items():
-            if name in cl.flags:
-                sources[name], kwargs[name] = cl.flags[name]
-            elif name not in kwargs:
-                raw = cl.environ.get(var)
-                if raw is not None and raw.strip():
-                    kwargs[name] = _parse(name, var, raw.strip())
-                    sources[name] = var
-        if isinstance(kwargs.get("state_dir"), str):
-            kwargs["state_dir"] = Path(kwargs["state_dir"])
-    _generated_init(self, **kwargs, _sources=sources)
+def _init(self: Settings, **kwargs: Any) -> None:
+    """`Settings(...)`: the fields given, `os.environ` under them, the command line over."""
+    _build(self, kwargs, os.environ)
 
 
 # Replaced after the class is built, so that the dataclass keeps its generated signature for
 # type checkers and users (`Settings(port=...)`) while every construction path, `from_env`,
-# `dataclasses.replace` and plain calls alike, records its sources and honours the command line.
+# `dataclasses.replace` and plain calls alike, follows the one rule and records its sources.
 setattr(Settings, "__init__", _init)  # noqa: B010
 
 
@@ -665,19 +691,34 @@ _OTHER_VARS = frozenset(
 )
 
 
-def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+def unknown_variables(
+    environ: Mapping[str, str] | None = None, flags: Mapping[str, str] | None = None
+) -> list[tuple[str, str]]:
     """`SF_*` variables that are not settings but look like one: (name, closest setting).
 
-    `SF_DRAIN_DELAY=1` is silently ignored otherwise, and the 5 s default applies. Names not
-    close to any setting (an application's own `SF_*` variables) are left alone.
+    `SF_DRAIN_DELAY=1` is silently ignored otherwise, and the 5 s default applies. A name is
+    compared with the variables, and with `SF_` + a field or flag name (`SF_GRACE_MS`, from
+    `grace_ms` and `--grace-ms`, means `SF_RPC_SHUTDOWN_GRACE_MS`). Names not close to any
+    (an application's own `SF_*` variables) are left alone.
+
+    Args:
+        environ: The environment; `os.environ` when None.
+        flags: Field -> flag of the command (`--grace-ms`), also compared.
     """
     env = os.environ if environ is None else environ
-    known = list(ENV_VARS.values())
+    aliases: dict[str, str] = {var: var for var in ENV_VARS.values()}
+    for name, var in ENV_VARS.items():
+        aliases.setdefault("SF_" + name.upper(), var)
+    for name, flag in (flags or {}).items():
+        aliases.setdefault("SF_" + flag.lstrip("-").replace("-", "_").upper(), ENV_VARS[name])
     out = []
     for name in sorted(env):
         if not name.startswith("SF_") or name in ENV_VARS.values() or name in _OTHER_VARS:
             continue
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        close = difflib.get_close_matches(name, aliases, n=1, cutoff=0.75)
+        if not close:  # `SF_HOST_NAME`: a variable with words added
+            longer = [a for a in aliases if name.startswith(a + "_")]
+            close = [max(longer, key=len)] if longer else []
         if close:
-            out.append((name, close[0]))
+            out.append((name, aliases[close[0]]))
     return out

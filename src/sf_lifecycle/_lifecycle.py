@@ -102,6 +102,8 @@ class _Check:
     at: float = 0.0
     task: asyncio.Task[dict[str, Any]] | None = None
     started: float = 0.0
+    #: An attempt that overran its timeout and ignored its cancellation, left to itself.
+    stuck: asyncio.Task[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -228,28 +230,55 @@ class Lifecycle:
         return not reasons, body
 
     async def _cached_check(self, check: _Check) -> dict[str, Any]:
-        """The check's result, fresh within `cache_s`; never waits more than `PROBE_WAIT_S`."""
+        """The check's result, fresh within `cache_s`; never waits more than `PROBE_WAIT_S`.
+
+        An attempt still running `timeout_s` + `PROBE_WAIT_S` after it began ignores its
+        cancellation: it counts as failing and is set aside, and the next probe starts a new
+        attempt, so the check recovers with its dependency. At most one attempt per check is
+        set aside; each probe cancels it again (a check that swallows one cancellation and
+        retries may end at the next), and until it ends no other is set aside.
+        """
         now = time.monotonic()
         if check.result is not None and now - check.at < check.cache_s:
             return check.result
+        if check.stuck is not None and not check.stuck.done():
+            check.stuck.cancel()
+        overran = {
+            "ok": False,
+            "reason": f"did not finish in {check.timeout_s:g} s (ignores cancellation)",
+        }
+        if (
+            check.task is not None
+            and not check.task.done()
+            and now - check.started > check.timeout_s + PROBE_WAIT_S
+            and (check.stuck is None or check.stuck.done())
+        ):
+            if check.stuck is None:
+                logger.warning(
+                    "readiness check %s ignored its cancellation after %g s; left running, "
+                    "a new attempt starts (one such attempt at most)",
+                    check.name,
+                    check.timeout_s,
+                )
+            check.stuck, check.task = check.task, None
+            check.result, check.at = overran, now
         if check.task is None or check.task.done():
             check.started = now
             check.task = asyncio.create_task(self._refresh(check), name=f"sf-check-{check.name}")
+        task = check.task
         try:
-            return await asyncio.wait_for(asyncio.shield(check.task), PROBE_WAIT_S)
+            return await asyncio.wait_for(asyncio.shield(task), PROBE_WAIT_S)
         except TimeoutError:
             if time.monotonic() - check.started > check.timeout_s + PROBE_WAIT_S:
-                return {
-                    "ok": False,
-                    "reason": f"did not finish in {check.timeout_s:g} s (ignores cancellation)",
-                }
+                return overran
             if check.result is None:
                 return {"ok": False, "reason": "first run still in progress"}
             return check.result
 
     async def _refresh(self, check: _Check) -> dict[str, Any]:
         result = await self._run_check(check)
-        check.result, check.at = result, time.monotonic()
+        if check.task is asyncio.current_task():  # not an abandoned attempt's late answer
+            check.result, check.at = result, time.monotonic()
         return result
 
     async def _run_check(self, check: _Check) -> dict[str, Any]:
@@ -260,6 +289,13 @@ class Lifecycle:
             return {"ok": False, "reason": exc.reason}
         except TimeoutError:
             return {"ok": False, "reason": f"timed out after {check.timeout_s:g} s"}
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this attempt itself is cancelled (the loop is closing)
+            # The check awaited something another task cancelled: a failing check.
+            logger.warning("readiness check %s raised %r", check.name, exc)
+            return {"ok": False, "reason": describe_error(exc)}
         except Exception as exc:
             logger.warning("readiness check %s raised %r", check.name, exc)
             return {"ok": False, "reason": describe_error(exc)}

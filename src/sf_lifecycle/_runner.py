@@ -46,6 +46,7 @@ import uvicorn
 from uvicorn.lifespan.on import LifespanOn
 
 from ._config import Settings
+from ._health import route_path
 from ._lifecycle import Lifecycle
 from ._middleware import LifecycleMiddleware
 from ._state import Phase
@@ -298,6 +299,14 @@ class LifecycleServer(uvicorn.Server):
                 self._starting.uncancel()
             self.should_exit = True
             return
+        except OSError as exc:
+            # A Unix socket path it cannot bind (uvicorn handles TCP binds itself, below).
+            logger.error(
+                "start-up failed: could not listen (%s) (exit %d)", exc, ExitCode.STARTUP_FAILED
+            )
+            self.exit_code = ExitCode.STARTUP_FAILED
+            self.should_exit = True
+            return
         except SystemExit:
             # uvicorn calls `sys.exit()` when the application's start-up failed (3) or it cannot
             # bind (1); its error is logged above. Raised out of the loop, it skips the rest.
@@ -400,6 +409,40 @@ class LifecycleServer(uvicorn.Server):
         self._bound_teardown()
 
 
+class _ConcurrencyLimit:
+    """uvicorn's `limit_concurrency`, in front of the app but behind the health paths.
+
+    uvicorn answers 503 itself, before any app sees the request, once that many connections
+    and tasks are open: a busy replica's `/api/livez` would fail and the kubelet restart a
+    healthy pod, and its healthz would flap. Here HTTP and WebSocket requests past the limit
+    get 503 with `Retry-After`, and the health and metrics paths are always answered.
+    """
+
+    def __init__(self, app: Any, limit: int, exempt: frozenset[str]) -> None:
+        self.app = app
+        self.limit = limit
+        self.exempt = exempt
+        self.active = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or route_path(scope) in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1013})
+                return
+            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": b"Service Unavailable"})
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 def serve(
     app: Any,
     *,
@@ -424,7 +467,8 @@ def serve(
         own_process: The caller exits right after this returns (the CLI): the budget then
             also bounds the interpreter's exit. From the first signal until this returns the
             process ends at the deadline (plus `HARD_SLACK_S`) whatever holds it.
-        **uvicorn_options: Passed to `uvicorn.Config` (e.g. `log_config`, `access_log`).
+        **uvicorn_options: Passed to `uvicorn.Config` (e.g. `log_config`, `access_log`);
+            `limit_concurrency` is applied here instead, with the health paths exempt.
     """
     if isinstance(app, str):
         from uvicorn.importer import import_from_string
@@ -437,6 +481,13 @@ def serve(
         lifecycle = Lifecycle(settings)
         app = LifecycleMiddleware(app, lifecycle)
     s = lifecycle.settings
+    limit = uvicorn_options.pop("limit_concurrency", None)
+    if limit is not None:
+        prefix = s.health_prefix
+        exempt = {f"{prefix}/{name}" for name in ("healthz", "ready", "livez", "version")}
+        if s.metrics_path is not None:
+            exempt.add(s.metrics_path)
+        app = _ConcurrencyLimit(app, limit, frozenset(exempt))
     uvicorn_options.setdefault("access_log", s.access_log)
     # Which source each setting came from (flag, variable, code): the first question when a
     # value is not the one expected (precedence: `_config`).

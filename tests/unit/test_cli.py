@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,7 @@ def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         ("_cli_apps:nope", "app '_cli_apps:nope': module _cli_apps has no attribute 'nope'"),
         ("_cli_raising:app", "importing _cli_raising raised RuntimeError('no database URL')"),
         ("_cli_apps", "expected module:attribute"),
+        ("_cli_apps:not_callable", "is a int, not an ASGI app (not callable)"),
     ],
 )
 def test_an_app_that_cannot_be_loaded_is_one_line_and_exit_6(spec: str, words: str) -> None:
@@ -82,10 +84,14 @@ def test_debug_prints_the_traceback_of_a_failing_import() -> None:
 
 
 def test_a_mistyped_variable_is_warned_with_the_closest_name() -> None:
-    proc = _serve("nosuch:app", env={"SF_DRAIN_DELAY": "1"})
+    proc = _serve("nosuch:app", env={"SF_DRAIN_DELAY": "1", "SF_GRACE_MS": "30000"})
     assert proc.returncode == 6
     assert (
         "SF_DRAIN_DELAY is not a setting and is ignored; did you mean SF_DRAIN_DELAY_MS?"
+        in proc.stderr
+    )
+    assert (
+        "SF_GRACE_MS is not a setting and is ignored; did you mean SF_RPC_SHUTDOWN_GRACE_MS?"
         in proc.stderr
     )
 
@@ -237,3 +243,227 @@ def test_metrics_without_the_extra_is_one_line_and_exit_2(
         "sf-lifecycle: invalid SF_METRICS_PATH='/metrics': Prometheus metrics need the metrics "
         "extra: pip install 'sf-lifecycle[metrics]'"
     ]
+
+
+@pytest.mark.parametrize("flag", ["--state-dir", "--host", "--replica-id", "--grace-ms"])
+def test_an_empty_flag_is_one_line_and_exit_2(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--state-dir "$UNSET"` must not serve from the current directory."""
+    assert cli.main(["serve", "nosuch:app", flag, ""]) == ExitCode.CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert err == f"sf-lifecycle: invalid {flag}='': is empty; give a value or leave the flag out\n"
+
+
+def test_serve_leaves_the_environment_and_the_precedence_as_it_found_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`main()` run in a process that lives on: its flags end with it."""
+    from sf_lifecycle import Settings
+
+    before = dict(os.environ)
+    code = cli.main(["serve", "nosuch:app", "--port", "4712", "--drain-delay-ms", "1s"])
+    assert code == ExitCode.APP_NOT_LOADED
+    assert dict(os.environ) == before
+    s = Settings()
+    assert (s.port, s.drain_delay_ms, s.sources()) == (4000, 5000, {})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["serve"], ["serve", "a:b", "--bogus-flag"], ["serve", "a:b", "--backlog", "0"], ["nope"]],
+)
+def test_usage_errors_are_one_line_and_exit_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == ExitCode.CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("sf-lifecycle: ")
+    assert err.endswith(" --help)\n")
+
+
+def _assert_one_line(proc: subprocess.CompletedProcess[str], code: int, start: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(start), proc.stderr
+
+
+def test_a_log_config_uvicorn_cannot_apply_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "log.json"
+    bad.write_text("{not json")
+    proc = _serve("_cli_apps:app", "--log-config", str(bad))
+    _assert_one_line(proc, 2, f"sf-lifecycle: invalid --log-config='{bad}': not a logging")
+
+
+def test_tls_files_that_are_not_a_certificate_and_key_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pem = tmp_path / "bad.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    argv = ["serve", "nosuch:app", "--ssl-keyfile", str(pem), "--ssl-certfile", str(pem)]
+    assert cli.main(argv) == ExitCode.CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("sf-lifecycle: invalid --ssl-certfile/--ssl-keyfile=")
+    assert "cannot load the certificate and its key" in err
+
+
+def test_a_unix_socket_in_a_missing_directory_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "nodir" / "sf.sock"
+    assert cli.main(["serve", "nosuch:app", "--uds", str(path)]) == ExitCode.CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert err == f"sf-lifecycle: invalid --uds='{path}': no such directory: {path.parent}\n"
+
+
+def test_a_unix_socket_path_holding_a_file_is_one_line_exit_3_and_the_file_is_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "sf.sock"
+    path.write_text("precious")
+    assert cli.main(["serve", "_cli_apps:app", "--uds", str(path)]) == ExitCode.STARTUP_FAILED
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"sf-lifecycle: --uds={path}: cannot listen there, it exists and is not")
+    assert path.read_text() == "precious"
+
+
+def _settings_line(proc: subprocess.Popen[str]) -> dict[str, object]:
+    import json
+
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("SETTINGS "), line
+    return dict(json.loads(line.removeprefix("SETTINGS ")))
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return err
+
+
+def test_environment_fills_what_an_app_pinned_in_code_under_plain_uvicorn() -> None:
+    """`uvicorn app:app` with `SF_DRAIN_DELAY_MS=1500` and `Settings(replica_id="a")` in the
+    app: the variable applies (the one rule holds without `serve`)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "_cli_pinned:app", "--port", "0"],
+        cwd=Path(__file__).parent,
+        env={**os.environ, "SF_DRAIN_DELAY_MS": "1500", "SF_REPLICA_ID": "env"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        got = _settings_line(proc)
+    finally:
+        _stop(proc)
+    assert got == {"drain_delay_ms": 1500, "replica_id": "a", "port": 4000}
+
+
+def test_flags_win_over_code_and_code_over_the_environment_under_serve() -> None:
+    """Under `serve`: flags > the app's explicit arguments > SF_*; and the log format the app
+    set in code (`log_format="json"`) is the one its log lines use."""
+    import json
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sf_lifecycle",
+            "serve",
+            "_cli_pinned:app",
+            "--port",
+            "0",
+            "--drain-delay-ms",
+            "700ms",
+        ],
+        cwd=Path(__file__).parent,
+        env={**os.environ, "SF_DRAIN_DELAY_MS": "1500", "SF_REPLICA_ID": "env"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    head = []
+    try:
+        got = _settings_line(proc)
+        assert proc.stderr is not None
+        for line in proc.stderr:  # SIGTERM once it serves (before: exit 3, nothing served)
+            head.append(line)
+            if "running on" in line:
+                break
+    finally:
+        err = "".join(head) + _stop(proc)
+    assert got == {"drain_delay_ms": 700, "replica_id": "a", "port": 0}
+    assert proc.returncode == 0, err
+    lines = err.strip().splitlines()
+    assert any("drain delay over" in line for line in lines), err
+    for line in lines:  # every line after the app's import, uvicorn's included, is JSON
+        assert isinstance(json.loads(line), dict), line
+
+
+def test_limit_concurrency_never_fails_the_health_paths_of_a_busy_replica() -> None:
+    """Steps: `serve --limit-concurrency 1`, one slow request in flight: another request gets
+    503, but livez, healthz and ready answer 200 (a busy pod is neither restarted nor taken
+    out of the pool for being busy)."""
+    import re
+    import threading
+    import urllib.error
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sf_lifecycle",
+            "serve",
+            "_cli_slow:app",
+            "--port",
+            "0",
+            "--limit-concurrency",
+            "1",
+        ],
+        cwd=Path(__file__).parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    head = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            head.append(line)
+            if "running on" in line:
+                break
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", "".join(head))
+        assert match, "".join(head)
+        base = f"http://127.0.0.1:{match[1]}"
+
+        def status(path: str) -> int:
+            try:
+                with urllib.request.urlopen(base + path, timeout=10) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        slow: list[int] = []
+        t = threading.Thread(target=lambda: slow.append(status("/slow")))
+        t.start()
+        time.sleep(0.5)
+        busy = {p: status(p) for p in ("/slow", "/api/livez", "/api/healthz", "/api/ready")}
+        t.join(timeout=10)
+    finally:
+        _stop(proc)
+    assert slow == [200]
+    assert busy == {"/slow": 503, "/api/livez": 200, "/api/healthz": 200, "/api/ready": 200}

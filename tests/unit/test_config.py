@@ -335,48 +335,106 @@ def test_the_precedence_table_covers_every_setting() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(_SOURCES))
-def test_each_setting_through_each_source(name: str) -> None:
+def test_each_setting_through_each_source(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """flags > explicit arguments in code > SF_* environment > defaults, for every setting,
-    and `sources()` says which one won (what `serve` logs at start)."""
+    with or without a command line, and `sources()` says which one won (what `serve` logs)."""
     from sf_lifecycle._config import command_line
 
     env_raw, code, flag_raw, flag = _SOURCES[name]
     var = ENV_VARS[name]
     default = getattr(Settings(), name)
+    assert name not in Settings().sources()
     env_value = getattr(Settings.from_env({var: env_raw}), name)
     assert env_value != default
     assert env_value != code
     assert code != flag
     flag_name = "--" + name.replace("_", "-")
-    with command_line({}, {}):
-        assert getattr(Settings(), name) == default
-        assert name not in Settings().sources()
-    with command_line({}, {var: env_raw}):
-        assert getattr(Settings(), name) == env_value
-        assert Settings().sources()[name] == var
-        explicit = Settings(**{name: code})  # type: ignore[arg-type]
-        assert getattr(explicit, name) == code
-        assert explicit.sources()[name] == "code"
-    with command_line({name: (flag_name, flag_raw)}, {var: env_raw}):
-        for built in (Settings(**{name: code}), Settings.from_env({var: env_raw})):  # type: ignore[arg-type]
+    monkeypatch.setenv(var, env_raw)
+    for cl in ({}, {"replica_id" if name != "replica_id" else "port": ("--x", "7")}):
+        with command_line(cl):  # another flag in force changes nothing for this setting
+            # The environment fills every field not given, `Settings(...)` included.
+            assert getattr(Settings(), name) == env_value
+            assert Settings().sources()[name] == var
+            other = "port" if name != "port" else "replica_id"
+            assert getattr(Settings(**{other: 7 if other == "port" else "x"}), name) == env_value  # type: ignore[arg-type]
+            explicit = Settings(**{name: code})  # type: ignore[arg-type]
+            assert getattr(explicit, name) == code
+            assert explicit.sources()[name] == "code"
+            assert getattr(Settings.from_env(None, **{name: code}), name) == code
+            # `from_env(environ=...)` reads that mapping, exactly: not os.environ.
+            assert getattr(Settings.from_env({}), name) == default
+    with command_line({name: (flag_name, flag_raw)}):
+        for built in (
+            Settings(**{name: code}),  # type: ignore[arg-type]
+            Settings(),
+            Settings.from_env({var: env_raw}),
+            Settings.from_env({}, **{name: code}),
+        ):
             assert getattr(built, name) == flag
             assert built.sources()[name] == flag_name
-    # Without a command line: explicit arguments over the environment, as ever.
-    assert getattr(Settings.from_env({var: env_raw}, **{name: code}), name) == code
-    assert getattr(Settings(**{name: code}), name) == code  # type: ignore[arg-type]
+    # The command line is in force only inside: after it, the environment again.
+    assert getattr(Settings(), name) == env_value
 
 
-def test_an_invalid_value_names_the_flag_or_the_variable_it_came_from() -> None:
+def test_settings_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        Settings(700_000, grace_ms=20_000)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Settings(700_000)  # type: ignore[call-arg]
+
+
+def test_replace_keeps_the_source_of_every_field_it_does_not_change() -> None:
+    import dataclasses
+
+    base = Settings.from_env({"SF_DRAIN_DELAY_MS": "1500"}, port=4712)
+    s = dataclasses.replace(base, replica_id="x")
+    assert s.sources() == {
+        "drain_delay_ms": "SF_DRAIN_DELAY_MS",
+        "port": "code",
+        "replica_id": "code",
+    }
+    assert s.describe_sources() == (
+        "drain_delay_ms=1500 (SF_DRAIN_DELAY_MS), replica_id='x' (code), port=4712 (code)"
+    )
+    assert dataclasses.replace(s, drain_delay_ms=2000).sources()["drain_delay_ms"] == "code"
+
+
+def test_durations_in_code_take_a_unit_as_everywhere() -> None:
+    assert Settings(grace_ms="30s", drain_delay_ms="1500ms").grace_ms == 30_000  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as info:
+        Settings(grace_ms="5 s")  # type: ignore[arg-type]
+    assert info.value.variable == "grace_ms"
+    assert "500ms, 5s, 2m" in str(info.value)
+
+
+def test_the_budget_error_under_the_command_line_names_the_flag() -> None:
+    from sf_lifecycle._cli import _SERVE_FLAGS
     from sf_lifecycle._config import command_line
 
-    with pytest.raises(ConfigError) as info, command_line({"port": ("--port", "eighty")}, {}):
+    with (
+        command_line({"drain_delay_ms": ("--drain-delay-ms", "20m")}, _SERVE_FLAGS),
+        pytest.raises(ConfigError) as info,
+    ):
+        Settings.from_env({})
+    assert info.value.variable == "--drain-delay-ms"
+    assert "raise --grace-ms or lower --drain-delay-ms" in str(info.value)
+
+
+def test_an_invalid_value_names_the_flag_or_the_variable_it_came_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sf_lifecycle._config import command_line
+
+    with pytest.raises(ConfigError) as info, command_line({"port": ("--port", "eighty")}):
         pass
     assert info.value.variable == "--port"
-    with command_line({}, {"SF_PORT": "eighty"}), pytest.raises(ConfigError) as info:
+    monkeypatch.setenv("SF_PORT", "eighty")
+    with pytest.raises(ConfigError) as info:
         Settings(replica_id="a")
     assert info.value.variable == "SF_PORT"
+    monkeypatch.delenv("SF_PORT")
     with (
-        command_line({"drain_delay_ms": ("--drain-delay-ms", "2s")}, {}),
+        command_line({"drain_delay_ms": ("--drain-delay-ms", "2s")}),
         pytest.raises(ConfigError) as info,
     ):
         Settings(grace_ms=1000)
@@ -384,15 +442,18 @@ def test_an_invalid_value_names_the_flag_or_the_variable_it_came_from() -> None:
     assert "grace_ms=1000" in str(info.value)
 
 
-def test_describe_sources_lists_each_non_default_setting_and_its_source() -> None:
+def test_describe_sources_lists_each_non_default_setting_and_its_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from sf_lifecycle._config import command_line
 
-    with command_line({"port": ("--port", "4712")}, {"SF_DRAIN_DELAY_MS": "1500"}):
+    monkeypatch.setenv("SF_DRAIN_DELAY_MS", "1500")
+    with command_line({"port": ("--port", "4712")}):
         s = Settings(replica_id="a")
     assert s.describe_sources() == (
         "drain_delay_ms=1500 (SF_DRAIN_DELAY_MS), replica_id='a' (code), port=4712 (--port)"
     )
-    assert Settings().describe_sources() == "all defaults"
+    assert Settings.from_env({}).describe_sources() == "all defaults"
 
 
 @pytest.mark.parametrize(
@@ -431,14 +492,24 @@ def test_mistyped_variables_are_found_with_the_closest_setting() -> None:
     ]
 
 
-def test_the_start_up_log_never_shows_a_password() -> None:
-    from sf_lifecycle._config import command_line
+def test_variables_named_after_a_field_or_flag_are_found() -> None:
+    """`SF_GRACE_MS` (the field is `grace_ms`, the flag `--grace-ms`) and `SF_HOST_NAME` are
+    the mistakes operators make; each is warned about with the variable meant."""
+    from sf_lifecycle._cli import _SERVE_FLAGS
+    from sf_lifecycle._config import unknown_variables
 
-    with command_line({}, {"SF_REDIS_URL": "redis://:hunter2@cache:6379/0"}):
-        line = Settings().describe_sources()
+    env = {"SF_GRACE_MS": "30000", "SF_HOST_NAME": "0.0.0.0", "SF_HOSTNAME": "pod-1"}
+    assert unknown_variables(env, _SERVE_FLAGS) == [
+        ("SF_GRACE_MS", "SF_RPC_SHUTDOWN_GRACE_MS"),
+        ("SF_HOST_NAME", "SF_HOST"),
+    ]
+
+
+def test_the_start_up_log_never_shows_a_password() -> None:
+    line = Settings.from_env({"SF_REDIS_URL": "redis://:hunter2@cache:6379/0"}).describe_sources()
     assert "hunter2" not in line
     assert "redis_url='redis://<redacted>@cache:6379/0' (SF_REDIS_URL)" in line
-    with command_line({}, {"SF_DATABASE_URL": "postgresql://app:hunter2@db:5432/sf"}):
-        line = Settings().describe_sources()
+    env = {"SF_DATABASE_URL": "postgresql://app:hunter2@db:5432/sf"}
+    line = Settings.from_env(env).describe_sources()
     assert "hunter2" not in line
     assert "database_url='postgresql://<redacted>@db:5432/sf' (SF_DATABASE_URL)" in line

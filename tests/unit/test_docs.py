@@ -74,14 +74,16 @@ def test_the_readme_lists_every_logger_the_library_logs_under() -> None:
 #: signal and contains the drain delay; the kill timeout is at least the budget plus 10 s).
 _OTHER_BUDGET_RULES = re.compile(
     r"<=\s*605|\b605\s*s\b|grace\s*\+\s*(the\s+)?(drain|delay)|budget plus a second"
-    r"|by a second|a second more|\+\s*drain delay|grace budget \+ drain",
+    r"|by a second|a second more|\+\s*drain delay|grace budget \+ drain"
+    r"|GRACE_MS\s*(\([^)]*\))?\s*\+\s*(SF_)?DRAIN|budget\)?\s*\+\s*(a\s+)?margin"
+    r"|GRACE_MS\s*(\([^)]*\))?\s*\+\s*a\s+margin",
     re.IGNORECASE,
 )
 
 
 def _documents() -> list[Path]:
     out = [ROOT / n for n in ("README.md", "ARCHITECTURE.md", "RELIABILITY.md")]
-    for folder, pattern in (("infra", "*"), ("src", "*.py"), ("examples", "*.py")):
+    for folder, pattern in (("infra", "*"), ("docs", "*"), ("src", "*.py"), ("examples", "*.py")):
         out += [p for p in (ROOT / folder).rglob(pattern) if p.is_file()]
     return out
 

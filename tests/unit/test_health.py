@@ -301,6 +301,62 @@ async def test_check_results_are_cached_and_a_hanging_check_never_hangs_the_prob
     await lc.shutdown()
 
 
+async def test_a_check_raising_cancelled_error_is_a_failing_check() -> None:
+    """A check that awaited something another task cancelled: healthz 503 naming it, not a
+    500 with a traceback at every probe."""
+    lc, app = make()
+
+    async def cancelled() -> None:
+        raise asyncio.CancelledError
+
+    lc.add_readiness_check("db", cancelled, cache_s=0)
+    await lc.startup()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        for _ in range(2):
+            r = await c.get("/api/healthz")
+            assert r.status_code == 503
+            assert r.json()["reasons"] == ["failing checks: db"]
+        body = (await c.get("/api/ready")).json()
+        assert body["checks"]["db"] == {"ok": False, "reason": "CancelledError"}
+    await lc.shutdown()
+
+
+async def test_a_check_stuck_ignoring_cancellation_recovers_with_its_dependency() -> None:
+    """Steps: a check hangs ignoring cancellation while its dependency is down: failing; the
+    dependency comes back while the first attempt is still stuck: a new attempt answers and
+    the replica is ready again; never more than one stuck attempt besides the current one."""
+    lc, app = make()
+    down = True
+    running = {"now": 0, "max": 0}
+    never = asyncio.Event()
+
+    async def db() -> None:
+        running["now"] += 1
+        running["max"] = max(running["max"], running["now"])
+        try:
+            while down:  # ignores cancellation while the dependency is down
+                with contextlib.suppress(asyncio.CancelledError):
+                    await never.wait()
+        finally:
+            running["now"] -= 1
+
+    lc.add_readiness_check("db", db, timeout_s=0.1, cache_s=0)
+    await lc.startup()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        for _ in range(4):
+            assert (await c.get("/api/healthz")).status_code == 503
+            await asyncio.sleep(0.3)
+        assert running["max"] <= 2
+        down = False
+        statuses = []
+        for _ in range(4):
+            statuses.append((await c.get("/api/healthz")).status_code)
+            await asyncio.sleep(0.3)
+        assert statuses[-1] == 200, statuses
+    never.set()
+    await lc.shutdown()
+
+
 async def test_livez_fails_only_when_the_loop_stalls_not_while_draining() -> None:
     """Steps: livez 200 when ready and while draining; block the loop longer than the stall
     limit: livez 503 naming the stall; after another stall period it is 200 again."""
