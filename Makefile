@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 QUICK  ?=
+# pytest-xdist workers for `make test` (most integration tests wait on real processes).
+PYTEST_WORKERS ?= 2
 
 .PHONY: help venv chromium test lint fmt typecheck pytest demo demo-rollback demo-baseline bench reliability clean
 
@@ -56,7 +58,7 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP) $(CHROMIUM)
 	$(BIN)/coverage erase
-	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage run -m pytest -n $(PYTEST_WORKERS) --durations=15
 	$(BIN)/coverage combine --quiet || true
 	@echo "branch coverage (servers in subprocesses included): $$($(BIN)/coverage report --format=total)%"
 
