@@ -11,7 +11,7 @@ from ._config import Settings, parse_ms
 
 Severity = Literal["error", "warning"]
 
-DEFAULTS = Settings()
+DEFAULTS = Settings.from_env(environ={})  # the built-in defaults, whatever the environment holds
 GRACE_VAR, DELAY_VAR = "SF_RPC_SHUTDOWN_GRACE_MS", "SF_DRAIN_DELAY_MS"
 HEALTH_PATH = "/api/healthz"
 #: Name suffix of a blue/green candidate (service, workload, pool): `sf` and `sf-candidate`.

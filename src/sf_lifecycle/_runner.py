@@ -49,6 +49,7 @@ from ._config import Settings
 from ._health import route_path
 from ._lifecycle import Lifecycle
 from ._middleware import LifecycleMiddleware
+from ._problem import problem
 from ._state import Phase
 from ._watchdog import Watchdog
 
@@ -432,9 +433,9 @@ class _ConcurrencyLimit:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1013})
                 return
-            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": b"Service Unavailable"})
+            detail = f"more than {self.limit} requests at once (--limit-concurrency); retry"
+            response = problem(503, "over_capacity", detail, retry_after_s=1, limit=self.limit)
+            await response(scope, receive, send)
             return
         self.active += 1
         try:

@@ -3,6 +3,7 @@ environment under them, and the uvicorn flags production users pass."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -68,41 +69,41 @@ def test_uds_and_root_path_are_passed_to_uvicorn(tmp_path: Path) -> None:
 
 
 def test_limit_concurrency_answers_503_beyond_the_limit(tmp_path: Path) -> None:
-    """Steps: serve with `--limit-concurrency 2` (uvicorn counts the asking connection too);
-    hold one request open; another connection is answered 503 by uvicorn; release the first,
-    which completes with 200."""
+    """Steps: serve with `--limit-concurrency 1`; hold one request open; another request is
+    answered 503 problem+json with `Retry-After` while the health paths still answer 200;
+    release the first, which completes with 200, and the app takes requests again."""
     server = ServerProcess(
         APP,
         state_dir=tmp_path,
         cwd=ROOT,
         env={"SF_DRAIN_DELAY_MS": "100"},
-        args=["--limit-concurrency", "2"],
+        args=["--limit-concurrency", "1"],
     )
     with server:
         server.wait_ready()
         held: dict[str, int] = {}
 
         def hold() -> None:
-            # uvicorn may still count a connection the client just closed: try again until
-            # this request is the one in the app.
-            while (status := server.get("/slow", timeout=15)[0]) == 503:
-                time.sleep(0.05)
-            held["status"] = status
+            held["status"] = server.get("/slow", timeout=15)[0]
 
         t = threading.Thread(target=hold)
         t.start()
         try:
             deadline = time.monotonic() + 10
-            while True:  # until the held request is in the app, refusing every other one
-                status = server.get("/api/version")[0]
+            while True:  # until the held request is in the app
+                status, headers, body = server.get("/root")
                 if status == 503:
                     break
                 assert time.monotonic() < deadline, server.logs()
                 time.sleep(0.05)
+            assert headers.get("retry-after") == "1"
+            assert json.loads(body)["code"] == "over_capacity"
+            assert server.get("/api/version")[0] == 200
+            assert server.get("/api/livez")[0] == 200
         finally:
             (tmp_path / "release").touch()
             t.join(20)
         assert held == {"status": 200}
-        assert server.get("/api/version")[0] == 200
+        assert server.get("/root")[0] == 200
     assert server.proc is not None
     assert reap(server.proc, 1) == 0

@@ -467,3 +467,21 @@ def test_limit_concurrency_never_fails_the_health_paths_of_a_busy_replica() -> N
         _stop(proc)
     assert slow == [200]
     assert busy == {"/slow": 503, "/api/livez": 200, "/api/healthz": 200, "/api/ready": 200}
+
+
+def test_a_bad_variable_stops_serve_only_not_the_other_commands() -> None:
+    """`check-infra` judges files against the built-in defaults: a bad `SF_*` variable in the
+    shell that runs it is not its business (it once failed at import with a traceback)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "SF_DRAIN_DELAY_MS": "soon"}
+    cmd = [sys.executable, "-m", "sf_lifecycle"]
+    checked = subprocess.run(
+        [*cmd, "check-infra", str(root / "infra")], env=env, capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stderr
+    served = subprocess.run(
+        [*cmd, "serve", "examples.sf_server:app"], env=env, capture_output=True, text=True
+    )
+    assert served.returncode == ExitCode.CONFIG_ERROR
+    assert served.stderr.count("\n") == 1
+    assert "SF_DRAIN_DELAY_MS" in served.stderr
