@@ -404,3 +404,26 @@ def test_without_ctypes_watch_inotify_is_a_config_error_naming_sf_sse_watch(
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("invalid SF_SSE_WATCH='inotify': inotify cannot be used here")
     assert "SF_SSE_WATCH=auto or poll" in r.stdout
+
+
+async def test_a_subscription_read_is_at_most_limit_events_a_lost_one_included(
+    tmp_path: Path,
+) -> None:
+    """Steps: retention 10, 30 events; a subscription reads from the first one (expired) with
+    `limit=5`: 5 events, the `lost` one first then 4 retained; reading on from there gives
+    the rest in order, with no gap."""
+    log = FileEventLog(tmp_path, retention_events=10, watch="poll")
+    ids = [await log.append("s", i) for i in range(30)]
+    sub = log.subscribe("s")
+    try:
+        batch = await sub.read_after(ids[0], 5)
+        # Before: 6 (the lost event, then `limit` more), over a stream's batch bound.
+        assert len(batch) == 5
+        assert batch[0].kind == LOST
+        assert [e.id for e in batch[1:]] == ids[20:24]
+        rest = await sub.read_after(batch[-1].id, 64)
+        assert [e.id for e in rest] == ids[24:]
+        assert len(await sub.read_after(ids[0], 1)) == 1  # just the lost event
+    finally:
+        sub.close()
+        await log.aclose()
