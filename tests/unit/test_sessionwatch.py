@@ -14,8 +14,10 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -427,3 +429,41 @@ async def test_a_subscription_read_is_at_most_limit_events_a_lost_one_included(
     finally:
         sub.close()
         await log.aclose()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_the_recheck_of_watched_files_stats_nothing_on_the_event_loop(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps: 200 sessions followed, one stream each; for 2.5 s (two inotify safety rechecks,
+    many polls) nothing is appended: no `stat` runs on the event loop's thread (10,000
+    sessions would be 10,000 a second there); then another process appends to one session,
+    and its stream gets the event."""
+    log = FileEventLog(tmp_path, poll_ms=50, watch=mode)
+    for i in range(200):
+        await log.append(f"s{i}", "first")
+    streams = [Follower(log, f"s{i}") for i in range(200)]
+    for f in streams:
+        await f.until_count(1)
+    await asyncio.sleep(1.5)  # the files are older than a clock tick: a stat is trusted
+    loop_thread = threading.get_ident()
+    on_loop: list[str] = []
+    real_stat = os.stat
+
+    def recording_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if threading.get_ident() == loop_thread:
+            on_loop.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", recording_stat)
+    await asyncio.sleep(2.5)
+    # Before: every watched session stat()ed its file on the loop every second (every poll).
+    assert on_loop == []
+    monkeypatch.undo()
+    await asyncio.to_thread(append_from_another_process, tmp_path, "s7", 1)
+    await streams[7].until_count(2)
+    assert streams[7].events[1].data == {"from": "other", "i": 0}
+    for f in streams:
+        f.stop.set()
+    await asyncio.gather(*(f.task for f in streams))
+    await log.aclose()
