@@ -66,7 +66,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ._errors import UnsafePath
+from ._errors import ConfigError, UnsafePath
 from ._events import Event, parse_event_id, validate_session_id
 from ._inotify import Inotify
 from ._sessiondisk import SessionDisk
@@ -141,18 +141,34 @@ class FileEventLog:
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> FileEventLog:
-        """Build from `Settings` (state dir, the two `sse_retention_*` settings, `sse_watch`)."""
-        return cls(
-            settings.require_state_dir(),
-            settings.sse_retention_events,
-            settings.sse_retention_ms,
-            **{
-                "file_mode": settings.file_mode,
-                "dir_mode": settings.dir_mode,
-                "watch": settings.sse_watch,
-                **kwargs,
-            },
-        )
+        """Build from `Settings` (state dir, the two `sse_retention_*` settings, `sse_watch`).
+
+        Raises:
+            ConfigError: `sse_watch` is `inotify` and inotify cannot be used here (names
+                `SF_SSE_WATCH`, says why and what to set instead).
+        """
+        options: dict[str, Any] = {
+            "file_mode": settings.file_mode,
+            "dir_mode": settings.dir_mode,
+            "watch": settings.sse_watch,
+            **kwargs,
+        }
+        try:
+            return cls(
+                settings.require_state_dir(),
+                settings.sse_retention_events,
+                settings.sse_retention_ms,
+                **options,
+            )
+        except OSError as exc:
+            if options["watch"] != "inotify" or isinstance(exc, UnsafePath):
+                raise
+            raise ConfigError(
+                "SF_SSE_WATCH",
+                "inotify",
+                f"inotify cannot be used here ({exc.strerror or exc}); "
+                "set SF_SSE_WATCH=auto or poll to poll the session files instead",
+            ) from exc
 
     # -- public API ----------------------------------------------------------------------
     async def append(self, session: str, data: Any) -> str:

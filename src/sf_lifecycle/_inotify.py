@@ -3,14 +3,18 @@
 Used by `_sessionwatch.py` to learn at once that another process appended to a session file.
 No dependency: `inotify_init1` and `inotify_add_watch` come from the C library already loaded
 in the process (`ctypes.CDLL(None)`), and the events are read with `os.read` on the descriptor,
-which the event loop watches with `add_reader`.
+which the event loop watches with `add_reader`. `ctypes` is imported when a descriptor is first
+opened, not with this module: a Python built without `_ctypes` still imports the library.
 
 Deliberate choices:
 
 * **Unavailable is an answer, not an error.** `Inotify.open()` raises `OSError` when the
-  platform has no inotify (macOS, a C library without it) or the kernel refuses one (the
-  per-user limit `fs.inotify.max_user_instances`, 128 by default): the caller falls back to
-  polling, and says so in a log line.
+  platform has no inotify (macOS, a C library without it, a Python without `ctypes`) or the
+  kernel refuses one (the per-user limit `fs.inotify.max_user_instances`, 128 by default):
+  the caller falls back to polling, and says so in a log line.
+* **A descriptor is closed with its object.** `close()` is the way; an `Inotify` that is
+  garbage-collected unclosed (a log never `aclose()`d, its event loop gone) closes its
+  descriptor then (`weakref.finalize`), so forgotten logs cannot exhaust the 128 instances.
 * **Non-blocking and close-on-exec.** The descriptor never blocks the event loop and never
   leaks into a child process (`sf-lifecycle serve` starts none, an application may).
 * **Names, not paths.** A folder watch reports the name of the entry that changed; what it
@@ -19,11 +23,11 @@ Deliberate choices:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import os
 import struct
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,18 +77,25 @@ class InotifyEvent:
 @functools.cache
 def _libc_call(name: str) -> Callable[..., int]:
     try:
+        import ctypes  # here, not at the top: a Python without `_ctypes` polls instead
+    except ImportError as exc:
+        raise OSError(errno.ENOSYS, f"inotify is not available here (no ctypes: {exc})") from None
+    try:
         fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError) as exc:
         raise OSError(errno.ENOSYS, f"inotify is not available here ({name}: {exc})") from None
-    fn.argtypes = _ARGTYPES[name]
+    fn.argtypes = {
+        "inotify_init1": [ctypes.c_int],
+        "inotify_add_watch": [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32],
+    }[name]
     fn.restype = ctypes.c_int
     return fn  # type: ignore[no-any-return]
 
 
-_ARGTYPES = {
-    "inotify_init1": [ctypes.c_int],
-    "inotify_add_watch": [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32],
-}
+def _errno() -> int:
+    import ctypes  # loaded already: `_libc_call` imported it to make the call
+
+    return ctypes.get_errno()
 
 
 class Inotify:
@@ -92,13 +103,16 @@ class Inotify:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        # Unclosed and collected (its event loop, which held it through `add_reader`, is gone):
+        # the descriptor goes with it rather than staying open until the process exits.
+        self._finalizer = weakref.finalize(self, os.close, fd)
 
     @classmethod
     def open(cls) -> Inotify:
         """A new descriptor; `OSError` when the platform or the kernel's limits refuse one."""
         fd = _libc_call("inotify_init1")(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
-            err = ctypes.get_errno()
+            err = _errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
         return cls(fd)
 
@@ -106,7 +120,7 @@ class Inotify:
         """Watch `path` for `mask`; the watch descriptor. `OSError` when refused."""
         wd = _libc_call("inotify_add_watch")(self.fd, os.fsencode(path), mask)
         if wd < 0:
-            err = ctypes.get_errno()
+            err = _errno()
             raise OSError(err, f"inotify_add_watch {os.fspath(path)!r}: {os.strerror(err)}")
         return wd
 
@@ -124,9 +138,8 @@ class Inotify:
 
     def close(self) -> None:
         """Close the descriptor (its watches go with it); a second call does nothing."""
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        self.fd = -1
+        self._finalizer()  # closes the descriptor the first time only
 
 
 def parse(buf: bytes) -> list[InotifyEvent]:

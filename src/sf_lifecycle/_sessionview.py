@@ -166,7 +166,7 @@ class Retention:
         limit: int | None = None,
     ) -> list[Event]:
         """What `read_after(last_id)` answers from `view` (`pos`: `last_id` parsed); at most
-        `limit` events after a leading `lost` one when given."""
+        `limit` events when given, a leading `lost` one included (a stream's batch bound)."""
         if view.epoch is None:
             if pos is None:
                 return []
@@ -192,7 +192,7 @@ class Retention:
                 seq = floor
         n = len(view.seqs)
         start = bisect.bisect_right(view.seqs, seq, 0, n)
-        out.extend(view.events[start : n if limit is None else min(n, start + limit)])
+        out.extend(view.events[start : n if limit is None else min(n, start + limit - len(out))])
         return out
 
     def needs_compaction(self, view: View, now_ms: int) -> bool:

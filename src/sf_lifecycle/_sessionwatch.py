@@ -20,9 +20,13 @@ Deliberate choices:
   `watch="poll"` (`SF_SSE_WATCH=poll`), each watched session is `stat`-ed every `poll_ms`.
 * **A slow safety recheck even with inotify.** inotify reports only writes made through this
   kernel: a writer on another host of a network volume, or an event queue overflow, goes
-  unseen. Each watch still `stat`s its file every `RECHECK_S` (one `stat` per watched session,
-  not per stream), so such a change arrives within a second; a folder watch lost (the folder
-  renamed or deleted) turns every watch to polling.
+  unseen. Every watched session's file is still `stat`-ed every `RECHECK_S` (one `stat` per
+  watched session, not per stream), so such a change arrives within a second; a folder watch
+  lost (the folder renamed or deleted) turns every watch to polling.
+* **Rechecks and polls are one batch, off the event loop.** One task per `Watchers` `stat`s
+  every watched file in one worker-thread call per period (`RECHECK_S`, or `poll_ms` when
+  polling) and marks dirty the watches whose file changed (or is too recent to trust a
+  `stat`): 10,000 watched sessions are 10,000 `stat`s on a worker thread, not on the loop.
 * **Wake by comparing the view, not by who read it.** A watch wakes its waiters whenever the
   session's parsed view is not the one it last announced (another object after a reload or
   compaction, or more events), whoever refreshed it: a local append, another stream's first
@@ -38,8 +42,8 @@ Deliberate choices:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -59,7 +63,7 @@ from ._inotify import (
     IN_Q_OVERFLOW,
     Inotify,
 )
-from ._sessionfile import Session
+from ._sessionfile import Session, stat_sig
 
 __all__ = ["RECHECK_S", "WATCH_MODES", "SessionWatch", "Waiter", "Watchers"]
 
@@ -148,9 +152,7 @@ class SessionWatch:
     async def _run(self) -> None:
         owner, s = self.owner, self.s
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(owner.recheck_s):
-                    await self.dirty.wait()
+            await self.dirty.wait()  # inotify, a local append, or the owner's batched recheck
             self.dirty.clear()  # before reading: a change during the read marks it again
             try:
                 await owner.refresh(s)
@@ -197,6 +199,7 @@ class Watchers:
         self.refresh = refresh
         self.watches: dict[str, SessionWatch] = {}
         self.inotify: Inotify | None = None
+        self._recheck: asyncio.Task[None] | None = None
         self.recheck_s = poll_s
         if mode != "poll":
             try:
@@ -228,7 +231,29 @@ class Watchers:
             self.watches[s.name] = watch
             s.waiters += 1  # a watched session stays in the log's cache
         watch.refs += 1
+        if self._recheck is None or self._recheck.done():
+            self._recheck = self.loop.create_task(self._recheck_all(), name="sf-session-recheck")
         return watch
+
+    async def _recheck_all(self) -> None:
+        """Every `recheck_s`, `stat` every watched file in one worker-thread call; mark dirty
+        the watches whose file may differ from what was read (see module doc)."""
+        while self.watches:
+            await asyncio.sleep(self.recheck_s)
+            watches = [w for w in self.watches.values() if not w.dirty.is_set()]
+            if not watches:
+                continue
+            try:
+                sigs = await asyncio.to_thread(_stat_all, [w.s.path for w in watches])
+            except Exception:  # never let the recheck die: polling streams would wait forever
+                logger.exception("session events: recheck of the session files failed")
+                continue
+            for w, sig in zip(watches, sigs, strict=True):
+                s = w.s
+                if sig is _UNKNOWN:
+                    continue  # a stat refused: logged by the refresh that fails on it
+                if not s.loaded or not s.trusted or sig != s.sig:
+                    w.dirty.set()
 
     def release(self, watch: SessionWatch) -> None:
         """Drop one reference; the last one closes the session's watch and its task."""
@@ -242,6 +267,9 @@ class Watchers:
         watch.s.waiters -= 1
         if self.watches.get(watch.s.name) is watch:
             del self.watches[watch.s.name]
+        if not self.watches and self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         watch.wake_all()
 
     def close(self) -> None:
@@ -289,3 +317,19 @@ class Watchers:
                 hit = self.watches.get(ev.name[:-4].decode("ascii", "replace"))
                 if hit is not None:
                     hit.dirty.set()
+
+
+_UNKNOWN = (-1, -1, -1)
+
+
+def _stat_all(paths: list[Path]) -> list[tuple[int, int, int] | None]:
+    """Each file's `stat_sig` (None: missing; `_UNKNOWN`: refused), on a worker thread."""
+    out: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            out.append(stat_sig(os.stat(path, follow_symlinks=False)))
+        except FileNotFoundError:
+            out.append(None)
+        except OSError:
+            out.append(_UNKNOWN)
+    return out

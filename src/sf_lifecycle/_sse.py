@@ -30,8 +30,10 @@ Deliberate choices:
 * **An event is encoded once, a batch sent at once.** Each stream follows its session with
   `follow_batches` (over `FileEventLog`: one watcher per session per process, which reads the
   file once for every stream); the SSE frame of an event is encoded once per process
-  (`_Frames`) and shared by every stream that sends it, and a stream that is behind sends up
-  to `MAX_BATCH` events in one write instead of one write each.
+  (`_Frames`, at most `FRAMES_CACHE_BYTES`) and shared by every stream that sends it, and a
+  stream that is behind sends up to `MAX_BATCH` events in one write instead of one write
+  each, but never more than `MAX_WRITE_BYTES` (64 KiB, or one event if larger) per write: the
+  send timeout is per write, and must cut only a client that accepts nothing, not a slow one.
 * **The publish body is checked while it is read**: the size limit applies to the bytes received,
   not to a `Content-Length` the client may not send.
 """
@@ -39,10 +41,11 @@ Deliberate choices:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -132,29 +135,62 @@ class _Closing:
         await self._state.wait_closing()
 
 
+#: Most bytes a stream that is behind joins into one write. A send that times out must mean
+#: "the client accepts nothing": a slow but steady client drains 64 KiB well within the send
+#: timeout, where a batch of 64 large events (12.8 MB at 200 KB each) would not.
+MAX_WRITE_BYTES = 64 * 1024
+#: Most bytes of encoded frames a process keeps for reuse (least recently used go first).
+FRAMES_CACHE_BYTES = 8 * 1024 * 1024
+
+
 class _Frames:
     """SSE frames of recent events, encoded once and shared by every stream that sends them.
 
-    Keyed by session, id and the data itself (the same string object for every stream of a
-    session, so its hash is computed once): an id reused by a re-created log can never be
+    Bounded by bytes (`max_bytes`, least recently used dropped first), not by count: 4,096
+    frames of 60 KB events were 240 MB kept after retention had dropped them. Keyed by session
+    and id, never by the data (the key would keep the event's string alive); the event's
+    timestamp and data length are checked on a hit, so an id reused by a re-created log is not
     answered with another event's bytes. `lost` events are per client and never cached.
     """
 
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self._cache: dict[tuple[str, str, str], bytes] = {}
+    def __init__(self, max_bytes: int = FRAMES_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._cache: collections.OrderedDict[tuple[str, str], tuple[int, int, bytes]] = (
+            collections.OrderedDict()
+        )
 
     def get(self, session: str, event: Event) -> bytes:
         if event.kind == LOST or event.id is None:
             return _encode(event)
-        key = (session, event.id, event.data_json)
-        frame = self._cache.get(key)
-        if frame is None:
-            frame = _encode(event)
-            if len(self._cache) >= self.size:
-                del self._cache[next(iter(self._cache))]  # the oldest
-            self._cache[key] = frame
+        key = (session, event.id)
+        cache = self._cache
+        hit = cache.get(key)
+        if hit is not None and hit[0] == event.ts_ms and hit[1] == len(event.data_json):
+            cache.move_to_end(key)
+            return hit[2]
+        frame = _encode(event)
+        if hit is not None:
+            del cache[key]
+            self.nbytes -= len(hit[2])
+        if len(frame) <= self.max_bytes // 8:  # one huge event must not flush every other
+            while cache and self.nbytes + len(frame) > self.max_bytes:
+                _, (_, _, old) = cache.popitem(last=False)
+                self.nbytes -= len(old)
+            cache[key] = (event.ts_ms, len(event.data_json), frame)
+            self.nbytes += len(frame)
         return frame
+
+
+def _writes(frames: list[bytes], max_bytes: int = MAX_WRITE_BYTES) -> Iterator[bytes]:
+    """`frames` joined into writes of at most `max_bytes` (or one frame, if larger)."""
+    start, size = 0, 0
+    for i, frame in enumerate(frames):
+        if size and size + len(frame) > max_bytes:
+            yield frames[start] if i - start == 1 else b"".join(frames[start:i])
+            start, size = i, 0
+        size += len(frame)
+    yield frames[start] if len(frames) - start == 1 else b"".join(frames[start:])
 
 
 def _encode(event: Event) -> bytes:
@@ -245,7 +281,8 @@ class _Endpoints:
                     if len(batch) == 1:
                         yield frame(session, batch[0])
                     else:
-                        yield b"".join([frame(session, event) for event in batch])
+                        for chunk in _writes([frame(session, event) for event in batch]):
+                            yield chunk
             except UnsafePath as exc:  # the client retries; an operator must fix the folder
                 logger.error("session %s: stream ended: %s", session, exc)
             except EventStoreUnavailable as exc:  # Redis down: the client resumes once it is back
@@ -313,7 +350,8 @@ def session_event_routes(
         path: Keep the default unless you also pass it to the middleware's `exclude_paths`:
             a stream counted as in flight would look like a request that never ends.
         max_body_bytes: Largest publish body; `settings.feedback_max_bytes` when None.
-        send_timeout_s: A client that takes longer to accept one event is disconnected.
+        send_timeout_s: A client that takes longer to accept one write (at most 64 KiB, or one
+            event if larger) is disconnected.
         close_grace_s: After closing begins, how long a stream may take to send its `retry:`.
     """
     limit = lifecycle.settings.feedback_max_bytes if max_body_bytes is None else max_body_bytes

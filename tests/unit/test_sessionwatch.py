@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,12 +33,37 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def inotify_fds() -> int:
-    n = 0
+def inotify_fd_set() -> set[int]:
+    """The inotify descriptors open in this process, by number."""
+    out = set()
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):
-            n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
-    return n
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                out.add(int(fd))
+    return out
+
+
+class InotifyFds:
+    """This test's own inotify descriptors: those open now that were not at the start.
+
+    Other tests in the same worker process may have left logs to the garbage collector; they
+    are collected first, and whatever is still open then is not counted.
+    """
+
+    def __init__(self) -> None:
+        gc.collect()
+        self.before = inotify_fd_set()
+
+    def new(self) -> int:
+        return len(inotify_fd_set() - self.before)
+
+    async def closed(self) -> int:
+        """`new()` once it is 0 (a log closes its descriptor on a worker thread), or after 5 s."""
+        for _ in range(500):
+            if self.new() == 0:
+                break
+            await asyncio.sleep(0.01)
+        return self.new()
 
 
 async def fds_back_to(n: int) -> int:
@@ -109,13 +137,14 @@ async def test_every_stream_of_a_session_shares_one_watcher_that_reads_the_file_
     """Steps: 50 streams follow one session and get its first event; another process appends
     3 events: every stream gets exactly those 3, in order; only the session's watcher looked at
     the file (no stream did); one inotify descriptor in inotify mode, none when polling."""
+    ours = InotifyFds()
     log = FileEventLog(tmp_path, poll_ms=20, watch=mode)
     first = await log.append("s", "before")
     streams = [Follower(log, "s") for _ in range(50)]
     for f in streams:
         await f.until_count(1)
     assert log.watching() == {"s": 50}
-    assert inotify_fds() == (1 if mode == "inotify" else 0)
+    assert ours.new() == (1 if mode == "inotify" else 0)
 
     by_streams = 0
     real_stale = SessionDisk.stale
@@ -143,10 +172,9 @@ async def test_every_stream_of_a_session_shares_one_watcher_that_reads_the_file_
         f.stop.set()
     await asyncio.gather(*(f.task for f in streams))
     assert log.watching() == {}
-    assert inotify_fds() == (1 if mode == "inotify" else 0)  # one per log, until aclose()
+    assert ours.new() == (1 if mode == "inotify" else 0)  # one per log, until aclose()
     await log.aclose()
-    await fds_back_to(fd_count() - (1 if mode == "inotify" else 0))
-    assert inotify_fds() == 0
+    assert await ours.closed() == 0
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -156,6 +184,7 @@ async def test_1000_streams_opened_and_closed_leave_no_fd_task_or_watcher(
     """Steps: 1,000 streams over 20 sessions opened at once, then cancelled (a client that went
     away); then 1,000 opened and ended one after another: no watcher, task or descriptor is
     left, and the log still delivers to a new stream; `aclose()` closes the inotify one."""
+    ours = InotifyFds()
     log = FileEventLog(tmp_path, poll_ms=20, watch=mode)
     await log.append("s0", "warm")  # the sessions folder and first file exist: not a leak
     warm = Follower(log, "s0")  # and the log's inotify descriptor, which lives until aclose()
@@ -170,7 +199,7 @@ async def test_1000_streams_opened_and_closed_leave_no_fd_task_or_watcher(
         await asyncio.sleep(0.01)
     assert len(log.watching()) == 20
     assert len(watch_tasks()) == 20
-    assert inotify_fds() == (1 if mode == "inotify" else 0)
+    assert ours.new() == (1 if mode == "inotify" else 0)
     for f in streams:
         f.task.cancel()
     await asyncio.gather(*(f.task for f in streams), return_exceptions=True)
@@ -198,7 +227,7 @@ async def test_1000_streams_opened_and_closed_leave_no_fd_task_or_watcher(
     await f.task
     await log.aclose()
     assert await fds_back_to(fds - (1 if mode == "inotify" else 0)) == fds - (mode == "inotify")
-    assert inotify_fds() == 0
+    assert ours.new() == 0
 
 
 async def test_a_stream_that_stops_reading_holds_nothing_up_and_gets_lost_past_retention(
@@ -292,3 +321,149 @@ def test_inotify_events_are_parsed_from_one_read(tmp_path: Path) -> None:
     finally:
         ino.close()
     ino.close()  # twice is fine
+
+
+def test_a_log_never_closed_releases_its_inotify_descriptor_once_collected(tmp_path: Path) -> None:
+    """Steps: a log streams a session on its own event loop in inotify mode and is never
+    `aclose()`d (the loop just ends, as in a test or a script); once the log is dropped and
+    collected, its inotify descriptor is closed: a user may hold only 128 of them
+    (`fs.inotify.max_user_instances`), and forgotten logs must not use them up."""
+    ours = InotifyFds()
+
+    async def stream_once() -> None:
+        log = FileEventLog(tmp_path, watch="inotify")
+        await log.append("s", "one")
+        f = Follower(log, "s")
+        await f.until_count(1)
+        assert ours.new() == 1
+        f.stop.set()
+        await f.task
+
+    asyncio.run(stream_once())
+    gc.collect()
+    # Before: the descriptor stayed open until the process exited, one more per such log.
+    assert ours.new() == 0
+
+
+NO_CTYPES = (
+    "import sys\n"
+    "sys.modules['_ctypes'] = None  # a Python built without libffi: import _ctypes fails\n"
+)
+
+
+def test_without_ctypes_the_library_imports_and_auto_polls(tmp_path: Path) -> None:
+    """Steps: a Python where `_ctypes` cannot be imported imports sf_lifecycle, follows a
+    session with the default `watch="auto"`, and another log appends to it: the stream gets
+    the event (by polling), and one warning says inotify is unavailable."""
+    code = NO_CTYPES + (
+        "import asyncio, logging\n"
+        "from sf_lifecycle import FileEventLog\n"
+        "from sf_lifecycle._events import follow\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
+        "async def main():\n"
+        "    a, b = FileEventLog(sys.argv[1], poll_ms=20), FileEventLog(sys.argv[1])\n"
+        "    got = []\n"
+        "    async def read():\n"
+        "        async for e in follow(a, 's', None):\n"
+        "            got.append(e.data)\n"
+        "            if len(got) == 2: return\n"
+        "    t = asyncio.create_task(read())\n"
+        "    await b.append('s', 'one')\n"
+        "    await asyncio.sleep(0.2)\n"
+        "    await b.append('s', 'two')\n"
+        "    await asyncio.wait_for(t, 10)\n"
+        "    print(got)\n"
+        "asyncio.run(main())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    # Before: `import sf_lifecycle` failed (ModuleNotFoundError: import of _ctypes halted).
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['one', 'two']"
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1
+    assert "inotify unavailable" in warnings[0]
+    assert "ctypes" in warnings[0]
+
+
+def test_without_ctypes_watch_inotify_is_a_config_error_naming_sf_sse_watch(
+    tmp_path: Path,
+) -> None:
+    """Steps: a Python without `_ctypes`, `SF_SSE_WATCH=inotify`: building the log from the
+    settings raises `ConfigError` naming `SF_SSE_WATCH` and the settings that work instead."""
+    code = NO_CTYPES + (
+        "from sf_lifecycle import ConfigError, FileEventLog, Settings\n"
+        "s = Settings.from_env({'SF_STATE_DIR': sys.argv[1], 'SF_SSE_WATCH': 'inotify'})\n"
+        "try:\n"
+        "    FileEventLog.from_settings(s)\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("invalid SF_SSE_WATCH='inotify': inotify cannot be used here")
+    assert "SF_SSE_WATCH=auto or poll" in r.stdout
+
+
+async def test_a_subscription_read_is_at_most_limit_events_a_lost_one_included(
+    tmp_path: Path,
+) -> None:
+    """Steps: retention 10, 30 events; a subscription reads from the first one (expired) with
+    `limit=5`: 5 events, the `lost` one first then 4 retained; reading on from there gives
+    the rest in order, with no gap."""
+    log = FileEventLog(tmp_path, retention_events=10, watch="poll")
+    ids = [await log.append("s", i) for i in range(30)]
+    sub = log.subscribe("s")
+    try:
+        batch = await sub.read_after(ids[0], 5)
+        # Before: 6 (the lost event, then `limit` more), over a stream's batch bound.
+        assert len(batch) == 5
+        assert batch[0].kind == LOST
+        assert [e.id for e in batch[1:]] == ids[20:24]
+        rest = await sub.read_after(batch[-1].id, 64)
+        assert [e.id for e in rest] == ids[24:]
+        assert len(await sub.read_after(ids[0], 1)) == 1  # just the lost event
+    finally:
+        sub.close()
+        await log.aclose()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_the_recheck_of_watched_files_stats_nothing_on_the_event_loop(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps: 200 sessions followed, one stream each; for 2.5 s (two inotify safety rechecks,
+    many polls) nothing is appended: no `stat` runs on the event loop's thread (10,000
+    sessions would be 10,000 a second there); then another process appends to one session,
+    and its stream gets the event."""
+    log = FileEventLog(tmp_path, poll_ms=50, watch=mode)
+    for i in range(200):
+        await log.append(f"s{i}", "first")
+    streams = [Follower(log, f"s{i}") for i in range(200)]
+    for f in streams:
+        await f.until_count(1)
+    await asyncio.sleep(1.5)  # the files are older than a clock tick: a stat is trusted
+    loop_thread = threading.get_ident()
+    on_loop: list[str] = []
+    real_stat = os.stat
+
+    def recording_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if threading.get_ident() == loop_thread:
+            on_loop.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", recording_stat)
+    await asyncio.sleep(2.5)
+    # Before: every watched session stat()ed its file on the loop every second (every poll).
+    assert on_loop == []
+    monkeypatch.undo()
+    await asyncio.to_thread(append_from_another_process, tmp_path, "s7", 1)
+    await streams[7].until_count(2)
+    assert streams[7].events[1].data == {"from": "other", "i": 0}
+    for f in streams:
+        f.stop.set()
+    await asyncio.gather(*(f.task for f in streams))
+    await log.aclose()

@@ -365,3 +365,98 @@ async def test_a_stream_whose_client_stops_reading_ends_after_the_send_timeout(
     assert loop.time() - began < 3
     assert lifecycle.state.streams == 0
     await log.aclose()
+
+
+def asgi_get(query: bytes) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": EVENTS_PATH,
+        "raw_path": EVENTS_PATH.encode(),
+        "root_path": "",
+        "query_string": query,
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+
+
+async def test_a_slow_but_steady_client_behind_by_many_big_events_is_not_cut(
+    tmp_path: Path,
+) -> None:
+    """Steps: 20 events of 30 KB wait in a session; a stream opened straight on the ASGI app
+    with `send_timeout_s=0.5` has a transport that accepts 500 KB/s, steadily; then a live
+    event is published: the client gets all 21, in order, and is never cut. Every write is at
+    most 64 KiB (or one event): before, the 20 went in one 600 KB write, 1.2 s at that rate,
+    and the send timeout ended the stream with the live event lost."""
+    rate = 500_000
+    lifecycle = Lifecycle(Settings(state_dir=tmp_path, sse_ping_ms=60_000))
+    log = FileEventLog(tmp_path)
+    ids = [await log.append("s", {"i": i, "pad": "x" * 30_000}) for i in range(20)]
+    app = Starlette(routes=session_event_routes(lifecycle, log, send_timeout_s=0.5))
+    body = bytearray()
+    writes: list[int] = []
+    got_all = asyncio.Event()
+    done = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] != "http.response.body":
+            return
+        chunk = message.get("body", b"")
+        await asyncio.sleep(len(chunk) / rate)  # a client reading at `rate`, steadily
+        body.extend(chunk)
+        writes.append(len(chunk))
+        if body.count(b"\nid: ") + body.startswith(b"id: ") == len(ids):
+            got_all.set()
+
+    call = asyncio.create_task(app(asgi_get(b"session=s"), receive, send))  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(asyncio.shield(got_all.wait()), 20)
+        ids.append(await log.append("s", {"live": 1}))
+        got_all.clear()
+        await asyncio.wait_for(asyncio.shield(got_all.wait()), 10)
+        lifecycle.state.begin_closing()
+        await asyncio.wait_for(call, 10)  # no SendTimeoutError
+    finally:
+        done.set()
+        call.cancel()
+        await log.aclose()
+    sent = [line[4:].decode() for line in bytes(body).split(b"\r\n") if line.startswith(b"id: ")]
+    assert sent == ids
+    assert max(writes) <= 64 * 1024
+    assert lifecycle.state.streams == 0
+
+
+def test_encoded_frames_kept_are_bounded_by_bytes_not_by_count() -> None:
+    """Steps: 300 distinct 100 KB events go through the frame cache once each (a stream of a
+    session whose retention keeps 10), then are dropped: what stays allocated is at most the
+    cache's 8 MiB, not 300 frames plus the events' data (60 MB before). A recent event is
+    still answered with the very same bytes; an id reused by a re-created log is not."""
+    import tracemalloc
+
+    from sf_lifecycle._events import Event
+    from sf_lifecycle._sse import FRAMES_CACHE_BYTES, _Frames
+
+    frames = _Frames()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(300):
+            event = Event(f"1-{i}", json.dumps({"i": i, "pad": "x" * 100_000}), 1000 + i)
+            assert frames.get("s", event).startswith(f"id: 1-{i}\r\n".encode())
+            del event
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert held <= FRAMES_CACHE_BYTES + 1024 * 1024, held
+    recent = Event("1-299", json.dumps({"i": 299, "pad": "x" * 100_000}), 1299)
+    assert frames.get("s", recent) is frames.get("s", recent)
+    reused = Event("1-299", json.dumps({"other": True}), 5000)
+    assert b'data: {"other": true}' in frames.get("s", reused)
