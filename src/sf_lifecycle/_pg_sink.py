@@ -37,6 +37,10 @@ class PostgresSink:
     Args:
         db: The process's pool (`sf_lifecycle.postgres.Database`).
         table: Table name (a plain identifier; created when missing).
+        timeout_s: Longest one batch may take on the client's clock; a hung server makes
+            the call raise `BackendUnavailable` then (None: the pool's statement timeout
+            plus its connect timeout, so a big batch is never cut short while the server
+            works).
 
     Raises (from a call):
         BackendUnavailable: the server did not answer or failed; nothing was committed and
@@ -45,10 +49,17 @@ class PostgresSink:
             never hold (a data error or constraint violation); the queue quarantines them.
     """
 
-    def __init__(self, db: Database, *, table: str = "sf_feedback") -> None:
+    def __init__(
+        self, db: Database, *, table: str = "sf_feedback", timeout_s: float | None = None
+    ) -> None:
         from psycopg import sql
 
         self.db = db
+        self.timeout_s = (
+            timeout_s
+            if timeout_s is not None
+            else db.statement_timeout_ms / 1000 + db.connect_timeout_s
+        )
         self.table = check_identifier(table, "table")
         name = sql.Identifier(self.table)
         self._create = sql.SQL(
@@ -86,7 +97,7 @@ class PostgresSink:
         await self._ensure()
         rows = [_row(r) for r in records]
         try:
-            async with self.db.connection() as conn, conn.transaction():
+            async with self.db.connection(self.timeout_s) as conn, conn.transaction():
                 await conn.execute(self._stage)
                 async with conn.cursor().copy(self._copy) as copy:
                     for row in rows:
@@ -104,7 +115,7 @@ class PostgresSink:
 
         rejected: list[str] = []
         reasons: dict[str, None] = {}
-        async with self.db.connection() as conn:
+        async with self.db.connection(self.timeout_s) as conn:
             for row in rows:
                 try:
                     await conn.execute(self._insert_one, row)

@@ -284,6 +284,14 @@ async def test_publishing_an_event_answers_503_while_postgres_is_down(
 
 
 # -- records PostgreSQL can never store (issue 13) -------------------------------------------
+def set_aside(state: Path) -> list[tuple[bytes, str]]:
+    """(frames, reason) of every `.rejected` file in the queue's quarantine."""
+    qdir = state / "feedback" / "quarantine"
+    return [
+        (p.read_bytes(), Path(f"{p}.reason").read_text()) for p in sorted(qdir.glob("*.rejected"))
+    ]
+
+
 async def test_a_record_postgres_rejects_is_quarantined_and_the_queue_goes_on(
     tmp_path: Path, db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -302,16 +310,13 @@ async def test_a_record_postgres_rejects_is_quarantined_and_the_queue_goes_on(
         assert (result.complete, result.error, result.delivered) == (True, None, 2)
         assert result.rejected == 1
         assert await sink.ids() == sorted([good1, good2])
-        qdir = tmp_path / "s" / "feedback" / "quarantine"
-        frames = [p for p in qdir.iterdir() if p.name.endswith(".rejected")]
-        assert len(frames) == 1
-        assert b"SECRET-BODY" in frames[0].read_bytes()  # kept for an operator, never deleted
-        reason = Path(f"{frames[0]}.reason").read_text()
-        assert bad in reason and "22P05" in reason and "SECRET" not in reason
-        lines = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
-        assert lines and "SECRET" not in caplog.text
+        [(frames, reason)] = set_aside(tmp_path / "s")
+        assert b"SECRET-BODY" in frames  # kept for an operator, never deleted
+        assert reason == f"{bad}\tUntranslatableCharacter (SQLSTATE 22P05)\n"
+        assert [r.levelname for r in caplog.records if bad in r.getMessage()] == ["ERROR"]
+        assert "SECRET" not in caplog.text
         assert queue._delivery.rejected == 1
-        assert list((tmp_path / "s" / "feedback").glob("*.draining")) == []
+        assert queue.stats().draining == 0
         again = await queue.drain(sink)
         assert (again.complete, again.delivered) == (True, 0)
     finally:
@@ -332,7 +337,7 @@ async def test_the_sink_commits_the_good_records_and_names_the_rejected_ones(
     with pytest.raises(RecordsRejected) as info:
         await sink(batch)
     assert info.value.ids == ("r000001", "r000003")
-    assert "22P05" in info.value.reason and "\u0000" not in info.value.reason
+    assert info.value.reason == "UntranslatableCharacter (SQLSTATE 22P05)"
     assert await sink.ids() == ["r000000", "r000002", "r000004"]
 
 
@@ -367,3 +372,52 @@ async def test_a_claim_taken_over_after_its_replica_died_never_makes_a_second_ro
     finally:
         await a.close()
         await b.close()
+
+
+def _server_pids(server: PostgresServer) -> list[int]:
+    """The postmaster and its children (the backends serving our connections)."""
+    assert server.proc is not None
+    out = subprocess.run(
+        ["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True, check=False
+    )
+    return [server.proc.pid, *(int(p) for p in out.stdout.split())]
+
+
+async def test_a_hung_server_answers_keyed_writes_503_within_seconds_and_bounds_the_sink(
+    tmp_path: Path, own_server: PostgresServer
+) -> None:
+    """Steps: a keyed POST (202) warms the pool; PostgreSQL is frozen (SIGSTOP: the port
+    still accepts, nothing answers); an unkeyed POST is 202 (the local queue); a keyed POST
+    answers 503 `idempotency_unavailable` within seconds (the default call bound, 5 s);
+    a sink call raises `BackendUnavailable` within its bound too; the server thaws
+    (SIGCONT) and the keyed retry is 202."""
+    import os
+    import signal
+    import time
+
+    url = own_server.create_database("hang")
+    a = Replica(tmp_path / "a", url)
+    pids: list[int] = []
+    try:
+        assert (await a.post({"v": 0}, key="warm")).status_code == 202
+        pids = _server_pids(own_server)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        assert (await a.post({"v": 1})).status_code == 202
+        began = time.monotonic()
+        hung = await asyncio.wait_for(a.post({"v": 2}, key="k-hung"), 15)
+        assert hung.status_code == 503
+        assert hung.json()["code"] == "idempotency_unavailable"
+        assert time.monotonic() - began < 8
+        began = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await asyncio.wait_for(PostgresSink(a.db, timeout_s=2)(records(3)), 15)
+        assert time.monotonic() - began < 5
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        back = await asyncio.wait_for(a.post({"v": 2}, key="k-hung"), 15)
+        assert back.status_code == 202
+    finally:
+        await a.close()
