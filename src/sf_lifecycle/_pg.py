@@ -71,7 +71,7 @@ def check_url(url: str, source: str = "SF_DATABASE_URL") -> str:
     return url
 
 
-def check_identifier(name: str, source: str) -> str:
+def check_identifier(name: object, source: str) -> str:
     """A table name the backends may create: a plain SQL identifier, else `ConfigError`."""
     if not isinstance(name, str) or not _IDENT.match(name):
         raise ConfigError(source, name, "an SQL identifier: a letter or _, then A-Z a-z 0-9 _")
