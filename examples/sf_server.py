@@ -22,8 +22,9 @@ Routes:
   (`data:` the replica id), which a page cannot read from the `X-SF-Replica` header.
 
 With `SF_DATABASE_URL=postgresql://...` (the `[postgres]` extra) PostgreSQL holds what replicas
-on many hosts share: the drained feedback (`PostgresSink`, table `sf_feedback`), the
-Idempotency-Key index and (unless `SF_REDIS_URL` is set) the session events; the state
+on many hosts share: the drained feedback (`PostgresSink`, table `SF_DATABASE_TABLE`, default
+`sf_feedback`), the Idempotency-Key index and (unless `SF_REDIS_URL` is set) the session
+events; the state
 directory keeps only this replica's write-ahead queue.
 
 Test-only switches:
@@ -178,7 +179,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
 
         db = Database(cfg.database_url)
-        sink = PostgresSink(db)
+        sink = PostgresSink(db, table=cfg.database_table)
         PostgresIdempotencyIndex.for_queue(queue, db)  # shared by every replica
         pg_events = PostgresEventLog.from_settings(cfg, db)
         if not cfg.redis_url:  # with both set, Redis serves the events

@@ -128,6 +128,8 @@ class Settings:
             idempotency index and the session events (the `[postgres]` extra), shared by
             replicas on many hosts; the state directory then holds only this replica's
             write-ahead queue. A secret: never in `repr`, logs or probe bodies.
+        database_table: The PostgreSQL table the example server's sink stores delivered
+            feedback in (a plain SQL identifier; created when missing).
     """
 
     grace_ms: int = 600_000
@@ -160,6 +162,7 @@ class Settings:
     access_log: bool = False
     liveness_stall_ms: int = 10_000
     database_url: str | None = field(default=None, repr=False)
+    database_table: str = "sf_feedback"
     _sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -398,6 +401,7 @@ ENV_VARS: dict[str, str] = {
     "access_log": "SF_ACCESS_LOG",
     "liveness_stall_ms": "SF_LIVENESS_STALL_MS",
     "database_url": "SF_DATABASE_URL",
+    "database_table": "SF_DATABASE_TABLE",
 }
 
 # (minimum, maximum) for integer settings; None means unbounded above.
@@ -568,6 +572,10 @@ def _validate(name: str, value: object, source: str) -> None:
         if not isinstance(value, str):
             raise ConfigError(source, "<not a string>", "a postgresql:// URL")
         check_url(value, source)
+    elif name == "database_table":
+        from ._pg import check_identifier  # no driver import
+
+        check_identifier(value, source)
     elif name == "sse_watch":
         if value not in ("auto", "inotify", "poll"):
             raise ConfigError(source, value, "one of auto, inotify, poll")

@@ -3,7 +3,10 @@
 A file is read in bounded pieces, one batch ahead of the sink (parsing overlaps the sink's
 commit, and memory does not grow with the file), its records handed to the sink in batches of
 `batch_records`, the delivery listeners (the idempotency index) run after each commit, and only
-then is the file removed, or moved to `quarantine/` when it had damage. Nothing is deleted
+then is the file removed, or moved to `quarantine/` when it had damage. A sink that raises
+`RecordsRejected` committed the rest of the batch: the rejected records are written to
+`quarantine/` (their frames and the reason), logged by id (never by content), counted, and the
+delivery goes on, so one record the sink can never store cannot block the queue. Nothing is deleted
 before the sink has all of it; a deadline stops before a new batch starts and abandons a running
 sink call, leaving the file for the next attempt (a redelivery is a no-op: sinks are
 idempotent by record id).
@@ -28,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 from . import _crashpoints as _cp
 from . import _fs
 from ._background import stops_task
+from ._errors import RecordsRejected
 from ._redact import describe_error
-from ._segments import NotASegment, Record, SegmentReader, quarantine_file
+from ._segments import NotASegment, Record, SegmentReader, quarantine_file, quarantine_records
 from ._statefiles import state_subdir
 
 if TYPE_CHECKING:
@@ -55,6 +59,8 @@ class DrainResult:
         files_done: Segment files fully delivered and removed (or quarantined).
         files_left: `.draining` files left on disk (deadline reached or the sink failed).
         quarantined: Files moved to quarantine because of corruption.
+        rejected: Records the sink refused for good (`RecordsRejected`), set aside in
+            quarantine.
         complete: True when nothing this call was responsible for was left behind.
         elapsed_ms: Duration of the call.
         error: Why the sink failed (no path, no secret), when it did.
@@ -64,6 +70,7 @@ class DrainResult:
     files_done: int = 0
     files_left: int = 0
     quarantined: int = 0
+    rejected: int = 0
     complete: bool = True
     elapsed_ms: float = 0.0
     error: str | None = None
@@ -89,6 +96,8 @@ class Delivery:
         self.sink_errors = 0
         #: Files moved to quarantine since the queue started.
         self.quarantined = 0
+        #: Records the sink refused for good (`RecordsRejected`), set aside in quarantine.
+        self.rejected = 0
 
     async def files(
         self, files: list[Path], sink: Sink, deadline: float | None, began: float
@@ -214,11 +223,13 @@ class Delivery:
                 return False
             try:
                 async with asyncio.timeout(remaining):
-                    await sink(batch)
+                    stored = await self._store(reader.path, batch, sink, result)
+                    if stored is None:
+                        return False
                     if _cp.ARMED:
                         _cp.hit("drain.after_sink_commit")
                     for listener in self.listeners:
-                        await listener(batch)
+                        await listener(stored)
             except TimeoutError:
                 self.sink_errors += 1
                 logger.warning("deadline reached while delivering %s; left on disk", name)
@@ -228,8 +239,47 @@ class Delivery:
                 logger.exception("sink failed on %s; the file stays and is retried", name)
                 result.error = describe_error(exc)
                 return False
-            result.delivered += len(batch)
-            self.delivered += len(batch)
+            result.delivered += len(stored)
+            self.delivered += len(stored)
+
+    async def _store(
+        self, path: Path, batch: list[Record], sink: Sink, result: DrainResult
+    ) -> list[Record] | None:
+        """`sink(batch)`; the records it committed, or None when the file must stay (the
+        rejected records could not be written to quarantine)."""
+        try:
+            await sink(batch)
+        except RecordsRejected as exc:
+            ids = set(exc.ids)
+            rejected = [r for r in batch if r["id"] in ids]
+            reason = describe_error(Exception(exc.reason)).partition(": ")[2] or "rejected"
+            try:
+                target = await asyncio.to_thread(
+                    quarantine_records, path, rejected, reason, self.state_dir, self.dir_mode
+                )
+            except OSError as err:
+                self.sink_errors += 1
+                logger.error(
+                    "cannot quarantine %d record(s) the sink rejected from %s (%s); the file "
+                    "stays and is retried",
+                    len(rejected),
+                    path.name,
+                    err,
+                )
+                result.error = f"RecordsRejected: cannot quarantine: {describe_error(err)}"
+                return None
+            for r in rejected:
+                logger.error(
+                    "record %s from %s can never be stored by the sink (%s); set aside in %s",
+                    r["id"],
+                    path.name,
+                    reason,
+                    target,
+                )
+            result.rejected += len(rejected)
+            self.rejected += len(rejected)
+            return [r for r in batch if r["id"] not in ids]
+        return batch
 
     async def _set_aside(self, path: Path, problems: list[tuple[int, str]]) -> bool:
         """Quarantine `path`; False (logged, the file left for the next attempt) if that fails."""

@@ -15,6 +15,8 @@ The tree, so that callers can catch as broadly or narrowly as they need::
     │   │                               nothing was acknowledged
     │   ├── UnsafePath                  a link where the state directory keeps a file
     │   └── BackendUnavailable          a database server (PostgreSQL) did not answer; retryable
+    ├── RecordsRejected                 a sink stored a batch but these records, which it can
+    │                                   never store (the queue quarantines them and goes on)
     ├── EventStoreUnavailable(ConnectionError)  a networked event store (Redis, PostgreSQL) cannot
     │                                   be reached or refused the command; nothing was appended
     │
@@ -49,6 +51,7 @@ __all__ = [
     "InvalidSessionId",
     "NotReady",
     "QueueError",
+    "RecordsRejected",
     "SfLifecycleError",
     "StorageError",
     "UnsafePath",
@@ -114,6 +117,28 @@ class DiskWriteError(StorageError, QueueError):
     `StorageError` (an `OSError` with its `errno`) and a `QueueError`: code written against
     either catches it.
     """
+
+
+class RecordsRejected(SfLifecycleError):
+    """Raised by a sink: the batch is committed except these records, which it can never store.
+
+    For data the sink refuses for good (PostgreSQL's jsonb refuses `\\u0000`; a constraint
+    violation), never for an outage (raise anything else: the batch stays queued and is
+    retried). The queue moves the records to `feedback/quarantine/` with the reason, logs their
+    ids, counts them and goes on: one poison record must not block every record behind it.
+
+    Args:
+        ids: The rejected records' ids (each one of the batch).
+        reason: Why, for logs and the quarantine: an error class and code, never body content.
+    """
+
+    def __init__(self, ids: tuple[str, ...] | list[str], reason: str) -> None:
+        self.ids = tuple(ids)
+        self.reason = reason
+        super().__init__(self.ids, reason)
+
+    def __str__(self) -> str:
+        return f"{len(self.ids)} record(s) can never be stored: {self.reason}"
 
 
 class EventStoreUnavailable(SfLifecycleError, ConnectionError):

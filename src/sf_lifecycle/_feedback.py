@@ -51,6 +51,7 @@ from starlette.routing import BaseRoute
 
 from ._config import Settings
 from ._errors import DiskWriteError, QueueError
+from ._ids import new_record_id
 from ._jsonbody import BodyError, check_json_content_type, read_json_body
 from ._lifecycle import Lifecycle
 from ._problem import ProblemRoute, problem
@@ -102,8 +103,9 @@ class _FeedbackEndpoint:
         sha = hashlib.sha256(
             json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
         ).hexdigest()
+        rid = new_record_id()  # before the claim: a takeover knows which id may exist
         try:
-            known = await self.index.claim(key, sha, held=self._held)
+            known = await self.index.claim(key, sha, held=self._held, record_id=rid)
         except _Recovering:
             return problem(
                 503,
@@ -123,7 +125,11 @@ class _FeedbackEndpoint:
                 retry_after_s=1,
             )
         if known is None:  # claimed: ours to store, then settle or release
-            return await self._store(body, key, sha)
+            return await self._store(body, key, sha, rid)
+        if known.claimed and known.id is not None:
+            # Taken over from a replica that died holding it: store under the id it may have
+            # stored already, so the sink keeps one record (ARCHITECTURE.md, "Idempotency").
+            return await self._store(body, key, sha, known.id)
         if known.sha != sha:
             return problem(
                 422,
@@ -144,11 +150,14 @@ class _FeedbackEndpoint:
             raise _Recovering
         return self.queue.held_key(key)
 
-    async def _store(self, body: dict[str, Any], key: str | None, sha: str = "") -> Response:
-        """Append `body`; with a `key` (claimed by the caller), settle or release it."""
+    async def _store(
+        self, body: dict[str, Any], key: str | None, sha: str = "", rid: str | None = None
+    ) -> Response:
+        """Append `body` (as `rid` when given); with a `key` (claimed by the caller), settle
+        or release it."""
         try:
             rid = await self.queue.append(
-                body, meta=None if key is None else {"key": key, "sha": sha}
+                body, meta=None if key is None else {"key": key, "sha": sha}, record_id=rid
             )
         except BaseException as exc:
             if key is not None:

@@ -5,16 +5,24 @@ Nothing here is imported by the core: `sf_lifecycle.postgres` is the only way in
 raises an `ImportError` naming the extra when the driver is missing.
 
 `Database` is one bounded async connection pool per process, shared by the sink, the
-idempotency index and the event log. Every connection has a connect timeout and a statement
-timeout, and a pooled connection is checked before it is handed out, so a dead or restarted
-server makes a call raise within seconds (`BackendUnavailable`) instead of hanging a drain or
-a request: the drainer retries with its backoff, a keyed write answers 503.
+idempotency index and the event log. Every connection has a connect timeout, TCP keepalives, a
+TCP user timeout and a statement timeout, and a pooled connection is checked before it is
+handed out. Those catch a dead or restarted server, not a hung one (a frozen or overloaded
+server whose kernel still acknowledges every packet; `statement_timeout` is enforced by the
+server itself), so every call is also bounded on the client (`call_timeout_s`): getting a
+connection is cancelled at the deadline, and a connection still in use then is severed (its
+socket shut down, so the driver's pending read and any rollback fail at once, and the pool
+discards it). A call therefore raises `BackendUnavailable` within its bound whatever the
+server does: the drainer retries with its backoff, a keyed write answers 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -63,7 +71,7 @@ def check_url(url: str, source: str = "SF_DATABASE_URL") -> str:
     return url
 
 
-def check_identifier(name: str, source: str) -> str:
+def check_identifier(name: object, source: str) -> str:
     """A table name the backends may create: a plain SQL identifier, else `ConfigError`."""
     if not isinstance(name, str) or not _IDENT.match(name):
         raise ConfigError(source, name, "an SQL identifier: a letter or _, then A-Z a-z 0-9 _")
@@ -79,6 +87,9 @@ class Database:
         max_size: Most connections this process opens (the pool bounds it).
         connect_timeout_s: How long connecting, or waiting for a free connection, may take.
         statement_timeout_ms: Longest statement the server runs for this pool.
+        call_timeout_s: Longest a `connection()` block may take, on the client's clock,
+            getting the connection included (a hung server cannot hold a request or a drain
+            longer); a block may ask for another bound.
     """
 
     def __init__(
@@ -89,6 +100,7 @@ class Database:
         max_size: int = 4,
         connect_timeout_s: float = 5.0,
         statement_timeout_ms: int = 30_000,
+        call_timeout_s: float = 5.0,
     ) -> None:
         require_driver()
         self.url = check_url(url, "url")
@@ -96,6 +108,7 @@ class Database:
         self.max_size = max_size
         self.connect_timeout_s = connect_timeout_s
         self.statement_timeout_ms = statement_timeout_ms
+        self.call_timeout_s = call_timeout_s
         self._pool: psycopg_pool.AsyncConnectionPool | None = None
         self._ready: set[str] = set()  # schemas created by this process
 
@@ -109,6 +122,12 @@ class Database:
             "connect_timeout": max(1, round(self.connect_timeout_s)),
             "options": f"-c statement_timeout={int(self.statement_timeout_ms)}",
             "autocommit": True,
+            # A peer that vanished (host down, cable cut): found in ~10 s, not TCP's ~2 h.
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 10_000,
         }
 
     async def _open(self) -> psycopg_pool.AsyncConnectionPool:
@@ -121,7 +140,7 @@ class Database:
                 max_size=self.max_size,
                 timeout=self.connect_timeout_s,
                 kwargs=self.connect_kwargs(),
-                check=AsyncConnectionPool.check_connection,
+                # No `check`: `connection()` checks, within its own deadline (`_checked`).
                 reconnect_timeout=0,  # never give up reconnecting: the server comes back
                 open=False,
                 name="sf-lifecycle",
@@ -131,22 +150,81 @@ class Database:
         return self._pool
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled connection (autocommit: use `conn.transaction()`).
+    async def connection(
+        self, timeout_s: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection (autocommit: use `conn.transaction()`), for at most
+        `timeout_s` (`call_timeout_s` when None) from this call, getting it included.
 
         Raises:
-            BackendUnavailable: no connection within `connect_timeout_s`, or the server failed
-                the call (connection lost, timeout); the message has no password.
+            BackendUnavailable: no connection in time, the block ran out of time (the
+                connection is severed and discarded), or the server failed the call
+                (connection lost, timeout); the message has no password.
         """
         import psycopg
         import psycopg_pool
 
+        limit = self.call_timeout_s if timeout_s is None else timeout_s
         pool = await self._open()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        severed: list[bool] = []
         try:
-            async with pool.connection() as conn:
-                yield conn
-        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            async with contextlib.AsyncExitStack() as stack:
+                conn = await self._checked(pool, stack, deadline, severed)
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                        # Cancelled or failed mid-call: the pool would roll back over the
+                        # network, which a hung server never answers. Discard instead.
+                        _sever(conn, severed)
+                    raise
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout, TimeoutError) as exc:
+            if severed or isinstance(exc, TimeoutError):
+                raise BackendUnavailable(f"PostgreSQL: no answer within {limit:g} s") from exc
             raise BackendUnavailable(f"PostgreSQL: {describe_error(exc)}") from exc
+
+    async def _checked(
+        self,
+        pool: psycopg_pool.AsyncConnectionPool,
+        stack: contextlib.AsyncExitStack,
+        deadline: float,
+        severed: list[bool],
+    ) -> psycopg.AsyncConnection[Any]:
+        """A pooled connection that answered an empty query, severed at `deadline`.
+
+        The check is ours, not the pool's: cancelling the pool's check of a hung server
+        makes the driver try to cancel the query first, which waits seconds more; a severed
+        socket fails at once. A connection that fails the check (the server restarted) is
+        discarded by the pool and the next one is tried.
+        """
+        import psycopg
+
+        loop = asyncio.get_running_loop()
+        while True:
+            # Waiting for a pooled connection or a new one (bounded by connect_timeout):
+            # nothing runs on the server yet, so a cancellation here costs nothing.
+            async with asyncio.timeout_at(deadline):
+                inner = contextlib.AsyncExitStack()
+                conn = await inner.enter_async_context(pool.connection())
+            timer = loop.call_at(deadline, _sever, conn, severed)
+            try:
+                await conn.execute("")
+            except psycopg.OperationalError:
+                timer.cancel()
+                await inner.aclose()  # broken: the pool discards it
+                if severed:
+                    raise
+                continue
+            except BaseException:
+                timer.cancel()
+                _sever(conn, severed)
+                await inner.aclose()
+                raise
+            stack.push_async_callback(inner.aclose)
+            stack.callback(timer.cancel)
+            return conn
 
     async def ensure(self, name: str, create: Callable[[Any], Awaitable[None]]) -> None:
         """Run `create(conn)` once per process under a transaction-level advisory lock, so
@@ -163,3 +241,16 @@ class Database:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close(timeout=1.0)
+
+
+def _sever(conn: Any, severed: list[bool]) -> None:
+    """Shut `conn`'s socket down: its pending read ends at once (the driver raises
+    `OperationalError`) and the pool discards it instead of rolling back over the network."""
+    with contextlib.suppress(Exception):
+        fd = conn.pgconn.socket
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
+        severed.append(True)

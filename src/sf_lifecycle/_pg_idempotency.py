@@ -4,10 +4,14 @@ The SQLite index (`idempotency.IdempotencyIndex`) learns a key when its record i
 another host sees it only then. Here the key is written when it is *claimed*, before the record
 is stored, so a retry that lands on any replica finds it at once:
 
-* `claim` inserts `(key, sha, owner)` with no id. A key already there answers what it maps to:
-  a different body is a reuse (422), no id yet is "in flight" (409), an id replays it (202).
-  A claim left without an id for `claim_timeout_s` (its replica died before storing the
-  record) can be taken over, and so can a key older than `ttl_s`.
+* `claim` inserts `(key, sha, owner, pending)` with no id; `pending` is the record id the
+  claimer allocated before claiming. A key already there answers what it maps to: a different
+  body is a reuse (422), no id yet is "in flight" (409), an id replays it (202). A claim left
+  without an id for `claim_timeout_s` (its replica died, maybe after storing the record) can
+  be taken over by a request with the same body, which stores its record under the claim's
+  `pending` id: if the dead replica's record is recovered later, the sink keeps one of the
+  two (idempotent by id), so one key never makes two records. A key older than `ttl_s` is
+  forgotten and starts afresh.
 * `settle` (record stored) and `release` (not stored) are decided already when they run, so
   they never fail the request: the row is updated in the background, and the delivery listener
   (`record_delivered`) writes the id again once the sink committed the record, which also heals
@@ -74,19 +78,26 @@ class PostgresIdempotencyIndex:
         t = sql.Identifier(self.table)
         self._create = sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, sha text NOT NULL, id text, "
-            "owner text, created_at timestamptz NOT NULL DEFAULT now())"
+            "owner text, created_at timestamptz NOT NULL DEFAULT now(), pending text)"
         ).format(t)
+        # Tables made before `pending` existed (the id a claim will be stored under).
+        self._migrate = sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS pending text").format(t)
         self._index = sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (created_at)").format(
             sql.Identifier(f"{self.table}_created_at"), t
         )
-        # Claimed when new, expired, or a claim abandoned without an id.
+        # Claimed when new, expired, or a claim abandoned without an id for the same body;
+        # the taker of an abandoned claim inherits its pending id (the record the dead
+        # holder may have stored), an expired key starts afresh.
         self._claim = sql.SQL(
-            "INSERT INTO {t} AS o (key, sha, id, owner) VALUES (%(key)s, %(sha)s, NULL, "
-            "%(owner)s) ON CONFLICT (key) DO UPDATE SET sha = excluded.sha, id = NULL, "
-            "owner = excluded.owner, created_at = now() "
+            "INSERT INTO {t} AS o (key, sha, id, owner, pending) VALUES (%(key)s, %(sha)s, "
+            "NULL, %(owner)s, %(pending)s) ON CONFLICT (key) DO UPDATE SET sha = excluded.sha, "
+            "id = NULL, owner = excluded.owner, created_at = now(), pending = CASE "
+            "WHEN o.created_at < now() - make_interval(secs => %(ttl)s) THEN excluded.pending "
+            "ELSE coalesce(o.pending, excluded.pending) END "
             "WHERE o.created_at < now() - make_interval(secs => %(ttl)s) "
-            "OR (o.id IS NULL AND o.created_at < now() - make_interval(secs => %(claim)s)) "
-            "RETURNING owner"
+            "OR (o.id IS NULL AND o.sha = excluded.sha "
+            "AND o.created_at < now() - make_interval(secs => %(claim)s)) "
+            "RETURNING owner, pending"
         ).format(t=t)
         self._lookup = sql.SQL(
             "SELECT sha, id FROM {} WHERE key = %s "
@@ -127,6 +138,7 @@ class PostgresIdempotencyIndex:
     async def _ensure(self) -> None:
         async def create(conn: Any) -> None:
             await conn.execute(self._create)
+            await conn.execute(self._migrate)
             await conn.execute(self._index)
 
         await self.db.ensure(f"idempotency:{self.table}", create)
@@ -162,12 +174,19 @@ class PostgresIdempotencyIndex:
         return None if found is None else KnownKey(found[0], found[1])
 
     async def claim(
-        self, key: str, sha: str, *, held: Callable[[str], tuple[str, str] | None] | None = None
+        self,
+        key: str,
+        sha: str,
+        *,
+        held: Callable[[str], tuple[str, str] | None] | None = None,
+        record_id: str | None = None,
     ) -> KnownKey | None:
         """Claim `key` in the table, unless some replica knows it already (see the module).
 
         `held` is asked first (it raises while start-up recovery runs: keyed writes answer 503
-        "recovering" as with the SQLite index).
+        "recovering" as with the SQLite index). `record_id`, the id the caller will store
+        under, is written with the claim; a caller that takes over a claim its holder
+        abandoned gets `KnownKey(sha, <that claim's id>, claimed=True)` and stores under it.
 
         Raises:
             BackendUnavailable: the server did not answer; nothing is claimed.
@@ -179,23 +198,33 @@ class PostgresIdempotencyIndex:
         if found is not None:
             return KnownKey(*found)
         params = {"key": key, "sha": sha, "owner": self.owner, "ttl": self.ttl_s}
-        params["claim"] = self.claim_timeout_s
+        params.update(claim=self.claim_timeout_s, pending=record_id)
 
         async def attempt(conn: Any) -> KnownKey | bool | None:
             cur = await conn.execute(self._claim, params)
             row = await cur.fetchone()
             if row is not None and row[0] == self.owner:
-                return None
+                pending = row[1]
+                return None if pending is None or pending == record_id else pending
             cur = await conn.execute(self._lookup, (key, self.ttl_s))
             other = await cur.fetchone()
             return False if other is None else KnownKey(other[0], other[1])
 
         for _ in range(3):  # a release between our insert and our read: claim again
             outcome = await self._call(attempt)
-            if outcome is None:
+            if outcome is None or isinstance(outcome, str):
                 if key in self._memory:  # a concurrent request of ours claimed it meanwhile
                     return self._memory[key]
                 self._memory[key] = KnownKey(sha, None)
+                if isinstance(outcome, str):
+                    logger.warning(
+                        "idempotency key %s: claim taken over from a replica that did not "
+                        "settle it within %.0f s; stored as %s, the id it may have stored",
+                        key,
+                        self.claim_timeout_s,
+                        outcome,
+                    )
+                    return KnownKey(sha, outcome, claimed=True)
                 return None
             if outcome is not False:
                 assert isinstance(outcome, KnownKey)

@@ -10,6 +10,12 @@ also works behind a pooler in transaction mode), then one `INSERT ... SELECT ...
 about 3x at 1,000 records; `benchmarks/bench_postgres.py` compares the sink with one `INSERT`
 per record. The table is created when missing, under an advisory lock so replicas starting
 together do not race.
+
+A record PostgreSQL can never store (jsonb refuses `\\u0000`; any data error or constraint
+violation, class 22 or 23) must not block the records behind it: when a batch fails so, it is
+stored again record by record (each its own transaction), the good ones committed, and
+`RecordsRejected` names the others with the error class and SQLSTATE (never the server's
+message, which can quote the body). The queue quarantines them and goes on.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import _crashpoints as _cp
+from ._errors import RecordsRejected
 from ._pg import Database, check_identifier
 
 __all__ = ["PostgresSink"]
@@ -30,16 +37,29 @@ class PostgresSink:
     Args:
         db: The process's pool (`sf_lifecycle.postgres.Database`).
         table: Table name (a plain identifier; created when missing).
+        timeout_s: Longest one batch may take on the client's clock; a hung server makes
+            the call raise `BackendUnavailable` then (None: the pool's statement timeout
+            plus its connect timeout, so a big batch is never cut short while the server
+            works).
 
     Raises (from a call):
         BackendUnavailable: the server did not answer or failed; nothing was committed and
             the batch stays queued (the drainer retries it).
+        RecordsRejected: the batch is committed but for these records, which the table can
+            never hold (a data error or constraint violation); the queue quarantines them.
     """
 
-    def __init__(self, db: Database, *, table: str = "sf_feedback") -> None:
+    def __init__(
+        self, db: Database, *, table: str = "sf_feedback", timeout_s: float | None = None
+    ) -> None:
         from psycopg import sql
 
         self.db = db
+        self.timeout_s = (
+            timeout_s
+            if timeout_s is not None
+            else db.statement_timeout_ms / 1000 + db.connect_timeout_s
+        )
         self.table = check_identifier(table, "table")
         name = sql.Identifier(self.table)
         self._create = sql.SQL(
@@ -57,6 +77,10 @@ class PostgresSink:
             "SELECT id, idem_key, body, to_timestamp(ts / 1000.0) FROM sf_stage "
             "ON CONFLICT (id) DO NOTHING"
         ).format(name)
+        self._insert_one = sql.SQL(
+            "INSERT INTO {} (id, idem_key, body, created_at) "
+            "VALUES (%s, %s, %s::jsonb, to_timestamp(%s / 1000.0)) ON CONFLICT (id) DO NOTHING"
+        ).format(name)
 
     async def _ensure(self) -> None:
         async def create(conn: Any) -> None:
@@ -68,17 +92,38 @@ class PostgresSink:
         """Commit `records` in one transaction (ids already stored are ignored)."""
         if not records:
             return
+        import psycopg
+
         await self._ensure()
-        dumps = json.dumps
-        async with self.db.connection() as conn, conn.transaction():
-            await conn.execute(self._stage)
-            async with conn.cursor().copy(self._copy) as copy:
-                for r in records:
-                    body = dumps(r.get("data"), ensure_ascii=False, separators=(",", ":"))
-                    await copy.write_row((r["id"], r.get("key"), body, int(r.get("ts", 0))))
-            await conn.execute(self._insert)
-            if _cp.ARMED:
-                _cp.hit("sink.before_commit")  # a transaction open, nothing committed
+        rows = [_row(r) for r in records]
+        try:
+            async with self.db.connection(self.timeout_s) as conn, conn.transaction():
+                await conn.execute(self._stage)
+                async with conn.cursor().copy(self._copy) as copy:
+                    for row in rows:
+                        await copy.write_row(row)
+                await conn.execute(self._insert)
+                if _cp.ARMED:
+                    _cp.hit("sink.before_commit")  # a transaction open, nothing committed
+        except (psycopg.DataError, psycopg.IntegrityError):
+            await self._one_by_one(rows)
+
+    async def _one_by_one(self, rows: list[tuple[str, Any, str, int]]) -> None:
+        """Store each row in its own transaction; `RecordsRejected` for those refused with a
+        data error or constraint violation (anything else propagates: the batch is retried)."""
+        import psycopg
+
+        rejected: list[str] = []
+        reasons: dict[str, None] = {}
+        async with self.db.connection(self.timeout_s) as conn:
+            for row in rows:
+                try:
+                    await conn.execute(self._insert_one, row)
+                except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                    rejected.append(row[0])
+                    reasons[f"{type(exc).__name__} (SQLSTATE {exc.sqlstate})"] = None
+        if rejected:
+            raise RecordsRejected(rejected, "; ".join(reasons))
 
     async def ids(self) -> list[str]:
         """Every stored id, in id (time) order; for tests and tools."""
@@ -90,3 +135,8 @@ class PostgresSink:
                 sql.SQL("SELECT id FROM {} ORDER BY id").format(sql.Identifier(self.table))
             )
             return [row[0] for row in await cur.fetchall()]
+
+
+def _row(r: Mapping[str, Any]) -> tuple[str, Any, str, int]:
+    body = json.dumps(r.get("data"), ensure_ascii=False, separators=(",", ":"))
+    return (r["id"], r.get("key"), body, int(r.get("ts", 0)))

@@ -170,7 +170,11 @@ class FeedbackQueue:
 
     # -- append --------------------------------------------------------------------------------
     async def append(
-        self, record: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None
+        self,
+        record: Mapping[str, Any],
+        *,
+        meta: Mapping[str, Any] | None = None,
+        record_id: str | None = None,
     ) -> str:
         """Store `record` durably and return its id.
 
@@ -179,6 +183,9 @@ class FeedbackQueue:
         Args:
             record: A JSON-serialisable mapping (no NaN or infinities).
             meta: Extra envelope fields stored beside the record (the idempotency key).
+            record_id: The id to store it under (`new_record_id()` when None): a keyed
+                write allocates it before its claim, so a replica that takes the claim over
+                stores under the same id and the sink keeps one of the two.
 
         Raises:
             DiskWriteError: the disk refused the write; the record was not acknowledged.
@@ -187,7 +194,7 @@ class FeedbackQueue:
         """
         if self._closed:
             raise QueueError("the feedback queue is closed; no more appends are accepted")
-        rid = new_record_id()
+        rid = record_id if record_id is not None else new_record_id()
         envelope: dict[str, Any] = {"id": rid, "ts": time.time_ns() // 1_000_000}
         if meta:
             envelope.update(meta)

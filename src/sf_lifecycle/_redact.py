@@ -13,9 +13,10 @@ import re
 __all__ = ["describe_error", "redact_secrets", "redact_url"]
 
 #: A URL: scheme, optional userinfo (credentials), host, and the rest (path, query). The
-#: userinfo runs to the last `@` of the word, as for `urlsplit`, and further: a password may
-#: hold a raw `@`, `/`, `#`, `?` or quote that its owner did not percent-encode.
-_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*)://(?:\S*@)?([^\s/?#'\"]*)(\S*)")
+#: userinfo runs to the last `@` of the line, as `urlsplit` takes the last `@`, and further: a
+#: password may hold a raw `@`, `/`, `#`, `?`, a quote or a space that its owner did not
+#: percent-encode (libpq takes them). What lies between is lost too: redaction errs that way.
+_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*)://(?:[^\r\n]*@)?([^\s/?#'\"]*)(\S*)")
 #: A `file:` URL without `//`, or a quoted string holding a path separator.
 _FILE_URL = re.compile(r"(?i)\bfile:\S*")
 _QUOTED_PATH = re.compile(r"'[^']*[/\\][^']*'|\"[^\"]*[/\\][^\"]*\"")
@@ -91,9 +92,10 @@ def _redact_paths(text: str) -> str:
     return _PATH.sub("<path>", text)
 
 
-#: The userinfo of a URL (`user:password@`), which log lines must never carry: to the last `@`
-#: of the word (a password may hold a raw `@`, `/`, `#`, `?` or quote).
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)\S*@")
+#: The userinfo of a URL (`user:password@`), which log lines must never carry: from
+#: `scheme://` to the last `@` of the line, whatever lies between (a password may hold a raw
+#: `@`, `/`, `#`, `?`, a quote or a space).
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\r\n]*@")
 
 
 def redact_secrets(text: str) -> str:
@@ -111,9 +113,16 @@ def describe_error(exc: BaseException) -> str:
     """`Type: message` for a probe body, without secrets or paths.
 
     The threat model keeps paths and credentials out of anything an HTTP client can read. An
-    `OSError` gives its `strerror` (never its file name); any other message has URL credentials
-    and paths replaced (`<path>`), conservatively: a path runs to the end of its clause.
+    `OSError` gives its `strerror` (never its file name), a database error its class and
+    SQLSTATE (never the server's text, which can quote a record); any other message has URL
+    credentials and paths replaced (`<path>`), conservatively: a path runs to the end of its
+    clause.
     """
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and hasattr(exc, "diag"):
+        # A database error (psycopg): the server's message, DETAIL and CONTEXT can quote the
+        # record being stored, so only the class and the SQLSTATE leave.
+        return f"{type(exc).__name__} (SQLSTATE {sqlstate})"
     if isinstance(exc, OSError) and exc.strerror:
         text = str(exc.strerror)
     else:

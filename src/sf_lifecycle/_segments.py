@@ -10,8 +10,9 @@
   drain renamed it. `seq` is printed with at least six digits and read with any number,
   ordered numerically (issue 11: a fixed width strands every file past 999,999, ~55 h of steady
   traffic for one process);
-- `quarantine/`: files with damage, moved aside after their good records were delivered, never
-  deleted.
+- `quarantine/`: files with damage, moved aside after their good records were delivered, and
+  `<segment>.<n>.rejected` files holding the frames of records the sink can never store
+  (`RecordsRejected`), each with a `.rejected.reason` beside it (ids and why); never deleted.
 
 Nothing here is opened through a symbolic link: a segment or lock name that is not a regular
 file is refused (`NotASegment`, `LockRefused`) and left for an operator. Every `os` call goes
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import _fs
-from ._framing import CHUNK, FrameStream
+from ._framing import CHUNK, FrameStream, encode
 from ._ids import ID_RE
 from ._statefiles import DEFAULT_FILE_MODE, file_kind, open_state_dir, state_subdir
 
@@ -55,6 +56,7 @@ __all__ = [
     "new_token",
     "probe_lock",
     "quarantine_file",
+    "quarantine_records",
     "segment_path",
     "try_lock",
 ]
@@ -322,6 +324,51 @@ def quarantine_file(
         problems[0][0],
         problems[0][1],
     )
+
+
+def quarantine_records(
+    source: Path,
+    records: list[Record],
+    reason: str,
+    state_dir: Path,
+    dir_mode: int,
+    file_mode: int = DEFAULT_FILE_MODE,
+) -> Path:
+    """Write `records` (taken from segment `source`) as frames to a new file in
+    `<state_dir>/feedback/quarantine/`, with `<file>.reason` naming their ids and `reason`;
+    both fsynced, then the folder. Returns the frames file.
+
+    Raises:
+        OSError: writing failed; the caller keeps the segment, so nothing is lost.
+    """
+    state_subdir(state_dir, "feedback/quarantine", dir_mode)  # no link, anywhere
+    quarantine_dir = state_dir / "feedback" / "quarantine"
+    frames = b"".join(
+        encode(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode()) for r in records
+    )
+    note = "".join(f"{r['id']}\t{reason}\n" for r in records).encode()
+    flags = _fs.os.O_WRONLY | _fs.os.O_CREAT | _fs.os.O_EXCL | _fs.os.O_NOFOLLOW
+    n = 0
+    while True:
+        n += 1
+        target = quarantine_dir / f"{source.name}.{n}.rejected"
+        try:
+            fd = _fs.os.open(target, flags | _fs.os.O_CLOEXEC, file_mode)
+        except FileExistsError:
+            continue
+        break
+    for path, data in ((target, frames), (Path(f"{target}.reason"), note)):
+        if path != target:
+            fd = _fs.os.open(path, flags | _fs.os.O_TRUNC | _fs.os.O_CLOEXEC, file_mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[_fs.os.write(fd, view) :]
+            _fs.os.fsync(fd)
+        finally:
+            _fs.os.close(fd)
+    fsync_dir(quarantine_dir)
+    return target
 
 
 # -- locks ---------------------------------------------------------------------------------------

@@ -60,10 +60,15 @@ class KnownKey:
     Attributes:
         sha: Hash of the body first sent with the key.
         id: The record's id; None while the first request is still being stored.
+        claimed: True when `claim` handed the caller a key whose earlier holder died: the
+            caller holds it (settle or release) and must store its record under `id`, the
+            id the dead holder may already have stored, so that at most one of the two is
+            kept (sinks are idempotent by id).
     """
 
     sha: str
     id: str | None
+    claimed: bool = False
 
 
 @runtime_checkable
@@ -76,9 +81,16 @@ class KeyIndex(Protocol):
     """
 
     async def claim(
-        self, key: str, sha: str, *, held: Callable[[str], tuple[str, str] | None] | None = None
+        self,
+        key: str,
+        sha: str,
+        *,
+        held: Callable[[str], tuple[str, str] | None] | None = None,
+        record_id: str | None = None,
     ) -> KnownKey | None:
-        """None: the caller holds `key` (then `settle` or `release`); else what it maps to."""
+        """None: the caller holds `key` (then `settle` or `release`) and stores its record
+        under `record_id`; a `KnownKey` with `claimed` set: the caller holds it and stores
+        under that key's `id`; else what the key maps to."""
         ...
 
     def settle(self, key: str, record_id: str) -> None:
@@ -238,7 +250,12 @@ class IdempotencyIndex:
         return None if found is None else KnownKey(found[1], found[0])
 
     async def claim(
-        self, key: str, sha: str, *, held: Callable[[str], tuple[str, str] | None] | None = None
+        self,
+        key: str,
+        sha: str,
+        *,
+        held: Callable[[str], tuple[str, str] | None] | None = None,
+        record_id: str | None = None,
     ) -> KnownKey | None:
         """Claim `key` for a new record with body hash `sha`, unless it is known already.
 
@@ -254,6 +271,8 @@ class IdempotencyIndex:
             held: Looks `key` up in records the queue holds but has not delivered yet
                 (`FeedbackQueue.held_key`): `(sha, id)` or None. Asked only for a key this
                 process does not hold; what it raises propagates, and nothing is claimed.
+            record_id: The id the caller will store the record under (unused here: a claim
+                of this index lives and dies with this process and is never taken over).
 
         Raises:
             sqlite3.Error, OSError: the index cannot be read; nothing is claimed.

@@ -81,6 +81,7 @@ METRIC_NAMES = (
     "sf_queue_delivered_records",
     "sf_queue_recovered_records",
     "sf_queue_quarantined",
+    "sf_queue_rejected_records",
     "sf_sink_errors",
     "sf_startup_retries",
     "sf_sse_streams_open",
@@ -217,7 +218,7 @@ class LifecycleCollector(Collector):
 
     def _queues(self, queues: list[FeedbackQueue]) -> Iterator[Metric]:
         depth = draining = orphaned = quarantined_files = size = 0
-        delivered = recovered = quarantined = sink_errors = replays = 0
+        delivered = recovered = quarantined = rejected = sink_errors = replays = 0
         oldest: float | None = None
         for q in queues:
             try:
@@ -235,6 +236,7 @@ class LifecycleCollector(Collector):
                 oldest = age if oldest is None else max(oldest, age)
             delivered += q._delivery.delivered
             quarantined += q._delivery.quarantined
+            rejected += q._delivery.rejected
             sink_errors += q._delivery.sink_errors
             recovered += q._recovery.recovered
             replays += q.idempotent_replays
@@ -255,6 +257,11 @@ class LifecycleCollector(Collector):
             ("sf_queue_delivered_records", "Records the sink committed.", delivered),
             ("sf_queue_recovered_records", "Dead peers' records delivered.", recovered),
             ("sf_queue_quarantined", "Files moved to quarantine.", quarantined),
+            (
+                "sf_queue_rejected_records",
+                "Records the sink can never store, set aside in quarantine.",
+                rejected,
+            ),
             ("sf_sink_errors", "Sink calls that raised or timed out (retried).", sink_errors),
             (
                 "sf_feedback_idempotent_replays",

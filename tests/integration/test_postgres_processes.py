@@ -189,3 +189,47 @@ def test_two_replicas_with_separate_state_dirs_share_keys_and_events(
         server.send_signal(signal.SIGTERM)
         assert server.wait(15) == ExitCode.OK, server.logs()
     assert stored(url) == [rid]
+
+
+def test_a_record_postgres_rejects_never_blocks_the_queue_nor_a_restart(
+    servers: list[ServerProcess], tmp_path: Path, sf_postgres: PostgresServer
+) -> None:
+    """1. Three records, then one whose body holds `\\u0000` (202: legal JSON, but jsonb
+       refuses it), then three more; every good one reaches PostgreSQL, the bad one is in
+       `feedback/quarantine/`, a log line names its id; `/api/ready` stays 200.
+    2. Another such record, then a good one; SIGKILL before the drain (interval 1 h).
+    3. The replacement on the same state directory finishes its start-up recovery (healthz
+       200), stores the good record and quarantines the bad one.
+    """
+    url = sf_postgres.create_database("poison")
+    state = tmp_path / "state"
+    server = start(servers, state, url)
+    acked = post(server, 3, "before")
+    status, _, body = server.get(
+        "/api/feedback", method="POST", body=b'{"bad":"a\\u0000b"}', headers=JSON
+    )
+    assert status == 202, body
+    bad = json.loads(body)["id"]
+    acked += post(server, 3, "after")
+    assert sorted(wait_stored(url, 6)) == sorted(acked)
+    deadline = time.monotonic() + 10
+    while bad not in server.logs():
+        assert time.monotonic() < deadline, server.logs()
+        time.sleep(0.05)
+    assert ready_body(server)["status"] == 200
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(15) == ExitCode.OK, server.logs()
+
+    killed = start(servers, state, url, {"SF_DRAIN_INTERVAL_MS": "3600000"})
+    status, _, body = killed.get(
+        "/api/feedback", method="POST", body=b'{"bad":"\\u0000"}', headers=JSON
+    )
+    assert status == 202, body
+    acked += post(killed, 1, "last")
+    killed.kill()
+    replacement = start(servers, state, url)  # waits for /api/ready: recovery finished
+    assert sorted(wait_stored(url, 7)) == sorted(acked)
+    quarantined = sorted((state / "feedback" / "quarantine").glob("*.rejected"))
+    assert len(quarantined) == 2, replacement.logs()
+    replacement.send_signal(signal.SIGTERM)
+    assert replacement.wait(15) == ExitCode.OK, replacement.logs()

@@ -327,6 +327,7 @@ _SOURCES: dict[str, tuple[str, object, str, object]] = {
         "postgresql://f/db",
         "postgresql://f/db",
     ),
+    "database_table": ("t_env", "t_code", "t_flag", "t_flag"),
 }
 
 
@@ -513,3 +514,10 @@ def test_the_start_up_log_never_shows_a_password() -> None:
     line = Settings.from_env(env).describe_sources()
     assert "hunter2" not in line
     assert "database_url='postgresql://<redacted>@db:5432/sf' (SF_DATABASE_URL)" in line
+
+
+def test_the_sink_table_is_a_setting_checked_as_an_identifier() -> None:
+    assert Settings.from_env({}).database_table == "sf_feedback"
+    assert Settings.from_env({"SF_DATABASE_TABLE": "feedback_v2"}).database_table == ("feedback_v2")
+    with pytest.raises(ConfigError, match="SF_DATABASE_TABLE"):
+        Settings.from_env({"SF_DATABASE_TABLE": 'x"; DROP TABLE sf_feedback; --'})

@@ -18,6 +18,7 @@ from sf_lifecycle._errors import (
     InvalidSessionId,
     NotReady,
     QueueError,
+    RecordsRejected,
     SfLifecycleError,
     StorageError,
     UnsafePath,
@@ -48,6 +49,7 @@ INSTANCES: list[BaseException] = [
     UnsafePath(errno.ELOOP, "sessions is a symbolic link; refusing to follow it"),
     EventStoreUnavailable("event store (Redis at redis://h:6379/0) unavailable: ConnectionError"),
     BackendUnavailable("PostgreSQL: PoolTimeout: couldn't get a connection after 5.00 sec"),
+    RecordsRejected(["r1", "r2"], "UntranslatableCharacter (SQLSTATE 22P05)"),
     CrashPointMissed("the process exited 0 instead of dying at drain.after_rename"),
     LostWrites(_REPORT),
 ]

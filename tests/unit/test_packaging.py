@@ -48,6 +48,7 @@ def test_public_api_is_small_sorted_and_importable() -> None:
         "LifecycleMiddleware",
         "NotReady",
         "Phase",
+        "RecordsRejected",
         "RedisEventLog",
         "Settings",
         "SfLifecycleError",

@@ -3,6 +3,7 @@ the settings, the extra's import guard, and keyed writes while the server is dow
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
@@ -158,10 +159,10 @@ async def test_an_abandoned_claim_and_an_expired_key_can_be_taken_over(db: Datab
 class Replica:
     """A feedback endpoint with its own state directory and the shared PostgreSQL index."""
 
-    def __init__(self, state: Path, url: str) -> None:
+    def __init__(self, state: Path, url: str, **index: Any) -> None:
         self.queue = FeedbackQueue(state)
         self.db = Database(url, connect_timeout_s=1)
-        self.index = PostgresIdempotencyIndex.for_queue(self.queue, self.db)
+        self.index = PostgresIdempotencyIndex.for_queue(self.queue, self.db, **index)
         settings = Settings(state_dir=state)
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(
@@ -280,3 +281,143 @@ async def test_publishing_an_event_answers_503_while_postgres_is_down(
         await client.aclose()
         await log.aclose()
         await db.close()
+
+
+# -- records PostgreSQL can never store (issue 13) -------------------------------------------
+def set_aside(state: Path) -> list[tuple[bytes, str]]:
+    """(frames, reason) of every `.rejected` file in the queue's quarantine."""
+    qdir = state / "feedback" / "quarantine"
+    return [
+        (p.read_bytes(), Path(f"{p}.reason").read_text()) for p in sorted(qdir.glob("*.rejected"))
+    ]
+
+
+async def test_a_record_postgres_rejects_is_quarantined_and_the_queue_goes_on(
+    tmp_path: Path, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Steps: three records are queued, the middle one holding `\\u0000` (legal JSON, which
+    jsonb refuses); one drain stores the two good ones, moves the bad one to
+    `feedback/quarantine/` (its frame and a reason naming its id and the SQLSTATE) and
+    completes; a log line names the id, never the body; the next drain has nothing to do."""
+    queue = FeedbackQueue(tmp_path / "s")
+    sink = PostgresSink(db)
+    try:
+        good1 = await queue.append({"ok": 1})
+        bad = await queue.append({"bad": "a\u0000b-SECRET-BODY"})
+        good2 = await queue.append({"ok": 2})
+        with caplog.at_level("WARNING", logger="sf_lifecycle"):
+            result = await queue.drain(sink)
+        assert (result.complete, result.error, result.delivered) == (True, None, 2)
+        assert result.rejected == 1
+        assert await sink.ids() == sorted([good1, good2])
+        [(frames, reason)] = set_aside(tmp_path / "s")
+        assert b"SECRET-BODY" in frames  # kept for an operator, never deleted
+        assert reason == f"{bad}\tUntranslatableCharacter (SQLSTATE 22P05)\n"
+        assert [r.levelname for r in caplog.records if bad in r.getMessage()] == ["ERROR"]
+        assert "SECRET" not in caplog.text
+        assert queue._delivery.rejected == 1
+        assert queue.stats().draining == 0
+        again = await queue.drain(sink)
+        assert (again.complete, again.delivered) == (True, 0)
+    finally:
+        queue._release()
+
+
+async def test_the_sink_commits_the_good_records_and_names_the_rejected_ones(
+    db: Database,
+) -> None:
+    """A batch with two poison records: the sink commits the rest and raises
+    `RecordsRejected` with exactly their ids and the SQLSTATE, never body content."""
+    from sf_lifecycle import RecordsRejected
+
+    batch = records(5)
+    batch[1]["data"] = {"x": "\u0000"}
+    batch[3]["data"] = ["y\u0000z"]
+    sink = PostgresSink(db)
+    with pytest.raises(RecordsRejected) as info:
+        await sink(batch)
+    assert info.value.ids == ("r000001", "r000003")
+    assert info.value.reason == "UntranslatableCharacter (SQLSTATE 22P05)"
+    assert await sink.ids() == ["r000000", "r000002", "r000004"]
+
+
+async def test_a_claim_taken_over_after_its_replica_died_never_makes_a_second_row(
+    tmp_path: Path, sf_postgres: PostgresServer
+) -> None:
+    """Steps: replica A stores a keyed record in its local queue and dies before settling the
+    key (its settle never runs, its memory is gone); the retry on replica B is 409 until the
+    claim timeout, then B takes the claim over and answers 202 with the id A stored under;
+    A's orphan is delivered afterwards (recovery): one row for the key, with that id."""
+    url = sf_postgres.create_database("takeover")
+    a = Replica(tmp_path / "a", url, claim_timeout_s=0.3)
+    b = Replica(tmp_path / "b", url, claim_timeout_s=0.3)
+    try:
+        a.index.settle = lambda key, record_id: None  # type: ignore[method-assign]
+        first = await a.post({"order": 42}, key="order-42")
+        assert first.status_code == 202
+        a.index._memory.clear()  # the process died: what it held in memory is gone
+        assert (await b.post({"order": 42}, key="order-42")).status_code == 409
+        await asyncio.sleep(0.5)
+        assert (await b.post({"order": 43}, key="order-42")).status_code == 422
+        retry = await b.post({"order": 42}, key="order-42")
+        assert retry.status_code == 202
+        assert retry.json() == first.json()  # the id A's record may already carry
+        sink = PostgresSink(b.db)
+        assert (await b.queue.drain(sink)).complete
+        assert (await a.queue.drain(sink)).complete  # A's orphan, recovered
+        got = rows(url, "SELECT id, body FROM sf_feedback WHERE idem_key = 'order-42'")
+        assert got == [(first.json()["id"], {"order": 42})]
+        again = await b.post({"order": 42}, key="order-42")
+        assert again.json() == first.json()
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _server_pids(server: PostgresServer) -> list[int]:
+    """The postmaster and its children (the backends serving our connections)."""
+    assert server.proc is not None
+    out = subprocess.run(
+        ["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True, check=False
+    )
+    return [server.proc.pid, *(int(p) for p in out.stdout.split())]
+
+
+async def test_a_hung_server_answers_keyed_writes_503_within_seconds_and_bounds_the_sink(
+    tmp_path: Path, own_server: PostgresServer
+) -> None:
+    """Steps: a keyed POST (202) warms the pool; PostgreSQL is frozen (SIGSTOP: the port
+    still accepts, nothing answers); an unkeyed POST is 202 (the local queue); a keyed POST
+    answers 503 `idempotency_unavailable` within seconds (the default call bound, 5 s);
+    a sink call raises `BackendUnavailable` within its bound too; the server thaws
+    (SIGCONT) and the keyed retry is 202."""
+    import os
+    import signal
+    import time
+
+    url = own_server.create_database("hang")
+    a = Replica(tmp_path / "a", url)
+    pids: list[int] = []
+    try:
+        assert (await a.post({"v": 0}, key="warm")).status_code == 202
+        pids = _server_pids(own_server)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        assert (await a.post({"v": 1})).status_code == 202
+        began = time.monotonic()
+        hung = await asyncio.wait_for(a.post({"v": 2}, key="k-hung"), 15)
+        assert hung.status_code == 503
+        assert hung.json()["code"] == "idempotency_unavailable"
+        assert time.monotonic() - began < 8
+        began = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await asyncio.wait_for(PostgresSink(a.db, timeout_s=2)(records(3)), 15)
+        assert time.monotonic() - began < 5
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        back = await asyncio.wait_for(a.post({"v": 2}, key="k-hung"), 15)
+        assert back.status_code == 202
+    finally:
+        await a.close()

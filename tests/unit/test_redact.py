@@ -70,3 +70,44 @@ def test_a_password_with_a_raw_at_slash_hash_or_question_mark_does_not_leak(url:
     if "://" in url:
         assert "2secret" not in redact_secrets(f"Redis at {url} unavailable")
         assert "2secret" not in describe_error(RuntimeError(f"Redis at {url} unavailable"))
+
+
+#: Any printable character at all, a space and quotes included (libpq takes such a URL).
+_ANY_PASSWORDS = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=0, max_size=24
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_ANY_PASSWORDS, _ANY_PASSWORDS, st.sampled_from(["postgresql", "postgres", "redis"]))
+def test_a_password_of_any_printable_characters_never_shows(
+    left: str, right: str, scheme: str
+) -> None:
+    """The userinfo goes from `scheme://` to the last `@` before the host, whatever it holds:
+    in `redact_url`, in a log line (`redact_secrets`: the start-up settings line quotes the
+    URL) and in a probe body (`describe_error`)."""
+    marker = "XYZZY1"
+    url = f"{scheme}://postgres:{left}{marker}{right}@127.0.0.1:5432/db"
+    shown = redact_url(url)
+    assert marker not in shown
+    assert "127.0.0.1:5432" in shown
+    for line in (
+        f"settings: database_url={url!r} port=4000",
+        f'settings: database_url="{url}" port=4000',
+        f"connecting to {url} failed",
+    ):
+        assert marker not in redact_secrets(line), line
+        assert marker not in describe_error(RuntimeError(line)), line
+
+
+def test_a_postgres_error_in_a_probe_body_is_its_class_and_sqlstate_only() -> None:
+    """PostgreSQL's message, DETAIL and CONTEXT can quote the record (`JSON data, line 1:
+    {"bad":...`): a probe body carries the error class and SQLSTATE, nothing the server
+    said."""
+    import psycopg
+
+    exc = psycopg.errors.UntranslatableCharacter(
+        "unsupported Unicode escape sequence\nDETAIL: \\u0000 cannot be converted to text.\n"
+        'CONTEXT: JSON data, line 1: {"card":"4111-1111..."'
+    )
+    assert describe_error(exc) == "UntranslatableCharacter (SQLSTATE 22P05)"
