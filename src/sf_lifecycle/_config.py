@@ -609,6 +609,8 @@ def _validate(name: str, value: object, source: str) -> None:
         raise ConfigError(source, value, "a filesystem path")
 
 
+#: The built-in defaults: built by the generated `__init__` (replaced below), so neither the
+#: environment nor a command line in force reaches them.
 _DEFAULTS = Settings()
 
 

@@ -426,11 +426,15 @@ def test_pickled_settings_keep_their_sources() -> None:
     base = Settings.from_env({"SF_DRAIN_DELAY_MS": "1500", "SF_PORT": "5001"}, replica_id="a")
     copy = pickle.loads(pickle.dumps(base))
     assert copy == base
-    assert copy.sources() == base.sources() == {
-        "drain_delay_ms": "SF_DRAIN_DELAY_MS",
-        "port": "SF_PORT",
-        "replica_id": "code",
-    }
+    assert (
+        copy.sources()
+        == base.sources()
+        == {
+            "drain_delay_ms": "SF_DRAIN_DELAY_MS",
+            "port": "SF_PORT",
+            "replica_id": "code",
+        }
+    )
     expected = {**base.sources(), "grace_ms": "code"}
     assert dataclasses.replace(copy, grace_ms=700_000).sources() == expected
     assert copy.replace(grace_ms=700_000).sources() == expected
@@ -558,3 +562,20 @@ def test_the_sink_table_is_a_setting_checked_as_an_identifier() -> None:
     assert Settings.from_env({"SF_DATABASE_TABLE": "feedback_v2"}).database_table == ("feedback_v2")
     with pytest.raises(ConfigError, match="SF_DATABASE_TABLE"):
         Settings.from_env({"SF_DATABASE_TABLE": 'x"; DROP TABLE sf_feedback; --'})
+
+
+def test_check_infra_defaults_ignore_a_command_line_in_force() -> None:
+    """`check-infra`'s built-in defaults, loaded while `serve` holds its flags, are the
+    library's defaults, not the flags (nor the environment)."""
+    import importlib
+
+    import sf_lifecycle._infra_common as common
+    from sf_lifecycle._config import command_line
+
+    try:
+        with command_line({"drain_delay_ms": ("--drain-delay-ms", "1234")}):
+            importlib.reload(common)
+            assert common.DEFAULTS.drain_delay_ms == 5_000
+            assert common.DEFAULTS.sources() == {}
+    finally:
+        importlib.reload(common)
