@@ -78,7 +78,7 @@ class ExitCode(enum.IntEnum):
     #: A shutdown hook raised (any exception, `CancelledError` and `SystemExit` included); the
     #: later hooks still ran. Budget exceeded wins when both happened.
     HOOK_FAILED = 5
-    #: `sf-lifecycle serve MODULE:APP` could not import the app: no such module or attribute,
+    #: `sf-lifecycle serve MODULE:APP` (or `queue recover --app`) could not import the app: no such module or attribute,
     #: or the import raised (one line says which; `--debug` prints the traceback).
     APP_NOT_LOADED = 6
     #: A second SIGINT cut the shutdown short (128 + SIGINT, as shells report it).
