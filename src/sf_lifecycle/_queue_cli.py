@@ -10,8 +10,8 @@ progress line on stderr, and records each delivered `Idempotency-Key` in the ide
 `<state_dir>/feedback.sqlite3`; with `--app module:attr` it imports the app (with
 `SF_STATE_DIR` set to `--state-dir` unless already set, for the command only) and uses the
 queue the app installed on that directory: the app's own sink and delivery listeners. An app
-that cannot be imported is one line and exit 6, as under `serve`. It is safe while servers run on the
-same directory (live owners' files are never touched).
+that cannot be imported is one line and exit 6, as under `serve`. It is safe while servers run
+on the same directory (live owners' files are never touched).
 
 Both refuse a state directory they cannot safely use with one line on stderr (with `--json`,
 a JSON object with an `"error"` field on stdout) and exit code 2: no `feedback` folder, a

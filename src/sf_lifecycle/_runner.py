@@ -78,8 +78,9 @@ class ExitCode(enum.IntEnum):
     #: A shutdown hook raised (any exception, `CancelledError` and `SystemExit` included); the
     #: later hooks still ran. Budget exceeded wins when both happened.
     HOOK_FAILED = 5
-    #: `sf-lifecycle serve MODULE:APP` (or `queue recover --app`) could not import the app: no such module or attribute,
-    #: or the import raised (one line says which; `--debug` prints the traceback).
+    #: `sf-lifecycle serve MODULE:APP` (or `queue recover --app`) could not import the app:
+    #: no such module or attribute, not callable, or the import raised (one line says which;
+    #: `serve --debug` prints the traceback).
     APP_NOT_LOADED = 6
     #: A second SIGINT cut the shutdown short (128 + SIGINT, as shells report it).
     FORCED = 130
