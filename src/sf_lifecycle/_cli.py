@@ -20,6 +20,7 @@ Every error a user can cause from the command line or the environment is one lin
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -70,11 +71,38 @@ class AppNotLoaded(Exception):
 _LEVELS = {"critical": 50, "error": 40, "warning": 30, "info": 20, "debug": 10, "trace": 5}
 
 
+#: Fields of a command's JSON error besides `error` and `exit` (its own refusals' shape).
+_JSON_ERROR_SHAPE: dict[str, dict[str, object]] = {"check-infra": {"ok": False}}
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, not the usage block: the error and where to read more."""
+    """Usage errors as one line, not the usage block: the error and where to read more.
+
+    With `json_errors` (`--json` on the command line) the error is also one JSON object on
+    stdout, `{"error": ..., "exit": 2}` in the command's shape: a script parsing the answer
+    gets one whatever went wrong.
+    """
+
+    json_errors = False
 
     def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            command = self.prog.split(" ")[1] if " " in self.prog else ""
+            body = {**_JSON_ERROR_SHAPE.get(command, {}), "error": message}
+            print(json.dumps({**body, "exit": int(ExitCode.CONFIG_ERROR)}))
         self.exit(ExitCode.CONFIG_ERROR, f"sf-lifecycle: {message} (see {self.prog} --help)\n")
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """`parser` and every sub-command parser under it, each told (`_usage`) it is the one
+    whose help an unknown argument should point to."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases: once
+                child.set_defaults(_usage=child)
+                found.extend(_parsers(child))
+    return found
 
 
 def _package_version() -> str:
@@ -84,13 +112,11 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def _positive_int(flag: str) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-            raise argparse.ArgumentTypeError(f"{flag}: {raw!r}: expected an integer >= 1")
-        return int(raw)
-
-    return parse
+def _positive_int(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        # argparse names the flag: `argument --backlog: '0': expected ...`
+        raise argparse.ArgumentTypeError(f"{raw!r}: expected an integer >= 1")
+    return int(raw)
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -141,14 +167,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     uv.add_argument(
         "--timeout-keep-alive",
-        type=_positive_int("--timeout-keep-alive"),
+        type=_positive_int,
         default=None,
         metavar="SECONDS",
     )
-    uv.add_argument(
-        "--limit-concurrency", type=_positive_int("--limit-concurrency"), default=None, metavar="N"
-    )
-    uv.add_argument("--backlog", type=_positive_int("--backlog"), default=None, metavar="N")
+    uv.add_argument("--limit-concurrency", type=_positive_int, default=None, metavar="N")
+    uv.add_argument("--backlog", type=_positive_int, default=None, metavar="N")
 
 
 def _uvicorn_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -407,7 +431,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (add_args, run) in _commands().items():
         add_args(sub.add_parser(name, help=_HELP[name], description=_HELP[name]))
         runners[name] = run
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for each in _parsers(parser):
+        if isinstance(each, _Parser):
+            each.json_errors = "--json" in argv
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # pointed at the help of the command that did not know them
+        usage: argparse.ArgumentParser = getattr(args, "_usage", parser)
+        usage.error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging("text", _LEVELS[getattr(args, "log_level", "info")])
     try:
         return runners[args.command](args)

@@ -277,6 +277,32 @@ class Settings:
         _build(self, given, os.environ if environ is None else environ)
         return self
 
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes`: exactly those fields are labelled `code`, every other keeps
+        its value and its source (`dataclasses.replace` can only guess which changed).
+
+        Raises:
+            TypeError: a name is not a setting.
+            ConfigError: a value is invalid, or the result breaks a rule between settings.
+        """
+        unknown = set(changes) - set(ENV_VARS)
+        if unknown:
+            raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        new = Settings.__new__(Settings)
+        kwargs = {name: getattr(self, name) for name in ENV_VARS}
+        kwargs.update(changes)
+        _build(new, {**kwargs, "_sources": self._sources}, {}, keep=set(ENV_VARS) - set(changes))
+        return new
+
+    #: `copy.replace()` (Python 3.13) derives settings the exact way too.
+    __replace__ = replace
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (multiprocessing, a copy) with its sources, and rebuilt without reading the
+        # environment or a command line in force where it is unpickled.
+        values = {name: getattr(self, name) for name in ENV_VARS}
+        return (_unpickle, (values, dict(self._sources)))
+
     def sources(self) -> dict[str, str]:
         """Where each setting that is not a default came from: the flag (`--port`), the
         variable (`SF_PORT`) or `code` (an explicit argument)."""
@@ -583,6 +609,8 @@ def _validate(name: str, value: object, source: str) -> None:
         raise ConfigError(source, value, "a filesystem path")
 
 
+#: The built-in defaults: built by the generated `__init__` (replaced below), so neither the
+#: environment nor a command line in force reaches them.
 _DEFAULTS = Settings()
 
 
@@ -643,17 +671,30 @@ def command_line(
 _generated_init = Settings.__init__
 
 
-def _build(self: Settings, kwargs: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _build(
+    self: Settings,
+    kwargs: dict[str, Any],
+    environ: Mapping[str, str],
+    keep: set[str] | None = None,
+) -> None:
     """The one rule: explicit arguments, then `environ` for every field not given, then the
-    command line in force over all of them; each value's source recorded."""
+    command line in force over all of them; each value's source recorded.
+
+    `keep` names the fields copied unchanged from the settings whose `_sources` are passed
+    (`Settings.replace`): they keep their source, every other given field is the code's.
+    """
     given = kwargs.pop("_sources", None) or {}
-    # A plain mapping labels the values given (a caller that read them from elsewhere).
-    sources: dict[str, str] = {} if isinstance(given, _Sources) else dict(given)
+    if keep is None and isinstance(given, _Sources):
+        # `dataclasses.replace()` passes every field: one passed the very object it had was
+        # not changed (the best it can tell; `Settings.replace` knows).
+        keep = {n for n, v in kwargs.items() if n in given.recorded and v is given.recorded[n]}
+    sources: dict[str, str]
+    if keep is None:  # a plain mapping labels the values given (read from elsewhere)
+        sources, keep = dict(given), set()
+    else:
+        sources = {name: given[name] for name in keep if name in given}
     for name, value in kwargs.items():
-        if isinstance(given, _Sources) and name in given.recorded and value is given.recorded[name]:
-            if name in given:  # unchanged by `dataclasses.replace()`: same value, same source
-                sources[name] = given[name]
-        else:
+        if name not in keep:
             sources.setdefault(name, name)  # an explicit argument: its source is the code
             if name in _INT_RANGES and name.endswith("_ms") and isinstance(value, str):
                 kwargs[name] = _parse(name, name, value.strip())  # "5s", as everywhere
@@ -671,6 +712,15 @@ def _build(self: Settings, kwargs: dict[str, Any], environ: Mapping[str, str]) -
     record = _Sources(sources)
     _generated_init(self, **kwargs, _sources=record)
     record.recorded = {name: getattr(self, name) for name in ENV_VARS}
+
+
+def _unpickle(values: dict[str, Any], sources: dict[str, str]) -> Settings:
+    """A pickled `Settings` as it was: its values and sources, no environment read."""
+    self = Settings.__new__(Settings)
+    record = _Sources(sources)
+    _generated_init(self, **values, _sources=record)
+    record.recorded = {name: getattr(self, name) for name in ENV_VARS}
+    return self
 
 
 @functools.wraps(_generated_init)

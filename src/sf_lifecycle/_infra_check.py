@@ -258,7 +258,7 @@ def _duration_flag(raw: str) -> int:
     try:
         return parse_ms(raw)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--drain-delay-ms: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None  # argparse names the flag
 
 
 def _refuse(message: str, as_json: bool) -> int:

@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._config import Settings, parse_ms
+from ._config import _DEFAULTS, parse_ms
 
 Severity = Literal["error", "warning"]
 
-DEFAULTS = Settings.from_env(environ={})  # the built-in defaults, whatever the environment holds
+#: The built-in defaults, whatever the environment or a `serve` command line in force holds.
+DEFAULTS = _DEFAULTS
 GRACE_VAR, DELAY_VAR = "SF_RPC_SHUTDOWN_GRACE_MS", "SF_DRAIN_DELAY_MS"
 HEALTH_PATH = "/api/healthz"
 #: Name suffix of a blue/green candidate (service, workload, pool): `sf` and `sf-candidate`.

@@ -8,9 +8,10 @@ not a regular file), the quarantined files and the records already in the defaul
 progress line on stderr, and records each delivered `Idempotency-Key` in the idempotency index
 (so a client retrying after the recovery gets its original id). By default it delivers into
 `<state_dir>/feedback.sqlite3`; with `--app module:attr` it imports the app (with
-`SF_STATE_DIR` set to `--state-dir` unless already set) and uses the queue the app installed on
-that directory: the app's own sink and delivery listeners. It is safe while servers run on the
-same directory (live owners' files are never touched).
+`SF_STATE_DIR` set to `--state-dir` unless already set, for the command only) and uses the
+queue the app installed on that directory: the app's own sink and delivery listeners. An app
+that cannot be imported is one line and exit 6, as under `serve`. It is safe while servers run
+on the same directory (live owners' files are never touched).
 
 Both refuse a state directory they cannot safely use with one line on stderr (with `--json`,
 a JSON object with an `"error"` field on stdout) and exit code 2: no `feedback` folder, a
@@ -205,19 +206,32 @@ def _status(state_dir: Path, as_json: bool) -> int:
 
 
 def _recover_app(state_dir: Path, spec: str) -> int:
-    """Import the app and recover through the queue it installed on `state_dir`."""
-    from uvicorn.importer import ImportFromStringError, import_from_string
+    """Import the app and recover through the queue it installed on `state_dir`.
 
-    from ._queue_hooks import installed_queues
-
+    An app that cannot be imported is one line and exit 6, as under `serve` (exit 1 would
+    say orphans were left). `SF_STATE_DIR` is set only while the app is imported and served.
+    """
+    saved = os.environ.get("SF_STATE_DIR")
     os.environ.setdefault("SF_STATE_DIR", str(state_dir))
+    try:
+        return _recover_imported(state_dir, spec)
+    finally:  # `main()` in a process that lives on (a test) leaves its environment as it was
+        if saved is None:
+            os.environ.pop("SF_STATE_DIR", None)
+
+
+def _recover_imported(state_dir: Path, spec: str) -> int:
+    from ._cli import AppNotLoaded, _import_app
+    from ._queue_hooks import installed_queues
+    from ._runner import ExitCode
+
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        import_from_string(spec)
-    except ImportFromStringError as exc:
-        print(f"sf-lifecycle: --app {spec}: {exc}", file=sys.stderr)
-        return 2
+        _import_app(spec)
+    except AppNotLoaded as exc:
+        print(f"sf-lifecycle: {exc}", file=sys.stderr)
+        return ExitCode.APP_NOT_LOADED
     queues = installed_queues(state_dir)
     if not queues:
         print(

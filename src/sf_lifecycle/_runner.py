@@ -78,8 +78,9 @@ class ExitCode(enum.IntEnum):
     #: A shutdown hook raised (any exception, `CancelledError` and `SystemExit` included); the
     #: later hooks still ran. Budget exceeded wins when both happened.
     HOOK_FAILED = 5
-    #: `sf-lifecycle serve MODULE:APP` could not import the app: no such module or attribute,
-    #: or the import raised (one line says which; `--debug` prints the traceback).
+    #: `sf-lifecycle serve MODULE:APP` (or `queue recover --app`) could not import the app:
+    #: no such module or attribute, not callable, or the import raised (one line says which;
+    #: `serve --debug` prints the traceback).
     APP_NOT_LOADED = 6
     #: A second SIGINT cut the shutdown short (128 + SIGINT, as shells report it).
     FORCED = 130
@@ -417,6 +418,10 @@ class _ConcurrencyLimit:
     and tasks are open: a busy replica's `/api/livez` would fail and the kubelet restart a
     healthy pod, and its healthz would flap. Here HTTP and WebSocket requests past the limit
     get 503 with `Retry-After`, and the health and metrics paths are always answered.
+
+    A response that turns out to be an event stream (`text/event-stream`) gives its slot back
+    when it starts: streams live for minutes and are not in flight for the drain either (the
+    middleware reports them apart), so N idle streams must not refuse every write.
     """
 
     def __init__(self, app: Any, limit: int, exempt: frozenset[str]) -> None:
@@ -438,10 +443,27 @@ class _ConcurrencyLimit:
             await response(scope, receive, send)
             return
         self.active += 1
+        held = True
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal held
+            if held and message["type"] == "http.response.start" and _is_stream(message):
+                held = False
+                self.active -= 1
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_wrapper)
         finally:
-            self.active -= 1
+            if held:
+                self.active -= 1
+
+
+def _is_stream(start: Any) -> bool:
+    for name, value in start.get("headers", ()):
+        if name.lower() == b"content-type":
+            return bytes(value).lower().startswith(b"text/event-stream")
+    return False
 
 
 def serve(

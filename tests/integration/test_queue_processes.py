@@ -521,3 +521,23 @@ def test_probes_are_answered_while_a_big_backlog_is_recovered(
     assert set(got) == {json.loads(r)["id"] for r in rows}
     assert set(got.values()) == {1}
     assert segment_files(state, ".draining") == []
+
+
+def test_the_state_dir_argument_wins_over_the_inherited_sf_state_dir(
+    servers: list[ServerProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps:
+    1. SF_STATE_DIR is exported in the test runner's environment (CI set it for a service).
+    2. `ServerProcess(state_dir=mine)` starts; one record is posted; SIGTERM drains it.
+    3. The record is in `mine`'s sink; the inherited directory is untouched.
+    """
+    shell, mine = tmp_path / "shell", tmp_path / "mine"
+    shell.mkdir()
+    mine.mkdir()
+    monkeypatch.setenv("SF_STATE_DIR", str(shell))
+    server = start(servers, mine)
+    server.wait_ready()
+    [rid] = post(server, 1)
+    assert server.stop() == 0, server.logs()
+    assert delivered(mine) == [rid]
+    assert list(shell.iterdir()) == []

@@ -285,6 +285,69 @@ def test_usage_errors_are_one_line_and_exit_2(
     assert err.endswith(" --help)\n")
 
 
+@pytest.mark.parametrize(
+    ("argv", "shape", "words"),
+    [
+        (["check-infra", "--json", "--drain-delay-ms", "5x", "infra"], {"ok": False}, "5x"),
+        (["check-infra", "--json"], {"ok": False}, "the following arguments are required"),
+        (["queue", "status", "--json"], {}, "--state-dir"),
+        (["queue", "status", "--json", "--state-dir", "/tmp", "--bogus"], {}, "--bogus"),
+    ],
+)
+def test_usage_errors_with_json_answer_one_json_object(
+    argv: list[str],
+    shape: dict[str, object],
+    words: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """README: `--json` answers one JSON object on stdout also when the arguments are wrong,
+    in the command's error shape, and still exit 2 with the one line on stderr."""
+    import json
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == ExitCode.CONFIG_ERROR
+    out, err = capsys.readouterr()
+    body = json.loads(out)
+    assert body == {**shape, "error": body["error"], "exit": 2}
+    assert words in body["error"]
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("sf-lifecycle: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "help_of", "message"),
+    [
+        (["queue", "status", "--state-dir", "/tmp", "--bogus"], "queue status", None),
+        (["serve", "a:b", "--bogus-flag"], "serve", None),
+        (["check-infra", "infra", "--bogus"], "check-infra", None),
+        (
+            ["serve", "a:b", "--limit-concurrency", "0"],
+            "serve",
+            "argument --limit-concurrency: '0': expected an integer >= 1",
+        ),
+        (
+            ["check-infra", "--drain-delay-ms", "5 s", "infra"],
+            "check-infra",
+            "argument --drain-delay-ms: not a duration",
+        ),
+    ],
+)
+def test_a_usage_error_points_at_the_help_of_its_subcommand_and_names_a_flag_once(
+    argv: list[str], help_of: str, message: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == ExitCode.CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.endswith(f"(see sf-lifecycle {help_of} --help)\n"), err
+    if message is not None:
+        assert err.startswith(f"sf-lifecycle: {message}"), err
+    flag = [a for a in argv if a.startswith("--")][-1]
+    assert err.count(flag) == 1, err
+
+
 def _assert_one_line(proc: subprocess.CompletedProcess[str], code: int, start: str) -> None:
     assert proc.returncode == code, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

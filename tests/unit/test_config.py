@@ -400,6 +400,47 @@ def test_replace_keeps_the_source_of_every_field_it_does_not_change() -> None:
     assert dataclasses.replace(s, drain_delay_ms=2000).sources()["drain_delay_ms"] == "code"
 
 
+def test_settings_replace_labels_exactly_the_changed_fields_as_code() -> None:
+    """A value pinned in code that equals the environment's is still the code's (issue 14)."""
+    base = Settings.from_env({"SF_DRAIN_AFTER_PROBES": "2", "SF_DRAIN_DELAY_MS": "1500"})
+    s = base.replace(drain_after_probes=2, port=4712)
+    assert s.sources() == {
+        "drain_after_probes": "code",
+        "drain_delay_ms": "SF_DRAIN_DELAY_MS",
+        "port": "code",
+    }
+    assert (s.drain_after_probes, s.drain_delay_ms, s.port) == (2, 1500, 4712)
+    assert s.__replace__(replica_id="a").sources()["drain_after_probes"] == "code"  # copy.replace
+    with pytest.raises(TypeError, match="nosuch"):
+        base.replace(nosuch=1)
+    with pytest.raises(ConfigError):
+        base.replace(grace_ms=1000)  # the rules hold: delay 1500 > grace
+
+
+def test_pickled_settings_keep_their_sources() -> None:
+    """multiprocessing pickles settings: the copy keeps every source, and deriving from it
+    (`replace`, `dataclasses.replace`) labels only the changed field as code."""
+    import dataclasses
+    import pickle
+
+    base = Settings.from_env({"SF_DRAIN_DELAY_MS": "1500", "SF_PORT": "5001"}, replica_id="a")
+    copy = pickle.loads(pickle.dumps(base))
+    assert copy == base
+    assert (
+        copy.sources()
+        == base.sources()
+        == {
+            "drain_delay_ms": "SF_DRAIN_DELAY_MS",
+            "port": "SF_PORT",
+            "replica_id": "code",
+        }
+    )
+    expected = {**base.sources(), "grace_ms": "code"}
+    assert dataclasses.replace(copy, grace_ms=700_000).sources() == expected
+    assert copy.replace(grace_ms=700_000).sources() == expected
+    assert copy.describe_sources() == base.describe_sources()
+
+
 def test_durations_in_code_take_a_unit_as_everywhere() -> None:
     assert Settings(grace_ms="30s", drain_delay_ms="1500ms").grace_ms == 30_000  # type: ignore[arg-type]
     with pytest.raises(ConfigError) as info:
@@ -521,3 +562,20 @@ def test_the_sink_table_is_a_setting_checked_as_an_identifier() -> None:
     assert Settings.from_env({"SF_DATABASE_TABLE": "feedback_v2"}).database_table == ("feedback_v2")
     with pytest.raises(ConfigError, match="SF_DATABASE_TABLE"):
         Settings.from_env({"SF_DATABASE_TABLE": 'x"; DROP TABLE sf_feedback; --'})
+
+
+def test_check_infra_defaults_ignore_a_command_line_in_force() -> None:
+    """`check-infra`'s built-in defaults, loaded while `serve` holds its flags, are the
+    library's defaults, not the flags (nor the environment)."""
+    import importlib
+
+    import sf_lifecycle._infra_common as common
+    from sf_lifecycle._config import command_line
+
+    try:
+        with command_line({"drain_delay_ms": ("--drain-delay-ms", "1234")}):
+            importlib.reload(common)
+            assert common.DEFAULTS.drain_delay_ms == 5_000
+            assert common.DEFAULTS.sources() == {}
+    finally:
+        importlib.reload(common)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -105,3 +106,34 @@ async def test_status_only_reads_and_works_with_read_only_locks(
     assert (status["orphaned"], status["queued"], status["blocked"]) == (4, 1, 0), status
     assert listing(tmp_path) == before
     await live.close()
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("_cli_raising:app", "importing _cli_raising raised RuntimeError('no database URL')"),
+        ("_cli_apps:nope", "module _cli_apps has no attribute 'nope'"),
+        ("_cli_apps:not_callable", "is a int, not an ASGI app (not callable)"),
+        ("nosuch_module:app", "no module named 'nosuch_module'"),
+    ],
+)
+def test_recover_with_an_app_that_cannot_be_loaded_is_one_line_and_exit_6(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    spec: str,
+    words: str,
+) -> None:
+    """As `serve`: one line naming the problem, exit 6 (not 1, which says orphans are left),
+    and the environment of a process that lives on is as it was (no SF_STATE_DIR left)."""
+    from sf_lifecycle._cli import main
+
+    (tmp_path / "feedback").mkdir()
+    monkeypatch.chdir(Path(__file__).parent)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.delenv("SF_STATE_DIR", raising=False)
+    assert main(["queue", "recover", "--state-dir", str(tmp_path), "--app", spec]) == 6
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"sf-lifecycle: app {spec!r}: ")
+    assert words in line
+    assert "SF_STATE_DIR" not in os.environ

@@ -72,8 +72,9 @@ def sf_service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Servi
             service's `state_dir` to share its queue (two replicas on one volume).
         env: Extra environment (`SF_*` settings, your app's switches).
         cwd: Working directory of the server; the pytest root directory when None.
-        drain_delay_ms: `SF_DRAIN_DELAY_MS` unless `env` or the environment sets it (200 ms
-            keeps shutdown tests fast; None leaves the library default).
+        drain_delay_ms: `SF_DRAIN_DELAY_MS` unless `env` sets it, replacing an inherited
+            one (200 ms keeps shutdown tests fast whatever the shell exports; None leaves the
+            inherited variable or the library default).
         start: Start and wait for `<SF_HEALTH_PREFIX>/ready` (False: call `.start()` yourself).
     """
     from .service import Service

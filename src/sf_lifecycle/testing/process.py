@@ -98,8 +98,10 @@ class ServerProcess:
 
     Args:
         app: `module:attribute` of the ASGI app.
-        state_dir: The state directory (`SF_STATE_DIR`); a new temporary one when None.
-        env: Extra environment variables (`SF_*` settings, test switches).
+        state_dir: The state directory (`SF_STATE_DIR`); a new temporary one when None. It
+            replaces an inherited `SF_STATE_DIR`.
+        env: Extra environment variables (`SF_*` settings, test switches), over everything.
+            The child inherits the rest of this process's environment, other `SF_*` included.
         port: Port to bind; a free one when None.
         cwd: Working directory (the app's module must be importable from it).
         args: Extra `serve` arguments.
@@ -148,8 +150,14 @@ class ServerProcess:
         return self.proc.pid
 
     def start(self) -> ServerProcess:
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        env.setdefault("SF_STATE_DIR", str(self.state_dir))
+        # The inherited environment, then the state directory (an argument wins over a
+        # `SF_STATE_DIR` the shell exported), then `env` over both.
+        env = {
+            **os.environ,
+            "SF_STATE_DIR": str(self.state_dir),
+            **self.env,
+            "PYTHONUNBUFFERED": "1",
+        }
         if self.plain_uvicorn:
             cmd = [sys.executable, "-m", "uvicorn", self.app, "--log-level", "warning"]
         else:

@@ -72,11 +72,14 @@ class Service:
 
     Args:
         app: `module:attribute` of the ASGI app (importable from `cwd`).
-        state_dir: The state directory; shared by `restart()`ed processes.
-        env: Extra environment variables (`SF_*` settings, app switches).
+        state_dir: The state directory; shared by `restart()`ed processes. It replaces an
+            inherited `SF_STATE_DIR`.
+        env: Extra environment variables (`SF_*` settings, app switches), over everything.
+            The child inherits the rest of this process's environment, other `SF_*` included.
         cwd: Working directory of the process.
-        drain_delay_ms: `SF_DRAIN_DELAY_MS` unless `env` or the environment sets it; short by
-            default so shutdown tests stay fast.
+        drain_delay_ms: `SF_DRAIN_DELAY_MS` unless `env` sets it, replacing an inherited one
+            (short by default, so shutdown tests stay fast whatever the shell exports); None
+            leaves the inherited variable or the library default.
         reap_s: Seconds between SIGTERM and SIGKILL when the test ends with it still running.
         ready_timeout_s: How long `start()` and `restart()` wait for `<prefix>/ready`.
     """
