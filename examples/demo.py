@@ -562,6 +562,10 @@ def _run_rollout(opts: Options) -> Summary:
         proxy.wait_until(
             lambda: set(proxy.candidate_status().values()) == {"UP"}, 10, "candidate UP in Traefik"
         )
+        # The verification router has a service (and a health check) of its own.
+        proxy.wait_until(
+            lambda: set(proxy.verify_status().values()) == {"UP"}, 10, "verify service UP"
+        )
         for path in ("/api/ready", "/api/version"):
             code, _, body = proxy.candidate_request(path)
             summary.verified[path] = f"{code} {body.decode()[:60]}"

@@ -31,6 +31,7 @@ from importlib.metadata import version as _dist_version
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ._apploader import AppNotLoaded, import_app
 from ._config import ENV_VARS, Settings, command_line, unknown_variables
 from ._errors import ConfigError, UnsafePath
 from ._logging import configure_logging
@@ -61,10 +62,6 @@ _HELP = {
     "check-infra": "check compose, Kubernetes and Traefik files against the shutdown timings",
     "rollout": "shift Traefik weights to a candidate step by step, gated on its errors",
 }
-
-
-class AppNotLoaded(Exception):
-    """`serve MODULE:APP` could not import the app; the message is the one line to print."""
 
 
 #: `--log-level` choices, as uvicorn's; `trace` is uvicorn's level 5, below debug.
@@ -266,43 +263,6 @@ def _check_uds_free(path: str) -> str | None:
     )
 
 
-def _import_app(spec: str) -> Any:
-    """Import `module:attribute`; any failure is `AppNotLoaded` with one line saying which."""
-    import importlib
-
-    module_name, sep, attrs = spec.partition(":")
-    if not sep or not module_name or not attrs:
-        raise AppNotLoaded(f"app {spec!r}: expected module:attribute, e.g. myapp.main:app")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
-            raise AppNotLoaded(
-                f"app {spec!r}: no module named {exc.name!r} (run from the directory that "
-                "contains it, or install it)"
-            ) from exc
-        raise AppNotLoaded(f"app {spec!r}: importing {module_name} raised {exc!r}") from exc
-    except ConfigError:
-        raise  # a setting the app built is invalid: exit 2 naming it
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        raise AppNotLoaded(f"app {spec!r}: importing {module_name} raised {exc!r}") from exc
-    for attr in attrs.split("."):
-        try:
-            obj = getattr(obj, attr)
-        except AttributeError:
-            raise AppNotLoaded(
-                f"app {spec!r}: module {module_name} has no attribute {attrs!r}"
-            ) from None
-    if not callable(obj):
-        # Served, it would pass the health checks and answer every request 500.
-        raise AppNotLoaded(
-            f"app {spec!r}: is a {type(obj).__name__}, not an ASGI app (not callable)"
-        )
-    return obj
-
-
 def _metrics_port_in_use(settings: Settings) -> str | None:
     """The one line to print when the metrics port cannot be bound, else None.
 
@@ -382,7 +342,7 @@ def _serve_in_force(args: argparse.Namespace, options: dict[str, Any]) -> int:
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        app = _import_app(args.app)
+        app = import_app(args.app)
     except AppNotLoaded as exc:
         if args.debug:
             traceback.print_exception(exc.__cause__ or exc)

@@ -221,14 +221,14 @@ def _recover_app(state_dir: Path, spec: str) -> int:
 
 
 def _recover_imported(state_dir: Path, spec: str) -> int:
-    from ._cli import AppNotLoaded, _import_app
+    from ._apploader import AppNotLoaded, import_app
     from ._queue_hooks import installed_queues
     from ._runner import ExitCode
 
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        _import_app(spec)
+        import_app(spec)
     except AppNotLoaded as exc:
         print(f"sf-lifecycle: {exc}", file=sys.stderr)
         return ExitCode.APP_NOT_LOADED

@@ -137,6 +137,11 @@ def start_candidate(proxy: BlueGreenProxy, port: int, **env: str) -> ServerProce
         time.monotonic() + 10,
         "candidate UP in Traefik",
     )
+    proxy._poll(  # the verification router's own service, probed apart
+        lambda: set(proxy.verify_status().values()) == {"UP"},
+        time.monotonic() + 10,
+        "candidate UP behind the verification router",
+    )
     return cand
 
 

@@ -85,6 +85,14 @@ class BlueGreenProxy(TraefikProxy):
         except TraefikAPIError:
             return {}
 
+    def verify_status(self) -> dict[str, str]:
+        """Traefik's health view of the candidate through its verification service (its own
+        health check, probed apart from the candidate pool's): URL -> `UP` / `DOWN`."""
+        try:
+            return self.api.server_status(f"{self.routing.verify_service}@file")
+        except TraefikAPIError:
+            return {}
+
     def candidate_request(
         self, path: str, *, headers: Mapping[str, str] | None = None, timeout: float = 5.0
     ) -> tuple[int, dict[str, str], bytes]:
