@@ -374,6 +374,43 @@ async def test_a_claim_taken_over_after_its_replica_died_never_makes_a_second_ro
         await b.close()
 
 
+async def test_a_takeover_that_fails_to_store_keeps_the_pending_id_for_the_next_retry(
+    tmp_path: Path, sf_postgres: PostgresServer
+) -> None:
+    """Steps: replica A stores a keyed record and dies before settling it; after the claim
+    timeout the retry lands on B, which takes the claim over but is shutting down (503
+    `queue_closed`: nothing stored); the next retry lands on C and answers 202 with A's id,
+    at once (no second claim timeout); C drains, A's orphan is recovered: one row for the key."""
+    url = sf_postgres.create_database("takeover_release")
+    a, b, c = (Replica(tmp_path / n, url, claim_timeout_s=0.3) for n in "abc")
+    try:
+        a.index.settle = lambda key, record_id: None  # type: ignore[method-assign]
+        first = await a.post({"order": 42}, key="K")
+        assert first.status_code == 202
+        a.queue._simulate_crash()
+        a.index._memory.clear()
+        await asyncio.sleep(0.5)
+        await b.queue.close()
+        refused = await b.post({"order": 42}, key="K")
+        assert (refused.status_code, refused.json()["code"]) == (503, "queue_closed")
+        await b.index.aclose()  # its release reached PostgreSQL
+        retry = await c.post({"order": 42}, key="K")
+        assert (retry.status_code, retry.json()) == (202, first.json())
+        sink = PostgresSink(c.db)
+        assert (await c.queue.drain(sink)).complete
+        recovered = FeedbackQueue(tmp_path / "a")
+        recovered._recovery.awaiting_startup = False
+        try:
+            assert (await recovered.recover(sink)).delivered == 1
+        finally:
+            recovered._release()
+        got = rows(url, "SELECT id, body FROM sf_feedback WHERE idem_key = 'K'")
+        assert got == [(first.json()["id"], {"order": 42})]
+    finally:
+        for r in (a, b, c):
+            await r.close()
+
+
 def _server_pids(server: PostgresServer) -> list[int]:
     """The postmaster and its children (the backends serving our connections)."""
     assert server.proc is not None
