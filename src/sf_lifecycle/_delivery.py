@@ -32,7 +32,7 @@ from . import _crashpoints as _cp
 from . import _fs
 from ._background import stops_task
 from ._errors import RecordsRejected
-from ._redact import describe_error
+from ._redact import describe_error, quotes_server_text
 from ._segments import NotASegment, Record, SegmentReader, quarantine_file, quarantine_records
 from ._statefiles import state_subdir
 
@@ -236,8 +236,13 @@ class Delivery:
                 return False
             except Exception as exc:
                 self.sink_errors += 1
-                logger.exception("sink failed on %s; the file stays and is retried", name)
                 result.error = describe_error(exc)
+                if quotes_server_text(exc):  # class and SQLSTATE only: never the record
+                    logger.error(
+                        "sink failed on %s (%s); the file stays and is retried", name, result.error
+                    )
+                else:
+                    logger.exception("sink failed on %s; the file stays and is retried", name)
                 return False
             result.delivered += len(stored)
             self.delivered += len(stored)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -321,6 +323,97 @@ async def test_a_record_postgres_rejects_is_quarantined_and_the_queue_goes_on(
         assert (again.complete, again.delivered) == (True, 0)
     finally:
         queue._release()
+
+
+_BOOM = """
+CREATE TABLE IF NOT EXISTS flag (code text);
+CREATE OR REPLACE FUNCTION boom() RETURNS trigger AS $$
+DECLARE c text;
+BEGIN
+  SELECT code INTO c FROM flag LIMIT 1;
+  IF c IS NOT NULL AND NEW.body ? 'p' THEN RAISE EXCEPTION 'refused' USING ERRCODE = c; END IF;
+  RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER boom BEFORE INSERT ON sf_feedback FOR EACH ROW EXECUTE FUNCTION boom();
+"""
+
+
+def _set_flag(url: str, code: str | None) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM flag")
+        if code is not None:
+            conn.execute("INSERT INTO flag VALUES (%s)", (code,))
+
+
+async def test_a_failure_after_a_rejection_logs_no_body_text(
+    tmp_path: Path, sf_postgres: PostgresServer
+) -> None:
+    """Steps: a batch holds a record jsonb refuses (its CONTEXT quotes the JSON before the
+    `\\u0000`) and a record a trigger refuses with a deadlock (40P01) during the
+    record-by-record pass; the drain fails and is retried: the library's JSON log names the
+    SQLSTATE and holds no text of either body."""
+    from sf_lifecycle._logging import JsonFormatter
+
+    url = sf_postgres.create_database("body_in_log")
+    db = Database(url)
+    sink = PostgresSink(db)
+    await sink._ensure()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(_BOOM)
+    _set_flag(url, "40P01")
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger("sf_lifecycle").addHandler(handler)
+    queue = FeedbackQueue(tmp_path / "s")
+    try:
+        await queue.append({"card": "4111-SECRET-CARD", "note": "x\u0000y"})
+        await queue.append({"p": "OTHER-SECRET"})
+        result = await queue.drain(sink)
+        assert result.error == "BackendUnavailable: PostgreSQL: DeadlockDetected (SQLSTATE 40P01)"
+        log = buf.getvalue()
+        assert "SQLSTATE 40P01" in log
+        assert "SECRET" not in log
+    finally:
+        logging.getLogger("sf_lifecycle").removeHandler(handler)
+        queue._release()
+        await db.close()
+
+
+@pytest.mark.parametrize("code", ["23503", "23505", "23514"])
+async def test_an_integrity_violation_is_retried_not_quarantined(
+    tmp_path: Path, sf_postgres: PostgresServer, code: str
+) -> None:
+    """Steps: a constraint an operator added refuses a record (class 23: a foreign key,
+    unique or check violation that depends on other rows); the drain fails with that SQLSTATE,
+    nothing is quarantined and the file stays; once the condition clears, the next drain
+    stores the record. A data exception (class 22, here 22012) is still a rejection."""
+    url = sf_postgres.create_database(f"integrity_{code}")
+    db = Database(url)
+    sink = PostgresSink(db)
+    await sink._ensure()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(_BOOM)
+    queue = FeedbackQueue(tmp_path / "s")
+    try:
+        _set_flag(url, code)
+        held = await queue.append({"p": 1})
+        first = await queue.drain(sink)
+        assert (first.complete, first.rejected) == (False, 0)
+        assert first.error is not None and f"SQLSTATE {code}" in first.error
+        assert set_aside(tmp_path / "s") == []
+        _set_flag(url, None)
+        second = await queue.drain(sink)
+        assert (second.complete, second.delivered, second.rejected) == (True, 1, 0)
+        assert held in await sink.ids()
+        _set_flag(url, "22012")
+        poison = await queue.append({"p": 2})
+        third = await queue.drain(sink)
+        assert (third.complete, third.rejected) == (True, 1)
+        assert poison not in await sink.ids()
+    finally:
+        queue._release()
+        await db.close()
 
 
 async def test_the_sink_commits_the_good_records_and_names_the_rejected_ones(
