@@ -400,7 +400,8 @@ async def test_an_integrity_violation_is_retried_not_quarantined(
         held = await queue.append({"p": 1})
         first = await queue.drain(sink)
         assert (first.complete, first.rejected) == (False, 0)
-        assert first.error is not None and f"SQLSTATE {code}" in first.error
+        assert first.error is not None
+        assert f"SQLSTATE {code}" in first.error
         assert set_aside(tmp_path / "s") == []
         _set_flag(url, None)
         second = await queue.drain(sink)
@@ -414,6 +415,51 @@ async def test_an_integrity_violation_is_retried_not_quarantined(
     finally:
         queue._release()
         await db.close()
+
+
+def _queue_status_json(state: Path) -> str:
+    cmd = [sys.executable, "-m", "sf_lifecycle", "queue", "status", "--state-dir", str(state)]
+    done = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout
+
+
+async def test_a_retried_file_quarantines_its_rejected_record_once_and_status_counts_it(
+    tmp_path: Path, sf_postgres: PostgresServer
+) -> None:
+    """Steps: one batch per record; the 2nd record is one jsonb refuses, the 3rd meets a
+    deadlock (40P01) twice, so the file is retried twice after the rejection; then the
+    deadlock clears: one `.rejected` file (and its `.reason`), the record counted rejected
+    once, and `sf-lifecycle queue status --json` reports 1 quarantined file and 1 rejected
+    record (the `.reason` companion is not a file of its own)."""
+    url = sf_postgres.create_database("rejected_once")
+    db = Database(url)
+    sink = PostgresSink(db)
+    await sink._ensure()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(_BOOM)
+    _set_flag(url, "40P01")
+    state = tmp_path / "s"
+    queue = FeedbackQueue(state, batch_records=1)
+    try:
+        await queue.append({"ok": 1})
+        bad = await queue.append({"bad": "a\u0000b"})
+        await queue.append({"p": 1})
+        results = [await queue.drain(sink), await queue.drain(sink)]
+        assert [r.complete for r in results] == [False, False]
+        _set_flag(url, None)
+        results.append(await queue.drain(sink))
+        assert results[-1].complete
+        assert sum(r.rejected for r in results) == 1
+        assert queue._delivery.rejected == 1
+        [(_, reason)] = set_aside(state)
+        assert reason.startswith(f"{bad}\t")
+        assert len(list((state / "feedback" / "quarantine").iterdir())) == 2
+    finally:
+        queue._release()
+        await db.close()
+    status = await asyncio.to_thread(_queue_status_json, state)
+    info = json.loads(status)
+    assert (info["quarantined"], info["files"]["quarantined"], info["rejected"]) == (1, 1, 1)
 
 
 async def test_the_sink_commits_the_good_records_and_names_the_rejected_ones(
