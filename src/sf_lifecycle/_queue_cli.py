@@ -179,8 +179,8 @@ def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
             else:
                 out["queued" if kind == "log" else "draining"] += n
                 out["files"]["live"] += 1
-    files, out["rejected"] = quarantine_census(state)
-    out["quarantined"] = out["files"]["quarantined"] = files
+    set_aside, out["rejected"] = quarantine_census(state)
+    out["quarantined"] = out["files"]["quarantined"] = set_aside
     db = state / "feedback.sqlite3"
     for name in (db.name, *(db.name + x for x in ("-wal", "-shm", "-journal"))):
         refuse_link(db.with_name(name))  # never opened through a link (the server refuses too)

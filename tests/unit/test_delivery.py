@@ -169,10 +169,12 @@ async def test_ids_a_sink_rejects_outside_the_batch_are_ignored_not_quarantined(
 
     stored: list[str] = []
 
-    async def sink(batch: Sequence[Mapping[str, Any]]) -> None:
-        stored.extend(r["id"] for r in batch)
-        raise RecordsRejected(["not-in-this-batch"], "CheckViolation (SQLSTATE 23514)")
+    class Sink:
+        async def __call__(self, records: Sequence[Mapping[str, Any]]) -> None:
+            stored.extend(r["id"] for r in records)
+            raise RecordsRejected(["not-in-this-batch"], "CheckViolation (SQLSTATE 23514)")
 
+    sink = Sink()
     q = FeedbackQueue(tmp_path)
     try:
         ids = [await q.append({"n": i}) for i in range(3)]
