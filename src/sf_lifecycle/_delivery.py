@@ -32,7 +32,7 @@ from . import _crashpoints as _cp
 from . import _fs
 from ._background import stops_task
 from ._errors import RecordsRejected
-from ._redact import describe_error
+from ._redact import describe_error, quotes_server_text
 from ._segments import NotASegment, Record, SegmentReader, quarantine_file, quarantine_records
 from ._statefiles import state_subdir
 
@@ -236,8 +236,13 @@ class Delivery:
                 return False
             except Exception as exc:
                 self.sink_errors += 1
-                logger.exception("sink failed on %s; the file stays and is retried", name)
                 result.error = describe_error(exc)
+                if quotes_server_text(exc):  # class and SQLSTATE only: never the record
+                    logger.error(
+                        "sink failed on %s (%s); the file stays and is retried", name, result.error
+                    )
+                else:
+                    logger.exception("sink failed on %s; the file stays and is retried", name)
                 return False
             result.delivered += len(stored)
             self.delivered += len(stored)
@@ -252,9 +257,17 @@ class Delivery:
         except RecordsRejected as exc:
             ids = set(exc.ids)
             rejected = [r for r in batch if r["id"] in ids]
+            if len(rejected) < len(ids):  # a sink's mistake: those ids are not in this batch
+                logger.warning(
+                    "the sink rejected %d id(s) not in the batch from %s; ignored",
+                    len(ids) - len(rejected),
+                    path.name,
+                )
+                if not rejected:
+                    return batch
             reason = describe_error(Exception(exc.reason)).partition(": ")[2] or "rejected"
             try:
-                target = await asyncio.to_thread(
+                target, new = await asyncio.to_thread(
                     quarantine_records, path, rejected, reason, self.state_dir, self.dir_mode
                 )
             except OSError as err:
@@ -268,16 +281,17 @@ class Delivery:
                 )
                 result.error = f"RecordsRejected: cannot quarantine: {describe_error(err)}"
                 return None
-            for r in rejected:
-                logger.error(
-                    "record %s from %s can never be stored by the sink (%s); set aside in %s",
-                    r["id"],
-                    path.name,
-                    reason,
-                    target,
-                )
-            result.rejected += len(rejected)
-            self.rejected += len(rejected)
+            if new:  # a retry of the file finds them set aside already: counted once
+                for r in rejected:
+                    logger.error(
+                        "record %s from %s can never be stored by the sink (%s); set aside in %s",
+                        r["id"],
+                        path.name,
+                        reason,
+                        target,
+                    )
+                result.rejected += len(rejected)
+                self.rejected += len(rejected)
             return [r for r in batch if r["id"] not in ids]
         return batch
 

@@ -13,7 +13,11 @@ is stored, so a retry that lands on any replica finds it at once:
   two (idempotent by id), so one key never makes two records. A key older than `ttl_s` is
   forgotten and starts afresh.
 * `settle` (record stored) and `release` (not stored) are decided already when they run, so
-  they never fail the request: the row is updated in the background, and the delivery listener
+  they never fail the request. Releasing a fresh claim deletes it; releasing a claim taken
+  over keeps its row and `pending` id and marks it abandoned again (no owner, back-dated by
+  `claim_timeout_s`), so the next retry, on any replica, takes it over at once under that same
+  id: the dead replica's record may still be recovered, and a new id would make it a second
+  row. In both cases the row is updated in the background, and the delivery listener
   (`record_delivered`) writes the id again once the sink committed the record, which also heals
   a settle lost to an outage.
 
@@ -72,6 +76,7 @@ class PostgresIdempotencyIndex:
         self.claim_timeout_s = claim_timeout_s
         self.owner = secrets.token_hex(8)  # this process's claims
         self._memory: dict[str, KnownKey] = {}  # claimed here, not yet delivered
+        self._inherited: set[str] = set()  # of those, claims taken over (a pending id kept)
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_purge = 0.0
         self.last_error: str | None = None
@@ -108,6 +113,11 @@ class PostgresIdempotencyIndex:
         ).format(t)
         self._release = sql.SQL(
             "DELETE FROM {} WHERE key = %s AND owner = %s AND id IS NULL"
+        ).format(t)
+        # A claim taken over carries an id the dead holder may have stored: keep it, abandoned.
+        self._abandon = sql.SQL(
+            "UPDATE {} SET owner = NULL, created_at = now() - make_interval(secs => %s) "
+            "WHERE key = %s AND owner = %s AND id IS NULL"
         ).format(t)
         self._delivered = sql.SQL(
             "INSERT INTO {t} AS o (key, sha, id, created_at) "
@@ -217,6 +227,7 @@ class PostgresIdempotencyIndex:
                     return self._memory[key]
                 self._memory[key] = KnownKey(sha, None)
                 if isinstance(outcome, str):
+                    self._inherited.add(key)
                     logger.warning(
                         "idempotency key %s: claim taken over from a replica that did not "
                         "settle it within %.0f s; stored as %s, the id it may have stored",
@@ -248,15 +259,22 @@ class PostgresIdempotencyIndex:
         """The claimed key's record is stored: map it to `record_id` (in the background)."""
         known = self._memory.get(key)
         if known is not None and known.id is None:
+            self._inherited.discard(key)
             self._memory[key] = KnownKey(known.sha, record_id)
             self._background("settle", self._settle, (record_id, key, self.owner))
 
     def release(self, key: str) -> None:
-        """The claimed key's record was not stored: free the key (in the background)."""
+        """The claimed key's record was not stored here (in the background): a fresh claim is
+        deleted, a claim taken over is left abandoned with its pending id (see the module)."""
         known = self._memory.get(key)
         if known is not None and known.id is None:
             del self._memory[key]
-            self._background("release", self._release, (key, self.owner))
+            if key in self._inherited:
+                self._inherited.discard(key)
+                params = (self.claim_timeout_s, key, self.owner)
+                self._background("release", self._abandon, params)
+            else:
+                self._background("release", self._release, (key, self.owner))
 
     async def record_delivered(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Queue delivery listener: the delivered keys map to their records."""

@@ -11,11 +11,16 @@ about 3x at 1,000 records; `benchmarks/bench_postgres.py` compares the sink with
 per record. The table is created when missing, under an advisory lock so replicas starting
 together do not race.
 
-A record PostgreSQL can never store (jsonb refuses `\\u0000`; any data error or constraint
-violation, class 22 or 23) must not block the records behind it: when a batch fails so, it is
-stored again record by record (each its own transaction), the good ones committed, and
-`RecordsRejected` names the others with the error class and SQLSTATE (never the server's
-message, which can quote the body). The queue quarantines them and goes on.
+A record PostgreSQL can never store (jsonb refuses `\\u0000`; any data exception, SQLSTATE
+class 22: the value itself is refused) must not block the records behind it: when a batch
+fails so, it is stored again record by record (each its own transaction), the good ones
+committed, and `RecordsRejected` names the others with the error class and SQLSTATE (never the
+server's message, which can quote the body). The queue quarantines them and goes on.
+
+An integrity violation (class 23: a foreign key, unique or check constraint an operator added)
+depends on other rows and may clear later (the parent row arrives), so it is not a rejection:
+the batch fails and is retried with backoff like any sink failure, and the drainer's `error`
+names the SQLSTATE. A duplicate `id` never gets there (`ON CONFLICT (id) DO NOTHING`).
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ class PostgresSink:
         BackendUnavailable: the server did not answer or failed; nothing was committed and
             the batch stays queued (the drainer retries it).
         RecordsRejected: the batch is committed but for these records, which the table can
-            never hold (a data error or constraint violation); the queue quarantines them.
+            never hold (a data exception, SQLSTATE class 22); the queue quarantines them.
+            An integrity violation (class 23) propagates instead: it may clear later.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class PostgresSink:
 
         await self._ensure()
         rows = [_row(r) for r in records]
+        refused = False
         try:
             async with self.db.connection(self.timeout_s) as conn, conn.transaction():
                 await conn.execute(self._stage)
@@ -105,12 +112,14 @@ class PostgresSink:
                 await conn.execute(self._insert)
                 if _cp.ARMED:
                     _cp.hit("sink.before_commit")  # a transaction open, nothing committed
-        except (psycopg.DataError, psycopg.IntegrityError):
-            await self._one_by_one(rows)
+        except psycopg.DataError:
+            refused = True
+        if refused:  # outside the handler: a later error must not chain the first one,
+            await self._one_by_one(rows)  # whose CONTEXT quotes the record
 
     async def _one_by_one(self, rows: list[tuple[str, Any, str, int]]) -> None:
         """Store each row in its own transaction; `RecordsRejected` for those refused with a
-        data error or constraint violation (anything else propagates: the batch is retried)."""
+        data exception (anything else propagates: the batch is retried)."""
         import psycopg
 
         rejected: list[str] = []
@@ -119,7 +128,7 @@ class PostgresSink:
             for row in rows:
                 try:
                     await conn.execute(self._insert_one, row)
-                except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                except psycopg.DataError as exc:
                     rejected.append(row[0])
                     reasons[f"{type(exc).__name__} (SQLSTATE {exc.sqlstate})"] = None
         if rejected:

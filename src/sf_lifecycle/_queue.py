@@ -43,7 +43,7 @@ from ._framing import encode
 from ._ids import new_record_id
 from ._recovery import OrphanRecovery
 from ._redact import describe_error
-from ._segments import count_entries, list_segments, lock_path, new_token, try_lock
+from ._segments import list_segments, lock_path, new_token, quarantine_census, try_lock
 from ._statefiles import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, state_subdir
 from ._writer import SegmentWriter
 
@@ -343,7 +343,7 @@ class FeedbackQueue:
         """
         try:
             own = list_segments(self.dir).get(self.token, [])
-            quarantined = count_entries(self.state_dir, "feedback/quarantine")
+            quarantined = quarantine_census(self.state_dir, records=False)[0]
         except OSError as exc:
             raise NotReady(f"cannot list the queue directory: {describe_error(exc)}") from None
         return QueueStats(

@@ -135,7 +135,13 @@ def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
             `-shm`, `-journal`) is a link or of the wrong type.
         sqlite3.DatabaseError: `feedback.sqlite3` is not a readable database.
     """
-    from ._segments import NotASegment, SegmentReader, count_entries, list_segments, probe_lock
+    from ._segments import (
+        NotASegment,
+        SegmentReader,
+        list_segments,
+        probe_lock,
+        quarantine_census,
+    )
     from ._statefiles import refuse_link
 
     state = Path(state_dir)
@@ -145,6 +151,7 @@ def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "draining": 0,
         "orphaned": 0,
         "quarantined": 0,
+        "rejected": 0,
         "delivered": None,
         "blocked": 0,
         "files": {"live": 0, "orphaned": 0, "quarantined": 0, "blocked": 0},
@@ -172,7 +179,8 @@ def inspect_state_dir(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
             else:
                 out["queued" if kind == "log" else "draining"] += n
                 out["files"]["live"] += 1
-    out["quarantined"] = out["files"]["quarantined"] = count_entries(state, "feedback/quarantine")
+    set_aside, out["rejected"] = quarantine_census(state)
+    out["quarantined"] = out["files"]["quarantined"] = set_aside
     db = state / "feedback.sqlite3"
     for name in (db.name, *(db.name + x for x in ("-wal", "-shm", "-journal"))):
         refuse_link(db.with_name(name))  # never opened through a link (the server refuses too)
@@ -199,6 +207,11 @@ def _status(state_dir: Path, as_json: bool) -> int:
             ".lock is not a regular file; move it aside to let recovery deliver them"
         )
     print(f"quarantined  {info['quarantined']:>8} file(s)")
+    if info["rejected"]:
+        print(
+            f"rejected     {info['rejected']:>8} records the sink can never store "
+            "(feedback/quarantine/*.rejected)"
+        )
     print(f"delivered    {delivered:>8} records (feedback.sqlite3)")
     if info["damaged"]:
         print(f"damaged      {info['damaged']:>8} region(s): recovery will quarantine them")

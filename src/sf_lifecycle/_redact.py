@@ -133,3 +133,19 @@ def describe_error(exc: BaseException) -> str:
         parts.append(_redact_paths(raw[last:]))
         text = "".join(parts).strip()
     return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
+def quotes_server_text(exc: BaseException) -> bool:
+    """Whether `exc` or an exception it chains is a database error, whose text (message,
+    DETAIL, CONTEXT) can quote a record: a traceback of it must not reach the log."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(getattr(e, "sqlstate", None), str) and hasattr(e, "diag"):
+            return True
+        stack += [e.__cause__, e.__context__]
+    return False

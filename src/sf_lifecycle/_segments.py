@@ -11,8 +11,9 @@
   ordered numerically (issue 11: a fixed width strands every file past 999,999, ~55 h of steady
   traffic for one process);
 - `quarantine/`: files with damage, moved aside after their good records were delivered, and
-  `<segment>.<n>.rejected` files holding the frames of records the sink can never store
-  (`RecordsRejected`), each with a `.rejected.reason` beside it (ids and why); never deleted.
+  `<token>.<seq>.<ids digest>.rejected` files holding the frames of records the sink can never
+  store (`RecordsRejected`), each with a `.rejected.reason` beside it (ids and why); one per
+  segment and set of ids, however often the segment is retried; never deleted.
 
 Nothing here is opened through a symbolic link: a segment or lock name that is not a regular
 file is refused (`NotASegment`, `LockRefused`) and left for an operator. Every `os` call goes
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import re
@@ -48,13 +50,13 @@ __all__ = [
     "NotASegment",
     "Record",
     "SegmentReader",
-    "count_entries",
     "fsync_dir",
     "list_segments",
     "load_segment",
     "lock_path",
     "new_token",
     "probe_lock",
+    "quarantine_census",
     "quarantine_file",
     "quarantine_records",
     "segment_path",
@@ -120,18 +122,6 @@ def list_segments(directory: Path) -> dict[str, list[tuple[int, str, Path]]]:
     for files in out.values():
         files.sort()
     return out
-
-
-def count_entries(state_dir: Path, rel: str) -> int:
-    """Entries of `<state_dir>/<rel>` (0 when missing), listed without following a link."""
-    try:
-        fd = open_state_dir(state_dir, rel, None)
-    except FileNotFoundError:
-        return 0
-    try:
-        return len(_fs.os.listdir(fd))
-    finally:
-        _fs.os.close(fd)
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -333,33 +323,36 @@ def quarantine_records(
     state_dir: Path,
     dir_mode: int,
     file_mode: int = DEFAULT_FILE_MODE,
-) -> Path:
-    """Write `records` (taken from segment `source`) as frames to a new file in
-    `<state_dir>/feedback/quarantine/`, with `<file>.reason` naming their ids and `reason`;
-    both fsynced, then the folder. Returns the frames file.
+) -> tuple[Path, bool]:
+    """Write `records` (taken from segment `source`) as frames to
+    `<state_dir>/feedback/quarantine/<token>.<seq>.<ids digest>.rejected`, with `<file>.reason`
+    naming their ids and `reason`; each written to a temporary name, fsynced, renamed, then the
+    folder fsynced. Returns the frames file and whether it is new.
+
+    The name depends only on the segment and the rejected ids, so a retry of the same file
+    (a later batch failed, or the process died before the segment was removed) finds both
+    files there and writes nothing: one copy, counted once.
 
     Raises:
         OSError: writing failed; the caller keeps the segment, so nothing is lost.
     """
-    state_subdir(state_dir, "feedback/quarantine", dir_mode)  # no link, anywhere
     quarantine_dir = state_dir / "feedback" / "quarantine"
+    m = SEG_RE.match(source.name)
+    stem = f"{m['token']}.{m['seq']}" if m else source.name
+    digest = hashlib.sha256("\n".join(r["id"] for r in records).encode()).hexdigest()[:16]
+    target = quarantine_dir / f"{stem}.{digest}.rejected"
+    note_path = Path(f"{target}.reason")
+    state_subdir(state_dir, "feedback/quarantine", dir_mode)  # no link, anywhere
+    if all(_is_file(p) for p in (target, note_path)):
+        return target, False
     frames = b"".join(
         encode(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode()) for r in records
     )
     note = "".join(f"{r['id']}\t{reason}\n" for r in records).encode()
-    flags = _fs.os.O_WRONLY | _fs.os.O_CREAT | _fs.os.O_EXCL | _fs.os.O_NOFOLLOW
-    n = 0
-    while True:
-        n += 1
-        target = quarantine_dir / f"{source.name}.{n}.rejected"
-        try:
-            fd = _fs.os.open(target, flags | _fs.os.O_CLOEXEC, file_mode)
-        except FileExistsError:
-            continue
-        break
-    for path, data in ((target, frames), (Path(f"{target}.reason"), note)):
-        if path != target:
-            fd = _fs.os.open(path, flags | _fs.os.O_TRUNC | _fs.os.O_CLOEXEC, file_mode)
+    flags = _fs.os.O_WRONLY | _fs.os.O_CREAT | _fs.os.O_TRUNC | _fs.os.O_NOFOLLOW
+    for path, data in ((target, frames), (note_path, note)):
+        tmp = quarantine_dir / f".{path.name}.tmp"
+        fd = _fs.os.open(tmp, flags | _fs.os.O_CLOEXEC, file_mode)
         try:
             view = memoryview(data)
             while view:
@@ -367,8 +360,47 @@ def quarantine_records(
             _fs.os.fsync(fd)
         finally:
             _fs.os.close(fd)
+        _fs.os.rename(tmp, path)
     fsync_dir(quarantine_dir)
-    return target
+    return target, True
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(_fs.os.stat(path, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def quarantine_census(state_dir: Path, *, records: bool = True) -> tuple[int, int]:
+    """(files, rejected records) in `<state_dir>/feedback/quarantine/`: every entry but the
+    `.reason` companions and unfinished temporary files, and the ids the `.reason` files of
+    `.rejected` files name (0 unless `records`: a probe only lists the folder). Nothing is
+    followed through a link."""
+    try:
+        fd = open_state_dir(state_dir, "feedback/quarantine", None)
+    except FileNotFoundError:
+        return 0, 0
+    try:
+        names = _fs.os.listdir(fd)
+        files = [n for n in names if not n.endswith((".reason", ".tmp"))]
+        count = 0
+        for name in files if records else ():
+            if not name.endswith(".rejected") or f"{name}.reason" not in names:
+                continue
+            try:
+                note = _fs.os.open(
+                    f"{name}.reason",
+                    _fs.os.O_RDONLY | _fs.os.O_NOFOLLOW | _fs.os.O_CLOEXEC,
+                    dir_fd=fd,
+                )
+            except OSError:
+                continue
+            with open(note, "rb") as f:
+                count += sum(1 for line in f if line.strip())
+        return len(files), count
+    finally:
+        _fs.os.close(fd)
 
 
 # -- locks ---------------------------------------------------------------------------------------

@@ -6,8 +6,12 @@ subprocesses with real SIGTERM; every process is reaped by PID in a fixture.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +21,8 @@ import psycopg
 import pytest
 
 from sf_lifecycle import ExitCode
+from sf_lifecycle._queue import FeedbackQueue
+from sf_lifecycle.postgres import Database, PostgresSink
 from sf_lifecycle.testing import PostgresServer, ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -233,3 +239,63 @@ def test_a_record_postgres_rejects_never_blocks_the_queue_nor_a_restart(
     assert len(quarantined) == 2, replacement.logs()
     replacement.send_signal(signal.SIGTERM)
     assert replacement.wait(15) == ExitCode.OK, replacement.logs()
+
+
+REDELIVER = (
+    'mv "$REJECTED" "$STATE/feedback/$(printf %012x "$(date +%s%3N)")'
+    '$(od -An -N5 -tx1 /dev/urandom | tr -d " \\n").000001.draining"'
+)
+
+
+def test_an_operator_redelivers_a_quarantined_rejected_file(
+    tmp_path: Path, sf_postgres: PostgresServer
+) -> None:
+    """The documented re-delivery (README, "PostgreSQL"): a record a trigger refused with a
+    data exception (22012) is in `feedback/quarantine/*.rejected`; the operator fixes the
+    cause (drops the trigger), moves the file back into `feedback/` under a fresh segment name
+    with the README's shell line, and runs `sf-lifecycle queue recover --app`: the record is
+    stored once under its original id, no segment is left, the `.reason` stays as a record."""
+    url = sf_postgres.create_database("redeliver")
+    state = tmp_path / "state"
+
+    async def quarantine() -> str:
+        db = Database(url)
+        sink = PostgresSink(db)
+        await sink._ensure()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "CREATE FUNCTION boom() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'x' "
+                "USING ERRCODE = '22012'; END $$ LANGUAGE plpgsql; CREATE TRIGGER boom BEFORE "
+                "INSERT ON sf_feedback FOR EACH ROW EXECUTE FUNCTION boom()"
+            )
+        queue = FeedbackQueue(state)
+        try:
+            rid = await queue.append({"order": 7})
+            assert (await queue.drain(sink)).rejected == 1
+            return rid
+        finally:
+            queue._release()
+            await db.close()
+
+    rid = asyncio.run(quarantine())
+    [rejected] = (state / "feedback" / "quarantine").glob("*.rejected")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER boom ON sf_feedback")
+    env = {**os.environ, "REJECTED": str(rejected), "STATE": str(state)}
+    subprocess.run(["bash", "-c", REDELIVER], env=env, check=True, timeout=30)
+    recover = [sys.executable, "-m", "sf_lifecycle", "queue", "recover", "--state-dir"]
+    done = subprocess.run(
+        [*recover, str(state), "--app", "examples.sf_server:app"],
+        cwd=ROOT,
+        env={**os.environ, "SF_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "recovered 1 record(s) from 1 file(s)" in done.stderr
+    assert stored(url) == [rid]
+    assert [p.name for p in (state / "feedback").glob("*.draining")] == []
+    assert [p.name for p in (state / "feedback" / "quarantine").iterdir()] == [
+        f"{rejected.name}.reason"
+    ]

@@ -157,3 +157,34 @@ def test_odd_payloads_decode_as_json_loads_decodes_them(tmp_path: Path) -> None:
     assert len(got) + refused == len(odd)
     assert json.dumps(got) == json.dumps(expected)  # NaN compares unequal to itself
     assert refused == 2  # trailing data and invalid UTF-8
+
+
+async def test_ids_a_sink_rejects_outside_the_batch_are_ignored_not_quarantined(
+    tmp_path: Path, caplog: Any
+) -> None:
+    """A sink that commits the batch but names, in `RecordsRejected`, an id the batch does not
+    hold: the records count as delivered, the file is removed, no empty `.rejected` file is
+    written, and a warning names the file."""
+    from sf_lifecycle import RecordsRejected
+
+    stored: list[str] = []
+
+    class Sink:
+        async def __call__(self, records: Sequence[Mapping[str, Any]]) -> None:
+            stored.extend(r["id"] for r in records)
+            raise RecordsRejected(["not-in-this-batch"], "CheckViolation (SQLSTATE 23514)")
+
+    sink = Sink()
+    q = FeedbackQueue(tmp_path)
+    try:
+        ids = [await q.append({"n": i}) for i in range(3)]
+        with caplog.at_level("WARNING", logger="sf_lifecycle"):
+            result = await q.drain(sink)
+        assert (result.complete, result.delivered, result.rejected) == (True, 3, 0)
+        assert stored == ids
+        assert list((tmp_path / "feedback").glob("*.draining")) == []
+        quarantine = tmp_path / "feedback" / "quarantine"
+        assert not quarantine.exists() or list(quarantine.iterdir()) == []
+        assert "rejected 1 id(s) not in the batch" in caplog.text
+    finally:
+        q._release()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -323,6 +325,143 @@ async def test_a_record_postgres_rejects_is_quarantined_and_the_queue_goes_on(
         queue._release()
 
 
+_BOOM = """
+CREATE TABLE IF NOT EXISTS flag (code text);
+CREATE OR REPLACE FUNCTION boom() RETURNS trigger AS $$
+DECLARE c text;
+BEGIN
+  SELECT code INTO c FROM flag LIMIT 1;
+  IF c IS NOT NULL AND NEW.body ? 'p' THEN RAISE EXCEPTION 'refused' USING ERRCODE = c; END IF;
+  RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER boom BEFORE INSERT ON sf_feedback FOR EACH ROW EXECUTE FUNCTION boom();
+"""
+
+
+def _set_flag(url: str, code: str | None) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM flag")
+        if code is not None:
+            conn.execute("INSERT INTO flag VALUES (%s)", (code,))
+
+
+async def test_a_failure_after_a_rejection_logs_no_body_text(
+    tmp_path: Path, sf_postgres: PostgresServer
+) -> None:
+    """Steps: a batch holds a record jsonb refuses (its CONTEXT quotes the JSON before the
+    `\\u0000`) and a record a trigger refuses with a deadlock (40P01) during the
+    record-by-record pass; the drain fails and is retried: the library's JSON log names the
+    SQLSTATE and holds no text of either body."""
+    from sf_lifecycle._logging import JsonFormatter
+
+    url = sf_postgres.create_database("body_in_log")
+    db = Database(url)
+    sink = PostgresSink(db)
+    await sink._ensure()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(_BOOM)
+    _set_flag(url, "40P01")
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger("sf_lifecycle").addHandler(handler)
+    queue = FeedbackQueue(tmp_path / "s")
+    try:
+        await queue.append({"card": "4111-SECRET-CARD", "note": "x\u0000y"})
+        await queue.append({"p": "OTHER-SECRET"})
+        result = await queue.drain(sink)
+        assert result.error == "BackendUnavailable: PostgreSQL: DeadlockDetected (SQLSTATE 40P01)"
+        log = buf.getvalue()
+        assert "SQLSTATE 40P01" in log
+        assert "SECRET" not in log
+    finally:
+        logging.getLogger("sf_lifecycle").removeHandler(handler)
+        queue._release()
+        await db.close()
+
+
+@pytest.mark.parametrize("code", ["23503", "23505", "23514"])
+async def test_an_integrity_violation_is_retried_not_quarantined(
+    tmp_path: Path, sf_postgres: PostgresServer, code: str
+) -> None:
+    """Steps: a constraint an operator added refuses a record (class 23: a foreign key,
+    unique or check violation that depends on other rows); the drain fails with that SQLSTATE,
+    nothing is quarantined and the file stays; once the condition clears, the next drain
+    stores the record. A data exception (class 22, here 22012) is still a rejection."""
+    url = sf_postgres.create_database(f"integrity_{code}")
+    db = Database(url)
+    sink = PostgresSink(db)
+    await sink._ensure()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(_BOOM)
+    queue = FeedbackQueue(tmp_path / "s")
+    try:
+        _set_flag(url, code)
+        held = await queue.append({"p": 1})
+        first = await queue.drain(sink)
+        assert (first.complete, first.rejected) == (False, 0)
+        assert first.error is not None
+        assert f"SQLSTATE {code}" in first.error
+        assert set_aside(tmp_path / "s") == []
+        _set_flag(url, None)
+        second = await queue.drain(sink)
+        assert (second.complete, second.delivered, second.rejected) == (True, 1, 0)
+        assert held in await sink.ids()
+        _set_flag(url, "22012")
+        poison = await queue.append({"p": 2})
+        third = await queue.drain(sink)
+        assert (third.complete, third.rejected) == (True, 1)
+        assert poison not in await sink.ids()
+    finally:
+        queue._release()
+        await db.close()
+
+
+def _queue_status_json(state: Path) -> str:
+    cmd = [sys.executable, "-m", "sf_lifecycle", "queue", "status", "--state-dir", str(state)]
+    done = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout
+
+
+async def test_a_retried_file_quarantines_its_rejected_record_once_and_status_counts_it(
+    tmp_path: Path, sf_postgres: PostgresServer
+) -> None:
+    """Steps: one batch per record; the 2nd record is one jsonb refuses, the 3rd meets a
+    deadlock (40P01) twice, so the file is retried twice after the rejection; then the
+    deadlock clears: one `.rejected` file (and its `.reason`), the record counted rejected
+    once, and `sf-lifecycle queue status --json` reports 1 quarantined file and 1 rejected
+    record (the `.reason` companion is not a file of its own)."""
+    url = sf_postgres.create_database("rejected_once")
+    db = Database(url)
+    sink = PostgresSink(db)
+    await sink._ensure()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(_BOOM)
+    _set_flag(url, "40P01")
+    state = tmp_path / "s"
+    queue = FeedbackQueue(state, batch_records=1)
+    try:
+        await queue.append({"ok": 1})
+        bad = await queue.append({"bad": "a\u0000b"})
+        await queue.append({"p": 1})
+        results = [await queue.drain(sink), await queue.drain(sink)]
+        assert [r.complete for r in results] == [False, False]
+        _set_flag(url, None)
+        results.append(await queue.drain(sink))
+        assert results[-1].complete
+        assert sum(r.rejected for r in results) == 1
+        assert queue._delivery.rejected == 1
+        [(_, reason)] = set_aside(state)
+        assert reason.startswith(f"{bad}\t")
+        assert len(list((state / "feedback" / "quarantine").iterdir())) == 2
+    finally:
+        queue._release()
+        await db.close()
+    status = await asyncio.to_thread(_queue_status_json, state)
+    info = json.loads(status)
+    assert (info["quarantined"], info["files"]["quarantined"], info["rejected"]) == (1, 1, 1)
+
+
 async def test_the_sink_commits_the_good_records_and_names_the_rejected_ones(
     db: Database,
 ) -> None:
@@ -372,6 +511,43 @@ async def test_a_claim_taken_over_after_its_replica_died_never_makes_a_second_ro
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_takeover_that_fails_to_store_keeps_the_pending_id_for_the_next_retry(
+    tmp_path: Path, sf_postgres: PostgresServer
+) -> None:
+    """Steps: replica A stores a keyed record and dies before settling it; after the claim
+    timeout the retry lands on B, which takes the claim over but is shutting down (503
+    `queue_closed`: nothing stored); the next retry lands on C and answers 202 with A's id,
+    at once (no second claim timeout); C drains, A's orphan is recovered: one row for the key."""
+    url = sf_postgres.create_database("takeover_release")
+    a, b, c = (Replica(tmp_path / n, url, claim_timeout_s=0.3) for n in "abc")
+    try:
+        a.index.settle = lambda key, record_id: None  # type: ignore[method-assign]
+        first = await a.post({"order": 42}, key="K")
+        assert first.status_code == 202
+        a.queue._simulate_crash()
+        a.index._memory.clear()
+        await asyncio.sleep(0.5)
+        await b.queue.close()
+        refused = await b.post({"order": 42}, key="K")
+        assert (refused.status_code, refused.json()["code"]) == (503, "queue_closed")
+        await b.index.aclose()  # its release reached PostgreSQL
+        retry = await c.post({"order": 42}, key="K")
+        assert (retry.status_code, retry.json()) == (202, first.json())
+        sink = PostgresSink(c.db)
+        assert (await c.queue.drain(sink)).complete
+        recovered = FeedbackQueue(tmp_path / "a")
+        recovered._recovery.awaiting_startup = False
+        try:
+            assert (await recovered.recover(sink)).delivered == 1
+        finally:
+            recovered._release()
+        got = rows(url, "SELECT id, body FROM sf_feedback WHERE idem_key = 'K'")
+        assert got == [(first.json()["id"], {"order": 42})]
+    finally:
+        for r in (a, b, c):
+            await r.close()
 
 
 def _server_pids(server: PostgresServer) -> list[int]:
