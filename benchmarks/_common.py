@@ -14,7 +14,9 @@ this process dies. Servers are child processes reaped by PID in `finally`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -298,3 +300,18 @@ def _parse_python(out: str) -> LoadResult:
         non_2xx=d["non_2xx"],
         tool="python",
     )
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary folder for one benchmark module, with the library's logs at ERROR meanwhile:
+    recovery warns about the orphans the benchmarks make on purpose."""
+    quiet = logging.getLogger("sf_lifecycle")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        quiet.setLevel(level)

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import ROOT, Stats, interleave, make_result
+from benchmarks._common import ROOT, Stats, interleave, make_result, scratch_dir
 from benchmarks.bench_scaling import APP, _record_payloads, series_rows, size_label
 from sf_lifecycle import FeedbackQueue
 from sf_lifecycle.testing import ServerProcess, link_segments, write_segment
@@ -245,11 +244,7 @@ def startup_rows(root: Path, sizes: Sequence[int], rounds: int) -> list[dict[str
 # -- the module's entry point ----------------------------------------------------------------
 def run(quick: bool) -> list[dict[str, Any]]:
     """Rows for `benchmarks/__main__.py`; quick keeps it near 30 s."""
-    quiet = logging.getLogger("sf_lifecycle")  # recovery warns about the orphans made on purpose
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    root = Path(tempfile.mkdtemp(prefix="sf-bench-backlog-"))
-    try:
+    with scratch_dir("sf-bench-backlog-") as root:
         if quick:
             rows = big_segment_rows(root, 300_000, rounds=2)
             rows += startup_rows(root, [10_000, 30_000, 100_000], rounds=2)
@@ -257,9 +252,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
             rows = big_segment_rows(root, 1_000_000, rounds=3)
             rows += startup_rows(root, [100_000, 300_000, 1_000_000], rounds=2)
         return rows
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-        quiet.setLevel(level)
 
 
 def _main(argv: list[str]) -> int:

@@ -36,14 +36,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import select
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,7 +49,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import ROOT, Stats, UvicornProcess, interleave, make_result
+from benchmarks._common import ROOT, Stats, UvicornProcess, interleave, make_result, scratch_dir
 from benchmarks._sse_baseline import EVENTS_PATH, HEALTH_PATH
 from benchmarks._sse_client import raise_nofile
 from sf_lifecycle import FeedbackQueue, SqliteSink
@@ -551,11 +549,7 @@ def sse_series(
 # -- the module's entry point ----------------------------------------------------------------
 def run(quick: bool) -> list[dict[str, Any]]:
     """Every scaling series, as rows for `benchmarks/__main__.py`; quick keeps it near 40 s."""
-    quiet = logging.getLogger("sf_lifecycle")  # recovery warns about the orphans made on purpose
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    root = Path(tempfile.mkdtemp(prefix="sf-bench-scaling-"))
-    try:
+    with scratch_dir("sf-bench-scaling-") as root:
         rows: list[dict[str, Any]] = []
         if quick:
             rows += drain_series(root, [1_000, 100_000], rounds=2)
@@ -568,9 +562,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 [10, 100, 1_000, 10_000], [100, 1_000, 10_000], rounds=3, quick=False
             )
         return rows
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-        quiet.setLevel(level)
 
 
 def _main(argv: list[str]) -> int:

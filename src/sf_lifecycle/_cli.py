@@ -26,13 +26,11 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _dist_version
 from pathlib import Path
 from typing import Any, NoReturn
 
 from ._apploader import AppNotLoaded, import_app
-from ._config import ENV_VARS, Settings, command_line, unknown_variables
+from ._config import ENV_VARS, Settings, command_line, package_version, unknown_variables
 from ._errors import ConfigError, UnsafePath
 from ._logging import configure_logging
 from ._runner import ExitCode
@@ -100,13 +98,6 @@ def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
                 child.set_defaults(_usage=child)
                 found.extend(_parsers(child))
     return found
-
-
-def _package_version() -> str:
-    try:
-        return _dist_version("sf-lifecycle")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "0+unknown"
 
 
 def _positive_int(raw: str) -> int:
@@ -385,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "failed, 2 configuration error, 3 start-up failed, 4 grace budget exceeded, 5 shutdown "
         "hook failed, 6 app not importable, 130 forced (README, exit codes).",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runners: dict[str, Callable[[argparse.Namespace], int]] = {}
     for name, (add_args, run) in _commands().items():

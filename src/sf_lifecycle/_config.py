@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import importlib.metadata
 import ipaddress
 import os
 import re
@@ -51,6 +52,7 @@ __all__ = [
     "FileMode",
     "Settings",
     "command_line",
+    "package_version",
     "parse_ms",
     "unknown_variables",
 ]
@@ -780,3 +782,11 @@ def unknown_variables(
         if close:
             out.append((name, aliases[close[0]]))
     return out
+
+
+def package_version() -> str:
+    """The installed distribution's version (`/api/version`, `--version`, `sf_info`)."""
+    try:
+        return importlib.metadata.version("sf-lifecycle")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"

@@ -26,14 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _dist_version
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from ._config import package_version
 from ._problem import method_not_allowed
 from ._state import Phase
 
@@ -71,13 +70,6 @@ def route_path(scope: Scope) -> str:
     if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
         return path[len(root) :]
     return path
-
-
-def _package_version() -> str:
-    try:
-        return _dist_version("sf-lifecycle")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "0+unknown"
 
 
 def _json(status: int, body: dict[str, Any], head: bool) -> Response:
@@ -164,7 +156,7 @@ class HealthEndpoints:
         s = self.lifecycle.settings
         lc = self.lifecycle
         body = {
-            "version": s.version or _package_version(),
+            "version": s.version or package_version(),
             "commit": s.git_sha,
             "replica": s.replica_id,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(lc.started_wall)),

@@ -34,8 +34,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _dist_version
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -46,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import _fs
+from ._config import package_version
 from ._framing import HEADER_SIZE, MAX_PAYLOAD
 from ._segments import list_segments
 from ._state import Phase
@@ -93,13 +92,6 @@ METRIC_NAMES = (
 )
 
 _LENGTH = struct.Struct("<I")
-
-
-def _package_version() -> str:
-    try:
-        return _dist_version("sf-lifecycle")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "0+unknown"
 
 
 def _first_record_ms(path: Any) -> int | None:
@@ -155,7 +147,7 @@ class LifecycleCollector(Collector):
         info = GaugeMetricFamily(
             "sf_info", "What runs here (always 1).", labels=["version", "replica"]
         )
-        info.add_metric([settings.version or _package_version(), settings.replica_id or ""], 1)
+        info.add_metric([settings.version or package_version(), settings.replica_id or ""], 1)
         yield info
         yield GaugeMetricFamily(
             "sf_phase",
