@@ -25,9 +25,10 @@ from sf_lifecycle._queue import FeedbackQueue
 from sf_lifecycle.postgres import Database, PostgresSink
 from sf_lifecycle.testing import PostgresServer, ServerProcess
 
+from ._feedback import JSON, post
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-JSON = {"content-type": "application/json"}
 SECRET = "pw-not-in-probes"  # trust authentication ignores it; the probe body must not show it
 
 
@@ -53,17 +54,6 @@ def start(
     server.start()
     server.wait_ready()
     return server
-
-
-def post(server: ServerProcess, n: int, tag: str) -> list[str]:
-    ids = []
-    for i in range(n):
-        status, _, body = server.get(
-            "/api/feedback", method="POST", body=json.dumps({tag: i}).encode(), headers=JSON
-        )
-        assert status == 202, body
-        ids.append(json.loads(body)["id"])
-    return ids
 
 
 def stored(url: str) -> list[str]:

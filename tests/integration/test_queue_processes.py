@@ -20,9 +20,10 @@ import pytest
 from sf_lifecycle import ExitCode
 from sf_lifecycle.testing import ServerProcess
 
+from ._feedback import JSON, post
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-JSON = {"content-type": "application/json"}
 
 
 def start(
@@ -33,17 +34,6 @@ def start(
     started.append(server)
     server.start()
     return server
-
-
-def post(server: ServerProcess, n: int, tag: str = "r") -> list[str]:
-    ids = []
-    for i in range(n):
-        status, _, body = server.get(
-            "/api/feedback", method="POST", body=json.dumps({tag: i}).encode(), headers=JSON
-        )
-        assert status == 202, body
-        ids.append(json.loads(body)["id"])
-    return ids
 
 
 def delivered(state: Path) -> list[str]:

@@ -25,10 +25,11 @@ import pytest
 
 from sf_lifecycle.testing import PostgresServer, ServerProcess, sqlite_sink_ids
 
+from ._feedback import post
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.integration.replica_app:app"
-JSON = {"content-type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -76,16 +77,6 @@ def status(state: Path) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr
     info: dict[str, Any] = json.loads(done.stdout)
     return info
-
-
-def post(server: ServerProcess, n: int, tag: str) -> list[str]:
-    ids = []
-    for i in range(n):
-        body = json.dumps({tag: i}).encode()
-        code, _, raw = server.get("/api/feedback", method="POST", body=body, headers=JSON)
-        assert code == 202, raw
-        ids.append(json.loads(raw)["id"])
-    return ids
 
 
 def segments(state: Path) -> list[str]:
