@@ -388,13 +388,15 @@ def quarantine_census(state_dir: Path, *, records: bool = True) -> tuple[int, in
         for name in files if records else ():
             if not name.endswith(".rejected") or f"{name}.reason" not in names:
                 continue
+            flags = _fs.os.O_RDONLY | _fs.os.O_NOFOLLOW | _fs.os.O_NONBLOCK | _fs.os.O_CLOEXEC
             try:
-                note = _fs.os.open(
-                    f"{name}.reason",
-                    _fs.os.O_RDONLY | _fs.os.O_NOFOLLOW | _fs.os.O_CLOEXEC,
-                    dir_fd=fd,
-                )
-            except OSError:
+                note = _fs.os.open(f"{name}.reason", flags, dir_fd=fd)
+            except OSError as exc:  # a link (ELOOP), gone, unreadable
+                logger.warning("quarantine/%s.reason not read: %s", name, exc.strerror)
+                continue
+            if not stat.S_ISREG(_fs.os.fstat(note).st_mode):  # a FIFO, a directory
+                _fs.os.close(note)
+                logger.warning("quarantine/%s.reason is not a regular file: skipped", name)
                 continue
             with open(note, "rb") as f:
                 count += sum(1 for line in f if line.strip())

@@ -137,3 +137,27 @@ def test_recover_with_an_app_that_cannot_be_loaded_is_one_line_and_exit_6(
     assert line.startswith(f"sf-lifecycle: app {spec!r}: ")
     assert words in line
     assert "SF_STATE_DIR" not in os.environ
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_status_skips_a_reason_file_that_is_not_a_regular_file(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO under a `.reason` name once blocked `queue status` forever (opened without
+    O_NONBLOCK); a directory failed it naming a descriptor number. Both are skipped, named."""
+    quarantine = tmp_path / "feedback" / "quarantine"
+    quarantine.mkdir(parents=True)
+    good = quarantine / "aaaaaaaaaaaaaaaaaaaaaa.000001.0123456789abcdef.rejected"
+    good.write_bytes(b"")
+    (quarantine / f"{good.name}.reason").write_text("id-1 DataError 22P05\nid-2 DataError 22P05\n")
+    odd = quarantine / "bbbbbbbbbbbbbbbbbbbbbb.000002.fedcba9876543210.rejected"
+    odd.write_bytes(b"")
+    reason = quarantine / f"{odd.name}.reason"
+    if kind == "fifo":
+        os.mkfifo(reason)
+    else:
+        reason.mkdir()
+    assert run("status", "--state-dir", str(tmp_path), "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rejected"] == 2
+    assert f"{odd.name}.reason" in caplog.text
